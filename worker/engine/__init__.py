@@ -1,0 +1,1 @@
+"""Part of Baton; installed as a subpackage of `baton`, never as a top-level package."""

@@ -1,0 +1,132 @@
+"""The contract between the inference engine and everything that drives it (HTTP API, router, KV transport).
+
+Kept in one small module so the HTTP server and the engine can be built and tested independently: the
+server only ever sees these types, never the engine's internals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol
+
+Role = Literal["both", "prefill", "decode"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(Exception):
+    """Base class for errors the engine reports to its callers (never a crash of the engine loop)."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as asked (prompt too long, bad sampling value); HTTP 400.
+
+    `param` names the offending OpenAI request field, e.g. "max_tokens", so the API can say which one.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineOverloaded(EngineError):
+    """The waiting queue is full; HTTP 503 with Retry-After (never an unbounded queue or a hang)."""
+
+
+class KVTransferFailed(EngineError):
+    """A decode-role request could not obtain its KV cache from the prefill worker (peer gone, lease expired)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Defaults follow the OpenAI API (temperature 1, top_p 1); greedy = temperature 0."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    """One request as the engine sees it: token ids in, a stream of `StepOutput` out.
+
+    `kv_transfer_params` follows vLLM's disaggregation protocol:
+    - prefill hop (to a `prefill` worker): `{"do_remote_decode": True}`; the engine runs the prompt, samples
+      the first token, keeps the request's KV blocks under a lease and returns, on its final output, the params
+      that the decode hop needs (`do_remote_prefill`, `remote_engine_id`, `remote_request_id`,
+      `remote_block_ids`, `remote_host`, `remote_port`, `first_token_ids`, ...).
+    - decode hop (to a `decode` worker): those returned params; the engine imports the KV blocks through the
+      KV transport and continues decoding. Its stream starts with the first token, so the decode hop's response
+      is the whole completion and equals what a `both` worker would produce (greedy).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    kv_transfer_params: dict | None = None
+
+
+@dataclass
+class StepOutput:
+    """What a request produced in one engine step; the last one has `finished=True`."""
+
+    request_id: str
+    token_ids: list[int]  # tokens new in this step (usually one)
+    text: str  # text new in this step, detokenized incrementally; a matched stop string is not included
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    kv_transfer_params: dict | None = None  # set on the final output of a prefill hop
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and for the router's load balancing (counters are cumulative)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # used blocks / total blocks, 0..1
+    num_blocks_total: int = 0
+    num_blocks_free: int = 0
+    num_kv_leases: int = 0  # prefill role: requests whose KV waits to be pulled
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions_total: int = 0
+
+
+class Tokenizer(Protocol):
+    eos_token_ids: tuple[int, ...]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+
+
+class Engine(Protocol):
+    """What the HTTP API needs from an engine."""
+
+    role: Role
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StepOutput]:
+        """Stream outputs; raises InvalidRequest / EngineOverloaded / KVTransferFailed before the first output.
+
+        Closing the iterator early (client went away) aborts the request and frees its KV blocks.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...

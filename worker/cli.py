@@ -1,0 +1,50 @@
+"""`baton` subcommands contributed by the worker: `baton model ...` (and, later, `baton worker ...`).
+
+Follows `baton.cli`: `register(subparsers)` adds parsers whose `func(args) -> int` runs the command; user
+errors raise `baton.cli.CommandError`. Heavy imports (torch, transformers) happen inside the functions.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser("model", help="create or inspect models for the Baton engine")
+    model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+    model.set_defaults(func=lambda args: (model.print_help(), 2)[1])
+
+    tiny = model_sub.add_parser(
+        "tiny",
+        help="write a small random Llama-family model + trained BPE tokenizer (offline)",
+        description="Create a random model with a real tokenizer, saved like a Hugging Face model "
+        "(config.json, safetensors, tokenizer.json, tokenizer_config.json with a chat template).",
+    )
+    tiny.add_argument("path", help="output directory (created if missing)")
+    tiny.add_argument("--size", choices=("tiny", "100m"), default="tiny",
+                      help="tiny: 2 layers, hidden 64 (tests); 100m: ~100M parameters (benchmarks)")
+    tiny.add_argument("--arch", choices=("llama", "qwen2", "mistral"), default="llama")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards (default 1)")
+    tiny.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    tiny.set_defaults(func=_cmd_model_tiny)
+
+
+def _cmd_model_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from baton.cli import CommandError
+
+    out = Path(args.path)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise CommandError(f"{out} is not empty (use --force to write into it)")
+    if args.shards < 1:
+        raise CommandError("--shards must be at least 1")
+    try:
+        from baton.worker.tiny import create_tiny_model
+    except ModuleNotFoundError as exc:  # torch / transformers missing
+        raise CommandError(f"{exc.name} is not installed; install baton[worker,dev]") from exc
+    create_tiny_model(out, size=args.size, arch=args.arch, seed=args.seed, num_shards=args.shards)
+    print(f"wrote a random {args.arch} model ({args.size}) to {out}")
+    return 0

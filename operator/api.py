@@ -1,0 +1,782 @@
+"""The LLMService API (`baton.dev/v1alpha1`): pydantic models for spec and status, and parsing helpers.
+
+This module is the single definition of the API: the CRD's OpenAPI schema is generated from these models
+(`crd.py`), the admission webhook validates with them (`admission.py`), and render/reconcile read the
+parsed objects. YAML/JSON use camelCase, Python uses snake_case (aliases, `populate_by_name`). Unknown
+fields are refused (`extra="forbid"`) so a typo like `tensorParalel` fails loudly instead of being dropped.
+
+Kubernetes 1.20 has no CEL validation rules, so checks that a structural schema cannot express (min <= max,
+power of two, exactly one source, cross-field rules) live in validators here and reach the cluster through
+the validating webhook. Every problem is reported as `field.path: message`, never as a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from baton.operator.units import Duration, Quantity
+
+# ------------------------------------------------------------------------------------------ identity
+
+GROUP = "baton.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LLMService"
+PLURAL = "llmservices"
+SINGULAR = "llmservice"
+SHORT_NAMES = ("llms", "llmsvc")
+CATEGORIES = ("baton",)
+
+#: Longest LLMService name. Child objects are named `<name>-<suffix>` and Service names are DNS-1035 labels
+#: of at most 63 characters, so render may use suffixes of up to `NAME_SUFFIX_BUDGET` characters
+#: (`-prefill-headless` is 17).
+MAX_NAME_LENGTH = 40
+NAME_SUFFIX_BUDGET = 63 - MAX_NAME_LENGTH
+
+DEFAULT_IMAGE = "baton/worker:0.1.0"
+
+#: DNS-1123 subdomain, capped at 63 so it also fits a label value (the model name becomes a label).
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: DNS-1035 label: what a Service name must be (starts with a letter).
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+MODEL_URI = r"^(s3|hf|https)://[^\s]+$"
+HTTP_URL = r"^https?://[^\s/]+[^\s]*$"
+
+#: Human descriptions of the patterns above, used in error messages instead of the raw regex.
+PATTERN_HINTS = {
+    DNS1123_SUBDOMAIN: "a lowercase DNS-1123 name (a-z, 0-9, '-' and '.', starting and ending with a "
+    "letter or digit)",
+    DNS1035_LABEL: "a lowercase DNS-1035 label (a-z, 0-9 and '-', starting with a letter, ending with a "
+    "letter or digit)",
+    ENV_NAME: "an environment variable name (letters, digits, '_', '-', '.'; not starting with a digit)",
+    MODEL_URI: "a model URI starting with s3://, hf:// or https://",
+    HTTP_URL: "an http:// or https:// URL",
+}
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def field_problems(problems: Sequence[tuple[str, str]]) -> PydanticCustomError:
+    """An error carrying `(relative.field.path, message)` pairs, so validators name the exact field.
+
+    A model validator's error is located at the model; the formatter in `validation_errors` appends each
+    relative path, giving `spec.prefill.replicas: ...` rather than `spec: ...`.
+    """
+    return PydanticCustomError(
+        "baton_fields",
+        "{message}",
+        {"message": "; ".join(f"{f}: {m}" for f, m in problems), "problems": list(problems)},
+    )
+
+
+class _Model(BaseModel):
+    """Common configuration: camelCase aliases, snake_case names accepted, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=False,
+    )
+
+
+def _object_default() -> dict[str, Any]:
+    """Schema extra for nested objects with all-default fields: Kubernetes fills `{}` then its defaults."""
+    return {"default": {}}
+
+
+# ------------------------------------------------------------------------------------------ spec: model
+
+
+class PVCSource(_Model):
+    claim_name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)] = Field(
+        description="Name of a PersistentVolumeClaim in the LLMService's namespace that holds the weights."
+    )
+    path: str = Field(default="", description="Directory inside the claim (relative); empty for its root.")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"must be a relative path inside the claim without '..', got {v!r}")
+        return v
+
+
+class HostPathSource(_Model):
+    path: str = Field(description="Absolute directory on the node that holds the weights.")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must be an absolute path, got {v!r}")
+        return v
+
+
+class SecretRef(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
+
+
+class ModelSource(_Model):
+    """Where the weights come from: exactly one of `pvc`, `hostPath`, `uri` (with optional `secretRef`)."""
+
+    pvc: PVCSource | None = None
+    host_path: HostPathSource | None = None
+    uri: Annotated[str, Field(pattern=MODEL_URI)] | None = Field(
+        default=None, description="s3://, hf:// or https:// location, downloaded at pod start."
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None, description="Secret with credentials for `uri` (e.g. HF_TOKEN, AWS_* keys)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ModelSource":
+        chosen = [alias for alias, value in (("pvc", self.pvc), ("hostPath", self.host_path), ("uri", self.uri))
+                  if value is not None]
+        if not chosen:
+            raise field_problems([("pvc", "set exactly one of pvc, hostPath or uri; got none")])
+        if len(chosen) > 1:
+            raise field_problems([(chosen[1], f"set exactly one of pvc, hostPath or uri; got {' and '.join(chosen)}")])
+        if self.secret_ref is not None and self.uri is None:
+            raise field_problems([("secretRef", "is only used with uri")])
+        return self
+
+    @property
+    def kind(self) -> Literal["pvc", "hostPath", "uri"]:
+        """Which source is set (validation guarantees exactly one)."""
+        if self.pvc is not None:
+            return "pvc"
+        if self.host_path is not None:
+            return "hostPath"
+        return "uri"
+
+
+class ModelSpec(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123_SUBDOMAIN)] = Field(
+        description="Model name served through the OpenAPI-compatible API (the `model` field of requests)."
+    )
+    source: ModelSource
+    max_model_len: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Context length limit; the engine's default when unset."
+    )
+
+
+# ------------------------------------------------------------------------------------------ spec: engine
+
+
+class EnvVar(_Model):
+    name: Annotated[str, Field(min_length=1, pattern=ENV_NAME)]
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, ...), passed through.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @model_validator(mode="after")
+    def _one_value(self) -> "EnvVar":
+        if self.value is not None and self.value_from is not None:
+            raise field_problems([("valueFrom", "set either value or valueFrom, not both")])
+        return self
+
+
+class EngineSpec(_Model):
+    kind: Literal["vllm", "baton"] = Field(
+        default="baton", description="vllm (production, GPUs) or baton (Baton's own engine, runs anywhere)."
+    )
+    image: Annotated[str, Field(min_length=1)] = Field(default=DEFAULT_IMAGE, description="Worker image.")
+    args: list[str] = Field(default_factory=list, description="Extra engine arguments for every worker.")
+    env: list[EnvVar] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ spec: SLO
+
+
+class SLOSpec(_Model):
+    """p90 latency targets; the autoscaler scales each role to keep `attainment` of requests within both."""
+
+    ttft: Duration = Field(default=Duration("500ms"), description="Time-to-first-token target (p90).")
+    tpot: Duration = Field(default=Duration("50ms"), description="Time-per-output-token target (p90).")
+    attainment: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9, description="Share of requests that must meet both targets, in (0, 1]."
+    )
+
+    @field_validator("ttft", "tpot")
+    @classmethod
+    def _positive(cls, v: Duration) -> Duration:
+        if v.seconds <= 0:
+            raise ValueError(f"must be greater than zero, got {str(v)!r}")
+        return v
+
+
+# ------------------------------------------------------------------------------------------ spec: roles
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Toleration":
+        if self.operator == "Exists" and self.value:
+            raise field_problems([("value", "must be empty when operator is Exists")])
+        if not self.key and self.operator != "Exists":
+            raise field_problems([("operator", "must be Exists when key is empty")])
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise field_problems([("tolerationSeconds", "is only allowed with effect NoExecute")])
+        return self
+
+
+class ResourceRequirements(_Model):
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sane(self) -> "ResourceRequirements":
+        problems: list[tuple[str, str]] = []
+        for section, values in (("requests", self.requests), ("limits", self.limits)):
+            for name, q in values.items():
+                if q.value < 0:
+                    problems.append((f"{section}[{name}]", f"must not be negative, got {str(q)!r}"))
+        for name, req in self.requests.items():
+            lim = self.limits.get(name)
+            if lim is not None and req.value >= 0 and req.value > lim.value:
+                problems.append((f"requests[{name}]", f"must not exceed limits[{name}] ({lim}), got {req}"))
+        if problems:
+            raise field_problems(problems)
+        return self
+
+
+class RoleAutoscaling(_Model):
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 8
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RoleAutoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise field_problems([(
+                "minReplicas", f"must not exceed maxReplicas ({self.max_replicas}), got {self.min_replicas}"
+            )])
+        return self
+
+
+class RoleSpec(_Model):
+    """One disaggregated role (prefill or decode): its own pool, parallelism and scaling bounds."""
+
+    replicas: Annotated[int, Field(ge=0)] = Field(default=1, description="Worker pods (each TP GPUs).")
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="GPUs per worker, a power of two (1, 2, 4, ..., 64)."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="A Kubernetes Affinity, merged with the affinity Baton derives from kvTransfer.locality.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    autoscaling: RoleAutoscaling = Field(default_factory=RoleAutoscaling, json_schema_extra=_object_default())
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8000, description="Worker HTTP port.")
+    extra_args: list[str] = Field(default_factory=list, description="Engine arguments for this role only.")
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (1, 2, 4, ...), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpus_cover_tp(self) -> "RoleSpec":
+        gpus = self.resources.limits.get(GPU_RESOURCE)
+        if gpus is not None and gpus.value < self.tensor_parallel:
+            raise field_problems([(
+                f"resources.limits[{GPU_RESOURCE}]",
+                f"must be at least tensorParallel ({self.tensor_parallel}), got {gpus}",
+            )])
+        return self
+
+
+class RouterSpec(_Model):
+    replicas: Annotated[int, Field(ge=0)] = 2
+    policy: Literal["least-loaded", "prefix-aware", "round-robin"] = "least-loaded"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+
+class KVTransferSpec(_Model):
+    transport: Literal["auto", "rdma", "tcp"] = Field(
+        default="auto", description="auto: RDMA when a NIC is there, TCP otherwise (reported in status)."
+    )
+    locality: Literal["any", "zone", "node"] = Field(
+        default="any", description="Keep prefill and decode pods in the same zone or node (pod affinity)."
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = 14579
+
+
+class AutoscalingSpec(_Model):
+    enabled: bool = False
+    prometheus_url: Annotated[str, Field(pattern=HTTP_URL)] | None = Field(
+        default=None, alias="prometheusURL", description="Prometheus that scrapes the router's SLO metrics."
+    )
+    interval: Duration = Field(default=Duration("15s"), description="How often to evaluate.")
+    scale_up_stabilization: Duration = Duration("0s")
+    scale_down_stabilization: Duration = Duration("300s")
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, v: Duration) -> Duration:
+        if v.seconds <= 0:
+            raise ValueError(f"must be greater than zero, got {str(v)!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_prometheus(self) -> "AutoscalingSpec":
+        if self.enabled and not self.prometheus_url:
+            raise field_problems([("prometheusURL", "is required when autoscaling.enabled is true")])
+        return self
+
+
+class LLMServiceSpec(_Model):
+    model: ModelSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec, json_schema_extra=_object_default())
+    slo: SLOSpec = Field(default_factory=SLOSpec, json_schema_extra=_object_default())
+    prefill: RoleSpec = Field(default_factory=RoleSpec, json_schema_extra=_object_default())
+    decode: RoleSpec = Field(default_factory=RoleSpec, json_schema_extra=_object_default())
+    router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra=_object_default())
+    kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, json_schema_extra=_object_default())
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "LLMServiceSpec":
+        problems: list[tuple[str, str]] = []
+        for role_name in ("prefill", "decode"):
+            role: RoleSpec = getattr(self, role_name)
+            lo, hi = role.autoscaling.min_replicas, role.autoscaling.max_replicas
+            # With autoscaling on, `replicas` is the starting size; outside the bounds the autoscaler would
+            # jump on its first tick, which is never what the author meant.
+            if self.autoscaling.enabled and not lo <= role.replicas <= hi:
+                problems.append((
+                    f"{role_name}.replicas",
+                    f"must lie within {role_name}.autoscaling [minReplicas {lo}, maxReplicas {hi}] while "
+                    f"autoscaling.enabled is true, got {role.replicas}",
+                ))
+            if role.port == self.kv_transfer.port:
+                problems.append((
+                    f"{role_name}.port",
+                    f"must differ from kvTransfer.port ({self.kv_transfer.port}): both listen in the same pod",
+                ))
+        if problems:
+            raise field_problems(problems)
+        return self
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def _rfc3339(value: datetime | None) -> str | None:
+    """Kubernetes' metav1.Time format: UTC, seconds precision, `Z` suffix."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _StatusModel(_Model):
+    """Status is written by the operator; tolerate fields from other operator versions instead of failing."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ConditionType:
+    """Condition types the operator maintains (plain strings, so other types stay possible)."""
+
+    READY = "Ready"
+    PREFILL_READY = "PrefillReady"
+    DECODE_READY = "DecodeReady"
+    ROUTER_READY = "RouterReady"
+    SLO_MET = "SLOMet"
+    KV_TRANSPORT_DEGRADED = "KVTransportDegraded"
+
+
+class Condition(_StatusModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+    @field_serializer("last_transition_time")
+    def _ser_time(self, v: datetime | None) -> str | None:
+        return _rfc3339(v)
+
+
+class RoleStatus(_StatusModel):
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    desired_replicas: int | None = None
+    last_scale_time: datetime | None = None
+    last_scale_reason: str | None = None
+    ready: str | None = Field(
+        default=None, description="readyReplicas/desiredReplicas (e.g. 2/3), for the printer columns."
+    )
+
+    @model_validator(mode="after")
+    def _fill_ready(self) -> "RoleStatus":
+        if self.ready is None and self.ready_replicas is not None:
+            want = self.desired_replicas if self.desired_replicas is not None else self.replicas
+            if want is not None:
+                self.ready = f"{self.ready_replicas}/{want}"
+        return self
+
+    @field_serializer("last_scale_time")
+    def _ser_time(self, v: datetime | None) -> str | None:
+        return _rfc3339(v)
+
+
+class SLOStatus(_StatusModel):
+    ttft_p90: Duration | None = Field(default=None, description="Measured p90 TTFT at the router.")
+    tpot_p90: Duration | None = Field(default=None, description="Measured p90 TPOT at the router.")
+    attainment: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="Share of requests that met both targets."
+    )
+    window: Duration | None = Field(default=None, description="Window the numbers were measured over.")
+
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+
+
+class LLMServiceStatus(_StatusModel):
+    phase: Phase | None = None
+    observed_generation: int | None = None
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the router (OpenAI API).")
+    conditions: list[Condition] = Field(default_factory=list)
+    prefill: RoleStatus | None = None
+    decode: RoleStatus | None = None
+    router: RoleStatus | None = None
+    slo: SLOStatus | None = None
+
+
+def get_condition(conditions: Sequence[Condition], type: str) -> Condition | None:
+    """The condition of `type`, or None."""
+    return next((c for c in conditions if c.type == type), None)
+
+
+def set_condition(
+    conditions: Sequence[Condition | Mapping[str, Any]],
+    type: str,
+    status: Literal["True", "False", "Unknown"] | bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    observed_generation: int | None = None,
+) -> list[Condition]:
+    """A new list with condition `type` set; `lastTransitionTime` moves only when the status changes.
+
+    That is the Kubernetes convention: the time says since when the condition has been in its current
+    state, so repeated reconciles with the same outcome must not bump it (and must not cause status
+    patches that wake the operator again). Pure: the input is not modified. Order is kept; a new type is
+    appended.
+    """
+    if isinstance(status, bool):
+        status = "True" if status else "False"
+    out: list[Condition] = []
+    found = False
+    for raw in conditions:
+        cond = raw if isinstance(raw, Condition) else Condition.model_validate(raw)
+        if cond.type != type:
+            out.append(cond)
+            continue
+        found = True
+        changed = cond.status != status or cond.last_transition_time is None
+        out.append(Condition(
+            type=type,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=now if changed else cond.last_transition_time,
+            observed_generation=observed_generation if observed_generation is not None
+            else cond.observed_generation,
+        ))
+    if not found:
+        out.append(Condition(type=type, status=status, reason=reason, message=message,
+                             last_transition_time=now, observed_generation=observed_generation))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the object
+
+
+class ObjectMeta(_Model):
+    """The parts of metadata Baton reads; everything else Kubernetes sends is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    generate_name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _name_fits_children(self) -> "ObjectMeta":
+        problems = name_problems(self.name, self.generate_name)
+        if problems:
+            raise field_problems(problems)
+        return self
+
+
+def name_problems(name: str | None, generate_name: str | None = None) -> list[tuple[str, str]]:
+    """Problems with an LLMService name, as `(field, message)`.
+
+    The name prefixes every child object (`<name>-prefill`, `<name>-router` Services, ...), and Service names
+    are DNS-1035 labels of at most 63 characters, so the name must be a DNS-1035 label of at most
+    `MAX_NAME_LENGTH`. With `generateName`, Kubernetes appends 5 random characters.
+    """
+    if name:
+        field, candidate = "name", name
+    elif generate_name:
+        field, candidate = "generateName", generate_name + "a1b2c"
+    else:
+        return [("name", "is required")]
+    problems: list[tuple[str, str]] = []
+    if len(candidate) > MAX_NAME_LENGTH:
+        extra = " (including the 5 characters generateName adds)" if field == "generateName" else ""
+        problems.append((field, f"must be at most {MAX_NAME_LENGTH} characters{extra} so child object names "
+                                f"fit in 63, got {len(candidate)}: {(name or generate_name)!r}"))
+    if not re.match(DNS1035_LABEL, candidate):
+        problems.append((field, f"must be {PATTERN_HINTS[DNS1035_LABEL]}, got {(name or generate_name)!r}"))
+    return problems
+
+
+class LLMService(_Model):
+    """An LLMService object: one model served by prefill and decode pools behind a router."""
+
+    api_version: Literal["baton.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["LLMService"] = KIND
+    metadata: ObjectMeta
+    spec: LLMServiceSpec
+    status: LLMServiceStatus = Field(default_factory=LLMServiceStatus)
+
+    @field_validator("status", mode="wrap")
+    @classmethod
+    def _lenient_status(cls, value: Any, handler: Any) -> LLMServiceStatus:
+        # The operator owns status and rewrites it; a status from another version must not stop reconcile.
+        try:
+            return handler(value)
+        except ValidationError:
+            return LLMServiceStatus()
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name or ""
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+class InvalidLLMService(ValueError):
+    """A body that is not a valid LLMService; `problems` are `field.path: message` lines for people."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse_llmservice(body: Mapping[str, Any]) -> LLMService:
+    """Parse a Kubernetes body (dict from kopf, kubectl or YAML) into an LLMService, or raise InvalidLLMService."""
+    problems = validation_errors(body)
+    if problems:
+        raise InvalidLLMService(problems)
+    return LLMService.model_validate(_plain(body))
+
+
+def validation_errors(body: Any) -> list[str]:
+    """Every problem with `body` as `field.path: message`; empty when valid. Never raises."""
+    if not isinstance(body, Mapping):
+        return [f"body: must be an object (mapping), got {type(body).__name__}"]
+    try:
+        LLMService.model_validate(_plain(body))
+    except ValidationError as exc:
+        return format_validation_error(exc)
+    except Exception as exc:  # noqa: BLE001 - admission must answer with a message, never a traceback
+        return [f"body: could not be validated: {type(exc).__name__}: {exc}"]
+    return []
+
+
+def dump_llmservice(svc: LLMService) -> dict[str, Any]:
+    """The object as Kubernetes JSON (camelCase, no nulls)."""
+    return svc.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _plain(body: Mapping[str, Any]) -> Any:
+    """Deep copy into plain dicts/lists (kopf bodies are read-only mapping views)."""
+    if isinstance(body, Mapping):
+        return {k: _plain(v) for k, v in body.items()}
+    if isinstance(body, (list, tuple)):
+        return [_plain(v) for v in body]
+    return body
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+
+def format_path(loc: Sequence[str | int]) -> str:
+    """`('spec', 'prefill', 'tolerations', 0, 'key')` -> `spec.prefill.tolerations[0].key`.
+
+    Map keys that are not identifiers use brackets: `resources.limits[nvidia.com/gpu]`.
+    """
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            out += f".{part}" if out else part
+        elif part.startswith("["):
+            out += part
+        else:
+            out += f"[{part}]"
+    return out or "body"
+
+
+def _join(loc: Sequence[str | int], relative: str) -> str:
+    parts: list[str | int] = list(loc)
+    for piece in re.findall(r"[^.\[\]]+|\[[^\]]*\]", relative):
+        parts.append(piece)
+    return format_path(parts)
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel] = LLMService) -> list[str]:
+    """pydantic errors as `field.path: message` lines, in words a Kubernetes user understands."""
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in _TAGS))]
+        ctx = err.get("ctx") or {}
+        if err["type"] == "baton_fields":
+            for relative, message in ctx["problems"]:
+                lines.append(f"{_join(loc, relative)}: {message}")
+            continue
+        lines.append(f"{format_path(loc)}: {_message(err, loc, root)}")
+    # pydantic reports one error per failing branch of an Optional; keep each line once, in order.
+    return list(dict.fromkeys(lines))
+
+
+_TAGS = {"str", "int", "float", "bool", "none", "constrained-str", "constrained-int", "constrained-float",
+         "dict[str,any]", "list[str]"}
+
+
+def _message(err: Mapping[str, Any], loc: Sequence[str | int], root: type[BaseModel]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(root, loc[:-1])
+        name = str(loc[-1]) if loc else ""
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        if close:
+            return f"unknown field; did you mean {close[0]!r}?"
+        return "unknown field" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    if kind == "literal_error":
+        expected = str(ctx.get("expected"))
+        return f"must be {'one of ' if ' or ' in expected else ''}{expected}, got {_got(value)}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        return f"must be {op} {bound}, got {_got(value)}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be an integer, got {_got(value)}"
+    if kind in ("float_type", "float_parsing"):
+        return f"must be a number, got {_got(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, got {_got(value)}"
+    if kind == "string_type":
+        return f"must be a string, got {_got(value)}"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "mapping_type"):
+        return f"must be an object (mapping), got {_got(value)}"
+    if kind in ("list_type", "tuple_type"):
+        return f"must be a list, got {_got(value)}"
+    if kind == "string_pattern_mismatch":
+        hint = PATTERN_HINTS.get(ctx.get("pattern", ""), f"match the pattern {ctx.get('pattern')}")
+        return f"must be {hint}, got {_got(value)}"
+    if kind == "string_too_short":
+        return "must not be empty" if ctx.get("min_length") == 1 else \
+            f"must be at least {ctx.get('min_length')} characters, got {_got(value)}"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters, got {len(str(value))}"
+    msg = str(err.get("msg", "is invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def _allowed_fields(root: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """Field names (aliases) accepted at `loc`, for 'did you mean' hints; empty when not a model."""
+    current: Any = root
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = next((f for n, f in current.model_fields.items() if (f.alias or n) == part or n == part), None)
+            if field is None:
+                return []
+            current = field.annotation
+        else:
+            args = typing.get_args(current)
+            origin = typing.get_origin(current)
+            if origin in (list, dict) and args:
+                current = args[-1]
+            else:
+                return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or n for n, f in current.model_fields.items()]
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Optional/Annotated so the model class shows."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) == 1:
+                tp = args[0]
+                continue
+        return tp

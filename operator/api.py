@@ -15,9 +15,10 @@ import difflib
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from baton.operator.units import Duration, Quantity
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -30,8 +31,6 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from baton.operator.units import Duration, Quantity
-
 # ------------------------------------------------------------------------------------------ identity
 
 GROUP = "baton.dev"
@@ -43,11 +42,11 @@ SINGULAR = "llmservice"
 SHORT_NAMES = ("llms", "llmsvc")
 CATEGORIES = ("baton",)
 
-#: Longest LLMService name. Child objects are named `<name>-<suffix>` and Service names are DNS-1035 labels
-#: of at most 63 characters, so render may use suffixes of up to `NAME_SUFFIX_BUDGET` characters
-#: (`-prefill-headless` is 17).
-MAX_NAME_LENGTH = 40
-NAME_SUFFIX_BUDGET = 63 - MAX_NAME_LENGTH
+#: Longest LLMService name. Children are named `<name><suffix>` and Service names are DNS-1035 labels of at
+#: most 63 characters; the longest suffix is `-prefill` (see naming.py), so up to 55 characters every child
+#: keeps the readable `<name>-<role>` form instead of a hashed, truncated one.
+LONGEST_CHILD_SUFFIX = "-prefill"
+MAX_NAME_LENGTH = 63 - len(LONGEST_CHILD_SUFFIX)
 
 DEFAULT_IMAGE = "baton/worker:0.1.0"
 
@@ -147,7 +146,7 @@ class ModelSource(_Model):
     )
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ModelSource":
+    def _exactly_one(self) -> ModelSource:
         chosen = [alias for alias, value in (("pvc", self.pvc), ("hostPath", self.host_path), ("uri", self.uri))
                   if value is not None]
         if not chosen:
@@ -191,7 +190,7 @@ class EnvVar(_Model):
     )
 
     @model_validator(mode="after")
-    def _one_value(self) -> "EnvVar":
+    def _one_value(self) -> EnvVar:
         if self.value is not None and self.value_from is not None:
             raise field_problems([("valueFrom", "set either value or valueFrom, not both")])
         return self
@@ -239,7 +238,7 @@ class Toleration(_Model):
     toleration_seconds: int | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Toleration":
+    def _consistent(self) -> Toleration:
         if self.operator == "Exists" and self.value:
             raise field_problems([("value", "must be empty when operator is Exists")])
         if not self.key and self.operator != "Exists":
@@ -254,7 +253,7 @@ class ResourceRequirements(_Model):
     limits: dict[str, Quantity] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _sane(self) -> "ResourceRequirements":
+    def _sane(self) -> ResourceRequirements:
         problems: list[tuple[str, str]] = []
         for section, values in (("requests", self.requests), ("limits", self.limits)):
             for name, q in values.items():
@@ -274,7 +273,7 @@ class RoleAutoscaling(_Model):
     max_replicas: Annotated[int, Field(ge=1)] = 8
 
     @model_validator(mode="after")
-    def _ordered(self) -> "RoleAutoscaling":
+    def _ordered(self) -> RoleAutoscaling:
         if self.min_replicas > self.max_replicas:
             raise field_problems([(
                 "minReplicas", f"must not exceed maxReplicas ({self.max_replicas}), got {self.min_replicas}"
@@ -309,7 +308,7 @@ class RoleSpec(_Model):
         return v
 
     @model_validator(mode="after")
-    def _gpus_cover_tp(self) -> "RoleSpec":
+    def _gpus_cover_tp(self) -> RoleSpec:
         gpus = self.resources.limits.get(GPU_RESOURCE)
         if gpus is not None and gpus.value < self.tensor_parallel:
             raise field_problems([(
@@ -354,7 +353,7 @@ class AutoscalingSpec(_Model):
         return v
 
     @model_validator(mode="after")
-    def _needs_prometheus(self) -> "AutoscalingSpec":
+    def _needs_prometheus(self) -> AutoscalingSpec:
         if self.enabled and not self.prometheus_url:
             raise field_problems([("prometheusURL", "is required when autoscaling.enabled is true")])
         return self
@@ -371,7 +370,7 @@ class LLMServiceSpec(_Model):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
 
     @model_validator(mode="after")
-    def _cross_field(self) -> "LLMServiceSpec":
+    def _cross_field(self) -> LLMServiceSpec:
         problems: list[tuple[str, str]] = []
         for role_name in ("prefill", "decode"):
             role: RoleSpec = getattr(self, role_name)
@@ -381,8 +380,8 @@ class LLMServiceSpec(_Model):
             if self.autoscaling.enabled and not lo <= role.replicas <= hi:
                 problems.append((
                     f"{role_name}.replicas",
-                    f"must lie within {role_name}.autoscaling [minReplicas {lo}, maxReplicas {hi}] while "
-                    f"autoscaling.enabled is true, got {role.replicas}",
+                    (f"must lie within {role_name}.autoscaling [minReplicas {lo}, maxReplicas {hi}] while "
+                     f"autoscaling.enabled is true, got {role.replicas}"),
                 ))
             if role.port == self.kv_transfer.port:
                 problems.append((
@@ -402,8 +401,8 @@ def _rfc3339(value: datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _StatusModel(_Model):
@@ -447,7 +446,7 @@ class RoleStatus(_StatusModel):
     )
 
     @model_validator(mode="after")
-    def _fill_ready(self) -> "RoleStatus":
+    def _fill_ready(self) -> RoleStatus:
         if self.ready is None and self.ready_replicas is not None:
             want = self.desired_replicas if self.desired_replicas is not None else self.replicas
             if want is not None:
@@ -493,7 +492,7 @@ def set_condition(
     status: Literal["True", "False", "Unknown"] | bool,
     reason: str,
     message: str,
-    now: datetime,
+    now: datetime | str,
     observed_generation: int | None = None,
 ) -> list[Condition]:
     """A new list with condition `type` set; `lastTransitionTime` moves only when the status changes.
@@ -505,6 +504,8 @@ def set_condition(
     """
     if isinstance(status, bool):
         status = "True" if status else "False"
+    if isinstance(now, str):
+        now = datetime.fromisoformat(now)
     out: list[Condition] = []
     found = False
     for raw in conditions:
@@ -547,7 +548,7 @@ class ObjectMeta(_Model):
     annotations: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _name_fits_children(self) -> "ObjectMeta":
+    def _name_fits_children(self) -> ObjectMeta:
         problems = name_problems(self.name, self.generate_name)
         if problems:
             raise field_problems(problems)
@@ -557,9 +558,10 @@ class ObjectMeta(_Model):
 def name_problems(name: str | None, generate_name: str | None = None) -> list[tuple[str, str]]:
     """Problems with an LLMService name, as `(field, message)`.
 
-    The name prefixes every child object (`<name>-prefill`, `<name>-router` Services, ...), and Service names
-    are DNS-1035 labels of at most 63 characters, so the name must be a DNS-1035 label of at most
-    `MAX_NAME_LENGTH`. With `generateName`, Kubernetes appends 5 random characters.
+    The name prefixes every child object (`<name>-prefill` Deployment and Service, ...). Names up to
+    `MAX_NAME_LENGTH` keep those readable and predictable (`kubectl get svc llama-prefill`); longer ones would
+    force truncated, hashed child names, so they are refused. With `generateName`, Kubernetes appends 5
+    random characters.
     """
     if name:
         field, candidate = "name", name
@@ -567,13 +569,14 @@ def name_problems(name: str | None, generate_name: str | None = None) -> list[tu
         field, candidate = "generateName", generate_name + "a1b2c"
     else:
         return [("name", "is required")]
+    shown = name or generate_name
     problems: list[tuple[str, str]] = []
     if len(candidate) > MAX_NAME_LENGTH:
         extra = " (including the 5 characters generateName adds)" if field == "generateName" else ""
-        problems.append((field, f"must be at most {MAX_NAME_LENGTH} characters{extra} so child object names "
-                                f"fit in 63, got {len(candidate)}: {(name or generate_name)!r}"))
-    if not re.match(DNS1035_LABEL, candidate):
-        problems.append((field, f"must be {PATTERN_HINTS[DNS1035_LABEL]}, got {(name or generate_name)!r}"))
+        problems.append((field, (f"must be at most {MAX_NAME_LENGTH} characters{extra} so child object names "
+                                 f"like <name>{LONGEST_CHILD_SUFFIX} fit in 63, got {len(candidate)}: {shown!r}")))
+    if not re.match(DNS1123_SUBDOMAIN, candidate):
+        problems.append((field, f"must be {PATTERN_HINTS[DNS1123_SUBDOMAIN]}, got {shown!r}"))
     return problems
 
 
@@ -672,9 +675,7 @@ def format_path(loc: Sequence[str | int]) -> str:
 
 
 def _join(loc: Sequence[str | int], relative: str) -> str:
-    parts: list[str | int] = list(loc)
-    for piece in re.findall(r"[^.\[\]]+|\[[^\]]*\]", relative):
-        parts.append(piece)
+    parts: list[str | int] = [*loc, *re.findall(r"[^.\[\]]+|\[[^\]]*\]", relative)]
     return format_path(parts)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Self
 
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
@@ -48,15 +48,14 @@ def parse_duration(text: str) -> float:
     """
     if isinstance(text, bool) or not isinstance(text, str):
         if isinstance(text, (int, float)):
-            raise ValueError(f"must be {_DURATION_EXAMPLE}; a plain number has no unit, got {text!r}")
-        raise ValueError(f"must be {_DURATION_EXAMPLE}, got {text!r}")
+            raise ValueError(f"must be {_DURATION_EXAMPLE}; a plain number has no unit, got {text!r}")  # noqa: TRY004
+        raise ValueError(f"must be {_DURATION_EXAMPLE}, got {text!r}")  # noqa: TRY004 (pydantic wants ValueError)
     s = text.strip()
     if not s:
         raise ValueError(f"must be {_DURATION_EXAMPLE}, got an empty string")
     if s.startswith("-"):
         raise ValueError(f"must not be negative, got {text!r}")
-    if s.startswith("+"):
-        s = s[1:]
+    s = s.removeprefix("+")
     if re.fullmatch(_NUMBER, s):
         raise ValueError(f"must be {_DURATION_EXAMPLE}; a plain number has no unit, got {text!r}")
     if not _DURATION_FULL.fullmatch(s):
@@ -109,7 +108,7 @@ class Duration(str):
 
     __slots__ = ()
 
-    def __new__(cls, text: str) -> "Duration":
+    def __new__(cls, text: str) -> Self:
         parse_duration(text)  # raises ValueError with a user-facing message
         return super().__new__(cls, text.strip())
 
@@ -122,7 +121,7 @@ class Duration(str):
         return f"Duration({str(self)!r})"
 
     @classmethod
-    def _validate(cls, value: Any) -> "Duration":
+    def _validate(cls, value: Any) -> Duration:
         if isinstance(value, cls):
             return value
         try:
@@ -178,14 +177,14 @@ _QUANTITY = re.compile(
 _QUANTITY_EXAMPLE = "a Kubernetes quantity, like 500m or 2 (CPU) or 512Mi, 8Gi or 1G (memory)"
 
 
-def parse_quantity(text: str | int | float) -> Decimal:
+def parse_quantity(text: str | float) -> Decimal:
     """Exact value of a quantity in base units (cores for CPU, bytes for memory): `500m` -> 0.5, `1Ki` -> 1024.
 
     Decimal, not float, because `0.1 + 0.2` style errors in resource arithmetic show up as `300000001n` in
     pod specs. Integers and floats are accepted because YAML turns `cpu: 2` into an int.
     """
     if isinstance(text, bool):
-        raise ValueError(f"must be {_QUANTITY_EXAMPLE}, got {text!r}")
+        raise ValueError(f"must be {_QUANTITY_EXAMPLE}, got {text!r}")  # noqa: TRY004 (pydantic wants ValueError)
     if isinstance(text, int):
         return Decimal(text)
     if isinstance(text, float):
@@ -193,7 +192,7 @@ def parse_quantity(text: str | int | float) -> Decimal:
             raise ValueError(f"must be {_QUANTITY_EXAMPLE}, got {text!r}")
         return Decimal(repr(text))
     if not isinstance(text, str):
-        raise ValueError(f"must be {_QUANTITY_EXAMPLE}, got {text!r}")
+        raise ValueError(f"must be {_QUANTITY_EXAMPLE}, got {text!r}")  # noqa: TRY004
     m = _QUANTITY.match(text.strip())
     if not m:
         hint = ""
@@ -224,7 +223,7 @@ def format_cpu(cores: float | Decimal) -> str:
     return f"{int(milli)}m"
 
 
-def format_memory(num_bytes: int | float | Decimal) -> str:
+def format_memory(num_bytes: float | Decimal) -> str:
     """Bytes with the largest exact binary suffix: 8 * 2**30 -> `8Gi`, 1536 * 2**20 -> `1536Mi`, 1000 -> `1000`."""
     d = Decimal(repr(num_bytes)) if isinstance(num_bytes, float) else Decimal(num_bytes)
     if d < 0:
@@ -248,7 +247,7 @@ class Quantity(str):
 
     __slots__ = ()
 
-    def __new__(cls, text: str | int | float) -> "Quantity":
+    def __new__(cls, text: str | float) -> Self:
         parse_quantity(text)
         return super().__new__(cls, text.strip() if isinstance(text, str) else _number_text(text))
 
@@ -271,7 +270,7 @@ class Quantity(str):
         return f"Quantity({str(self)!r})"
 
     @classmethod
-    def _validate(cls, value: Any) -> "Quantity":
+    def _validate(cls, value: Any) -> Quantity:
         if isinstance(value, cls):
             return value
         try:
@@ -299,7 +298,7 @@ class Quantity(str):
         }
 
 
-def _number_text(value: int | float) -> str:
+def _number_text(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     return _trim(Decimal(repr(value)))

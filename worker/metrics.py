@@ -1,0 +1,192 @@
+"""Prometheus metrics of a worker, with vLLM's names and buckets so vLLM dashboards and Baton's autoscaler
+read a Baton worker and a vLLM worker the same way (see DESIGN.md, Metrics).
+
+Every series carries `model_name` (as vLLM) plus Baton's `llmservice`, `namespace` and `role`. Request-level
+histograms and token counters are recorded by the HTTP server as outputs stream; the engine's gauges
+(running, waiting, KV usage) are read from `engine.stats()` at scrape time by a custom collector, so they are
+never stale. Each `WorkerMetrics` owns its registry (never the global one), so several apps can live in one
+process (tests).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+
+from baton.worker.engine.types import EngineStats
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+# fmt: off
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+)
+# fmt: on
+
+LABEL_NAMES = ("model_name", "llmservice", "namespace", "role")
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def resolve_labels(model_name: str, role: str, labels: dict | None = None) -> dict[str, str]:
+    """The common labels: explicit `labels` win, then env BATON_LLMSERVICE / BATON_NAMESPACE, then ""."""
+    labels = dict(labels or {})
+    return {
+        "model_name": str(labels.get("model_name") or model_name),
+        "llmservice": str(labels.get("llmservice") or os.environ.get("BATON_LLMSERVICE", "")),
+        "namespace": str(labels.get("namespace") or os.environ.get("BATON_NAMESPACE", "")),
+        "role": str(labels.get("role") or role),
+    }
+
+
+class _EngineStatsCollector(Collector):
+    """Engine gauges, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats], labels: dict[str, str]) -> None:
+        self._stats = stats
+        self._names = list(labels)
+        self._values = [labels[k] for k in self._names]
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no describe-time engine call; names are unique by construction
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            s = self._stats()
+        except Exception:  # noqa: BLE001 - a scrape must never fail because the engine is gone
+            return []
+        out: list[Metric] = []
+
+        def gauge(name: str, doc: str, value: float) -> None:
+            g = GaugeMetricFamily(name, doc, labels=self._names)
+            g.add_metric(self._values, float(value))
+            out.append(g)
+
+        gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
+        gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
+        c = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", labels=self._names
+        )
+        c.add_metric(self._values, float(s.num_preemptions_total))
+        out.append(c)
+        return out
+
+
+class WorkerMetrics:
+    """The metrics of one worker app; `render()` is the /metrics body."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        role: str,
+        stats: Callable[[], EngineStats],
+        labels: dict | None = None,
+        engine_kind: str = "baton",
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.labels = resolve_labels(model_name, role, labels)
+        names = list(LABEL_NAMES)
+        values = [self.labels[k] for k in names]
+        r = self.registry
+
+        def hist(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(name, doc, names, buckets=buckets, registry=r).labels(*values)
+
+        self.ttft = hist(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.itl = hist(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        )
+        # The name vLLM used for the same observations before `inter_token_latency`; older dashboards read it.
+        self.tpot = hist(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds (same as inter-token latency).",
+            ITL_BUCKETS,
+        )
+        self.e2e = hist(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", names, registry=r
+        ).labels(*values)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", names, registry=r
+        ).labels(*values)
+        self._success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            names + ["finished_reason"],
+            registry=r,
+        )
+        self.success = {reason: self._success.labels(*values, reason) for reason in FINISH_REASONS}
+        info = Gauge(
+            "baton_worker_info",
+            "Information about this Baton worker (value is always 1).",
+            names + ["engine"],
+            registry=r,
+        )
+        info.labels(*values, engine_kind).set(1)
+        r.register(_EngineStatsCollector(stats, self.labels))
+
+    def request_finished(self, reason: str | None) -> None:
+        reason = reason or "abort"
+        if reason not in self.success:
+            self.success[reason] = self._success.labels(*[self.labels[k] for k in LABEL_NAMES], reason)
+        self.success[reason].inc()
+
+    def tracker(self, arrival: float | None = None) -> RequestTracker:
+        return RequestTracker(self, time.monotonic() if arrival is None else arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Records one request's timings and tokens as its outputs arrive."""
+
+    def __init__(self, metrics: WorkerMetrics, arrival: float) -> None:
+        self.m = metrics
+        self.arrival = arrival
+        self.last: float | None = None
+        self.prompt_counted = False
+        self.done = False
+
+    def on_output(self, num_new_tokens: int, num_prompt_tokens: int) -> None:
+        now = time.monotonic()
+        if not self.prompt_counted and num_prompt_tokens:
+            self.m.prompt_tokens.inc(num_prompt_tokens)
+            self.prompt_counted = True
+        if num_new_tokens <= 0:
+            return
+        if self.last is None:
+            self.m.ttft.observe(now - self.arrival)
+        else:
+            dt = now - self.last
+            self.m.itl.observe(dt)
+            self.m.tpot.observe(dt)
+        self.last = now
+        self.m.generation_tokens.inc(num_new_tokens)
+
+    def on_finish(self, reason: str | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.m.e2e.observe(time.monotonic() - self.arrival)
+        self.m.request_finished(reason)

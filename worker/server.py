@@ -1,0 +1,660 @@
+"""The worker's OpenAI-compatible HTTP API: an ASGI app around any `Engine` (see `engine/types.py`).
+
+    app = create_app(engine, served_model_name="llama", labels={"llmservice": "chat", "namespace": "ml"})
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+The app starts the engine in the background when it starts (so /health answers while a model loads) and stops
+it on shutdown. Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON or SSE), GET /v1/models,
+GET /health (liveness), GET /ready (readiness), GET /metrics (Prometheus, vLLM names).
+
+Request ids: an `X-Request-Id` header, when given, is the engine's request id as is (the router relies on it
+to correlate the prefill and decode hops and to abort); the response's `id` is that id with a `cmpl-` /
+`chatcmpl-` prefix added unless it already has it. Without the header a random id is made. The response
+always carries `X-Request-Id`.
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`; a traceback never reaches the
+client. A client that goes away (streaming or not) aborts its engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import anyio
+from baton.worker.engine.types import (
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    GenerationRequest,
+    InvalidRequest,
+    KVTransferFailed,
+    StepOutput,
+)
+from baton.worker.metrics import CONTENT_TYPE, RequestTracker, WorkerMetrics
+from baton.worker.protocol import (
+    SSE_DONE,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    RequestError,
+    UsageInfo,
+    error_body,
+    new_request_id,
+    parse_request,
+    sse_event,
+)
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("baton.worker.server")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+RETRY_AFTER_SECONDS = "1"
+
+Kind = Literal["completion", "chat"]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response started."""
+
+
+def engine_error_to_request_error(exc: EngineError) -> RequestError:
+    """The HTTP face of the engine's errors (also used by unit tests of the mapping)."""
+    if isinstance(exc, InvalidRequest):
+        return RequestError(str(exc) or "invalid request", param=exc.param, status=400)
+    if isinstance(exc, EngineOverloaded):
+        return RequestError(
+            str(exc) or "the engine is overloaded; retry later",
+            status=503,
+            type="service_unavailable_error",
+            code="engine_overloaded",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if isinstance(exc, KVTransferFailed):
+        return RequestError(
+            f"KV cache transfer from the prefill worker failed: {exc}"
+            if str(exc)
+            else "KV cache transfer from the prefill worker failed",
+            param="kv_transfer_params",
+            status=502,
+            type="kv_transfer_error",
+            code="kv_transfer_failed",
+        )
+    return RequestError(f"engine error: {exc}", status=500, type="internal_server_error", code="engine_error")
+
+
+class _SSEResponse(StreamingResponse):
+    """A streaming response that always watches for the client going away and always closes its iterator.
+
+    Starlette only watches for `http.disconnect` on older ASGI servers and never closes the body iterator when
+    the client leaves; here the iterator's `finally` (which aborts the engine request) runs at once.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await self.listen_for_disconnect(receive)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+class _Server:
+    def __init__(
+        self,
+        engine: Engine,
+        served_model_name: str,
+        labels: dict | None,
+        engine_kind: str,
+        manage_engine: bool,
+    ) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.accepted_model_names = {served_model_name, getattr(engine, "model_name", served_model_name)}
+        self.manage_engine = manage_engine
+        self.metrics = WorkerMetrics(
+            model_name=served_model_name,
+            role=getattr(engine, "role", "both"),
+            stats=engine.stats,
+            labels=labels,
+            engine_kind=engine_kind,
+        )
+        self.ready = not manage_engine
+        self.start_error: str | None = None
+        self.stopping = False
+        self.inflight: set[str] = set()
+        self._start_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        if self.manage_engine:
+            self._start_task = asyncio.create_task(self._start_engine(), name="baton-engine-start")
+
+    async def _start_engine(self) -> None:
+        try:
+            await self.engine.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported through /health and the log
+            self.start_error = f"{type(exc).__name__}: {exc}"
+            log.exception("the engine failed to start")
+            return
+        self.ready = True
+        log.info("engine started; serving %s (role %s)", self.served_model_name, self.engine.role)
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        self.ready = False
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._start_task
+        if self.manage_engine:
+            try:
+                await self.engine.stop()
+            except Exception:
+                log.exception("error while stopping the engine")
+
+    def alive(self) -> tuple[bool, str]:
+        if self.start_error:
+            return False, f"the engine failed to start: {self.start_error}"
+        for attr in ("is_alive", "alive", "is_healthy", "healthy"):
+            probe = getattr(self.engine, attr, None)
+            if probe is None:
+                continue
+            try:
+                ok = probe() if callable(probe) else bool(probe)
+            except Exception as exc:  # noqa: BLE001
+                return False, f"the engine health check failed: {exc}"
+            if not ok:
+                return False, "the engine loop is not running"
+            break
+        try:
+            self.engine.stats()
+        except Exception as exc:  # noqa: BLE001
+            return False, f"the engine does not answer: {exc}"
+        return True, "ok"
+
+    # ------------------------------------------------------------------------------------- requests
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.accepted_model_names:
+            raise RequestError(
+                f"The model `{model}` does not exist; this worker serves `{self.served_model_name}`.",
+                param="model",
+                status=404,
+                code="model_not_found",
+            )
+
+    def check_ready(self) -> None:
+        if self.stopping:
+            raise RequestError(
+                "the worker is shutting down",
+                status=503,
+                type="service_unavailable_error",
+                code="shutting_down",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        if not self.ready:
+            alive, why = self.alive()
+            raise RequestError(
+                "the engine is starting; retry shortly" if alive else why,
+                status=503,
+                type="service_unavailable_error",
+                code="engine_not_ready",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+
+    def request_ids(self, request: Request, prefix: str) -> tuple[str, str]:
+        """(engine request id, response id)."""
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given:
+            given = given.strip()
+            if not given or len(given) > 256:
+                raise RequestError(f"the {REQUEST_ID_HEADER} header must have 1 to 256 characters")
+            response_id = given if given.startswith(prefix + "-") else f"{prefix}-{given}"
+            return given, response_id
+        rid = new_request_id(prefix)
+        return rid, rid
+
+    def max_tokens_for(
+        self, prompt_len: int, requested: int | None, prompt_param: str, max_param: str
+    ) -> int:
+        limit = int(self.engine.max_model_len)
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty", param=prompt_param)
+        if prompt_len >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} "
+                "tokens (at least one token must be left for the completion).",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the completion). "
+                f"Please reduce the prompt or {max_param}.",
+                param=max_param,
+                code="context_length_exceeded",
+            )
+        return requested
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req: CompletionRequest = parse_request(CompletionRequest, await request.body())
+        self.check_model(req.model)
+        self.check_ready()
+        rid, response_id = self.request_ids(request, "cmpl")
+        if isinstance(req.prompt, str):
+            prompt_ids = self.engine.tokenizer.encode(req.prompt, add_special_tokens=True)
+        else:
+            prompt_ids = list(req.prompt)
+        max_tokens = self.max_tokens_for(len(prompt_ids), req.max_tokens, "prompt", "max_tokens")
+        gen = GenerationRequest(
+            request_id=rid,
+            prompt_token_ids=prompt_ids,
+            sampling=req.sampling_params(max_tokens),
+            kv_transfer_params=req.kv_transfer_params,
+        )
+        return await self.serve(
+            request, gen, "completion", response_id, bool(req.stream), req.include_usage, arrival
+        )
+
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await request.body())
+        self.check_model(req.model)
+        self.check_ready()
+        rid, response_id = self.request_ids(request, "chatcmpl")
+        try:
+            prompt = self.engine.tokenizer.apply_chat_template(
+                req.template_messages(), add_generation_prompt=req.add_generation_prompt
+            )
+        except Exception as exc:  # noqa: BLE001 - a template that cannot render these messages
+            raise RequestError(f"the chat template cannot render these messages: {exc}", param="messages")
+        # The template already writes any special tokens (BOS) it wants.
+        prompt_ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.max_tokens_for(len(prompt_ids), req.requested_max_tokens, "messages", max_param)
+        gen = GenerationRequest(
+            request_id=rid,
+            prompt_token_ids=prompt_ids,
+            sampling=req.sampling_params(max_tokens),
+            kv_transfer_params=req.kv_transfer_params,
+        )
+        return await self.serve(
+            request, gen, "chat", response_id, bool(req.stream), req.include_usage, arrival
+        )
+
+    async def serve(
+        self,
+        request: Request,
+        gen: GenerationRequest,
+        kind: Kind,
+        response_id: str,
+        stream: bool,
+        include_usage: bool,
+        arrival: float,
+    ) -> Response:
+        rid = gen.request_id
+        if rid in self.inflight:
+            raise RequestError(
+                f"request id {rid!r} is already in flight on this worker", code="duplicate_request_id"
+            )
+        self.inflight.add(rid)
+        tracker = self.metrics.tracker(arrival)
+        created = int(time.time())
+        it: AsyncIterator[StepOutput] | None = None
+        handed_over = False
+        try:
+            try:
+                it = self.engine.generate(gen)
+                if stream:
+                    first = await _race_disconnect(request, it.__anext__())
+                    handed_over = True
+                    body = self._stream(it, first, gen, kind, response_id, created, include_usage, tracker)
+                    return _SSEResponse(body, headers={REQUEST_ID_HEADER: rid, "Cache-Control": "no-cache"})
+                outputs = await _race_disconnect(request, _collect(it, tracker))
+            except EngineError as exc:
+                raise engine_error_to_request_error(exc) from None
+            except StopAsyncIteration:
+                raise RequestError(
+                    "the engine ended the request without output", status=500, type="internal_server_error"
+                ) from None
+            except ClientDisconnected:
+                log.info("client went away before the response of %s started; aborted", rid)
+                tracker.on_finish("abort")
+                return Response(status_code=499)
+            return JSONResponse(
+                self._full_response(outputs, kind, response_id, created),
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        finally:
+            if not handed_over:
+                await self._cleanup(it, rid, tracker)
+
+    async def _cleanup(self, it: AsyncIterator[StepOutput] | None, rid: str, tracker: RequestTracker) -> None:
+        """Close the engine iterator (aborting the request if it has not finished); never raises."""
+        with anyio.CancelScope(shield=True):
+            try:
+                if it is not None:
+                    aclose = getattr(it, "aclose", None)
+                    if aclose is not None:
+                        await aclose()  # a no-op when the request finished; an abort when it did not
+                    elif not tracker.done:
+                        await self.engine.abort(rid)
+            except Exception:
+                log.exception("error while aborting request %s", rid)
+            finally:
+                if not tracker.done and tracker.last is not None:
+                    tracker.on_finish("abort")  # went away mid-stream
+                self.inflight.discard(rid)
+
+    def _full_response(self, outputs: list[StepOutput], kind: Kind, response_id: str, created: int) -> dict:
+        last = outputs[-1]
+        text = "".join(o.text for o in outputs)
+        n_gen = last.num_generated_tokens or sum(len(o.token_ids) for o in outputs)
+        n_prompt = last.num_prompt_tokens or next(
+            (o.num_prompt_tokens for o in outputs if o.num_prompt_tokens), 0
+        )
+        usage = UsageInfo.of(n_prompt, n_gen)
+        kv = next((o.kv_transfer_params for o in reversed(outputs) if o.kv_transfer_params is not None), None)
+        model = self.served_model_name
+        if kind == "completion":
+            resp: Any = CompletionResponse(
+                id=response_id,
+                created=created,
+                model=model,
+                usage=usage,
+                kv_transfer_params=kv,
+                choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+            )
+        else:
+            resp = ChatCompletionResponse(
+                id=response_id,
+                created=created,
+                model=model,
+                usage=usage,
+                kv_transfer_params=kv,
+                choices=[
+                    ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason)
+                ],
+            )
+        return resp.model_dump(mode="json")
+
+    async def _stream(
+        self,
+        it: AsyncIterator[StepOutput],
+        first: StepOutput,
+        gen: GenerationRequest,
+        kind: Kind,
+        response_id: str,
+        created: int,
+        include_usage: bool,
+        tracker: RequestTracker,
+    ) -> AsyncIterator[str]:
+        model = self.served_model_name
+        rid = gen.request_id
+        n_prompt = 0
+        n_gen = 0
+
+        def chunk(text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+            if kind == "completion":
+                c: Any = CompletionStreamResponse(
+                    id=response_id,
+                    created=created,
+                    model=model,
+                    choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)],
+                )
+            else:
+                delta = DeltaMessage(role="assistant", content="") if role else DeltaMessage(content=text)
+                c = ChatCompletionStreamResponse(
+                    id=response_id,
+                    created=created,
+                    model=model,
+                    choices=[ChatStreamChoice(delta=delta, finish_reason=finish_reason)],
+                )
+            d = c.model_dump(mode="json")
+            if not include_usage:
+                d.pop("usage", None)
+            if kind == "chat" and not role:
+                if text is None:
+                    d["choices"][0]["delta"] = {}
+                else:
+                    d["choices"][0]["delta"].pop("role", None)
+            return d
+
+        try:
+            if kind == "chat":
+                yield sse_event(chunk(None, None, role=True))
+            out: StepOutput | None = first
+            while out is not None:
+                tracker.on_output(len(out.token_ids), out.num_prompt_tokens)
+                n_prompt = out.num_prompt_tokens or n_prompt
+                n_gen = out.num_generated_tokens or (n_gen + len(out.token_ids))
+                if out.finished:
+                    d = chunk(out.text if (out.text or kind == "completion") else None, out.finish_reason)
+                    if out.kv_transfer_params is not None:
+                        d["kv_transfer_params"] = out.kv_transfer_params
+                    yield sse_event(d)
+                    tracker.on_finish(out.finish_reason)
+                    break
+                if out.text:
+                    yield sse_event(chunk(out.text, None))
+                try:
+                    out = await it.__anext__()
+                except StopAsyncIteration:
+                    out = None
+            if not tracker.done:  # the engine ended the stream without a final output
+                tracker.on_finish("abort")
+            if include_usage:
+                u: Any
+                if kind == "completion":
+                    u = CompletionStreamResponse(
+                        id=response_id,
+                        created=created,
+                        model=model,
+                        choices=[],
+                        usage=UsageInfo.of(n_prompt, n_gen),
+                    )
+                else:
+                    u = ChatCompletionStreamResponse(
+                        id=response_id,
+                        created=created,
+                        model=model,
+                        choices=[],
+                        usage=UsageInfo.of(n_prompt, n_gen),
+                    )
+                yield sse_event(u.model_dump(mode="json"))
+            yield SSE_DONE
+        except EngineError as exc:
+            err = engine_error_to_request_error(exc)
+            log.warning("request %s failed while streaming: %s", rid, err.message)
+            yield sse_event(err.body())
+            yield SSE_DONE
+        except Exception:  # the stream has started: report in-band, never a traceback
+            log.exception("request %s failed while streaming", rid)
+            yield sse_event(error_body(f"internal error (request {rid})", type="internal_server_error"))
+            yield SSE_DONE
+        finally:
+            await self._cleanup(it, rid, tracker)
+
+
+async def _collect(it: AsyncIterator[StepOutput], tracker: RequestTracker) -> list[StepOutput]:
+    outputs: list[StepOutput] = []
+    async for out in it:
+        outputs.append(out)
+        tracker.on_output(len(out.token_ids), out.num_prompt_tokens)
+        if out.finished:
+            tracker.on_finish(out.finish_reason)
+            break
+    if not outputs:
+        raise RequestError(
+            "the engine ended the request without output", status=500, type="internal_server_error"
+        )
+    if not tracker.done:
+        tracker.on_finish(outputs[-1].finish_reason or "abort")
+    return outputs
+
+
+async def _race_disconnect(request: Request, awaitable) -> Any:
+    """Await `awaitable`, but give up (cancelling it) if the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(BaseException):
+            await watcher
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+def create_app(
+    engine: Engine,
+    *,
+    served_model_name: str | None = None,
+    labels: dict | None = None,
+    engine_kind: str = "baton",
+    manage_engine: bool = True,
+) -> FastAPI:
+    """The worker's ASGI app.
+
+    `labels` (`llmservice`, `namespace`, optional `role`) label every metric; missing ones come from env
+    BATON_LLMSERVICE / BATON_NAMESPACE and the engine's role. With `manage_engine` (default) the app starts
+    the engine in the background at startup (/ready turns 200 when done) and stops it at shutdown; without,
+    the caller owns the engine's lifecycle and the app is ready at once.
+    """
+    served = served_model_name or engine.model_name
+    server = _Server(engine, served, labels, engine_kind, manage_engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await server.startup()
+        try:
+            yield
+        finally:
+            await server.shutdown()
+
+    app = FastAPI(title="Baton worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.baton = server
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        headers = dict(exc.headers)
+        rid = request.headers.get(REQUEST_ID_HEADER)
+        if rid:
+            headers.setdefault(REQUEST_ID_HEADER, rid)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(message, type=kind), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        rid = request.headers.get(REQUEST_ID_HEADER)
+        where = f" (request {rid})" if rid else ""
+        return JSONResponse(
+            error_body(f"internal server error{where}", type="internal_server_error"), status_code=500
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.chat_completions(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = ModelCard(
+            id=served,
+            root=getattr(engine, "model_name", served),
+            max_model_len=getattr(engine, "max_model_len", None),
+        )
+        return ModelList(data=[card]).model_dump(mode="json")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive, why = server.alive()
+        if alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(
+            error_body(why, type="service_unavailable_error", code="engine_dead"), status_code=503
+        )
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        alive, why = server.alive()
+        if server.ready and alive and not server.stopping:
+            return JSONResponse({"status": "ready"})
+        reason = why if not alive else ("shutting down" if server.stopping else "the engine is starting")
+        return JSONResponse(
+            error_body(reason, type="service_unavailable_error", code="not_ready"),
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

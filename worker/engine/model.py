@@ -1,0 +1,157 @@
+"""The Llama-family decoder (Llama, Qwen2, Mistral) over a paged KV cache, in plain torch.
+
+Tokens of all sequences in a step are flattened to one `[T, hidden]` batch for every matmul (no padding
+waste); only attention needs a per-sequence layout, described by `ForwardBatch` (built once per step by
+`attention.py` and shared by all layers). Weights are fused at load time (q|k|v and gate|up) so a layer is a
+handful of large matmuls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, load_model_config
+from .rope import rope_tables
+from .weights import load_weights
+
+
+@dataclass
+class ForwardBatch:
+    """What one forward needs besides the weights; see `attention.build_prefill` / `build_decode`."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: flat cache slot (block * block_size + offset) for each token's K/V
+    logits_index: torch.Tensor  # [N] long: which of the T tokens produce logits
+    is_prefill: bool
+    num_seqs: int
+    # prefill (every sequence starts at position 0): padded [B, Lp] layout of the T tokens
+    pad_gather: torch.Tensor | None = None  # [B, Lp] indices into T (padding points at any valid token)
+    unpad_index: torch.Tensor | None = None  # [T] indices into B*Lp
+    prefill_mask: torch.Tensor | None = None  # [B, 1, Lp, Lp] bool (True = attend); None: one sequence, causal
+    # decode (one new token per sequence): keys are gathered from the paged cache
+    kv_gather: torch.Tensor | None = None  # [B * Lmax] flat cache slots
+    kv_len: int = 0  # Lmax
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] bool (True = attend)
+
+
+class Layer:
+    __slots__ = ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "b_gate_up", "w_down", "b_down")
+
+
+class LlamaModel:
+    """Weights + forward. Stateless apart from the weights: the KV cache is passed in."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 max_len: int | None = None) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.layers: list[Layer] = []
+        for n in range(cfg.num_layers):
+            p = f"model.layers.{n}."
+            layer = Layer()
+            layer.ln1 = weights[p + "input_layernorm.weight"]
+            layer.ln2 = weights[p + "post_attention_layernorm.weight"]
+            layer.w_qkv = torch.cat([weights[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]).contiguous()
+            layer.b_qkv = (torch.cat([weights[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+                           if cfg.attention_bias else None)
+            layer.w_o = weights[p + "self_attn.o_proj.weight"]
+            layer.w_gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
+            layer.b_gate_up = (torch.cat([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]])
+                               if cfg.mlp_bias else None)
+            layer.w_down = weights[p + "mlp.down_proj.weight"]
+            layer.b_down = weights[p + "mlp.down_proj.bias"] if cfg.mlp_bias else None
+            self.layers.append(layer)
+            for name in list(weights):  # free the unfused copies as we go
+                if name.startswith(p) and ("self_attn.q" in name or "self_attn.k" in name or "self_attn.v" in name
+                                           or "gate_proj" in name or "up_proj" in name):
+                    del weights[name]
+        self.max_len = max_len or cfg.max_position_embeddings
+        self.cos, self.sin = rope_tables(cfg, self.max_len, dtype)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        max_len: int | None = None) -> LlamaModel:
+        cfg = load_model_config(path)
+        return cls(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=max_len)
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return w * h.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    def _attention(self, q, k, v, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
+        cfg = self.cfg
+        T = q.shape[0]
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kc = k_cache.view(-1, KV, D)
+        vc = v_cache.view(-1, KV, D)
+        kc.index_copy_(0, fb.slot_mapping, k)
+        vc.index_copy_(0, fb.slot_mapping, v)
+        if fb.is_prefill:
+            if fb.pad_gather is None:  # one sequence: plain causal attention over its own tokens
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                    is_causal=True, enable_gqa=KV != H, scale=self.scale)
+                return out[0].transpose(0, 1).reshape(T, H * D)
+            B, Lp = fb.pad_gather.shape
+            qp = q[fb.pad_gather].transpose(1, 2)  # [B, H, Lp, D]
+            kp = k[fb.pad_gather].transpose(1, 2)
+            vp = v[fb.pad_gather].transpose(1, 2)
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=fb.prefill_mask, enable_gqa=KV != H,
+                                                 scale=self.scale)
+            return out.transpose(1, 2).reshape(B * Lp, H * D)[fb.unpad_index]
+        # decode: one query per sequence; the G query heads sharing a KV head act as G query rows.
+        B, L = fb.num_seqs, fb.kv_len
+        keys = kc.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
+        vals = vc.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)
+        qd = q.view(B, KV, H // KV, D)
+        out = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=fb.decode_mask, scale=self.scale)
+        return out.reshape(B, H * D)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                all_logits: bool = False) -> torch.Tensor:
+        """Run the batch, write its K/V into the cache, return float32 logits [N, vocab] for `logits_index`
+        (or for every token with `all_logits`)."""
+        cfg = self.cfg
+        T = fb.input_ids.shape[0]
+        KV, D = cfg.num_kv_heads, cfg.head_dim
+        x = F.embedding(fb.input_ids, self.embed)
+        cos = self.cos[fb.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[fb.positions].unsqueeze(1)
+        qs, kvs = self.q_size, self.kv_size
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = self._rms(x, layer.ln1)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            q = self._rope(qkv[:, :qs].view(T, cfg.num_heads, D), cos, sin)
+            k = self._rope(qkv[:, qs:qs + kvs].view(T, KV, D), cos, sin)
+            v = qkv[:, qs + kvs:].view(T, KV, D)
+            attn = self._attention(q, k, v, k_cache, v_cache, fb)
+            x = x + F.linear(attn, layer.w_o)
+            h = self._rms(x, layer.ln2)
+            gu = F.linear(h, layer.w_gate_up, layer.b_gate_up)
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        if not all_logits:
+            x = x[fb.logits_index]
+        return F.linear(self._rms(x, self.norm), self.lm_head).float()

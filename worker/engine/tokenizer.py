@@ -1,0 +1,161 @@
+"""Tokenizer: `tokenizers` (tokenizer.json) + tokenizer_config.json (special tokens, chat template).
+
+Chat templates are rendered with jinja2 the way transformers does it (sandboxed, trim_blocks, lstrip_blocks,
+`raise_exception`, `tojson`, `strftime_now`). `IncrementalDetokenizer` turns a growing list of token ids into
+text deltas without ever emitting half of a multi-byte character.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .config import ModelLoadError
+
+
+def _token_content(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("content")
+    return str(value)
+
+
+class ChatTemplateError(ValueError):
+    """The chat template refused the messages (its `raise_exception`) or failed to render."""
+
+
+class HFTokenizer:
+    """Implements the `types.Tokenizer` protocol."""
+
+    def __init__(self, model_dir: str | Path, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        tok_file = model_dir / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ModelLoadError(f"{tok_file} is missing (the Baton engine needs a fast tokenizer.json)")
+        try:
+            self._tok = Tokenizer.from_file(str(tok_file))
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise ModelLoadError(f"{tok_file} cannot be loaded: {exc}") from None
+        cfg: dict = {}
+        cfg_file = model_dir / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelLoadError(f"{cfg_file} is not valid JSON: {exc}") from None
+        self.config = cfg
+        self.bos_token = _token_content(cfg.get("bos_token"))
+        self.eos_token = _token_content(cfg.get("eos_token"))
+        self.pad_token = _token_content(cfg.get("pad_token"))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        eos: list[int] = []
+        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
+            eos.append(self._tok.token_to_id(self.eos_token))
+        gen_file = model_dir / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
+            except json.JSONDecodeError:
+                gen_eos = None
+            if isinstance(gen_eos, int):
+                gen_eos = [gen_eos]
+            eos.extend(int(t) for t in gen_eos or [])
+        eos.extend(extra_eos_token_ids)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
+        self.chat_template: str | None = template
+        self._compiled = None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    # -- the Tokenizer protocol -------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        if self.chat_template is None:
+            raise ChatTemplateError("this model has no chat template (tokenizer_config.json 'chat_template')")
+        if self._compiled is None:
+            self._compiled = _compile_template(self.chat_template)
+        special = {k: _token_content(v) for k, v in self.config.items()
+                   if k.endswith("_token") and isinstance(v, (str, dict))}
+        context = {**special, "bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs}
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **context)
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # jinja2 errors: undefined, type errors inside the template
+            raise ChatTemplateError(f"chat template failed: {exc}") from None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ChatTemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except TemplateError as exc:
+        raise ChatTemplateError(f"chat template does not compile: {exc}") from None
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing token list (the vLLM prefix/read-offset method).
+
+    Decodes a small window `ids[prefix:]` and compares it with `ids[prefix:read]`, so the result is the same
+    as decoding everything at once (spaces, merges) while costing O(window) per token; text that ends in an
+    incomplete UTF-8 sequence (U+FFFD) is held back until the next token completes it.
+    """
+
+    __slots__ = ("_tok", "_ids", "_prefix", "_read", "skip_special_tokens")
+
+    def __init__(self, tokenizer: HFTokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 context: int = 5) -> None:
+        self._tok = tokenizer
+        self._ids = list(prompt_ids[-context:])
+        self._prefix = 0
+        self._read = len(self._ids)
+        self.skip_special_tokens = skip_special_tokens
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        decode = self._tok.decode
+        prefix_text = decode(self._ids[self._prefix:self._read], self.skip_special_tokens)
+        full = decode(self._ids[self._prefix:], self.skip_special_tokens)
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            delta = full[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+            if self._prefix > 32:  # ids before the prefix are never decoded again
+                del self._ids[:self._prefix]
+                self._read -= self._prefix
+                self._prefix = 0
+            return delta
+        return ""

@@ -1,0 +1,625 @@
+"""Render an LLMService into the Kubernetes objects that serve it.
+
+`render(llmservice)` is a pure function: the LLMService object as the apiserver returns it in, a list of
+child manifests out, always in the same order and with the same content for the same input (no clocks, no
+randomness, no I/O, no kopf). The reconciler applies them with server-side apply and prunes whatever
+`child_keys` no longer lists.
+
+Children of LLMService `<name>` in namespace `<ns>` (see `naming` for names that would not fit):
+
+    ServiceAccount  <name>            identity of all pods (worker pods do not mount its token)
+    ConfigMap       <name>-config     effective configuration (config.json), mounted at /etc/baton
+    Service         <name>-prefill    headless, ports http (role port, 8000) + kv (kvTransfer.port)
+    Service         <name>-decode     headless, ports http + kv
+    Service         <name>            ClusterIP, port 80 -> router http: the client endpoint
+    Deployment      <name>-prefill    prefill workers
+    Deployment      <name>-decode     decode workers
+    Deployment      <name>-router     the router (orchestrates prefill -> decode, measures TTFT/TPOT)
+
+Decisions worth knowing:
+
+* With `spec.autoscaling.enabled`, the role Deployments carry no `spec.replicas` at all: the autoscaler owns
+  that field, and server-side apply of these manifests must never reset it. The router is not autoscaled.
+* Pod templates carry `baton.dev/config-hash`: a hash of the parts of the effective config that component
+  reads *and needs a restart for*. Workers hash model, engine, kvTransfer and the role layout; the router
+  hashes model, SLO, router and the role layout. An SLO change therefore rolls the cheap router pods but not
+  the GPU workers (which reload the model on restart); replica counts are in no hash at all.
+* GPUs: `nvidia.com/gpu` = tensorParallel in limits and requests, unless the user set a larger limit
+  (the API allows limits >= tensorParallel); requests always equal limits, as extended resources require.
+* Readiness: Baton's worker serves `/ready`; vLLM has no `/ready` and its `/health` only answers once the
+  model is loaded, so vLLM pods use `/health` for readiness too. Startup probes allow 30 minutes to load.
+* Baton pods run as uid 1000 (non-root, all capabilities dropped); vLLM pods keep the image's user (the
+  upstream image runs as root and writes caches under /root), still without privilege escalation.
+* `enableServiceLinks: false`: a Service named e.g. `vllm` in the namespace would otherwise inject
+  `VLLM_PORT=tcp://...`, which vLLM reads as its own setting and fails on.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from .api import (
+    API_VERSION,
+    DEFAULT_IMAGE,
+    GPU_RESOURCE,
+    KIND,
+    InvalidLLMService,
+    LLMService,
+    RoleSpec,
+    parse_llmservice,
+)
+from .labels import (
+    ANNOTATION_CONFIG_HASH,
+    ANNOTATION_CONTENT_HASH,
+    COMPONENT_CONFIG,
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    ROLE_ROUTER,
+    WORKER_ROLES,
+    common_labels,
+    role_labels,
+    selector_labels,
+)
+from .naming import (
+    child_name,
+    config_map_name,
+    role_name,
+    router_deployment_name,
+    router_service_name,
+    service_account_name,
+)
+from .units import Quantity
+
+# --------------------------------------------------------------------------------------------- constants
+ROUTER_SERVICE_PORT = 80
+
+MODEL_MOUNT = "/models"
+CONFIG_MOUNT = "/etc/baton"
+CONFIG_KEY = "config.json"
+CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_KEY}"
+#: Secret that may hold a shared KV-transfer token: env BATON_KV_SECRET of workers, `optional: true`, so
+#: pods start without it. Not created by the operator (the API has no field for it yet).
+KV_SECRET_SUFFIX = "-kv"
+KV_SECRET_KEY = "token"
+
+RUN_AS_USER = 1000
+WORKER_GRACE_SECONDS = 120
+ROUTER_GRACE_SECONDS = 30
+#: Startup probe budget for model loading: period x failureThreshold = 10 s x 180 = 30 minutes.
+STARTUP_PERIOD_SECONDS = 10
+STARTUP_FAILURE_THRESHOLD = 180
+WORKER_PROGRESS_DEADLINE = 1800
+ROUTER_PROGRESS_DEADLINE = 600
+REVISION_HISTORY_LIMIT = 3
+ROUTER_DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}}
+#: One extra pod during a rollout, never one fewer: serving capacity is kept (needs one spare slot).
+ROLLING_UPDATE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+VLLM_KV_TRANSFER_CONFIG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+TOPOLOGY_KEYS = {"zone": "topology.kubernetes.io/zone", "node": "kubernetes.io/hostname"}
+
+#: (apiVersion, kind, namer) of every child, in render order.
+CHILDREN: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("v1", "ServiceAccount", service_account_name),
+    ("v1", "ConfigMap", config_map_name),
+    ("v1", "Service", lambda n: role_name(n, ROLE_PREFILL)),
+    ("v1", "Service", lambda n: role_name(n, ROLE_DECODE)),
+    ("v1", "Service", router_service_name),
+    ("apps/v1", "Deployment", lambda n: role_name(n, ROLE_PREFILL)),
+    ("apps/v1", "Deployment", lambda n: role_name(n, ROLE_DECODE)),
+    ("apps/v1", "Deployment", router_deployment_name),
+)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object that does not depend on dict order."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def _role(svc: LLMService, role: str) -> RoleSpec:
+    return svc.spec.prefill if role == ROLE_PREFILL else svc.spec.decode
+
+
+def model_dir(svc: LLMService) -> str:
+    """Where the weights are inside worker pods: /models, or /models/<path> for a sub-directory of a PVC."""
+    source = svc.spec.model.source
+    path = source.pvc.path.strip("/") if source.pvc is not None else ""
+    return f"{MODEL_MOUNT}/{path}" if path else MODEL_MOUNT
+
+
+def router_image(svc: LLMService) -> str:
+    """The router always runs Baton's image: the engine's when it is Baton's, else the default."""
+    return svc.spec.engine.image if svc.spec.engine.kind == "baton" else DEFAULT_IMAGE
+
+
+def _metadata(svc: LLMService, name: str, labels: dict[str, str],
+              annotations: dict[str, str] | None = None) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": svc.namespace, "labels": labels}
+    if annotations:
+        meta["annotations"] = annotations
+    if svc.metadata.uid:
+        meta["ownerReferences"] = [owner_reference(svc)]
+    return meta
+
+
+def owner_reference(svc: LLMService) -> dict:
+    """Controller reference to the LLMService: garbage collection deletes children with it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": svc.name,
+        "uid": svc.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- config
+_WORKER_SECTIONS = ("llmservice", "namespace", "model", "engine", "kvTransfer", "prefill", "decode")
+_ROUTER_SECTIONS = ("llmservice", "namespace", "model", "slo", "router", "prefill", "decode")
+
+
+def effective_config(svc: LLMService) -> dict:
+    """What workers and the router read from /etc/baton/config.json (camelCase keys, defaults filled in)."""
+    spec = svc.spec
+    model: dict[str, Any] = {"name": spec.model.name, "path": model_dir(svc), "source": spec.model.source.kind}
+    if spec.model.max_model_len is not None:
+        model["maxModelLen"] = spec.model.max_model_len
+    return {
+        "llmservice": svc.name,
+        "namespace": svc.namespace,
+        "model": model,
+        "engine": {"kind": spec.engine.kind},
+        "slo": {
+            "ttft": str(spec.slo.ttft),
+            "ttftSeconds": spec.slo.ttft.seconds,
+            "tpot": str(spec.slo.tpot),
+            "tpotSeconds": spec.slo.tpot.seconds,
+            "attainment": spec.slo.attainment,
+        },
+        "router": {"policy": spec.router.policy, "port": spec.router.port},
+        "kvTransfer": {
+            "transport": spec.kv_transfer.transport,
+            "locality": spec.kv_transfer.locality,
+            "port": spec.kv_transfer.port,
+        },
+        ROLE_PREFILL: _role_config(svc, ROLE_PREFILL),
+        ROLE_DECODE: _role_config(svc, ROLE_DECODE),
+    }
+
+
+def _role_config(svc: LLMService, role: str) -> dict:
+    r = _role(svc, role)
+    return {
+        "service": role_name(svc.name, role),
+        "port": r.port,
+        "kvPort": svc.spec.kv_transfer.port,
+        "tensorParallel": r.tensor_parallel,
+    }
+
+
+def config_hash(config: dict, component: str) -> str:
+    """Hash of the config sections `component` (prefill|decode|router) must restart for."""
+    sections = _ROUTER_SECTIONS if component == ROLE_ROUTER else _WORKER_SECTIONS
+    return stable_hash({k: config[k] for k in sections})
+
+
+def _config_map(svc: LLMService, config: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(svc, config_map_name(svc.name), common_labels(svc.name, COMPONENT_CONFIG),
+                              {ANNOTATION_CONTENT_HASH: stable_hash(config)}),
+        "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def _service_account(svc: LLMService) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(svc, service_account_name(svc.name), common_labels(svc.name, COMPONENT_CONFIG)),
+    }
+
+
+# -------------------------------------------------------------------------------------------- services
+def _headless_service(svc: LLMService, role: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(svc, role_name(svc.name, role), role_labels(svc.name, role)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": selector_labels(svc.name, role),
+            "ports": [
+                {"name": "http", "port": _role(svc, role).port, "targetPort": "http", "protocol": "TCP"},
+                {"name": "kv", "port": svc.spec.kv_transfer.port, "targetPort": "kv", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _router_service(svc: LLMService) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(svc, router_service_name(svc.name), role_labels(svc.name, ROLE_ROUTER)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(svc.name, ROLE_ROUTER),
+            "ports": [{"name": "http", "port": ROUTER_SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- workers
+def locality_affinity(svc: LLMService, role: str) -> dict:
+    """Pod affinity that keeps this LLMService's prefill and decode pods close (kvTransfer.locality).
+
+    `zone`/`node`: decode pods *require* a prefill pod of this LLMService in the same zone/node (KV pulls
+    would cross that boundary otherwise); prefill pods *prefer* decode pods there (a hard rule both ways
+    would deadlock the first pod). `any`: nothing.
+    """
+    key = TOPOLOGY_KEYS.get(svc.spec.kv_transfer.locality)
+    if key is None:
+        return {}
+    if role == ROLE_DECODE:
+        term = {"labelSelector": {"matchLabels": selector_labels(svc.name, ROLE_PREFILL)}, "topologyKey": key}
+        return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+    term = {"labelSelector": {"matchLabels": selector_labels(svc.name, ROLE_DECODE)}, "topologyKey": key}
+    return {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": term}]}}
+
+
+def merge_affinity(user: dict | None, extra: dict) -> dict:
+    """The user's affinity plus Baton's: term lists are concatenated (user's first), nothing is dropped.
+
+    Baton only adds pod affinity terms (ANDed by the scheduler), never required node affinity terms (which
+    are ORed and would widen the user's rule). The input is not modified.
+    """
+    out: dict = copy.deepcopy(user) if user else {}
+    for kind, rules in extra.items():
+        target = out.setdefault(kind, {})
+        for when, terms in rules.items():
+            target[when] = list(target.get(when) or []) + copy.deepcopy(list(terms))
+    return out
+
+
+def gpu_count(r: RoleSpec) -> int:
+    """GPUs per worker pod: tensorParallel, or the user's larger `nvidia.com/gpu` limit."""
+    limit = r.resources.limits.get(GPU_RESOURCE)
+    if limit is not None and limit.value > r.tensor_parallel:
+        return int(limit.value)
+    return r.tensor_parallel
+
+
+def _quantities(values: dict[str, Quantity]) -> dict[str, str]:
+    return {k: str(values[k]) for k in sorted(values)}
+
+
+def _worker_resources(r: RoleSpec) -> dict:
+    gpus = str(gpu_count(r))
+    limits = {**_quantities(r.resources.limits), GPU_RESOURCE: gpus}
+    requests = {**_quantities(r.resources.requests), GPU_RESOURCE: gpus}
+    return {"limits": dict(sorted(limits.items())), "requests": dict(sorted(requests.items()))}
+
+
+def _router_resources(svc: LLMService) -> dict:
+    res = svc.spec.router.resources
+    if not res.limits and not res.requests:
+        return copy.deepcopy(ROUTER_DEFAULT_RESOURCES)
+    out: dict = {}
+    if res.limits:
+        out["limits"] = _quantities(res.limits)
+    if res.requests:
+        out["requests"] = _quantities(res.requests)
+    return out
+
+
+def _downward(name: str, path: str) -> dict:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _common_env(svc: LLMService, role: str) -> list[dict]:
+    return [
+        {"name": "BATON_LLMSERVICE", "value": svc.name},
+        _downward("BATON_NAMESPACE", "metadata.namespace"),
+        {"name": "BATON_ROLE", "value": role},
+        {"name": "BATON_CONFIG", "value": CONFIG_PATH},
+        {"name": "BATON_MODEL_NAME", "value": svc.spec.model.name},
+        _downward("POD_NAME", "metadata.name"),
+        _downward("POD_IP", "status.podIP"),
+    ]
+
+
+def _worker_env(svc: LLMService, role: str) -> list[dict]:
+    kv = svc.spec.kv_transfer
+    env = _common_env(svc, role) + [
+        {"name": "BATON_KV_TRANSPORT", "value": kv.transport},
+        {"name": "BATON_KV_PORT", "value": str(kv.port)},
+        {"name": "BATON_KV_SECRET", "valueFrom": {"secretKeyRef": {
+            "name": child_name(svc.name, KV_SECRET_SUFFIX), "key": KV_SECRET_KEY, "optional": True}}},
+    ]
+    if svc.spec.engine.kind == "vllm":
+        # NIXL's side channel (handshake) listens on the KV port; $(POD_IP) expands from the entry above.
+        env += [
+            {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"},
+            {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(kv.port)},
+        ]
+    for var in svc.spec.engine.env:
+        env.append(var.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True))
+    return env
+
+
+def worker_command(svc: LLMService, role: str) -> tuple[list[str], list[str]]:
+    """(command, args) of a worker container; engine.args then the role's extraArgs come last."""
+    spec = svc.spec
+    r = _role(svc, role)
+    user_args = list(spec.engine.args) + list(r.extra_args)
+    if spec.engine.kind == "vllm":
+        args = [
+            model_dir(svc),
+            "--port", str(r.port),
+            "--served-model-name", spec.model.name,
+            "--tensor-parallel-size", str(r.tensor_parallel),
+        ]
+        if spec.model.max_model_len is not None:
+            args += ["--max-model-len", str(spec.model.max_model_len)]
+        args += ["--kv-transfer-config", json.dumps(VLLM_KV_TRANSFER_CONFIG, separators=(",", ":"))]
+        return ["vllm", "serve"], args + user_args
+    args = [
+        "--role", role,
+        "--model", model_dir(svc),
+        "--port", str(r.port),
+        "--kv-port", str(spec.kv_transfer.port),
+    ]
+    if r.tensor_parallel > 1:
+        args += ["--tensor-parallel-size", str(r.tensor_parallel)]
+    if spec.model.max_model_len is not None:
+        args += ["--max-model-len", str(spec.model.max_model_len)]
+    return ["baton", "worker"], args + user_args
+
+
+def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def _container_security(non_root: bool) -> dict:
+    ctx: dict[str, Any] = {"allowPrivilegeEscalation": False}
+    if non_root:
+        ctx["capabilities"] = {"drop": ["ALL"]}
+    return ctx
+
+
+def _pod_security(non_root: bool) -> dict:
+    ctx: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
+    if non_root:
+        ctx.update({"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER})
+    return ctx
+
+
+def _model_volume(svc: LLMService) -> dict:
+    source = svc.spec.model.source
+    if source.pvc is not None:
+        return {"name": "model", "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
+    if source.host_path is not None:
+        return {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+    return {"name": "model", "emptyDir": {}}
+
+
+def _fetch_model_container(svc: LLMService) -> dict:
+    """initContainer that downloads `source.uri` into the emptyDir; credentials from `source.secretRef`."""
+    source = svc.spec.model.source
+    container: dict[str, Any] = {
+        "name": "fetch-model",
+        "image": router_image(svc),
+        "command": ["baton", "model", "fetch"],
+        "args": ["--uri", str(source.uri), "--dest", model_dir(svc)],
+    }
+    if source.secret_ref is not None:
+        container["envFrom"] = [{"secretRef": {"name": source.secret_ref.name}}]
+    container["volumeMounts"] = [{"name": "model", "mountPath": MODEL_MOUNT}]
+    container["securityContext"] = _container_security(non_root=True)
+    return container
+
+
+def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
+    r = _role(svc, role)
+    vllm = svc.spec.engine.kind == "vllm"
+    command, args = worker_command(svc, role)
+    kv_port = svc.spec.kv_transfer.port
+    mounts = [
+        {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+    ]
+    volumes = [_model_volume(svc), {"name": "config", "configMap": {"name": config_map_name(svc.name)}}]
+    if r.tensor_parallel > 1:
+        # NCCL between the TP ranks needs far more shared memory than the runtime's 64 MiB default.
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    container = {
+        "name": "worker",
+        "image": svc.spec.engine.image,
+        "command": command,
+        "args": args,
+        "ports": [
+            {"name": "http", "containerPort": r.port, "protocol": "TCP"},
+            {"name": "kv", "containerPort": kv_port, "protocol": "TCP"},
+        ],
+        "env": _worker_env(svc, role),
+        "resources": _worker_resources(r),
+        "volumeMounts": mounts,
+        "startupProbe": _probe("/health", STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD),
+        "readinessProbe": _probe("/health" if vllm else "/ready", 5, 3),
+        "livenessProbe": _probe("/health", 10, 3),
+        "securityContext": _container_security(non_root=not vllm),
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(svc.name),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": WORKER_GRACE_SECONDS,
+        "securityContext": _pod_security(non_root=not vllm),
+    }
+    if svc.spec.model.source.uri is not None:
+        pod_spec["initContainers"] = [_fetch_model_container(svc)]
+    pod_spec["containers"] = [container]
+    pod_spec["volumes"] = volumes
+    if r.node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(r.node_selector.items()))
+    if r.tolerations:
+        # Only the fields the user wrote: passed through as given (Kubernetes fills its own defaults).
+        pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+                                   for t in r.tolerations]
+    affinity = merge_affinity(r.affinity, locality_affinity(svc, role))
+    if affinity:
+        pod_spec["affinity"] = affinity
+
+    spec: dict[str, Any] = {}
+    if not svc.spec.autoscaling.enabled:
+        spec["replicas"] = r.replicas
+    spec.update({
+        "selector": {"matchLabels": selector_labels(svc.name, role)},
+        "revisionHistoryLimit": REVISION_HISTORY_LIMIT,
+        "progressDeadlineSeconds": WORKER_PROGRESS_DEADLINE,
+        "strategy": copy.deepcopy(ROLLING_UPDATE),
+        "template": {
+            "metadata": {
+                "labels": role_labels(svc.name, role),
+                "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config, role)},
+            },
+            "spec": pod_spec,
+        },
+    })
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(svc, role_name(svc.name, role), role_labels(svc.name, role)),
+        "spec": spec,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- router
+def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
+    """(command, args) of the router container."""
+    return ["baton", "router"], [
+        "--policy", svc.spec.router.policy,
+        "--port", str(svc.spec.router.port),
+        "--prefill-service", role_name(svc.name, ROLE_PREFILL),
+        "--decode-service", role_name(svc.name, ROLE_DECODE),
+        "--namespace", svc.namespace,
+    ]
+
+
+def _router_deployment(svc: LLMService, config: dict) -> dict:
+    command, args = router_command(svc)
+    router = svc.spec.router
+    container = {
+        "name": "router",
+        "image": router_image(svc),
+        "command": command,
+        "args": args,
+        "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
+        "env": _common_env(svc, ROLE_ROUTER),
+        "resources": _router_resources(svc),
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
+        "readinessProbe": _probe("/ready", 5, 3),
+        "livenessProbe": _probe("/health", 10, 3),
+        "securityContext": _container_security(non_root=True),
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(svc.name),
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": ROUTER_GRACE_SECONDS,
+        "securityContext": _pod_security(non_root=True),
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": config_map_name(svc.name)}}],
+    }
+    if router.node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(router.node_selector.items()))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(svc, router_deployment_name(svc.name), role_labels(svc.name, ROLE_ROUTER)),
+        "spec": {
+            "replicas": router.replicas,
+            "selector": {"matchLabels": selector_labels(svc.name, ROLE_ROUTER)},
+            "revisionHistoryLimit": REVISION_HISTORY_LIMIT,
+            "progressDeadlineSeconds": ROUTER_PROGRESS_DEADLINE,
+            "strategy": copy.deepcopy(ROLLING_UPDATE),
+            "template": {
+                "metadata": {
+                    "labels": role_labels(svc.name, ROLE_ROUTER),
+                    "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config, ROLE_ROUTER)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------- API
+def render_parsed(svc: LLMService) -> list[dict]:
+    """`render` for an already parsed LLMService."""
+    config = effective_config(svc)
+    return [
+        _service_account(svc),
+        _config_map(svc, config),
+        _headless_service(svc, ROLE_PREFILL),
+        _headless_service(svc, ROLE_DECODE),
+        _router_service(svc),
+        _worker_deployment(svc, ROLE_PREFILL, config),
+        _worker_deployment(svc, ROLE_DECODE, config),
+        _router_deployment(svc, config),
+    ]
+
+
+def render(llmservice: dict) -> list[dict]:
+    """The child manifests of `llmservice` (the full object as the apiserver returns it), in a fixed order.
+
+    Raises `InvalidLLMService` (a ValueError whose `problems` are `field.path: message` lines) when the
+    object does not validate. Objects carry an ownerReference to the LLMService when `metadata.uid` is set
+    (always, for objects from the apiserver; a local preview without uid gets none). The input is not
+    modified, and no two returned manifests share mutable parts.
+    """
+    return render_parsed(parse_llmservice(llmservice))
+
+
+def child_keys(llmservice: dict) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every child `render` returns, in the same order.
+
+    Depends only on `metadata.name`, so it works even for a spec that no longer validates (to find and prune
+    or report on existing children).
+    """
+    name = (llmservice.get("metadata") or {}).get("name")
+    if not name:
+        raise InvalidLLMService(["metadata.name: is required"])
+    return [(api_version, kind, namer(name)) for api_version, kind, namer in CHILDREN]
+
+
+__all__ = [
+    "CHILDREN",
+    "WORKER_ROLES",
+    "child_keys",
+    "config_hash",
+    "effective_config",
+    "locality_affinity",
+    "merge_affinity",
+    "owner_reference",
+    "render",
+    "render_parsed",
+    "router_command",
+    "stable_hash",
+    "worker_command",
+]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from baton.worker.engine.types import EngineStats
 from baton.worker.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, WorkerMetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 LABELS = {"model_name": "tiny", "llmservice": "chat", "namespace": "ml", "role": "prefill"}
 
@@ -28,8 +27,11 @@ def value(metrics: WorkerMetrics, name: str, **extra) -> float:
 def metrics() -> WorkerMetrics:
     stats = EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions_total=4)
     return WorkerMetrics(
-        model_name="tiny", role="prefill", stats=lambda: stats,
-        labels={"llmservice": "chat", "namespace": "ml"}, engine_kind="baton",
+        model_name="tiny",
+        role="prefill",
+        stats=lambda: stats,
+        labels={"llmservice": "chat", "namespace": "ml"},
+        engine_kind="baton",
     )
 
 
@@ -61,9 +63,7 @@ def test_vllm_names_and_labels(metrics: WorkerMetrics):
 
 def test_vllm_buckets(metrics: WorkerMetrics):
     def buckets(name: str) -> list[float]:
-        return sorted(
-            float(dict(labels)["le"]) for (n, labels) in samples(metrics) if n == name + "_bucket"
-        )
+        return sorted(float(dict(labels)["le"]) for (n, labels) in samples(metrics) if n == name + "_bucket")
 
     assert buckets("vllm:time_to_first_token_seconds") == [*TTFT_BUCKETS, float("inf")]
     assert buckets("vllm:inter_token_latency_seconds") == [*ITL_BUCKETS, float("inf")]
@@ -115,7 +115,9 @@ def test_each_instance_has_its_own_registry():
     assert 'model_name="b"' not in a.render().decode()
     assert "vllm:generation_tokens_total" in b.render().decode()
     (gen_b,) = [
-        s.value for f in text_string_to_metric_families(b.render().decode())
-        for s in f.samples if s.name == "vllm:generation_tokens_total"
+        s.value
+        for f in text_string_to_metric_families(b.render().decode())
+        for s in f.samples
+        if s.name == "vllm:generation_tokens_total"
     ]
     assert gen_b == 0

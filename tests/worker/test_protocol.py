@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from baton.worker.engine.types import SamplingParams
 from baton.worker.protocol import (
     SSE_DONE,
@@ -72,8 +71,14 @@ def test_sampling_fields_map_to_engine_params():
     )
     sp = req.sampling_params(7)
     assert sp == SamplingParams(
-        max_tokens=7, temperature=0.0, top_p=0.5, top_k=0, seed=3, stop=("\n", "END"),
-        stop_token_ids=(2,), ignore_eos=True,
+        max_tokens=7,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=0,
+        seed=3,
+        stop=("\n", "END"),
+        stop_token_ids=(2,),
+        ignore_eos=True,
     )
     assert req.include_usage and req.stream
     assert req.kv_transfer_params == {"do_remote_decode": True}
@@ -159,7 +164,11 @@ def test_missing_prompt():
             "messages[0].content[0]",
             "'image_url' are not supported",
         ),
-        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0]", "'text' field"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0]",
+            "'text' field",
+        ),
         ({"messages": [{"content": "x"}]}, "messages[0].role", "field required"),
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"top_logprobs": 2}, "top_logprobs", "not supported"),
@@ -198,8 +207,8 @@ def test_sse_event_format():
     chunk = CompletionStreamResponse(id="cmpl-1", created=1, model="m", choices=[{"text": "hi"}])
     event = sse_event(chunk)
     assert event.startswith("data: {") and event.endswith("}\n\n")
-    assert "\n" not in event[: -2]
-    assert json.loads(event[len("data: "):]) == {
+    assert "\n" not in event[:-2]
+    assert json.loads(event[len("data: ") :]) == {
         "id": "cmpl-1",
         "object": "text_completion",
         "created": 1,

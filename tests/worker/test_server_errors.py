@@ -11,8 +11,6 @@ import json
 import time
 
 import pytest
-from starlette.testclient import TestClient
-
 from baton.worker.engine.types import (
     EngineOverloaded,
     EngineStats,
@@ -22,6 +20,7 @@ from baton.worker.engine.types import (
     StepOutput,
 )
 from baton.worker.server import create_app
+from starlette.testclient import TestClient
 
 
 class _Tokenizer:
@@ -146,7 +145,7 @@ def test_error_after_streaming_started_is_reported_in_band():
         assert resp.status_code == 200
         events = [line for line in resp.text.split("\n\n") if line]
         assert events[-1] == "data: [DONE]"
-        last = json.loads(events[-2][len("data: "):])
+        last = json.loads(events[-2][len("data: ") :])
         assert last["error"]["code"] == "kv_transfer_failed"
         assert [json.loads(e[6:])["choices"][0]["text"] for e in events[:2]] == ["o", "o"]
 
@@ -172,13 +171,25 @@ def test_model_not_found_bad_json_and_unknown_routes():
 def test_context_length_checks():
     with client_for(ScriptedEngine()) as c:
         wait_ready(c)
-        err = assert_error(post(c, prompt="x" * 40), 400, "invalid_request_error", "prompt", "context_length_exceeded")
+        err = assert_error(
+            post(c, prompt="x" * 40), 400, "invalid_request_error", "prompt", "context_length_exceeded"
+        )
         assert "maximum context length is 32" in err["message"]
-        err = assert_error(post(c, prompt="x" * 10, max_tokens=30), 400, "invalid_request_error", "max_tokens",
-                           "context_length_exceeded")
+        err = assert_error(
+            post(c, prompt="x" * 10, max_tokens=30),
+            400,
+            "invalid_request_error",
+            "max_tokens",
+            "context_length_exceeded",
+        )
         assert "40 tokens (10 in the prompt, 30 in the completion)" in err["message"]
-        assert_error(post(c, "/v1/chat/completions", max_completion_tokens=40), 400, "invalid_request_error",
-                     "max_completion_tokens", "context_length_exceeded")
+        assert_error(
+            post(c, "/v1/chat/completions", max_completion_tokens=40),
+            400,
+            "invalid_request_error",
+            "max_completion_tokens",
+            "context_length_exceeded",
+        )
 
 
 def test_request_ids_and_default_max_tokens():
@@ -188,8 +199,11 @@ def test_request_ids_and_default_max_tokens():
         resp = c.post("/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Id": "abc"})
         assert resp.json()["id"] == "cmpl-abc"
         assert resp.headers["x-request-id"] == "abc"
-        resp = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hey"}]},
-                      headers={"X-Request-Id": "chatcmpl-7"})
+        resp = c.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hey"}]},
+            headers={"X-Request-Id": "chatcmpl-7"},
+        )
         assert resp.json()["id"] == "chatcmpl-7"
         resp = c.post("/v1/completions", json={"prompt": "hi"})
         assert resp.json()["id"].startswith("cmpl-") and resp.headers["x-request-id"] == resp.json()["id"]

@@ -1,0 +1,132 @@
+"""`baton worker`: startup errors are one clear line; a real worker process serves and stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+# `python -m baton.cli` would make baton.cli `__main__` (a second CommandError class); run it as the script does.
+BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
+
+
+def baton(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*BATON, *args], capture_output=True, text=True, check=False, timeout=timeout, env=env
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_lists_the_options():
+    out = baton("worker", "--help").stdout
+    for flag in (
+        "--role",
+        "--model",
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--max-num-seqs",
+        "--kv-blocks",
+    ):
+        assert flag in out
+
+
+def test_missing_model_is_one_line(tmp_path):
+    r = baton("worker", "--model", str(tmp_path / "nope"), "--port", str(free_port()))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"baton worker: error: model directory {tmp_path / 'nope'} does not exist"
+    ]
+    assert "Traceback" not in r.stderr
+
+
+def test_not_a_model_directory(tmp_path):
+    r = baton("worker", "--model", str(tmp_path), "--port", str(free_port()))
+    assert r.returncode == 1
+    assert "has no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_busy_port_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = baton("worker", "--model", str(tmp_path), "--port", str(port))
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_role_is_refused_by_argparse(tmp_path):
+    r = baton("worker", "--model", str(tmp_path), "--role", "router")
+    assert r.returncode == 2
+    assert "invalid choice" in r.stderr
+
+
+@pytest.mark.slow
+def test_worker_process_serves_and_stops_on_ctrl_c(tmp_path):
+    pytest.importorskip("torch")
+    from baton.worker.tiny import create_tiny_model
+
+    model = create_tiny_model(tmp_path / "tiny", size="tiny", arch="llama", seed=0)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BATON_LLMSERVICE": "svc", "BATON_NAMESPACE": "ns"}
+    proc = subprocess.Popen(
+        [
+            *BATON,
+            "worker",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--max-num-seqs",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "worker never became ready"
+            time.sleep(0.1)
+        r = httpx.post(
+            base + "/v1/completions",
+            json={"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3
+        metrics = httpx.get(base + "/metrics").text
+        assert 'llmservice="svc"' in metrics and 'namespace="ns"' in metrics and 'role="both"' in metrics
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode in (0, 130), err
+    assert "Traceback" not in err

@@ -1,0 +1,149 @@
+"""`baton worker`: serve a model over the OpenAI API with the Baton engine, in one of the three roles.
+
+    baton worker --role both --model ./tiny --port 8000
+
+Hooked into `baton` by `worker/cli.py` (`add_worker_command`). Startup problems (missing model, port in use)
+are one line on stderr and exit status 1; Ctrl-C stops the server, then the engine, cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+ROLES = ("both", "prefill", "decode")
+
+
+def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "worker",
+        help="serve a model over the OpenAI API (role both, prefill or decode)",
+        description="Run a Baton worker: the Baton engine behind an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /ready, /metrics).",
+    )
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        default="both",
+        help="both: a whole request here; prefill/decode: one hop of a disaggregated request",
+    )
+    p.add_argument(
+        "--model", required=True, help="model directory (config.json, safetensors, tokenizer.json)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the `model` clients send (default: the model directory's name)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running in one batch")
+    p.add_argument("--kv-blocks", type=int, default=None, help="number of KV-cache blocks")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--llmservice",
+        default=os.environ.get("BATON_LLMSERVICE", ""),
+        help="`llmservice` metric label (default: env BATON_LLMSERVICE)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("BATON_NAMESPACE", ""),
+        help="`namespace` metric label (default: env BATON_NAMESPACE)",
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run_worker)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    from baton.cli import CommandError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CommandError(f"cannot resolve --host {host}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_engine(args: argparse.Namespace):
+    """The Baton engine for `args` (not started). Errors the user can fix become CommandError."""
+    from baton.cli import CommandError
+
+    model = Path(args.model)
+    if not model.exists():
+        raise CommandError(f"model directory {model} does not exist")
+    if not model.is_dir():
+        raise CommandError(f"--model {model} is not a directory")
+    if not (model / "config.json").is_file():
+        raise CommandError(f"{model} has no config.json (is it a Hugging Face model directory?)")
+    for flag in ("max_num_seqs", "kv_blocks", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CommandError(f"--{flag.replace('_', '-')} must be at least 1")
+    try:
+        from baton.worker.engine import engine as engine_module  # noqa: F401 - torch etc. present?
+    except ModuleNotFoundError as exc:
+        raise CommandError(f"{exc.name} is not installed; install baton[worker]") from None
+    from baton.worker.engine.types import EngineError
+
+    try:
+        return _construct_engine(args)
+    except EngineError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _construct_engine(args: argparse.Namespace):
+    from baton.worker.engine.engine import BatonEngine
+
+    kwargs = {"role": args.role}
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.kv_blocks is not None:
+        kwargs["num_kv_blocks"] = args.kv_blocks
+    if args.max_model_len is not None:
+        kwargs["max_model_len"] = args.max_model_len
+    return BatonEngine.from_pretrained(args.model, **kwargs)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import uvicorn
+    from baton.worker.server import create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sock = _listen(args.host, args.port)  # first, so a busy port fails before the model loads
+    try:
+        engine = build_engine(args)
+        served = args.served_model_name or Path(args.model).resolve().name
+        app = create_app(
+            engine,
+            served_model_name=served,
+            labels={"llmservice": args.llmservice, "namespace": args.namespace, "role": args.role},
+        )
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10, access_log=False)
+        server = uvicorn.Server(config)
+        logging.getLogger("baton.worker").info(
+            "serving %s as %r (role %s) on http://%s:%d", args.model, served, args.role, args.host, args.port
+        )
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0 if server.started else 1

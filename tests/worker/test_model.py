@@ -1,0 +1,178 @@
+"""Model loading and numerics against Hugging Face transformers."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from baton.worker.engine.batch import build_decode, build_prefill
+from baton.worker.engine.config import (
+    ModelLoadError,
+    UnsupportedModel,
+    load_model_config,
+    parse_model_config,
+)
+from baton.worker.engine.kv_cache import PagedKVCache
+from baton.worker.engine.model import LlamaModel
+from baton.worker.engine.rope import inv_frequencies
+
+from .conftest import hf_greedy
+
+LOGITS_ATOL = 1e-4
+
+PROMPTS = [[0, 5, 9, 33, 100, 7], list(range(3, 45)), [0, 3], [0] + list(range(200, 219))]
+
+
+def _engine_greedy(model: LlamaModel, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
+    cfg = model.cfg
+    cache = PagedKVCache(cfg.num_layers, 64, 16, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+    tables = [cache.allocator.allocate(cache.blocks_for(len(p) + steps)) for p in prompts]
+    fb = build_prefill(prompts, tables, 16)
+    all_logits = model.forward(fb, cache.layers, all_logits=True)
+    seqs = [list(p) for p in prompts]
+    for i, t in enumerate(all_logits[fb.logits_index].argmax(-1).tolist()):
+        seqs[i].append(t)
+    for _ in range(steps - 1):
+        fbd = build_decode([s[-1] for s in seqs], [len(s) for s in seqs], tables, 16)
+        for i, t in enumerate(model.forward(fbd, cache.layers).argmax(-1).tolist()):
+            seqs[i].append(t)
+    return [s[len(p):] for s, p in zip(seqs, prompts)], all_logits
+
+
+def test_logits_match_hf(tiny_model_dir, hf_model):
+    model = LlamaModel.from_pretrained(tiny_model_dir)
+    _, logits = _engine_greedy(model, PROMPTS, 1)
+    start = 0
+    with torch.no_grad():
+        for p in PROMPTS:
+            ref = hf_model(torch.tensor([p])).logits[0]
+            got = logits[start:start + len(p)]
+            torch.testing.assert_close(got, ref, atol=LOGITS_ATOL, rtol=0)
+            start += len(p)
+
+
+def test_decode_logits_match_hf(tiny_model_dir, hf_model):
+    model = LlamaModel.from_pretrained(tiny_model_dir)
+    prompts = PROMPTS[:2]
+    outs, _ = _engine_greedy(model, prompts, 6)
+    with torch.no_grad():
+        for p, out in zip(prompts, outs):
+            full = p + out
+            ref = hf_model(torch.tensor([full])).logits[0, len(p) - 1:-1]
+            assert ref.argmax(-1).tolist() == out
+    assert outs == [hf_greedy(hf_model, p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_match_hf(make_model, arch):
+    from transformers import AutoModelForCausalLM
+
+    path = make_model(arch)
+    cfg = load_model_config(path)
+    assert cfg.model_type == arch
+    if arch == "qwen2":
+        assert cfg.attention_bias
+    model = LlamaModel.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if arch == "qwen2":  # random init leaves biases at zero; make them matter
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+        hf.save_pretrained(path)
+        model = LlamaModel.from_pretrained(path)
+    outs, logits = _engine_greedy(model, PROMPTS[:3], 8)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
+    torch.testing.assert_close(logits[:len(PROMPTS[0])], ref, atol=LOGITS_ATOL, rtol=0)
+    assert outs == [hf_greedy(hf, p, 8) for p in PROMPTS[:3]]
+
+
+def test_sharded_weights_and_tied_embeddings(make_model, tiny_model_dir):
+    sharded = make_model("llama", num_shards=3)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    a = LlamaModel.from_pretrained(sharded)
+    b = LlamaModel.from_pretrained(tiny_model_dir)
+    assert torch.equal(a.layers[1].w_down, b.layers[1].w_down)
+
+
+def test_bfloat16_runs(tiny_model_dir):
+    model = LlamaModel.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    outs, logits = _engine_greedy(model, PROMPTS[:2], 3)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert all(len(o) == 3 for o in outs)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_files(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LlamaModel.from_pretrained(tmp_path / "nope")
+    d = _copy(tiny_model_dir, tmp_path / "m1")
+    (d / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        LlamaModel.from_pretrained(d)
+    d = _copy(tiny_model_dir, tmp_path / "m2")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no weights"):
+        LlamaModel.from_pretrained(d)
+
+
+def test_corrupt_safetensors(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelLoadError, match="not a valid safetensors"):
+        LlamaModel.from_pretrained(d)
+    data = (tiny_model_dir / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ModelLoadError):
+        LlamaModel.from_pretrained(d)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight"):
+        LlamaModel.from_pretrained(d)
+
+
+def test_unsupported_architecture_and_features(tmp_path, tiny_model_dir):
+    raw = json.loads((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel"):
+        parse_model_config({**raw, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    with pytest.raises(UnsupportedModel, match="sliding-window"):
+        parse_model_config({**raw, "architectures": ["MistralForCausalLM"], "sliding_window": 16})
+    with pytest.raises(UnsupportedModel, match="yarn"):
+        parse_model_config({**raw, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    (d / "config.json").write_text(json.dumps({**raw, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(UnsupportedModel, match="unsupported architecture FalconForCausalLM"):
+        LlamaModel.from_pretrained(d)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_matches_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         num_hidden_layers=1, vocab_size=32,
+                         rope_parameters={"rope_theta": 500000.0, **scaling})
+    ref, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_cfg, "cpu")
+    # old (transformers<5) spelling in config.json must work too
+    raw = {"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32,
+           "rope_theta": 500000.0, "rope_scaling": {**scaling, "type": scaling["rope_type"]}}
+    cfg = parse_model_config(raw)
+    torch.testing.assert_close(inv_frequencies(cfg), ref)

@@ -72,11 +72,11 @@ def _model_config(arch: str, size: str, vocab_size: int, bos_id: int, eos_id: in
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if size == "tiny":
-        dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+        dims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 1024, "initializer_range": 0.1}
     elif size == "100m":
-        dims = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.02)
+        dims = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "num_key_value_heads": 4, "max_position_embeddings": 2048, "initializer_range": 0.02}
     else:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     common = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-from baton.worker.tiny import create_tiny_model  # noqa: E402
+from baton.worker.tiny import create_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-
 from baton.worker.engine.batch import build_decode, build_prefill
 from baton.worker.engine.config import (
     ModelLoadError,

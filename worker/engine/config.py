@@ -102,13 +102,13 @@ def parse_model_config(raw: dict, source: str = "config.json") -> ModelConfig:
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
-        cfg_kwargs = dict(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-        )
+        cfg_kwargs = {
+            "vocab_size": int(raw["vocab_size"]),
+            "hidden_size": hidden,
+            "intermediate_size": int(raw["intermediate_size"]),
+            "num_layers": int(raw["num_hidden_layers"]),
+            "num_heads": heads,
+        }
     except KeyError as exc:
         raise ModelLoadError(f"{source}: missing required field {exc.args[0]!r}") from None
     kv_heads = int(raw.get("num_key_value_heads") or heads)

@@ -39,7 +39,7 @@ class ForwardBatch:
 
 
 class Layer:
-    __slots__ = ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "b_gate_up", "w_down", "b_down")
+    __slots__ = ("b_down", "b_gate_up", "b_qkv", "ln1", "ln2", "w_down", "w_gate_up", "w_o", "w_qkv")
 
 
 class LlamaModel:

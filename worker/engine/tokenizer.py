@@ -37,7 +37,7 @@ class HFTokenizer:
             raise ModelLoadError(f"{tok_file} is missing (the Baton engine needs a fast tokenizer.json)")
         try:
             self._tok = Tokenizer.from_file(str(tok_file))
-        except Exception as exc:  # tokenizers raises its own Exception type
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
             raise ModelLoadError(f"{tok_file} cannot be loaded: {exc}") from None
         cfg: dict = {}
         cfg_file = model_dir / "tokenizer_config.json"
@@ -95,7 +95,7 @@ class HFTokenizer:
                                          **context)
         except ChatTemplateError:
             raise
-        except Exception as exc:  # jinja2 errors: undefined, type errors inside the template
+        except Exception as exc:  # noqa: BLE001 - any error inside a user template
             raise ChatTemplateError(f"chat template failed: {exc}") from None
 
     def id_to_token(self, token_id: int) -> str | None:
@@ -135,7 +135,7 @@ class IncrementalDetokenizer:
     incomplete UTF-8 sequence (U+FFFD) is held back until the next token completes it.
     """
 
-    __slots__ = ("_tok", "_ids", "_prefix", "_read", "skip_special_tokens")
+    __slots__ = ("_ids", "_prefix", "_read", "_tok", "skip_special_tokens")
 
     def __init__(self, tokenizer: HFTokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
                  context: int = 5) -> None:

@@ -96,6 +96,11 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
+    # KV handoff (decode side: imports done through the transport), for baton_kv_transfer_* metrics
+    kv_transport: str | None = None  # backend in use (baton_kv_transport_info{transport}); None: no transport
+    kv_transfers_total: int = 0
+    kv_transfer_bytes_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
 
 
 class Tokenizer(Protocol):

@@ -75,7 +75,7 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = t
     for path in weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     if name not in want:
                         continue
                     tensor = f.get_tensor(name)

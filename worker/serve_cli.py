@@ -112,7 +112,7 @@ def build_engine(args: argparse.Namespace):
 def _construct_engine(args: argparse.Namespace):
     from baton.worker.engine.engine import BatonEngine
 
-    kwargs = {"role": args.role}
+    kwargs = {"role": args.role, "model_name": served_model_name(args)}
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.kv_blocks is not None:
@@ -120,6 +120,10 @@ def _construct_engine(args: argparse.Namespace):
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     return BatonEngine.from_pretrained(args.model, **kwargs)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or Path(args.model).resolve().name
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -132,7 +136,7 @@ def run_worker(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)  # first, so a busy port fails before the model loads
     try:
         engine = build_engine(args)
-        served = args.served_model_name or Path(args.model).resolve().name
+        served = served_model_name(args)
         app = create_app(
             engine,
             served_model_name=served,

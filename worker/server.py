@@ -190,6 +190,9 @@ class _Server:
     def alive(self) -> tuple[bool, str]:
         if self.start_error:
             return False, f"the engine failed to start: {self.start_error}"
+        loop_error = getattr(self.engine, "loop_error", None)  # BatonEngine records why its loop died
+        if loop_error is not None:
+            return False, f"the engine loop failed: {loop_error}"
         for attr in ("is_alive", "alive", "is_healthy", "healthy"):
             probe = getattr(self.engine, attr, None)
             if probe is None:

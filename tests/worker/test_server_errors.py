@@ -241,3 +241,13 @@ def test_engine_that_fails_to_start_is_not_alive():
         err = assert_error(c.get("/health"), 503, "service_unavailable_error", code="engine_dead")
         assert "out of memory" in err["message"]
         assert c.get("/ready").status_code == 503
+
+
+def test_dead_engine_loop_fails_liveness():
+    engine = ScriptedEngine()
+    with client_for(engine) as c:
+        wait_ready(c)
+        engine.loop_error = RuntimeError("CUDA error")  # what BatonEngine records when its loop dies
+        err = assert_error(c.get("/health"), 503, "service_unavailable_error", code="engine_dead")
+        assert "CUDA error" in err["message"]
+        assert c.get("/ready").status_code == 503

@@ -1,0 +1,111 @@
+"""pytest fixtures for tests against the local Kubernetes control plane.
+
+Load with ``pytest_plugins = ["baton.e2e.fixtures"]`` in a ``conftest.py``.
+
+* ``local_cluster`` (session): one :class:`~baton.e2e.cluster.LocalCluster` per test session. Builds the
+  binaries on first use (minutes, cached afterwards) and fails loudly when anything is missing; skips only
+  when ``BATON_SKIP_INTEGRATION=1``.
+* ``kubeconfig`` (session): path of its kubeconfig file.
+* ``kube_api`` (session): a configured ``kubernetes.client.ApiClient``.
+* ``namespace`` (function): a fresh namespace (service account ready), deleted afterwards.
+* :func:`kubectl`: run the Debian kubectl against the session cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from baton.e2e import build as k8sbuild
+from baton.e2e.cluster import LocalCluster
+
+_active_kubeconfig: str | None = None
+
+
+def kubectl(
+    *args: str,
+    kubeconfig: str | os.PathLike[str] | None = None,
+    input: str | None = None,
+    check: bool = False,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run kubectl (the Debian ``kubernetes-client`` build, see :func:`baton.e2e.build.kubectl_path`)
+    against ``kubeconfig`` (default: the session's local cluster, else ``$KUBECONFIG``)."""
+    binary = k8sbuild.kubectl_path()
+    if binary is None:
+        raise RuntimeError(
+            "kubectl not found: run `baton cluster build` (extracts Debian's kubernetes-client)"
+        )
+    cfg = kubeconfig or _active_kubeconfig or os.environ.get("KUBECONFIG")
+    argv = [binary, *([f"--kubeconfig={cfg}"] if cfg else []), *args]
+    return subprocess.run(argv, input=input, text=True, capture_output=True, check=check, timeout=timeout)
+
+
+def _skip_requested() -> bool:
+    return os.environ.get("BATON_SKIP_INTEGRATION") == "1"
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[LocalCluster]:
+    global _active_kubeconfig
+    if _skip_requested():
+        pytest.skip("BATON_SKIP_INTEGRATION=1: the local Kubernetes control plane is disabled")
+    cluster = LocalCluster(log=lambda msg: print(f"[baton cluster] {msg}", file=sys.stderr, flush=True))
+    cluster.start()
+    _active_kubeconfig = str(cluster.kubeconfig)
+    try:
+        yield cluster
+    finally:
+        _active_kubeconfig = None
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(local_cluster: LocalCluster) -> Path:
+    return local_cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def kube_api(local_cluster: LocalCluster):
+    api = local_cluster.api_client()
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def namespace(local_cluster: LocalCluster, kube_api, request) -> Iterator[str]:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-") or "test"
+    name = f"t-{base}-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"baton.dev/test": "true"}}})
+    local_cluster.wait_for_service_account(name)
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        # Pods hold node resources (GPUs) until they are gone: mark them deleted now (the namespace controller
+        # would take seconds; a terminating namespace accepts no new pods) and wait until the node agent has
+        # force-deleted them -- not for the whole namespace.
+        try:
+            core.delete_collection_namespaced_pod(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and core.list_namespaced_pod(name).items:
+            time.sleep(0.2)

@@ -1,0 +1,137 @@
+"""Certificates for the local control plane, made with the ``openssl`` command line tool.
+
+CA; kube-apiserver serving certificate with the SANs clients use (127.0.0.1, localhost, the first
+service IP 10.0.0.1, kubernetes.default.svc...); an admin client certificate in ``system:masters``;
+the service-account RSA key pair; a static token file with an admin token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+SERVER_SANS = (
+    "IP:127.0.0.1",
+    "IP:10.0.0.1",
+    "DNS:localhost",
+    "DNS:kubernetes",
+    "DNS:kubernetes.default",
+    "DNS:kubernetes.default.svc",
+    "DNS:kubernetes.default.svc.cluster.local",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca_crt: Path
+    ca_key: Path
+    server_crt: Path
+    server_key: Path
+    admin_crt: Path
+    admin_key: Path
+    sa_key: Path
+    sa_pub: Path
+    token_file: Path
+    admin_token: str
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, text=True, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {proc.stderr[-1500:]}")
+
+
+def make_pki(directory: Path, days: int = 30) -> Pki:
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the openssl command is needed to make the test cluster's certificates")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    o = lambda *a: _openssl(*a, cwd=d)
+    o(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        str(days),
+        "-subj",
+        "/CN=baton-local-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+    )
+
+    def leaf(name: str, subj: str, ext: str) -> None:
+        (d / f"{name}.ext").write_text(ext)
+        o(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            subj,
+        )
+        o(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            str(days),
+            "-extfile",
+            f"{name}.ext",
+        )
+
+    leaf(
+        "apiserver",
+        "/CN=kube-apiserver",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(SERVER_SANS)}\n",
+    )
+    leaf(
+        "admin",
+        "/O=system:masters/CN=baton-admin",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=clientAuth\n",
+    )
+    o("genrsa", "-out", "sa.key", "2048")
+    o("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+    token = secrets.token_hex(16)
+    (d / "tokens.csv").write_text(f'{token},baton-admin,baton-admin,"system:masters"\n')
+    for p in d.iterdir():
+        p.chmod(0o600)
+    return Pki(
+        dir=d,
+        ca_crt=d / "ca.crt",
+        ca_key=d / "ca.key",
+        server_crt=d / "apiserver.crt",
+        server_key=d / "apiserver.key",
+        admin_crt=d / "admin.crt",
+        admin_key=d / "admin.key",
+        sa_key=d / "sa.key",
+        sa_pub=d / "sa.pub",
+        token_file=d / "tokens.csv",
+        admin_token=token,
+    )

@@ -34,7 +34,7 @@ def _engine_greedy(model: LlamaModel, prompts: list[list[int]], steps: int) -> t
     for i, t in enumerate(all_logits[fb.logits_index].argmax(-1).tolist()):
         seqs[i].append(t)
     for _ in range(steps - 1):
-        fbd = build_decode([s[-1] for s in seqs], [len(s) for s in seqs], tables, 16)
+        fbd = build_decode([s[-1] for s in seqs], [len(s) for s in seqs], tables, 16, model.dtype)
         for i, t in enumerate(model.forward(fbd, cache.layers).argmax(-1).tolist()):
             seqs[i].append(t)
     return [s[len(p):] for s, p in zip(seqs, prompts)], all_logits

@@ -72,7 +72,8 @@ class EngineCore:
 
     # -- state ------------------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.incoming or self.aborts or self.imports_done or self.scheduler.has_work())
+        return bool(self.incoming or self.aborts or self.imports_done or self.scheduler.has_work()
+                    or self.leases.has_released())
 
     def stats(self) -> EngineStats:
         alloc = self.cache.allocator
@@ -134,7 +135,7 @@ class EngineCore:
 
     def _run_decode(self, seqs: list[Sequence], res: StepResult) -> None:
         fb = build_decode([s.output_ids[-1] for s in seqs], [s.num_tokens for s in seqs],
-                          [s.block_ids for s in seqs], self.cache.block_size)
+                          [s.block_ids for s in seqs], self.cache.block_size, self.model.dtype)
         logits = self.model.forward(fb, self.cache.layers)
         next_tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         res.ran_forward = True

@@ -315,36 +315,48 @@ class BatonEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         core = self.core
+        pending: asyncio.Future | None = None
         try:
             while not self._stopping:
-                self._wake.clear()
-                if not core.has_work():
-                    await self._sleep(self._idle_timeout())
-                    if self._stopping:
-                        break
-                res = await loop.run_in_executor(self._executor, core.step)
-                for out in res.outputs:
-                    q = self._streams.get(out.request_id)
-                    if q is not None:
-                        q.put_nowait(out)
-                for rid, err in res.failures:
-                    q = self._streams.get(rid)
-                    if q is not None:
-                        q.put_nowait(err if isinstance(err, EngineError) else KVTransferFailed(str(err)))
-                for seq in res.start_imports:
-                    task = asyncio.create_task(self._import(seq))
-                    self._import_tasks.add(task)
-                    task.add_done_callback(self._import_tasks.discard)
-                if not res.ran_forward and not res.outputs:
+                if pending is None:
+                    self._wake.clear()
+                    if not core.has_work():
+                        await self._sleep(self._idle_timeout())
+                        if self._stopping:
+                            break
+                    pending = loop.run_in_executor(self._executor, core.step)
+                res = await pending
+                pending = None
+                if (res.ran_forward or res.outputs) and core.has_work() and not self._stopping:
+                    # pipeline: the next step computes while this one's outputs are handed out
+                    self._wake.clear()
+                    pending = loop.run_in_executor(self._executor, core.step)
+                self._deliver(res)
+                if pending is None and not res.ran_forward and not res.outputs:
                     # nothing runnable (waiting for blocks held by leases/imports): sleep until something changes
                     await self._sleep(self._idle_timeout(0.05))
-                else:
-                    await asyncio.sleep(0)  # let the streams and new requests in
+            if pending is not None:
+                self._deliver(await pending)
         except Exception as exc:  # never leave callers hanging
             log.exception("engine loop failed")
             self.loop_error = exc
             for q in self._streams.values():
                 q.put_nowait(EngineError(f"engine loop failed: {exc}"))
+
+    def _deliver(self, res) -> None:
+        streams = self._streams
+        for out in res.outputs:
+            q = streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        for rid, err in res.failures:
+            q = streams.get(rid)
+            if q is not None:
+                q.put_nowait(err if isinstance(err, EngineError) else KVTransferFailed(str(err)))
+        for seq in res.start_imports:
+            task = asyncio.create_task(self._import(seq))
+            self._import_tasks.add(task)
+            task.add_done_callback(self._import_tasks.discard)
 
     def _idle_timeout(self, default: float | None = None) -> float | None:
         expiry = self.core.next_lease_expiry()

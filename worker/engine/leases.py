@@ -74,6 +74,10 @@ class LeaseTable:
                     self.expired_total += 1
         return out
 
+    def has_released(self) -> bool:
+        """Leases released by a transport whose blocks the engine thread has not freed yet."""
+        return bool(self._done)
+
     def next_expiry(self) -> float | None:
         with self._lock:
             return min((l.expires_at for l in self._leases.values()), default=None)

@@ -33,9 +33,17 @@ class ForwardBatch:
     unpad_index: torch.Tensor | None = None  # [T] indices into B*Lp
     prefill_mask: torch.Tensor | None = None  # [B, 1, Lp, Lp] bool (True = attend); None: one sequence, causal
     # decode (one new token per sequence): keys are gathered from the paged cache
-    kv_gather: torch.Tensor | None = None  # [B * Lmax] flat cache slots
+    kv_gather: torch.Tensor | None = None  # [B * nb] block ids (block tables padded to nb blocks)
     kv_len: int = 0  # Lmax
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] bool (True = attend)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] additive (0 = attend, -inf = not)
+
+
+def _rotate_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of a projection so that its output is rotate_half(original output) per head."""
+    shape = w.shape
+    x = w.reshape(-1, head_dim, *shape[1:])
+    half = head_dim // 2
+    return torch.cat((-x[:, half:], x[:, :half]), dim=1).reshape(shape)
 
 
 class Layer:
@@ -58,9 +66,13 @@ class LlamaModel:
             layer = Layer()
             layer.ln1 = weights[p + "input_layernorm.weight"]
             layer.ln2 = weights[p + "post_attention_layernorm.weight"]
-            layer.w_qkv = torch.cat([weights[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]).contiguous()
-            layer.b_qkv = (torch.cat([weights[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
-                           if cfg.attention_bias else None)
+            wq, wk, wv = (weights[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+            # q|k|v plus rotate_half(q)|rotate_half(k): RoPE then needs no shuffling at run time (see `forward`)
+            layer.w_qkv = torch.cat([wq, wk, wv, _rotate_rows(wq, cfg.head_dim), _rotate_rows(wk, cfg.head_dim)])
+            layer.b_qkv = None
+            if cfg.attention_bias:
+                bq, bk, bv = (weights[p + f"self_attn.{x}_proj.bias"] for x in "qkv")
+                layer.b_qkv = torch.cat([bq, bk, bv, _rotate_rows(bq, cfg.head_dim), _rotate_rows(bk, cfg.head_dim)])
             layer.w_o = weights[p + "self_attn.o_proj.weight"]
             layer.w_gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
             layer.b_gate_up = (torch.cat([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]])
@@ -92,12 +104,6 @@ class LlamaModel:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
         return w * h.to(x.dtype)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
-
     def _attention(self, q, k, v, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         T = q.shape[0]
@@ -121,8 +127,8 @@ class LlamaModel:
             return out.transpose(1, 2).reshape(B * Lp, H * D)[fb.unpad_index]
         # decode: one query per sequence; the G query heads sharing a KV head act as G query rows.
         B, L = fb.num_seqs, fb.kv_len
-        keys = kc.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
-        vals = vc.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)
+        keys = k_cache.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
+        vals = v_cache.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)
         qd = q.view(B, KV, H // KV, D)
         out = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=fb.decode_mask, scale=self.scale)
         return out.reshape(B, H * D)
@@ -140,18 +146,23 @@ class LlamaModel:
         cos = self.cos[fb.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[fb.positions].unsqueeze(1)
         qs, kvs = self.q_size, self.kv_size
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        nqk = cfg.num_heads + KV
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             h = self._rms(x, layer.ln1)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
-            q = self._rope(qkv[:, :qs].view(T, cfg.num_heads, D), cos, sin)
-            k = self._rope(qkv[:, qs:qs + kvs].view(T, KV, D), cos, sin)
-            v = qkv[:, qs + kvs:].view(T, KV, D)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # [T, q | k | v | rot(q) | rot(k)]
+            qk = qkv[:, :qs + kvs].view(T, nqk, D)
+            qk_rot = qkv[:, qs + 2 * kvs:].view(T, nqk, D)
+            qk = torch.addcmul(qk * cos, qk_rot, sin)  # RoPE: x*cos + rotate_half(x)*sin
+            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
+            v = qkv[:, qs + kvs:qs + 2 * kvs].view(T, KV, D)
             attn = self._attention(q, k, v, k_cache, v_cache, fb)
-            x = x + F.linear(attn, layer.w_o)
+            x = torch.addmm(x, attn, layer.w_o.t())
             h = self._rms(x, layer.ln2)
             gu = F.linear(h, layer.w_gate_up, layer.b_gate_up)
             gate, up = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+            act = F.silu(gate).mul_(up)
+            x = torch.addmm(x, act, layer.w_down.t()) if layer.b_down is None else \
+                x + F.linear(act, layer.w_down, layer.b_down)
         if not all_logits:
             x = x[fb.logits_index]
         return F.linear(self._rms(x, self.norm), self.lm_head).float()

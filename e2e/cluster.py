@@ -366,6 +366,7 @@ class LocalCluster:
         self.started_at = time.time()
         try:
             self.pki = make_pki(self.run_dir / "pki")
+            self.log(f"certificates made after {time.monotonic() - t0:.1f}s")
             for attempt in range(3):  # a freshly picked port can be taken by someone else: retry
                 self.ports = dict(zip(("etcd", "etcd_peer", "apiserver", "kcm", "scheduler"), free_ports(5)))
                 try:
@@ -376,8 +377,10 @@ class LocalCluster:
                     if "address already in use" not in str(exc) or attempt == 2:
                         raise
                     self._stop_components()
+            self.log(f"etcd + kube-apiserver ready after {time.monotonic() - t0:.1f}s")
             self._write_kubeconfig()
             self._start_controllers()
+            self.log(f"controller-manager + scheduler healthy after {time.monotonic() - t0:.1f}s")
             self._create_nodes()
             self._start_agent()
             self.wait_for_service_account("default")
@@ -777,12 +780,14 @@ class LocalCluster:
 
     # -- stop --------------------------------------------------------------------------------------
     def _stop_components(self) -> None:
+        # etcd last: an apiserver whose etcd is gone first hangs in its graceful shutdown.
         comps = [c for c in self.components.values() if c.proc is not None]
         self.components.clear()
-        kill_process_groups([c.proc.pid for c in comps], timeout=10.0)
-        for c in comps:
-            with contextlib.suppress(Exception):
-                c.proc.wait(timeout=5)
+        for phase in ([c for c in comps if c.name != "etcd"], [c for c in comps if c.name == "etcd"]):
+            kill_process_groups([c.proc.pid for c in phase], timeout=5.0)
+            for c in phase:
+                with contextlib.suppress(Exception):
+                    c.proc.wait(timeout=5)
 
     def stop(self) -> None:
         """Stop the agent and every component (whole process groups); remove the run dir unless kept."""
@@ -805,12 +810,13 @@ def stop_from_state(run_dir: str | os.PathLike[str], remove: bool = True) -> lis
     """Stop a detached cluster from its ``state.json`` (pids checked against their command line)."""
     run = Path(run_dir)
     state = json.loads((run / "state.json").read_text())
-    stopped, pids = [], []
+    stopped, phases = [], ([], [])
     for name, info in state.get("components", {}).items():
         if info.get("pid") and _cmdline_matches(int(info["pid"]), info.get("argv0", "")):
             stopped.append(name)
-            pids.append(int(info["pid"]))
-    kill_process_groups(pids)
+            phases[name == "etcd"].append(int(info["pid"]))
+    for pids in phases:  # etcd last
+        kill_process_groups(pids, timeout=5.0)
     if remove:
         shutil.rmtree(run, ignore_errors=True)
     return stopped

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from baton.e2e import aptsource, build
 from baton.e2e.agent import IpAllocator, is_running_ready, running_status
@@ -166,3 +168,35 @@ def test_start_failure_quotes_component_log(tmp_path):
         cluster.start()
     assert not cluster.components
     assert (run / "logs" / "etcd.log").exists()  # logs kept for the post-mortem
+
+
+def test_sweep_removes_only_dead_owners_run_dirs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from baton.e2e.cluster import RUN_DIR_PREFIX, sweep_stale_run_dirs
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirs = {}
+    for name, owner, detached in (
+        ("dead", int(dead), False),
+        ("live", os.getpid(), False),
+        ("detached", int(dead), True),
+    ):
+        d = tmp_path / f"{RUN_DIR_PREFIX}{name}"
+        d.mkdir()
+        (d / "state.json").write_text(
+            json.dumps({"owner_pid": owner, "detached": detached, "components": {}})
+        )
+        dirs[name] = d
+    (tmp_path / f"{RUN_DIR_PREFIX}starting").mkdir()  # no state.json yet: left alone
+    removed = sweep_stale_run_dirs(tmp_path)
+    assert removed == [dirs["dead"]]
+    assert (
+        dirs["live"].exists()
+        and dirs["detached"].exists()
+        and (tmp_path / f"{RUN_DIR_PREFIX}starting").exists()
+    )

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -92,19 +93,31 @@ class Kube:
         return cls(k8s.ApiClient(configuration))
 
     def _call(self, method: str, path: str, *, body: Any = None, query: list[tuple[str, str]] | None = None,
-              content_type: str = "application/json") -> dict:
+              content_type: str = "application/json", timeout: float = 30.0) -> dict:
         try:
-            data = self.api.call_api(
-                path, method, query_params=query or [], body=body,
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True,
-                _preload_content=True,
-            )
+            method, url, headers, payload, _ = self.api.param_serialize(
+                method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+                header_params={"Content-Type": content_type, "Accept": "application/json"})
+            response = self.api.call_api(method, url, header_params=headers, body=payload,
+                                         _request_timeout=timeout)
+            raw = response.read()
         except ApiException as exc:
             raise KubeError(exc.status or 0, _message(exc)) from None
-        except OSError as exc:  # connection refused, DNS, TLS: the apiserver is unreachable
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, DNS, TLS: apiserver unreachable
             raise KubeError(0, f"cannot reach the Kubernetes API: {exc}") from None
+        if response.status >= 400:
+            try:
+                message = json.loads(raw).get("message") or response.reason
+            except ValueError:
+                message = (raw or b"").decode(errors="replace")[:500] or response.reason
+            raise KubeError(response.status, message)
+        data = json.loads(raw) if raw else {}
         return data if isinstance(data, dict) else {}
+
+    def create(self, manifest: dict) -> dict:
+        meta = manifest["metadata"]
+        return self._call("POST", _path(manifest["apiVersion"], manifest["kind"], meta.get("namespace")),
+                          body=manifest)
 
     def apply(self, manifest: dict, *, field_manager: str = FIELD_MANAGER, force: bool = True) -> dict:
         """Server-side apply: create or update exactly the fields in `manifest`, owned by `field_manager`."""

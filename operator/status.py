@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from baton.operator import api
+from baton.operator.naming import router_service_name
+
 ROLES = ("prefill", "decode", "router")
 #: Conditions this module owns; others (SLOMet, KVTransportDegraded) belong to the autoscaler and are kept.
 ROLE_CONDITION = {"prefill": "PrefillReady", "decode": "DecodeReady", "router": "RouterReady"}
@@ -51,27 +54,9 @@ def role_readiness(role: str, deployment: dict | None) -> RoleReadiness:
 
 def set_condition(conditions: list[dict], type_: str, status: bool | str, reason: str, message: str,
                   now: str, generation: int | None = None) -> list[dict]:
-    """Return `conditions` with `type_` set; lastTransitionTime only moves when the status flips."""
-    value = status if isinstance(status, str) else ("True" if status else "False")
-    out = []
-    found = False
-    for cond in conditions:
-        if cond.get("type") != type_:
-            out.append(cond)
-            continue
-        found = True
-        changed = cond.get("status") != value
-        new = {"type": type_, "status": value, "reason": reason, "message": message,
-               "lastTransitionTime": now if changed else cond.get("lastTransitionTime", now)}
-        if generation is not None:
-            new["observedGeneration"] = generation
-        out.append(new)
-    if not found:
-        new = {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": now}
-        if generation is not None:
-            new["observedGeneration"] = generation
-        out.append(new)
-    return out
+    """`api.set_condition` on the plain dicts the apiserver returns and a merge patch needs."""
+    updated = api.set_condition(conditions, type_, status, reason, message, now, generation)
+    return [c.model_dump(by_alias=True, mode="json", exclude_none=True) for c in updated]
 
 
 def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: str,
@@ -88,9 +73,10 @@ def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: s
     conditions = list(previous.get("conditions") or [])
     roles = {role: role_readiness(role, deployments.get(role)) for role in ROLES}
 
-    status: dict = {"observedGeneration": generation, "endpoint": f"http://{name}.{namespace}.svc:80"}
+    status: dict = {"observedGeneration": generation, "endpoint": f"http://{router_service_name(name)}.{namespace}.svc:80"}
     for role, readiness in roles.items():
-        entry = {"replicas": readiness.current_replicas, "readyReplicas": readiness.ready_replicas}
+        entry = {"replicas": readiness.current_replicas, "readyReplicas": readiness.ready_replicas,
+                 "ready": f"{readiness.ready_replicas}/{readiness.replicas}"}
         if role != "router":
             entry["desiredReplicas"] = readiness.replicas
         status[role] = entry

@@ -45,7 +45,7 @@ def test_ready_status_counts_and_conditions():
     assert status["phase"] == "Ready"
     assert status["observedGeneration"] == 3
     assert status["endpoint"] == "http://demo.ml.svc:80"
-    assert status["prefill"] == {"replicas": 2, "readyReplicas": 2, "desiredReplicas": 2}
+    assert status["prefill"] == {"replicas": 2, "readyReplicas": 2, "desiredReplicas": 2, "ready": "2/2"}
     types = {c["type"]: c["status"] for c in status["conditions"]}
     assert types == {"PrefillReady": "True", "DecodeReady": "True", "RouterReady": "True", "Ready": "True"}
 
@@ -74,3 +74,16 @@ def test_apply_error_fails_and_keeps_foreign_conditions():
     by_type = {c["type"]: c for c in status["conditions"]}
     assert by_type["SLOMet"]["status"] == "True"
     assert by_type["Ready"]["reason"] == "ApplyFailed" and "forbidden" in by_type["Ready"]["message"]
+
+
+def test_is_subset_ignores_server_defaults_but_sees_drift():
+    from baton.operator.reconcile import is_subset
+
+    desired = {"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "w", "image": "a"}]}}}}
+    live = {"spec": {"replicas": 2, "strategy": {}, "template": {"spec": {"containers": [
+        {"name": "w", "image": "a", "imagePullPolicy": "IfNotPresent"}]}}}, "status": {}}
+    assert is_subset(desired, live)
+    live["spec"]["template"]["spec"]["containers"][0]["image"] = "evil"
+    assert not is_subset(desired, live)
+    assert not is_subset({"ports": [1, 2]}, {"ports": [1]})
+    assert not is_subset({"a": 1}, {})

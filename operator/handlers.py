@@ -1,0 +1,146 @@
+"""kopf handlers: when to reconcile. What to do lives in `reconcile` (I/O) and `render`/`status` (pure).
+
+- LLMService create/update/resume: reconcile now; failures are retried by kopf with backoff.
+- Any event on a child object (a Deployment deleted or edited by hand, pods becoming ready): reconcile the
+  owner, debounced, so drift is corrected and status follows the children.
+- A slow timer: a safety net that re-applies and refreshes status even if a watch event was missed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from baton.operator.admission import review
+from baton.operator.webhook import configure_admission
+from baton.operator.kube import GROUP, PLURAL, VERSION, Kube
+from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
+from baton.operator.reconcile import reconcile
+
+log = logging.getLogger("baton.operator")
+
+MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
+DEBOUNCE_SECONDS = 0.3
+RESYNC_SECONDS = 60.0
+
+
+class Reconciler:
+    """Serialises reconciles per LLMService and coalesces bursts of child events into one run."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._pending: dict[tuple[str, str], asyncio.Task] = {}
+
+    async def run(self, namespace: str, name: str):
+        key = (namespace, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            body_for_events: dict = {}
+
+            def emit(kind: str, reason: str, message: str) -> None:
+                if body_for_events:
+                    kopf.event(body_for_events, type=kind, reason=reason, message=message)
+                # The module logger, not kopf's per-object one: that one would post each line as an Event too.
+                (log.warning if kind == "Warning" else log.info)("%s/%s: %s: %s", namespace, name, reason, message)
+
+            llms = await asyncio.to_thread(self.kube.get, f"{GROUP}/{VERSION}", "LLMService", namespace, name)
+            if llms is None:
+                return None
+            body_for_events.update(llms)
+            return await asyncio.to_thread(reconcile, self.kube, namespace, name, emit)
+
+    def kick(self, namespace: str, name: str) -> None:
+        """Schedule a reconcile soon; kicks arriving before it starts are folded into it."""
+        key = (namespace, name)
+        task = self._pending.get(key)
+        if task is not None and not task.done():
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(DEBOUNCE_SECONDS)
+            self._pending.pop(key, None)
+            try:
+                await self.run(namespace, name)
+            except Exception as exc:  # logged, and the next event or the resync timer tries again
+                log.warning("reconcile of %s/%s after a child event failed: %s", namespace, name, exc)
+
+        self._pending[key] = asyncio.get_running_loop().create_task(later())
+
+    def forget(self, namespace: str, name: str) -> None:
+        task = self._pending.pop((namespace, name), None)
+        if task:
+            task.cancel()
+        self._locks.pop((namespace, name), None)
+
+
+def _reconciler(memo: kopf.Memo) -> Reconciler:
+    if "reconciler" not in memo:
+        memo["reconciler"] = Reconciler(Kube.from_environment())
+    return memo["reconciler"]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations, so `.status` holds only the LLMService's own fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="baton.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="baton.dev")
+    # Actions are posted as Events explicitly; kopf's own log lines become Events only when they are warnings.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8
+    configure_admission(settings)
+    _reconciler(memo)
+
+
+async def _reconcile_now(name: str, namespace: str, memo: kopf.Memo) -> None:
+    # Returns nothing: kopf would store a handler's result in `.status`, which belongs to the LLMService.
+    result = await _reconciler(memo).run(namespace, name)
+    if result is not None and result.error:
+        raise kopf.TemporaryError(result.error, delay=10)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+async def llmservice_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile_now(name, namespace, memo)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+async def llmservice_deleted(name: str, namespace: str, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    # No finalizer: owner references let the garbage collector delete the children.
+    _reconciler(memo).forget(namespace, name)
+    logger.info(f"{namespace}/{name} deleted; its children are garbage-collected through owner references")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=0)
+async def resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _reconciler(memo).kick(namespace, name)
+
+
+def _owner(meta: dict) -> str | None:
+    """The owning LLMService's name, from the controller owner reference that render puts on every child."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "LLMService" and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+            return ref.get("name")
+    return None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
+async def child_event(meta: kopf.Meta, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    owner = _owner(dict(meta))
+    if owner:
+        _reconciler(memo).kick(namespace, owner)
+
+
+@kopf.on.validate(GROUP, VERSION, PLURAL, id="validate-llmservice", operations=["CREATE", "UPDATE"])
+def validate(body: kopf.Body, old: Any, **_: Any) -> None:
+    problems = review(dict(body), dict(old) if old else None)
+    if problems:
+        raise kopf.AdmissionError("; ".join(problems), code=422)

@@ -1,0 +1,186 @@
+"""Reconcile one LLMService: apply its rendered children, prune strays, adopt replicas, write status.
+
+Everything here is level-triggered and idempotent: it reads the LLMService as it is now, so the same function
+serves kopf's create/update/resume handlers, child-object events (drift) and operator restarts. Decisions
+are made by pure functions (`render`, `compute_status`, `initial_replicas`); this module only does I/O.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
+from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
+from baton.operator.naming import role_name
+from baton.operator.render import render
+from baton.operator.status import compute_status
+
+log = logging.getLogger("baton.operator")
+
+#: Kinds the operator creates; listed to find children that a spec change made obsolete.
+CHILD_KINDS = (("v1", "ServiceAccount"), ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"))
+ALL_ROLES = ("prefill", "decode", "router")
+
+#: Called for each action worth a Kubernetes Event: (event type "Normal"/"Warning", reason, message).
+EventSink = Callable[[str, str, str], None]
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _role_of(obj: dict) -> str | None:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE)
+
+
+def _key(obj: dict) -> tuple[str, str, str]:
+    return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
+
+
+def is_subset(desired: object, live: object) -> bool:
+    """Whether every field of `desired` has the same value in `live` (which may hold more: defaults, status).
+
+    Lets the reconciler skip applying children that already match, so a resync costs reads, not writes
+    (and Kubernetes 1.20 would otherwise bump some objects' resourceVersion on a no-op apply).
+    """
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(desired) == len(live)
+                and all(is_subset(d, item) for d, item in zip(desired, live)))
+    return desired == live
+
+
+def clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def autoscaler_owns_replicas(deployment: dict) -> bool:
+    """Whether the autoscaler's field manager already owns `spec.replicas` (so dropping ours keeps it)."""
+    for entry in (deployment.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER and "f:replicas" in (
+                (entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
+
+
+@dataclass
+class ReconcileResult:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def _autoscaling(spec: dict, role: str) -> tuple[bool, int, int]:
+    auto = spec.get("autoscaling") or {}
+    limits = (spec.get(role) or {}).get("autoscaling") or {}
+    return bool(auto.get("enabled")), int(limits.get("minReplicas", 1)), int(limits.get("maxReplicas", 8))
+
+
+def _hand_replicas_to_autoscaler(kube: Kube, llmservice: dict, deployment: dict, role: str) -> int | None:
+    """With autoscaling on, make the autoscaler's field manager own `spec.replicas`, within [min, max].
+
+    `render` leaves replicas out while autoscaling is on, so the reconciler never fights the autoscaler. A
+    field nobody owns any more would be reset to its default by the apiserver, so ownership is handed over
+    explicitly: first at creation (start from spec replicas, clamped) and when autoscaling is switched on.
+    Returns the replicas set, or None when nothing had to change.
+    """
+    enabled, low, high = _autoscaling(llmservice["spec"], role)
+    if not enabled:
+        return None
+    current = int((deployment.get("spec") or {}).get("replicas", 1))
+    target = clamp(current, low, high)
+    if autoscaler_owns_replicas(deployment) and target == current:
+        return None
+    meta = deployment["metadata"]
+    kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                "spec": {"replicas": target}}, field_manager=AUTOSCALER_FIELD_MANAGER)
+    return target
+
+
+def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = None) -> ReconcileResult | None:
+    """Bring the children of `namespace/name` in line with its spec and write its status.
+
+    Returns None when the LLMService no longer exists (deleted meanwhile: garbage collection removes the
+    children through their owner references).
+    """
+    emit = emit or (lambda *_: None)
+    llmservice = kube.get(f"{GROUP}/{VERSION}", "LLMService", namespace, name)
+    if llmservice is None or (llmservice.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    result = ReconcileResult()
+
+    existing: dict[tuple[str, str, str], dict] = {}
+    for api_version, kind in CHILD_KINDS:
+        for obj in kube.list(api_version, kind, namespace, selector_string(instance_selector(name))):
+            obj.setdefault("apiVersion", api_version)
+            obj.setdefault("kind", kind)
+            existing[_key(obj)] = obj
+
+    deployments: dict[str, dict | None] = {role: None for role in ALL_ROLES}
+    try:
+        manifests = render(llmservice)
+        wanted = {_key(m) for m in manifests}
+        for manifest in manifests:
+            key = _key(manifest)
+            before = existing.get(key)
+            if (before is None and manifest["kind"] == "Deployment" and _role_of(manifest) in WORKER_ROLES
+                    and "replicas" not in manifest["spec"]):
+                # Created while autoscaling is on: start at the spec's replica count, clamped.
+                role = _role_of(manifest)
+                _, low, high = _autoscaling(llmservice["spec"], role)
+                manifest = {**manifest, "spec": {**manifest["spec"],
+                                                 "replicas": clamp(int(llmservice["spec"].get(role, {})
+                                                                       .get("replicas", 1)), low, high)}}
+            if (before is not None and manifest["kind"] == "Deployment"
+                    and _role_of(manifest) in WORKER_ROLES and "replicas" not in manifest["spec"]):
+                _hand_replicas_to_autoscaler(kube, llmservice, before, _role_of(manifest))
+            if before is not None and is_subset(manifest, before):
+                after = before  # already as wanted: no write
+            else:
+                after = kube.apply(manifest)
+            label = f"{manifest['kind']}/{manifest['metadata']['name']}"
+            if before is None:
+                result.created.append(label)
+                if manifest["kind"] == "Deployment" and _role_of(manifest) in WORKER_ROLES:
+                    _hand_replicas_to_autoscaler(kube, llmservice, after, _role_of(manifest))
+            elif (before.get("metadata") or {}).get("resourceVersion") != after["metadata"].get("resourceVersion"):
+                result.updated.append(label)
+            if manifest["kind"] == "Deployment":
+                deployments[_role_of(manifest) or ""] = after
+        for key, obj in existing.items():
+            if key not in wanted:
+                kube.delete(key[0], key[1], namespace, key[2])
+                result.deleted.append(f"{key[1]}/{key[2]}")
+    except KubeError as exc:
+        result.error = f"applying children failed: {exc}"
+        for role in ALL_ROLES:
+            deployments[role] = deployments[role] or existing.get(("apps/v1", "Deployment", role_name(name, role)))
+
+    for label in result.created:
+        emit("Normal", "Created", f"created {label}")
+    for label in result.updated:
+        emit("Normal", "Updated", f"updated {label} to match the LLMService spec")
+    for label in result.deleted:
+        emit("Normal", "Deleted", f"deleted {label}, no longer part of the spec")
+    if result.error:
+        emit("Warning", "ApplyFailed", result.error)
+
+    status = compute_status(llmservice, deployments, now_rfc3339(), apply_error=result.error)
+    previous = llmservice.get("status") or {}
+    if previous.get("phase") != status["phase"]:
+        emit("Normal" if status["phase"] in ("Ready", "Progressing", "Pending") else "Warning",
+             f"Phase{status['phase']}", f"phase {previous.get('phase') or 'None'} -> {status['phase']}")
+    if _status_changed(previous, status):
+        kube.patch_llmservice_status(namespace, name, status)
+    result.status = status
+    return result
+
+
+def _status_changed(previous: dict, status: dict) -> bool:
+    return any(previous.get(k) != v for k, v in status.items())

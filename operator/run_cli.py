@@ -1,0 +1,58 @@
+"""`baton operator run`: start the kopf operator (reconcilers, autoscaler timers, admission webhook)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from baton.cli import CommandError
+
+
+def add_operator_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("operator", help="the Kubernetes operator")
+    actions = parser.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
+    run = actions.add_parser("run", help="run the operator against the current kubeconfig / in-cluster config")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces (default)")
+    run.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, in-cluster, ~/.kube/config)")
+    run.add_argument("--no-webhook", action="store_true", help="do not serve the validating admission webhook")
+    run.add_argument("--webhook-port", type=int, default=9443)
+    run.add_argument("--webhook-listen", default="0.0.0.0", help="address the webhook server binds")
+    run.add_argument("--webhook-host", default="127.0.0.1",
+                     help="host name/IP the apiserver uses to reach the webhook (a Service DNS name in a cluster)")
+    run.add_argument("--webhook-cert", default=None, help="TLS certificate (default: a generated self-signed one)")
+    run.add_argument("--webhook-key", default=None)
+    run.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL ('' to disable)")
+    run.add_argument("--verbose", "-v", action="store_true")
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from baton.operator import webhook
+
+    if args.kubeconfig:
+        if not os.path.exists(args.kubeconfig):
+            raise CommandError(f"kubeconfig {args.kubeconfig} does not exist")
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    webhook.OPTIONS.enabled = not args.no_webhook
+    webhook.OPTIONS.listen, webhook.OPTIONS.port, webhook.OPTIONS.host = (args.webhook_listen, args.webhook_port,
+                                                                            args.webhook_host)
+    webhook.OPTIONS.certfile, webhook.OPTIONS.keyfile = args.webhook_cert, args.webhook_key
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import baton.operator.handlers  # noqa: F401  (registers the handlers)
+
+    try:
+        asyncio.run(kopf.operator(
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness or None,
+        ))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,78 @@
+"""The validating admission webhook's server settings and its TLS certificate.
+
+Kubernetes 1.20 has no CEL validation rules, so the rules a schema cannot express (min <= max, powers of
+two, cross-field requirements) are enforced by kopf's webhook. The apiserver only calls webhooks over TLS:
+unless a certificate is given (in-cluster, from the Helm chart), a self-signed one is generated here for the
+host the apiserver will call, and kopf publishes it as the caBundle of its ValidatingWebhookConfiguration.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import kopf
+
+#: The ValidatingWebhookConfiguration kopf creates and keeps up to date.
+WEBHOOK_CONFIGURATION = "baton.dev"
+
+
+@dataclass
+class WebhookOptions:
+    enabled: bool = True
+    listen: str = "0.0.0.0"
+    port: int = 9443
+    host: str = "127.0.0.1"  # how the apiserver reaches us (a Service DNS name in a cluster)
+    certfile: str | None = None
+    keyfile: str | None = None
+
+
+#: Set by `baton operator run` before kopf starts; read by the startup handler.
+OPTIONS = WebhookOptions(enabled=os.environ.get("BATON_WEBHOOK", "1") != "0")
+
+
+def self_signed_certificate(host: str, directory: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate valid for `host` (DNS name or IP) and return (cert, key) paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    if host != "127.0.0.1":
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "webhook.crt", directory / "webhook.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def configure_admission(settings: kopf.OperatorSettings, options: WebhookOptions | None = None) -> None:
+    options = options or OPTIONS
+    if not options.enabled:
+        return
+    certfile, keyfile = options.certfile, options.keyfile
+    if not (certfile and keyfile):
+        certfile, keyfile = map(str, self_signed_certificate(options.host, Path(tempfile.mkdtemp(prefix="baton-webhook-"))))
+    settings.admission.server = kopf.WebhookServer(addr=options.listen, port=options.port, host=options.host,
+                                                   certfile=certfile, pkeyfile=keyfile)
+    settings.admission.managed = WEBHOOK_CONFIGURATION

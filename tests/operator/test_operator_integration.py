@@ -1,0 +1,303 @@
+"""The operator against a REAL kube-apiserver, controller-manager and scheduler (the local control plane).
+
+The operator runs as a separate process (`baton operator run`), exactly as a user would run it, so these
+tests also cover the CLI, the admission webhook's TLS set-up and restart behaviour.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "tiny-local.yaml"
+BAD = sorted((REPO / "tests" / "operator" / "bad").glob("*.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # the thing may not exist yet
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+class Operator:
+    """`baton operator run` as a child process, with its log kept for failure messages."""
+
+    def __init__(self, kubeconfig: str, log_path: Path) -> None:
+        self.kubeconfig, self.log_path = kubeconfig, log_path
+        self.webhook_port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = os.environ | {"KUBECONFIG": self.kubeconfig, "OMP_NUM_THREADS": "1"}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--webhook-port", str(self.webhook_port),
+             "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", ""],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def crd(local_cluster, kubectl):
+    kubectl("apply", "-f", str(REPO / "crds" / "llmservice.yaml"), check=True)
+    kubectl("wait", "--for=condition=Established", "crd/llmservices.baton.dev", "--timeout=30s", check=True)
+    return True
+
+
+@pytest.fixture(scope="module")
+def operator(local_cluster, kubeconfig, crd, kubectl, tmp_path_factory):
+    op = Operator(str(kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+
+    def webhook_registered():
+        out = kubectl("get", "validatingwebhookconfiguration", "baton.dev", "-o", "json")
+        if out.returncode != 0:
+            return None
+        hooks = json.loads(out.stdout)["webhooks"]
+        return str(op.webhook_port) in hooks[0]["clientConfig"].get("url", "")
+
+    try:
+        wait_for("the operator to register its admission webhook", webhook_registered, timeout=60)
+    except AssertionError:
+        op.stop()
+        raise AssertionError(f"operator did not come up; log:\n{op.log_tail()}")
+    yield op
+    op.stop()
+
+
+def get_json(kubectl, *args):
+    out = kubectl("get", *args, "-o", "json", check=True)
+    return json.loads(out.stdout)
+
+
+def llms_status(kubectl, ns: str, name: str) -> dict:
+    return get_json(kubectl, "llmservice", name, "-n", ns).get("status") or {}
+
+
+def condition(status: dict, type_: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def apply_example(kubectl, ns: str, **spec_overrides) -> dict:
+    body = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"]["namespace"] = ns
+    for key, value in spec_overrides.items():
+        body["spec"][key] = value
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=True)
+    return body
+
+
+def wait_ready(kubectl, ns: str, name: str, operator: Operator, timeout: float = 90) -> dict:
+    try:
+        return wait_for(f"LLMService {ns}/{name} to be Ready",
+                        lambda: (s := llms_status(kubectl, ns, name)).get("phase") == "Ready" and s, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{operator.log_tail()}") from None
+
+
+def deployments(kubectl, ns: str, name: str) -> dict[str, dict]:
+    items = get_json(kubectl, "deployments", "-n", ns, "-l", f"app.kubernetes.io/instance={name}")["items"]
+    return {d["metadata"]["name"]: d for d in items}
+
+
+def test_apply_example_schedules_roles_on_their_pools_and_becomes_ready(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace)
+    name = body["metadata"]["name"]
+    status = wait_ready(kubectl, namespace, name, operator)
+
+    deps = deployments(kubectl, namespace, name)
+    assert set(deps) == {f"{name}-prefill", f"{name}-decode", f"{name}-router"}
+    assert status["observedGeneration"] == get_json(kubectl, "llmservice", name, "-n", namespace)["metadata"]["generation"]
+    for cond in ("Ready", "PrefillReady", "DecodeReady", "RouterReady"):
+        assert condition(status, cond)["status"] == "True", status
+    assert status["prefill"]["readyReplicas"] == body["spec"]["prefill"].get("replicas", 1)
+    assert status["endpoint"] == f"http://{name}.{namespace}.svc:80"
+
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in get_json(kubectl, "nodes")["items"]}
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")["items"]
+    placed = {}
+    for pod in pods:
+        role = pod["metadata"]["labels"]["baton.dev/role"]
+        placed.setdefault(role, set()).add(pod["spec"]["nodeName"])
+    for role in ("prefill", "decode"):
+        wanted = body["spec"][role]["nodeSelector"]
+        assert placed[role], f"no {role} pods placed"
+        for node in placed[role]:
+            assert all(nodes[node].get(k) == v for k, v in wanted.items()), (role, node, nodes[node])
+
+    events = get_json(kubectl, "events", "-n", namespace, "--field-selector",
+                      f"involvedObject.kind=LLMService,involvedObject.name={name}")["items"]
+    reasons = {e["reason"] for e in events}
+    assert "Created" in reasons and "PhaseReady" in reasons, reasons
+
+
+def test_printer_columns(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace)
+    wait_ready(kubectl, namespace, body["metadata"]["name"], operator)
+    out = kubectl("get", "llms", "-n", namespace, check=True).stdout
+    header = out.splitlines()[0].split()
+    for column in ("READY", "PREFILL", "DECODE", "TTFT-P90", "TPOT-P90", "SLO", "AGE"):
+        assert column in header, out
+    row = out.splitlines()[1].split()
+    assert row[0] == body["metadata"]["name"] and row[header.index("READY")] == "True", out
+
+
+def test_drift_is_corrected(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace)
+    name = body["metadata"]["name"]
+    wait_ready(kubectl, namespace, name, operator)
+    before = deployments(kubectl, namespace, name)[f"{name}-decode"]["metadata"]["uid"]
+
+    kubectl("delete", "deployment", f"{name}-decode", "-n", namespace, "--wait=false", check=True)
+    wait_for("the deleted decode Deployment to be recreated",
+             lambda: (d := deployments(kubectl, namespace, name).get(f"{name}-decode"))
+             and d["metadata"]["uid"] != before, timeout=30)
+
+    image = deployments(kubectl, namespace, name)[f"{name}-prefill"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    kubectl("set", "image", f"deployment/{name}-prefill", f"worker=evil/image:latest", "-n", namespace, check=True)
+    wait_for("the edited prefill image to be restored",
+             lambda: deployments(kubectl, namespace, name)[f"{name}-prefill"]["spec"]["template"]["spec"]
+             ["containers"][0]["image"] == image, timeout=30)
+    wait_ready(kubectl, namespace, name, operator)
+    events = get_json(kubectl, "events", "-n", namespace, "--field-selector",
+                      f"involvedObject.kind=LLMService,involvedObject.name={name}")["items"]
+    assert any(e["reason"] == "Updated" and f"{name}-prefill" in e["message"] for e in events)
+
+
+def test_spec_change_rolls_out_and_updates_status(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace)
+    name = body["metadata"]["name"]
+    wait_ready(kubectl, namespace, name, operator)
+    kubectl("patch", "llmservice", name, "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"decode": {"replicas": 3}}}), check=True)
+    status = wait_for("3 ready decode replicas in status",
+                      lambda: (s := llms_status(kubectl, namespace, name)).get("decode", {}).get("readyReplicas") == 3
+                      and s.get("phase") == "Ready" and s, timeout=60)
+    assert status["observedGeneration"] == 2
+    assert deployments(kubectl, namespace, name)[f"{name}-decode"]["spec"]["replicas"] == 3
+
+
+def test_autoscaled_replicas_are_not_fought(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace, autoscaling={"enabled": True,
+                                                          "prometheusURL": "http://prometheus.monitoring:9090"})
+    name = body["metadata"]["name"]
+    wait_ready(kubectl, namespace, name, operator)
+    # Someone else (the autoscaler) scales decode; a spec change that makes the reconciler re-apply must keep it.
+    kubectl("scale", f"deployment/{name}-decode", "--replicas=4", "-n", namespace, check=True)
+    kubectl("patch", "llmservice", name, "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"router": {"replicas": 1}}}), check=True)
+    wait_for("the router change to be applied",
+             lambda: deployments(kubectl, namespace, name)[f"{name}-router"]["spec"]["replicas"] == 1, timeout=30)
+    time.sleep(1.0)
+    assert deployments(kubectl, namespace, name)[f"{name}-decode"]["spec"]["replicas"] == 4
+
+
+def test_deletion_cleans_up(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace)
+    name = body["metadata"]["name"]
+    wait_ready(kubectl, namespace, name, operator)
+    kubectl("delete", "llmservice", name, "-n", namespace, check=True)
+
+    def gone():
+        left = []
+        for kind in ("deployments", "services", "configmaps", "serviceaccounts", "pods"):
+            items = get_json(kubectl, kind, "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")["items"]
+            left += [f"{kind}/{i['metadata']['name']}" for i in items]
+        return not left or None
+
+    wait_for("all children to be garbage-collected", gone, timeout=60)
+
+
+def test_restart_converges_without_duplicates(operator, kubectl, namespace):
+    body = apply_example(kubectl, namespace)
+    name = body["metadata"]["name"]
+    wait_ready(kubectl, namespace, name, operator)
+    uids = {n: d["metadata"]["uid"] for n, d in deployments(kubectl, namespace, name).items()}
+
+    operator.kill()
+    # Changed while the operator is down (no webhook either, so bypass it by editing a child directly).
+    kubectl("delete", "deployment", f"{name}-router", "-n", namespace, "--wait=false", check=True)
+    operator.start()
+    wait_for("the router Deployment to be recreated after restart",
+             lambda: f"{name}-router" in deployments(kubectl, namespace, name), timeout=60)
+    wait_ready(kubectl, namespace, name, operator)
+    after = deployments(kubectl, namespace, name)
+    assert set(after) == set(uids), "duplicate or missing Deployments after restart"
+    assert after[f"{name}-prefill"]["metadata"]["uid"] == uids[f"{name}-prefill"]
+    for kind in ("services", "configmaps", "serviceaccounts"):
+        items = get_json(kubectl, kind, "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")["items"]
+        names = [i["metadata"]["name"] for i in items]
+        assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_manifests_are_refused_without_disturbing_running_ones(operator, kubectl, namespace, path):
+    good = apply_example(kubectl, namespace)
+    name = good["metadata"]["name"]
+    before = get_json(kubectl, "llmservice", name, "-n", namespace)["metadata"]
+
+    header = dict(line[2:].split(":", 1) for line in path.read_text().splitlines()
+                  if line.startswith(("# expect:", "# field:")))
+    field_path = header["field"].strip()
+    bad = yaml.safe_load(path.read_text())
+    bad["metadata"]["namespace"] = namespace
+    # Default kubectl validates against the published schema client-side; with --validate=false only the
+    # apiserver (schema) and the webhook stand in the way, as for any other API client.
+    for client_side in (True, False):
+        if path.stem == "unknown-field" and not client_side:
+            continue  # Kubernetes 1.20 prunes unknown fields server-side instead of refusing them
+        args = ["apply", "-f", "-"] + ([] if client_side else ["--validate=false"])
+        out = kubectl(*args, input=yaml.safe_dump(bad))
+        assert out.returncode != 0, f"{path.name} was accepted (client-side validation {client_side})"
+        message = out.stderr + out.stdout
+        # Each layer names the field in its own spelling (kubectl: `ValidationError(LLMService.spec.model):
+        # missing required field "name"`; apiserver: `spec.slo.attainment: Invalid value`; webhook: ours).
+        spellings = {field_path, field_path.replace("[", ".").replace("]", ""), field_path.split("[")[0]}
+        parent, _, leaf = field_path.rpartition(".")
+        named = any(s in message for s in spellings) or (parent in message and f'"{leaf}"' in message)
+        assert named, f"{path.name}: message does not name {field_path}: {message}"
+        assert "Traceback" not in message
+
+    after = get_json(kubectl, "llmservice", name, "-n", namespace)["metadata"]
+    assert after["generation"] == before["generation"]
+    assert get_json(kubectl, "llmservice", "-n", namespace)["items"].__len__() == 1

@@ -78,6 +78,7 @@ class BatonEngine:
     - kv_transport: a `KVTransport` (default: the in-process one for prefill/decode roles)
     - kv_lease_seconds: how long a prefill worker keeps KV for the decode worker (30)
     - on_kv_transfer: callback(seconds, bytes) per completed import (for baton_kv_transfer_* metrics)
+    - overlap_steps: start the next step before handing out this step's outputs to the streams (True)
     """
 
     def __init__(self, model: LlamaModel, tokenizer: HFTokenizer, *, role: Role = "both",
@@ -86,7 +87,7 @@ class BatonEngine:
                  max_num_batched_tokens: int | None = None, max_waiting: int = 256,
                  kv_transport: KVTransport | None = None, kv_lease_seconds: float = 30.0,
                  engine_id: str | None = None, seed: int | None = None,
-                 on_kv_transfer: Callable[[float, int], None] | None = None) -> None:
+                 on_kv_transfer: Callable[[float, int], None] | None = None, overlap_steps: bool = True) -> None:
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, not {role!r}")
         cfg = model.cfg
@@ -113,6 +114,7 @@ class BatonEngine:
             kv_transport = InProcessKVTransport()
         self.kv_transport = kv_transport
         self.on_kv_transfer = on_kv_transfer
+        self.overlap_steps = overlap_steps
         self.core = EngineCore(
             model, role=role, engine_id=self.engine_id, max_model_len=self.max_model_len, block_size=block_size,
             num_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
@@ -327,7 +329,8 @@ class BatonEngine:
                     pending = loop.run_in_executor(self._executor, core.step)
                 res = await pending
                 pending = None
-                if (res.ran_forward or res.outputs) and core.has_work() and not self._stopping:
+                if self.overlap_steps and (res.ran_forward or res.outputs) and core.has_work() \
+                        and not self._stopping:
                     # pipeline: the next step computes while this one's outputs are handed out
                     self._wake.clear()
                     pending = loop.run_in_executor(self._executor, core.step)

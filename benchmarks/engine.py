@@ -1,0 +1,181 @@
+"""Baton engine vs Hugging Face `generate` on CPU: decode throughput and TTFT at several batch sizes.
+
+    python benchmarks/engine.py            # tiny + ~100M random Llama, batch 1/8/32, 3 repeats
+    python benchmarks/engine.py --quick    # shorter generations, 1 repeat
+    python benchmarks/engine.py --models tiny --batches 1,32 --threads 2
+
+Models are created offline (`baton model tiny`) in a temporary directory unless `--model-dir` points at
+existing ones. Every request in a batch has a different prompt length (16..47 tokens) and generates exactly
+`--max-tokens` tokens (eos ignored), so both sides do the same work; HF gets the batch left-padded in one
+`generate` call. Throughput = generated tokens / wall time of the whole batch; TTFT = time from submitting the
+batch to a request's first token (HF: to the first streamer callback with new tokens). Medians over repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _prompts(tokenizer, batch: int) -> list[list[int]]:
+    from baton.worker.tiny import CORPUS
+
+    ids = tokenizer.encode(CORPUS * 4, add_special_tokens=False)
+    out = []
+    for i in range(batch):
+        n = 16 + (i * 7) % 32
+        start = (i * 37) % (len(ids) - n)
+        out.append(ids[start:start + n])
+    return out
+
+
+async def _baton_run(engine, prompts, max_tokens) -> tuple[float, float]:
+    from baton.worker.engine.types import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    ttfts = []
+
+    async def one(i, p):
+        first = None
+        n = 0
+        async for out in engine.generate(GenerationRequest(f"b{time.monotonic_ns()}-{i}", p, params)):
+            if first is None:
+                first = time.perf_counter() - t0
+            n += len(out.token_ids)
+        ttfts.append(first)
+        return n
+
+    counts = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+    wall = time.perf_counter() - t0
+    return sum(counts) / wall, statistics.median(ttfts)
+
+
+def _hf_run(model, prompts, max_tokens, pad_id) -> tuple[float, float]:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    L = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+            self.first = None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # call 1 is the prompt
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    streamer = FirstToken() if len(prompts) == 1 else None
+    t0 = time.perf_counter()
+    if streamer is None:  # streamers only take batch 1: time a 1-token generate for TTFT instead
+        with torch.inference_mode():
+            model.generate(input_ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=pad_id,
+                           eos_token_id=None)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=None, streamer=streamer)
+    wall = time.perf_counter() - t0
+    if streamer is not None:
+        ttft = streamer.first - t0
+    generated = (out.shape[1] - L) * len(prompts)
+    return generated / wall, ttft
+
+
+def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, repeats: int) -> list[dict]:
+    import torch
+    from baton.worker.engine.engine import BatonEngine
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
+    engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512)
+    prompts_by_batch = {b: _prompts(engine.tokenizer, b) for b in batches}
+
+    async def run_baton():
+        results = {}
+        async with engine:
+            await _baton_run(engine, prompts_by_batch[min(batches)], 4)  # warm-up
+            for b in batches:
+                runs = [await _baton_run(engine, prompts_by_batch[b], max_tokens) for _ in range(repeats)]
+                results[b] = runs
+        return results
+
+    baton = asyncio.run(run_baton())
+    _hf_run(hf, prompts_by_batch[min(batches)], 4, pad_id)  # warm-up
+    for b in batches:
+        hf_runs = [_hf_run(hf, prompts_by_batch[b], max_tokens, pad_id) for _ in range(repeats)]
+        bt = statistics.median(r[0] for r in baton[b])
+        bf = statistics.median(r[1] for r in baton[b])
+        ht = statistics.median(r[0] for r in hf_runs)
+        hf_ttft = statistics.median(r[1] for r in hf_runs)
+        rows.append({"model": label, "batch": b, "baton_tps": bt, "hf_tps": ht, "ratio": bt / ht, "baton_ttft": bf * 1000,
+                         "hf_ttft": hf_ttft * 1000})
+        print(f"  {label} batch {b}: baton {bt:.0f} tok/s, hf {ht:.0f} tok/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run: fewer tokens, 1 repeat")
+    ap.add_argument("--models", default="tiny,100m", help="comma list of tiny,100m (default both)")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--max-tokens", type=int, default=None, help="tokens generated per request")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--model-dir", default=None, help="directory holding (or receiving) tiny/ and 100m/ models")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from baton.worker.tiny import create_tiny_model
+
+    max_tokens = args.max_tokens or (32 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick else 3)
+    batches = [int(b) for b in args.batches.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    tmp = None
+    base = Path(args.model_dir) if args.model_dir else Path(tmp := tempfile.mkdtemp(prefix="baton-bench-"))
+    rows = []
+    for size in models:
+        path = base / size
+        if not (path / "config.json").is_file():
+            print(f"creating the {size} model in {path} ...", file=sys.stderr, flush=True)
+            create_tiny_model(path, size=size)
+        rows += _bench_model(path, size, batches, max_tokens, repeats)
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nBaton engine vs HF generate (CPU, {args.threads} thread(s), float32, {max_tokens} new tokens/request, "
+          f"median of {repeats})")
+    header = (f"{'model':<6} {'batch':>5} {'baton tok/s':>12} {'HF tok/s':>10} {'ratio':>6} "
+              f"{'baton TTFT ms':>14} {'HF TTFT ms':>11}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<6} {r['batch']:>5} {r['baton_tps']:>12.1f} {r['hf_tps']:>10.1f} {r['ratio']:>5.2f}x "
+              f"{r['baton_ttft']:>14.1f} {r['hf_ttft']:>11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

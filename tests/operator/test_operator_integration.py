@@ -180,6 +180,9 @@ def test_printer_columns(operator, kubectl, namespace):
         assert column in header, out
     row = out.splitlines()[1].split()
     assert row[0] == body["metadata"]["name"] and row[header.index("READY")] == "True", out
+    prefill, decode = (body["spec"][role].get("replicas", 1) for role in ("prefill", "decode"))
+    assert row[header.index("PREFILL")] == f"{prefill}/{prefill}", out
+    assert row[header.index("DECODE")] == f"{decode}/{decode}", out
 
 
 def test_drift_is_corrected(operator, kubectl, namespace):

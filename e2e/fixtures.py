@@ -8,6 +8,7 @@ Load with ``pytest_plugins = ["baton.e2e.fixtures"]`` in a ``conftest.py``.
 * ``kubeconfig`` (session): path of its kubeconfig file.
 * ``kube_api`` (session): a configured ``kubernetes.client.ApiClient``.
 * ``namespace`` (function): a fresh namespace (service account ready), deleted afterwards.
+* ``local_prometheus`` (function): a started real Prometheus (:mod:`baton.e2e.prometheus`), no targets yet.
 * :func:`kubectl`: run the Debian kubectl against the session cluster.
 """
 
@@ -20,10 +21,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e.cluster import LocalCluster
+
+if TYPE_CHECKING:
+    from baton.e2e.prometheus import LocalPrometheus
 
 _active_kubeconfig: str | None = None
 
@@ -109,3 +114,20 @@ def namespace(local_cluster: LocalCluster, kube_api, request) -> Iterator[str]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and core.list_namespaced_pod(name).items:
             time.sleep(0.2)
+
+
+@pytest.fixture
+def local_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrometheus]:
+    """A started real Prometheus (Debian `prometheus`, see :mod:`baton.e2e.prometheus`) with no targets yet:
+    ``local_prometheus.set_targets(["127.0.0.1:9100"])``; stopped afterwards. Fails loudly when the binary
+    is missing; skips only when ``BATON_SKIP_INTEGRATION=1``."""
+    from baton.e2e.prometheus import LocalPrometheus
+
+    if _skip_requested():
+        pytest.skip("BATON_SKIP_INTEGRATION=1: real servers are disabled")
+    prom = LocalPrometheus(tmp_path_factory.mktemp("prometheus"))
+    prom.start()
+    try:
+        yield prom
+    finally:
+        prom.stop()

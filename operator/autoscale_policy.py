@@ -127,15 +127,17 @@ class PolicyConfig:
     down_threshold: float = 0.6
     #: cap on the latency ratio used for proportional scale-up (p90/SLO)
     max_latency_factor: float = 3.0
-    #: queued prompt work must drain within this share of the TTFT SLO
+    #: a queue that takes more than this share of the TTFT SLO to drain on the ready replicas is a backlog
     backlog_fraction: float = 0.5
+    #: prefill sizing adds queue / drain_horizon_s to the arrival rate (about a pod start-up)
+    drain_horizon_s: float = 60.0
     #: prefill busy share that the rate-based sizing aims for (up) and must stay under after a scale-down
     target_utilisation: float = 0.75
     scale_down_utilisation: float = 0.6
     #: decode KV-cache: pressure above kv_high, sized to kv_target; down only if usage after removal < kv_low
-    kv_high: float = 0.85
-    kv_target: float = 0.7
-    kv_low: float = 0.6
+    kv_high: float = 0.8
+    kv_target: float = 0.6
+    kv_low: float = 0.45
     #: no scale-down (and no latency-driven scale-up) this long after a scale-up of the role
     warmup_s: float = 60.0
     #: prefill:decode replica ratio bounds
@@ -180,6 +182,8 @@ class RoleHistory:
     last_scale_reason: str | None = None
     #: first evaluation of this role: no scale-down before a whole scale-down window has been watched
     started_s: float | None = None
+    #: last evaluation that saw not-ready replicas (warm-up lasts one observation window after it)
+    last_unready_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,8 @@ class History:
                     "lastScaleTime": self.role(r).last_scale_time_s,
                     "lastScaleUpTime": self.role(r).last_scale_up_time_s,
                     "lastScaleReason": self.role(r).last_scale_reason,
-                    "started": self.role(r).started_s} for r in ROLES}
+                    "started": self.role(r).started_s,
+                    "lastUnready": self.role(r).last_unready_s} for r in ROLES}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> History:
@@ -213,6 +218,7 @@ class History:
                 last_scale_up_time_s=d.get("lastScaleUpTime"),
                 last_scale_reason=d.get("lastScaleReason"),
                 started_s=d.get("started"),
+                last_unready_s=d.get("lastUnready"),
             )
         return cls(**roles)
 
@@ -248,6 +254,14 @@ def _ceil(x: float) -> int:
     return math.ceil(x - 1e-9)
 
 
+def _prefill_queue(o: RoleObservation) -> float | None:
+    if o.queue_tokens is not None:
+        return o.queue_tokens
+    if o.num_waiting is not None and o.mean_prompt_tokens is not None:
+        return o.num_waiting * o.mean_prompt_tokens
+    return None
+
+
 def _prefill_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int) -> _Want:
     slo = c.ttft_slo_s
     ups: list[_Want] = []
@@ -256,24 +270,29 @@ def _prefill_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int)
         factor = min(ttft / slo, c.max_latency_factor)
         ups.append(_Want(max(_ceil(max(ready, 1) * factor), current + 1), TTFT_ABOVE_SLO,
                          f"TTFT p90 {ttft * 1000:.0f}ms > SLO {slo * 1000:.0f}ms", latency_driven=True))
-    queue = o.queue_tokens
-    if queue is None and o.num_waiting is not None and o.mean_prompt_tokens is not None:
-        queue = o.num_waiting * o.mean_prompt_tokens
+    queue = _prefill_queue(o)
     cap = o.prefill_tokens_per_s
-    need_backlog = need_rate = None
-    if queue is not None and cap:
-        need_backlog = _ceil(queue / (cap * c.backlog_fraction * slo))
-        if need_backlog > current:
-            ups.append(_Want(need_backlog, QUEUE_BACKLOG,
-                             f"{queue:.0f} queued prompt tokens need {need_backlog} replicas at "
-                             f"{cap:.0f} tok/s each to drain within {c.backlog_fraction * slo * 1000:.0f}ms"))
     rate = o.prompt_tokens_per_s
-    if rate is not None and cap:
-        need_rate = _ceil(rate / (cap * c.target_utilisation))
-        if need_rate > current:
-            ups.append(_Want(need_rate, LOAD_ABOVE_CAPACITY,
-                             f"{rate:.0f} prompt tok/s needs {need_rate} replicas at {cap:.0f} tok/s and "
-                             f"{c.target_utilisation:.0%} utilisation"))
+    # demand in prompt tokens per second: arrivals plus draining the queue over drain_horizon_s
+    demand = None
+    if cap:
+        if rate is not None:
+            demand = rate + (queue or 0.0) / c.drain_horizon_s
+        elif queue is not None:
+            demand = queue / (c.backlog_fraction * slo)   # no rate: size on the backlog alone
+    backlogged = queue is not None and cap and queue / (cap * max(ready, 1)) > c.backlog_fraction * slo
+    if demand is not None and cap:
+        need = _ceil(demand / (cap * c.target_utilisation))
+        if need > current:
+            if backlogged:
+                ups.append(_Want(need, QUEUE_BACKLOG,
+                                 f"{queue:.0f} queued prompt tokens take {queue / (cap * max(ready, 1)):.2f}s to "
+                                 f"drain on {max(ready, 1)} ready replicas at {cap:.0f} tok/s; demand "
+                                 f"{demand:.0f} tok/s needs {need}"))
+            else:
+                ups.append(_Want(need, LOAD_ABOVE_CAPACITY,
+                                 f"demand {demand:.0f} prompt tok/s needs {need} replicas at {cap:.0f} tok/s "
+                                 f"and {c.target_utilisation:.0%} utilisation"))
     if ups:
         return max(ups, key=lambda w: w.replicas or 0)
     # down? latency must be low (or absent because idle), load must fit on fewer replicas.
@@ -282,29 +301,28 @@ def _prefill_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int)
         return _Want(None, NO_DATA, "no TTFT samples and no prefill load metrics")
     if ttft is not None and ttft >= c.down_threshold * slo:
         return _Want(current, WITHIN_SLO, f"TTFT p90 {ttft * 1000:.0f}ms within SLO {slo * 1000:.0f}ms")
-    lat = "no TTFT samples (idle)" if ttft is None else f"TTFT p90 {ttft * 1000:.0f}ms < " \
-        f"{c.down_threshold:.0%} of SLO {slo * 1000:.0f}ms"
-    target = current - 1
-    if target < 0:
+    lat = "no TTFT samples (idle)" if ttft is None else (
+        f"TTFT p90 {ttft * 1000:.0f}ms < {c.down_threshold:.0%} of SLO {slo * 1000:.0f}ms")
+    if current <= 0:
         return _Want(current, WITHIN_SLO, lat)
-    if queue is not None and queue > 0 and (cap is None or need_backlog is None or need_backlog > target):
+    if backlogged:
         return _Want(current, WITHIN_SLO, f"{lat} but {queue:.0f} prompt tokens queued")
-    if rate is not None and cap:
-        if target == 0 and rate > 0:
-            return _Want(current, WITHIN_SLO, f"{lat} but {rate:.0f} prompt tok/s arriving")
-        if target > 0 and rate / (cap * target) > c.scale_down_utilisation:
-            return _Want(current, WITHIN_SLO, f"{lat} but {target} replicas would be "
-                         f"{rate / (cap * target):.0%} busy")
-        target = max(target, _ceil(rate / (cap * c.scale_down_utilisation)) if rate > 0 else 0)
-    elif o.busy_fraction is not None:
-        if target == 0 and o.busy_fraction > 0:
-            return _Want(current, WITHIN_SLO, f"{lat} but busy {o.busy_fraction:.0%}")
-        if target > 0 and o.busy_fraction * current / target > c.scale_down_utilisation:
-            return _Want(current, WITHIN_SLO, f"{lat} but {target} replicas would be "
-                         f"{o.busy_fraction * current / target:.0%} busy")
-    elif ttft is None:
-        return _Want(current, WITHIN_SLO, f"{lat}; queue empty but no utilisation metric")
-    return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}, load fits on {target} replicas")
+    if demand is not None and cap:
+        target = _ceil(demand / (cap * c.scale_down_utilisation)) if demand > 0 else 0
+        if target >= current:
+            return _Want(current, WITHIN_SLO, f"{lat} but demand {demand:.0f} tok/s would make {current - 1} "
+                         f"replicas more than {c.scale_down_utilisation:.0%} busy")
+        return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}; demand {demand:.0f} prompt tok/s fits on "
+                     f"{target} replicas at {cap:.0f} tok/s")
+    if o.busy_fraction is not None:
+        busy = o.busy_fraction * max(ready, 1)   # busy replica-equivalents
+        target = _ceil(busy / c.scale_down_utilisation) if busy > 0 else 0
+        if target >= current:
+            return _Want(current, WITHIN_SLO, f"{lat} but {o.busy_fraction:.0%} busy")
+        return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}; {o.busy_fraction:.0%} busy fits on {target}")
+    if ttft is None or (queue is not None and queue > 0):
+        return _Want(current, WITHIN_SLO, f"{lat}; no prefill utilisation metric to size a scale-down")
+    return _Want(current - 1, BELOW_SLO_SCALE_DOWN, f"{lat}, queue empty")
 
 
 def _decode_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int) -> _Want:
@@ -318,12 +336,20 @@ def _decode_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int) 
                          f"TPOT p90 {tpot * 1000:.1f}ms > SLO {slo * 1000:.1f}ms", latency_driven=True))
     kv = o.kv_cache_usage
     waiting = o.num_waiting
-    if kv is not None and kv > c.kv_high:
-        need = max(_ceil(base * kv / c.kv_target), ready + 1)
-        ups.append(_Want(need, KV_CACHE_PRESSURE, f"KV cache {kv:.0%} used > {c.kv_high:.0%}"))
-    if waiting is not None and waiting > 0 and kv is not None and kv > c.kv_target:
-        ups.append(_Want(ready + 1, KV_CACHE_PRESSURE,
-                         f"{waiting:.0f} requests wait for KV cache ({kv:.0%} used)"))
+    if kv is not None and (kv > c.kv_high or (waiting and kv > c.kv_target)):
+        # KV demand in replica-equivalents: what is in use, plus the waiting requests at the mean KV share of
+        # a running one (KV usage saturates at 100%, the queue says by how much)
+        used = kv * base
+        extra = 0.0
+        if waiting and o.num_running:
+            extra = waiting * used / o.num_running
+        elif waiting:
+            extra = 1.0
+        need = max(_ceil((used + extra) / c.kv_target), ready + 1)
+        detail = f"; {waiting:.0f} requests wait for KV" if waiting else ""
+        ups.append(_Want(need, KV_CACHE_PRESSURE,
+                         f"KV cache {kv:.0%} used (> {c.kv_high:.0%} or with a queue){detail}: "
+                         f"{need} replicas for {c.kv_target:.0%} usage"))
     if ups:
         return max(ups, key=lambda w: w.replicas or 0)
     load_known = kv is not None or o.num_running is not None
@@ -331,29 +357,28 @@ def _decode_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int) 
         return _Want(None, NO_DATA, "no TPOT samples and no decode load metrics")
     if tpot is not None and tpot >= c.down_threshold * slo:
         return _Want(current, WITHIN_SLO, f"TPOT p90 {tpot * 1000:.1f}ms within SLO {slo * 1000:.1f}ms")
-    lat = "no TPOT samples (idle)" if tpot is None else f"TPOT p90 {tpot * 1000:.1f}ms < " \
-        f"{c.down_threshold:.0%} of SLO {slo * 1000:.1f}ms"
-    target = current - 1
-    if target < 0:
+    lat = "no TPOT samples (idle)" if tpot is None else (
+        f"TPOT p90 {tpot * 1000:.1f}ms < {c.down_threshold:.0%} of SLO {slo * 1000:.1f}ms")
+    if current <= 0:
         return _Want(current, WITHIN_SLO, lat)
     if waiting is not None and waiting > 0:
         return _Want(current, WITHIN_SLO, f"{lat} but {waiting:.0f} requests waiting")
     if kv is not None:
-        if target == 0 and kv > 0:
-            return _Want(current, WITHIN_SLO, f"{lat} but KV cache in use")
-        if target > 0 and kv * current / target > c.kv_low:
-            return _Want(current, WITHIN_SLO, f"{lat} but KV cache would be {kv * current / target:.0%} used "
-                         f"on {target} replicas")
-    elif o.num_running is not None:
-        if target == 0 and o.num_running > 0:
-            return _Want(current, WITHIN_SLO, f"{lat} but {o.num_running:.0f} requests running")
-    else:
-        return _Want(current, WITHIN_SLO, f"{lat}; no KV-cache metric")
-    return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}, KV cache and batch fit on {target} replicas")
+        used = kv * ready           # replica-equivalents of KV cache in use
+        target = _ceil(used / c.kv_low) if used > 0 else 0
+        if target == 0 and o.num_running:
+            target = 1
+        if target >= current:
+            return _Want(current, WITHIN_SLO, f"{lat} but KV cache would be over {c.kv_low:.0%} used on "
+                         f"{current - 1} replicas")
+        return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}; KV cache {kv:.0%} used fits on {target} replicas")
+    if o.num_running is not None and o.num_running == 0 and tpot is None:
+        return _Want(current - 1, BELOW_SLO_SCALE_DOWN, f"{lat}, nothing running")
+    return _Want(current, WITHIN_SLO, f"{lat}; no KV-cache metric to size a scale-down")
 
 
 def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory, now: float,
-                 fallback_current: int) -> tuple[RoleDecision, RoleHistory, _Want]:
+                 fallback_current: int, obs_window: float) -> tuple[RoleDecision, RoleHistory, _Want]:
     b = c.bounds(role)
     current = o.current_replicas if o.current_replicas is not None else fallback_current
     ready = o.ready_replicas if o.ready_replicas is not None else current
@@ -369,7 +394,13 @@ def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory,
     if want.replicas is None:
         return RoleDecision(role, current, current, NO_DATA, f"{role}: {want.message}; holding"), h, want
 
-    warming = ready < current or (h.last_scale_up_time_s is not None and now - h.last_scale_up_time_s < c.warmup_s)
+    if ready < current:
+        h = replace(h, last_unready_s=now)
+    # warm-up: replicas starting, a recent scale-up, or a latency window that still covers the time before the
+    # new replicas were ready
+    warming = ready < current or (
+        h.last_scale_up_time_s is not None and now - h.last_scale_up_time_s < c.warmup_s) or (
+        h.last_unready_s is not None and now - h.last_unready_s < obs_window)
     raw = want.replicas
     reason, msg = want.reason, want.message
     if warming and raw < current:
@@ -424,7 +455,8 @@ def decide(obs: Observations, config: PolicyConfig, history: History | None = No
     hists: dict[str, RoleHistory] = {}
     for role in ROLES:
         fallback = max(config.bounds(role).min_replicas, 0)
-        d, h, _ = _decide_role(role, obs.role(role), config, history.role(role), now, fallback)
+        d, h, _ = _decide_role(role, obs.role(role), config, history.role(role), now, fallback,
+                               obs.window_s)
         decisions[role] = d
         hists[role] = h
     decisions = _ratio_bound(decisions, config)

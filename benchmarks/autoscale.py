@@ -1,0 +1,171 @@
+"""Autoscaling benchmark in the simulator (operator/simulate.py): Baton's SLO policy vs three baselines.
+
+On the same seeded bursty traces (OPT-13B on A100-80G DistServe profiles, 1 GPU per replica):
+- fixed:     a fixed fleet sized for the trace's *mean* load (prefill by prompt tokens/s vs measured
+             throughput, decode by Little's law on KV-cache tokens);
+- hpa-util:  HPA on utilisation, target 70% busy per role (HPA rules: ratio, 10% tolerance, 300 s scale-down
+             stabilization, up by max(4, 100%) per period);
+- keda-queue: KEDA-style on queue length (`vllm:num_requests_waiting` per replica, threshold per role, as
+             llm-d / vLLM production-stack document), same HPA behaviour underneath;
+- baton:     `decide` from operator/autoscale_policy.py with the LLMService defaults (15 s interval, 0 s up /
+             300 s down stabilization).
+Every policy gets the same start-up delay (60 s), bounds (1..16 per role), interval and measurement window.
+
+Usage: python benchmarks/autoscale.py [--seed N] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+
+from baton.operator.autoscale_policy import Observations, PolicyConfig, RoleBounds, RoleObservation
+from baton.operator.simulate import (
+    BatonController,
+    Controller,
+    LengthDist,
+    Request,
+    SimConfig,
+    WorkerProfile,
+    fixed_controller,
+    on_off_trace,
+    poisson_trace,
+    simulate,
+)
+
+TTFT_SLO, TPOT_SLO = 0.4, 0.05
+MIN_R, MAX_R = 1, 16
+PROMPT = LengthDist(512, 0.6, 16, 2048)
+OUTPUT = LengthDist(128, 0.8, 2, 1024)
+
+
+def traces(seed: int) -> dict[str, list[Request]]:
+    hour = 3600.0
+    return {
+        # rate steps (req/s) every 10 minutes: ramps and drops, like a diurnal curve compressed
+        "steps": poisson_trace([(0, 2), (600, 6), (1200, 12), (1800, 4), (2400, 16), (3000, 3)], hour,
+                               PROMPT, OUTPUT, seed),
+        # on-off bursts: 3 minutes at 14 req/s every 12 minutes, 2 req/s in between
+        "bursts": on_off_trace(2, 14, 180, 540, hour, PROMPT, OUTPUT, seed + 1),
+    }
+
+
+class HPAController:
+    """Kubernetes HPA arithmetic on a per-role metric: desired = ceil(ready * value / target) (Utilization) or
+    ceil(total / target) (AverageValue), 10% tolerance, up by max(4, 100%), down to the max recommendation of
+    the last 300 s."""
+
+    def __init__(self, metric: Callable[[str, RoleObservation], float | None], targets: dict[str, float],
+                 average_value: bool, down_window_s: float = 300.0) -> None:
+        self.metric, self.targets, self.average_value = metric, targets, average_value
+        self.down_window_s = down_window_s
+        self.recs: dict[str, list[tuple[float, int]]] = {"prefill": [], "decode": []}
+
+    def __call__(self, obs: Observations) -> dict[str, tuple[int, str]]:
+        out = {}
+        for role in ("prefill", "decode"):
+            o: RoleObservation = getattr(obs, role)
+            cur = o.current_replicas or 0
+            ready = o.ready_replicas or 0
+            v = self.metric(role, o)
+            if v is None:
+                out[role] = (cur, "NoData")
+                continue
+            t = self.targets[role]
+            if self.average_value:
+                rec = math.ceil(v / t - 1e-9)
+                ratio = v / (t * max(cur, 1))
+            else:
+                ratio = v / t
+                rec = math.ceil(max(ready, 1) * ratio - 1e-9)
+            if abs(ratio - 1) <= 0.1:
+                rec = cur
+            rec = min(max(rec, MIN_R), MAX_R)
+            self.recs[role] = [(ts, n) for ts, n in self.recs[role] if obs.now_s - ts < self.down_window_s]
+            self.recs[role].append((obs.now_s, rec))
+            desired = rec
+            if rec < cur:
+                desired = min(cur, max(n for _, n in self.recs[role]))
+            desired = min(desired, cur + max(4, cur))
+            out[role] = (desired, "HPA")
+        return out
+
+
+def mean_load_fleet(trace: list[Request], prof: WorkerProfile, duration_s: float, max_batch_tokens: int
+                    ) -> tuple[int, int]:
+    """Replicas for the mean load: prefill tokens/s over throughput at the mean prompt; decode KV tokens in use
+    by Little's law (arrival rate x time in decode x reserved tokens) over KV capacity."""
+    n = len(trace)
+    rate = n / duration_s
+    mean_p = sum(r.prompt_tokens for r in trace) / n
+    mean_o = sum(r.output_tokens for r in trace) / n
+    prefill = math.ceil(rate * mean_p / prof.prefill_tokens_per_s(round(mean_p), max_batch_tokens))
+    # decode step time for a half-full replica, as a typical operating point
+    half = prof.kv_capacity_tokens // 2
+    bs = max(1, round(half / (mean_p + mean_o)))
+    step = prof.decode_step_s(bs, half)
+    concurrent_tokens = rate * (mean_o - 1) * step * (mean_p + mean_o)
+    decode = math.ceil(concurrent_tokens / prof.kv_capacity_tokens)
+    return max(prefill, MIN_R), max(decode, MIN_R)
+
+
+def policies(trace: list[Request], prof: WorkerProfile, cfg: SimConfig) -> dict[str, Callable[[], Controller]]:
+    p, d = mean_load_fleet(trace, prof, 3600.0, cfg.max_batch_tokens)
+    baton_cfg = PolicyConfig(ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, prefill=RoleBounds(MIN_R, MAX_R),
+                             decode=RoleBounds(MIN_R, MAX_R), interval_s=cfg.interval_s)
+    return {
+        f"fixed (mean load: {p}P+{d}D)": lambda: fixed_controller(p, d),
+        "hpa-util (70% busy)": lambda: HPAController(lambda r, o: o.busy_fraction,
+                                                     {"prefill": 0.7, "decode": 0.7}, average_value=False),
+        "keda-queue (waiting/replica)": lambda: HPAController(lambda r, o: o.num_waiting,
+                                                              {"prefill": 4.0, "decode": 4.0}, average_value=True),
+        "baton (SLO policy)": lambda: BatonController(baton_cfg),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    args = ap.parse_args(argv)
+    prof = WorkerProfile.builtin(1)
+    cfg = SimConfig(prof, prof, ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO, interval_s=15.0, window_s=30.0,
+                    startup_s=60.0, initial_prefill=1, initial_decode=1)
+    rows = []
+    for tname, trace in traces(args.seed).items():
+        results = []
+        for pname, make in policies(trace, prof, cfg).items():
+            t0 = time.perf_counter()
+            res = simulate(cfg, trace, make())
+            s = res.summary()
+            results.append({"trace": tname, "policy": pname, "attainment": s["attainment"],
+                            "ttft_att": s["ttft_attainment"], "tpot_att": s["tpot_attainment"],
+                            "gpu_hours": s["gpu_hours"], "max_p": s["max_prefill"], "max_d": s["max_decode"],
+                            "wall_s": time.perf_counter() - t0})
+        baselines = [r for r in results if not r["policy"].startswith("baton")]
+        best = max(baselines, key=lambda r: (r["attainment"], -r["gpu_hours"]))
+        for r in results:
+            r["gpu_ratio_to_best_baseline"] = r["gpu_hours"] / best["gpu_hours"]
+            r["best_baseline"] = best["policy"]
+        rows.extend(results)
+    print(f"SLO: TTFT p90 <= {TTFT_SLO * 1000:.0f} ms, TPOT <= {TPOT_SLO * 1000:.0f} ms per request; "
+          "OPT-13B A100 profile, 1 GPU/replica, 60 s start-up; attainment = share of requests meeting both")
+    hdr = (f"{'trace':8} {'policy':32} {'attain':>7} {'TTFT ok':>8} {'TPOT ok':>8} {'GPU-h':>7} "
+           f"{'xBest':>6} {'maxP':>5} {'maxD':>5}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['trace']:8} {r['policy']:32} {r['attainment']:7.1%} {r['ttft_att']:8.1%} {r['tpot_att']:8.1%} "
+              f"{r['gpu_hours']:7.2f} {r['gpu_ratio_to_best_baseline']:6.2f} {r['max_p']:5d} {r['max_d']:5d}")
+    print("xBest = GPU-hours / GPU-hours of the baseline with the highest attainment on that trace")
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

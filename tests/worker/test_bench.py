@@ -1,0 +1,376 @@
+"""`baton bench`: the pure parts (lengths, arrivals, percentiles, attainment, goodput search) and one run
+against a real `baton worker --role both` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from baton.worker.bench import (
+    LengthDist,
+    Progress,
+    PromptMaker,
+    RequestResult,
+    goodput_from_sweep,
+    goodput_search,
+    load_trace,
+    meets_slo,
+    parse_duration,
+    parse_rates,
+    percentile,
+    poisson_arrivals,
+    summarize,
+    synthetic_schedule,
+    trace_schedule,
+)
+
+BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def test_parse_duration():
+    assert parse_duration("500ms") == pytest.approx(0.5)
+    assert parse_duration("0.5s") == 0.5
+    assert parse_duration("2m") == 120
+    assert parse_duration("250us") == pytest.approx(250e-6)
+    for bad in ("50", "fast", "ms", "-1s"):
+        with pytest.raises(ValueError, match="with a unit"):
+            parse_duration(bad)
+
+
+def test_parse_rates():
+    assert parse_rates("4,1, 2,2") == [1.0, 2.0, 4.0]
+    assert parse_rates("inf") == [math.inf]
+    for bad, msg in (("0", "greater than 0"), ("x", "not a number"), (",", "at least one")):
+        with pytest.raises(ValueError, match=msg):
+            parse_rates(bad)
+
+
+def test_length_dist_parse_and_str():
+    assert LengthDist.parse("128") == LengthDist("fixed", 128)
+    assert str(LengthDist.parse("uniform:32:64")) == "uniform:32:64"
+    assert str(LengthDist.parse("lognormal:800:200")) == "lognormal:800:200"
+    for bad in ("0", "uniform:10:5", "uniform:10", "lognormal:-1:3", "normal:3:4", "abc"):
+        with pytest.raises(ValueError):
+            LengthDist.parse(bad)
+
+
+def test_length_sampling():
+    rng = random.Random(1)
+    assert {LengthDist.parse("7").sample(rng) for _ in range(10)} == {7}
+    u = LengthDist.parse("uniform:5:9")
+    xs = [u.sample(rng) for _ in range(2000)]
+    assert min(xs) == 5 and max(xs) == 9 and set(xs) == {5, 6, 7, 8, 9}
+    ln = LengthDist.parse("lognormal:800:200")
+    xs = [ln.sample(rng) for _ in range(20000)]
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+    assert mean == pytest.approx(800, rel=0.02) and sd == pytest.approx(200, rel=0.05)
+    clipped = LengthDist("lognormal", 800, 200, maximum=900)
+    assert max(clipped.sample(rng) for _ in range(2000)) == 900
+    assert LengthDist("lognormal", 1, 0).sample(rng) == 1
+
+
+def test_poisson_arrivals():
+    rng = random.Random(0)
+    ts = poisson_arrivals(10.0, rng, num_requests=5000)
+    assert len(ts) == 5000 and ts == sorted(ts)
+    assert len(ts) / ts[-1] == pytest.approx(10.0, rel=0.05)  # mean rate
+    gaps = [b - a for a, b in zip([0.0, *ts], ts)]
+    cv = math.sqrt(sum((g - 0.1) ** 2 for g in gaps) / len(gaps)) / 0.1
+    assert cv == pytest.approx(1.0, rel=0.1)  # exponential gaps: sd == mean
+    by_time = poisson_arrivals(10.0, random.Random(0), duration=3.0)
+    assert by_time and by_time[-1] <= 3.0 and by_time == ts[: len(by_time)]
+    both = poisson_arrivals(10.0, random.Random(0), num_requests=3, duration=100.0)
+    assert len(both) == 3
+    assert poisson_arrivals(math.inf, rng, num_requests=4) == [0.0] * 4
+    with pytest.raises(ValueError):
+        poisson_arrivals(1.0, rng)
+
+
+def test_same_seed_same_workload_at_every_rate():
+    maker = PromptMaker(1.0)
+    a = synthetic_schedule(1.0, LengthDist.parse("uniform:4:8"), LengthDist.parse("3"), maker, 7,
+                           num_requests=10, duration=None)
+    b = synthetic_schedule(5.0, LengthDist.parse("uniform:4:8"), LengthDist.parse("3"), maker, 7,
+                           num_requests=10, duration=None)
+    assert [(x.prompt, x.input_len, x.output_len) for x in a] == [(x.prompt, x.input_len, x.output_len) for x in b]
+    assert [x.at for x in a] == pytest.approx([5 * x.at for x in b])
+    assert all(4 <= len(x.prompt.split()) <= 8 for x in a)
+
+
+def test_prompt_maker_uses_tokens_per_word():
+    rng = random.Random(0)
+    assert len(PromptMaker(2.0).make(100, rng).split()) == 50
+    assert len(PromptMaker(0.5).make(100, rng).split()) == 200
+    assert len(PromptMaker(1.0).make(0, rng).split()) == 1
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    rng = random.Random(3)
+    xs = [rng.random() for _ in range(37)]
+    for q in (0, 1, 50, 90, 99, 100):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert percentile([], 50) is None
+    assert percentile([2.0], 99) == 2.0
+
+
+def r(ok=True, ttft=0.1, tpot=0.01, out=10, err=""):
+    return RequestResult(ok=ok, ttft=ttft if ok else None, tpot=tpot if ok else None, e2e=1.0 if ok else None,
+                         output_len=out if ok else 0, input_len=100, expected_output_len=out, error=err)
+
+
+def test_meets_slo():
+    assert meets_slo(r(), 0.5, 0.05)
+    assert not meets_slo(r(ttft=0.6), 0.5, 0.05)
+    assert not meets_slo(r(tpot=0.06), 0.5, 0.05)
+    assert meets_slo(r(tpot=None, out=1), 0.5, 0.05)  # one token: no TPOT
+    assert not meets_slo(r(ok=False), 0.5, 0.05)
+    assert meets_slo(r(ttft=9), None, 0.05) and meets_slo(r(tpot=9), 0.5, None)
+    assert meets_slo(r(ttft=0.5, tpot=0.05), 0.5, 0.05)  # the targets themselves pass
+
+
+def test_summarize_counts_failures_as_misses():
+    results = [r(ttft=0.1 * i, tpot=0.01) for i in range(1, 9)] + [
+        r(ok=False, err="HTTP 503: overloaded 1"), r(ok=False, err="HTTP 503: overloaded 2")]
+    s = summarize(results, wall=5.0, slo_ttft=0.55, slo_tpot=0.02)
+    assert s["requests"] == 10 and s["completed"] == 8 and s["failed"] == 2
+    assert s["slo_attainment"] == pytest.approx(0.5)  # ttft 0.1..0.5 pass: 5 of 10
+    assert s["ttft_attainment"] == pytest.approx(0.5) and s["tpot_attainment"] == pytest.approx(0.8)
+    assert s["throughput_rps"] == pytest.approx(8 / 5) and s["output_tokens_per_s"] == pytest.approx(80 / 5)
+    assert s["ttft_s"]["p50"] == pytest.approx(0.45)
+    assert s["errors"] == {"HTTP 503: overloaded 1": 2}  # numbers masked when grouping
+    json.dumps(s)  # serialisable as is
+
+
+# ------------------------------------------------------------------------------------------ goodput
+
+
+def test_goodput_from_sweep():
+    assert goodput_from_sweep([(1, 1.0), (2, 0.95), (4, 0.8)], 0.9) == 2
+    assert goodput_from_sweep([(4, 0.5), (1, 0.99)], 0.9) == 1  # order does not matter
+    assert goodput_from_sweep([(1, 0.5), (2, 0.95)], 0.9) is None  # the lowest fails
+    assert goodput_from_sweep([(1, 0.9), (2, 0.9)], 0.9) == 2  # the target itself passes
+    assert goodput_from_sweep([(1, 1.0), (2, 0.5), (3, 0.95)], 0.9) == 1  # a noisy pass above a fail ignored
+
+
+def attainment_curve(capacity: float):
+    """A fake system: everything meets the SLO below `capacity` req/s, nothing above."""
+    calls = []
+
+    def evaluate(rate: float) -> float:
+        calls.append(rate)
+        return 1.0 if rate <= capacity else 0.2
+
+    return evaluate, calls
+
+
+def test_goodput_search_bisects_between_pass_and_fail():
+    evaluate, calls = attainment_curve(5.3)
+    res = goodput_search(evaluate, [2, 8], 0.9, steps=3)
+    assert calls == [2, 8, 5, 6.5, 5.75]
+    assert res.goodput == 5 and res.bracket == (5, 5.75)
+    assert sorted(res.points) == [(2, 1.0), (5, 1.0), (5.75, 0.2), (6.5, 0.2), (8, 0.2)]
+
+
+def test_goodput_search_without_search_is_the_sweep():
+    evaluate, calls = attainment_curve(5.3)
+    res = goodput_search(evaluate, [1, 2, 4, 8], 0.9, search=False)
+    assert calls == [1, 2, 4, 8] and res.goodput == 4 and res.bracket == (4, 8)
+
+
+def test_goodput_search_expands_up_and_down():
+    evaluate, calls = attainment_curve(30)
+    res = goodput_search(evaluate, [4], 0.9, steps=0, max_expand=4)
+    assert calls == [4, 8, 16, 32] and res.goodput == 16 and res.bracket == (16, 32)
+
+    evaluate, calls = attainment_curve(0.3)
+    res = goodput_search(evaluate, [4], 0.9, steps=0, max_expand=5)
+    assert calls == [4, 2, 1, 0.5, 0.25] and res.goodput == 0.25
+
+    evaluate, calls = attainment_curve(0.001)
+    res = goodput_search(evaluate, [1], 0.9, steps=2, max_expand=2)
+    assert calls == [1, 0.5, 0.25] and res.goodput is None and res.bracket == (None, 0.25)
+
+    evaluate, calls = attainment_curve(1e9)  # everything passes even after expanding: a lower bound
+    res = goodput_search(evaluate, [1], 0.9, steps=3, max_expand=2)
+    assert calls == [1, 2, 4] and res.goodput == 4 and res.bracket == (4, None)
+
+
+def test_goodput_search_stops_at_tolerance():
+    evaluate, calls = attainment_curve(10.2)
+    res = goodput_search(evaluate, [10, 10.4], 0.9, steps=5, rel_tol=0.05)
+    assert calls == [10, 10.4] and res.goodput == 10
+
+
+# ------------------------------------------------------------------------------------------ traces
+
+
+def test_trace_loading_and_rescaling(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"timestamp": 1002.0, "input_len": 8, "output_len": 4}),
+        "# a comment",
+        json.dumps({"timestamp": 1000.0, "prompt": "hello there", "output_len": 2}),
+        "",
+        json.dumps({"timestamp": 1004.0, "input_len": 3, "output_len": 1}),
+    ]))
+    rows = load_trace(p)
+    assert [row["timestamp"] for row in rows] == [0.0, 2.0, 4.0]
+    items = trace_schedule(rows, PromptMaker(1.0), random.Random(0))
+    assert [i.at for i in items] == [0.0, 2.0, 4.0]
+    assert items[0].prompt == "hello there" and len(items[1].prompt.split()) == 8
+    fast = trace_schedule(rows, PromptMaker(1.0), random.Random(0), rate=5.0)  # 2 gaps in 0.4 s
+    assert [i.at for i in fast] == pytest.approx([0.0, 0.2, 0.4])
+    assert len(trace_schedule(rows, PromptMaker(1.0), random.Random(0), num_requests=2)) == 2
+    assert len(trace_schedule(rows, PromptMaker(1.0), random.Random(0), duration=3.0)) == 2
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("nope", "not JSON"),
+    ('{"timestamp": 1}', "numeric timestamp and output_len"),
+    ('{"timestamp": 1, "output_len": 2}', "prompt or input_len"),
+    ('{"timestamp": 1, "output_len": 0, "input_len": 3}', "output_len must be"),
+    ("[1, 2]", "JSON object"),
+])
+def test_trace_errors_name_the_line(tmp_path, line, msg):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"timestamp": 0, "input_len": 1, "output_len": 1}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"t.jsonl:2: .*{msg}"):
+        load_trace(p)
+
+
+def test_progress_lines_without_a_tty(capsys):
+    import io
+
+    out = io.StringIO()
+    bar = Progress(3, "rate 1", stream=out, interval=0.0)
+    bar.update(True)
+    bar.update(False)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "rate 1: 1/3 done (0s)" and "1 failed" in lines[-1] and "\r" not in out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def baton(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*BATON, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_is_one_line():
+    port = free_port()
+    res = baton("bench", "--url", f"http://127.0.0.1:{port}/v1", "--num-requests", "1")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"baton bench: error: cannot reach http://127.0.0.1:{port}/v1: connection failed: "
+        "All connection attempts failed"]
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--rate", "0"], "--rate: must be greater than 0"),
+    (["--slo-ttft", "500"], "--slo-ttft: expected a duration with a unit"),
+    (["--input-len", "uniform:9:3"], "--input-len: uniform needs"),
+    (["--url", "127.0.0.1:1"], "--url must start with http"),
+    (["--goodput-search"], "--goodput-search needs --slo-ttft"),
+])
+def test_bad_flags_are_one_line(flags, msg):
+    base = ["bench", "--url", "http://127.0.0.1:1/v1"]
+    res = baton(*base, *flags)
+    assert res.returncode == 1 and msg in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def worker_url(tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [*BATON, "worker", "--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "worker never became ready"
+            time.sleep(0.1)
+        yield base + "/v1"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_against_a_real_worker(worker_url, tmp_path):
+    out = tmp_path / "results.json"
+    res = baton("bench", "--url", worker_url, "--rate", "20,40", "--num-requests", "12",
+                "--input-len", "uniform:40:80", "--output-len", "uniform:4:8", "--slo-ttft", "10s",
+                "--slo-tpot", "5s", "--output", str(out), "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "== rate 20: 12/12 completed" in res.stdout and "== rate 40: 12/12 completed" in res.stdout
+    assert "TTFT  p50" in res.stdout and "TPOT  p50" in res.stdout and "output tok/s" in res.stdout
+    assert "100.0% met both" in res.stdout
+    assert "goodput: 40 req/s at >= 90% SLO attainment" in res.stdout
+    assert "rate 20: 12/12 done" in res.stderr  # progress on stderr (no TTY: lines)
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and report["goodput"]["goodput_rps"] == 40
+    for run in report["runs"]:
+        reqs = run["requests"]
+        assert len(reqs) == 12 and all(q["ok"] for q in reqs)
+        # ignore_eos: exactly the asked lengths; the prompt length is the server's count, near the target
+        assert all(q["output_len"] == q["expected_output_len"] for q in reqs)
+        assert all(q["ttft"] > 0 and q["tpot"] > 0 and q["e2e"] >= q["ttft"] for q in reqs)
+        mean_in = run["summary"]["input_tokens_mean"]
+        assert 30 <= mean_in <= 100, mean_in
+    # the same workload at both rates (only the arrival times differ)
+    assert [q["output_len"] for q in report["runs"][0]["requests"]] == \
+        [q["output_len"] for q in report["runs"][1]["requests"]]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_trace_and_unknown_model(worker_url, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 0.05 * i, "input_len": 16, "output_len": 3}) + "\n"
+                             for i in range(5)))
+    res = baton("bench", "--url", worker_url, "--trace", str(trace), "--slo-ttft", "10s")
+    assert res.returncode == 0, res.stderr
+    assert "== rate trace: 5/5 completed" in res.stdout and "goodput" not in res.stdout
+    res = baton("bench", "--url", worker_url, "--model", "nope", "--num-requests", "1")
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"baton bench: error: model 'nope' is not served at {worker_url} (it serves: tiny)"

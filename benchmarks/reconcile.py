@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from baton.e2e.build import kubectl_path
 from baton.e2e.cluster import LocalCluster, free_port
 from baton.operator.kube import Kube
@@ -110,7 +109,7 @@ def main() -> int:
         subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/llmservices.baton.dev"], check=True,
                        capture_output=True)
         env = os.environ | {"KUBECONFIG": str(cluster.kubeconfig)}
-        log = open(Path(tmp) / "operator.log", "wb")
+        log = open(Path(tmp) / "operator.log", "wb")  # noqa: SIM115 (outlives this block: the child writes it)
         argv = [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--liveness", "",
                 "--webhook-listen", "127.0.0.1", "--webhook-port", str(free_port())]
         if args.no_webhook:

@@ -27,8 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     crd.set_defaults(func=run_crd)
 
     from baton.operator.run_cli import add_operator_command
+    from baton.operator.simulate_cli import add_simulate_command
 
     add_operator_command(subparsers)
+    add_simulate_command(subparsers)
 
 
 def run_crd(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ class Kube:
         self.api = api_client
 
     @classmethod
-    def from_environment(cls, kubeconfig: str | None = None) -> "Kube":
+    def from_environment(cls, kubeconfig: str | None = None) -> Kube:
         """In a pod: the service account; elsewhere: `kubeconfig` or $KUBECONFIG or ~/.kube/config."""
         configuration = k8s.Configuration()
         try:

@@ -36,7 +36,7 @@ def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.3):
     while time.monotonic() < deadline:
         try:
             last = check()
-        except Exception as exc:  # the thing may not exist yet
+        except Exception as exc:  # noqa: BLE001  the thing may not exist yet
             last = exc
         if last and not isinstance(last, Exception):
             return last
@@ -54,7 +54,7 @@ class Operator:
 
     def start(self) -> None:
         env = os.environ | {"KUBECONFIG": self.kubeconfig, "OMP_NUM_THREADS": "1"}
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child process)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--webhook-port", str(self.webhook_port),
              "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", ""],
@@ -197,7 +197,7 @@ def test_drift_is_corrected(operator, kubectl, namespace):
              and d["metadata"]["uid"] != before, timeout=30)
 
     image = deployments(kubectl, namespace, name)[f"{name}-prefill"]["spec"]["template"]["spec"]["containers"][0]["image"]
-    kubectl("set", "image", f"deployment/{name}-prefill", f"worker=evil/image:latest", "-n", namespace, check=True)
+    kubectl("set", "image", f"deployment/{name}-prefill", "worker=evil/image:latest", "-n", namespace, check=True)
     wait_for("the edited prefill image to be restored",
              lambda: deployments(kubectl, namespace, name)[f"{name}-prefill"]["spec"]["template"]["spec"]
              ["containers"][0]["image"] == image, timeout=30)

@@ -46,7 +46,7 @@ class Sequence:
         self.max_stop_len = max((len(s) for s in self.stops), default=0)
         self.max_tokens = 1 if mode is Mode.PREFILL_HOP else self.params.max_tokens
         self.max_model_len = max_model_len
-        self.text = ""
+        self.text = ""  # generated text so far, kept only while stop strings are searched
         self.emitted = 0
         self.finish_reason: FinishReason | None = None
         self.aborted = False
@@ -61,40 +61,39 @@ class Sequence:
 
     def append_token(self, token: int) -> StepOutput:
         """Record a new token, apply the stop rules, return the output for this step."""
-        self.output_ids.append(token)
+        out = self.output_ids
+        out.append(token)
         finish: FinishReason | None = None
         if token in self.eos_ids or token in self.stop_ids:
             finish = "stop"
+            delta = None if self.stops else ""
+        elif not self.stops:  # fast path: no text to search or hold back, the delta is the decoder's output
+            delta = self.detok.add(token)
         else:
+            delta = None
             self.text += self.detok.add(token)
-            if self.stops:
-                start = max(0, self.emitted - self.max_stop_len)
-                hit = -1
-                for s in self.stops:
-                    i = self.text.find(s, start)
-                    if i >= 0 and (hit < 0 or i < hit):
-                        hit = i
-                if hit >= 0:
-                    self.text = self.text[:hit]
-                    finish = "stop"
-        if finish is None and (len(self.output_ids) >= self.max_tokens or self.num_tokens >= self.max_model_len):
+            start = max(0, self.emitted - self.max_stop_len)
+            hit = -1
+            for s in self.stops:
+                i = self.text.find(s, start)
+                if i >= 0 and (hit < 0 or i < hit):
+                    hit = i
+            if hit >= 0:
+                self.text = self.text[:hit]
+                finish = "stop"
+        n_out = len(out)
+        if finish is None and (n_out >= self.max_tokens or len(self.prompt_ids) + n_out >= self.max_model_len):
             finish = "length"
-        end = len(self.text)
-        if finish is None and self.stops:
-            end -= self._held_back()
-        delta = self.text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
+        if delta is None:
+            end = len(self.text)
+            if finish is None:
+                end -= self._held_back()
+            delta = self.text[self.emitted:end] if end > self.emitted else ""
+            self.emitted = max(self.emitted, end)
         if finish is not None:
             self.finish_reason = finish
-        return StepOutput(
-            request_id=self.request_id,
-            token_ids=[token],
-            text=delta,
-            finished=finish is not None,
-            finish_reason=finish,
-            num_prompt_tokens=len(self.prompt_ids),
-            num_generated_tokens=len(self.output_ids),
-        )
+        return StepOutput(self.request_id, [token], delta, finish is not None, finish,
+                          len(self.prompt_ids), n_out)
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""

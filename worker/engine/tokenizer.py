@@ -6,6 +6,7 @@ text deltas without ever emitting half of a multi-byte character.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from datetime import datetime
 from pathlib import Path
@@ -74,6 +75,9 @@ class HFTokenizer:
         self.chat_template: str | None = template
         self._compiled = None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        decoder = json.loads(tok_file.read_text()).get("decoder") if tok_file.stat().st_size < 64 << 20 else None
+        self._byte_level = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
+        self._byte_tables: dict[bool, list[bytes] | None] = {}
 
     # -- the Tokenizer protocol -------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -100,6 +104,50 @@ class HFTokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def byte_table(self, skip_special_tokens: bool = True) -> list[bytes] | None:
+        """The bytes each token id decodes to, when decoding is a plain concatenation of per-token bytes
+        followed by UTF-8 (a `ByteLevel` decoder, GPT-2 style); None otherwise. Checked against the real
+        decoder for every id once, so the fast incremental detokenizer can never disagree with `decode`."""
+        if skip_special_tokens not in self._byte_tables:
+            self._byte_tables[skip_special_tokens] = self._build_byte_table(skip_special_tokens)
+        return self._byte_tables[skip_special_tokens]
+
+    def _build_byte_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        if not self._byte_level:
+            return None
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        n = self.vocab_size
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        table: list[bytes] = []
+        for i in range(n):
+            tok = self._tok.id_to_token(i)
+            if tok is None or (skip_special_tokens and i in special):
+                table.append(b"")
+                continue
+            table.append(b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in tok))
+        try:
+            expected = self._tok.decode_batch([[i] for i in range(n)], skip_special_tokens=skip_special_tokens)
+        except Exception:  # noqa: BLE001 - be conservative: fall back to the generic method
+            return None
+        for b, text in zip(table, expected, strict=True):
+            if b.decode("utf-8", "replace") != text:
+                return None
+        return table
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _compile_template(source: str):
@@ -128,24 +176,38 @@ def _compile_template(source: str):
 
 
 class IncrementalDetokenizer:
-    """Text deltas for a growing token list (the vLLM prefix/read-offset method).
+    """Text deltas for a growing token list, equal to decoding everything at once, never emitting half of a
+    multi-byte character.
 
-    Decodes a small window `ids[prefix:]` and compares it with `ids[prefix:read]`, so the result is the same
-    as decoding everything at once (spaces, merges) while costing O(window) per token; text that ends in an
-    incomplete UTF-8 sequence (U+FFFD) is held back until the next token completes it.
+    Byte-level tokenizers (GPT-2/Llama 3/Qwen style, see `HFTokenizer.byte_table`) take a fast path: each token
+    is a table lookup feeding an incremental UTF-8 decoder (incomplete sequences are held back until
+    completed). Others use the vLLM prefix/read-offset method: decode a small window `ids[prefix:]`, compare
+    it with `ids[prefix:read]` (spaces, merges), and hold back text ending in U+FFFD.
     """
 
-    __slots__ = ("_ids", "_prefix", "_read", "_tok", "skip_special_tokens")
+    __slots__ = ("_bytes", "_ids", "_prefix", "_read", "_tok", "_utf8", "add", "skip_special_tokens")
 
     def __init__(self, tokenizer: HFTokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
                  context: int = 5) -> None:
         self._tok = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        table = tokenizer.byte_table(skip_special_tokens) if hasattr(tokenizer, "byte_table") else None
+        if table is not None:
+            self._bytes = table
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            # a prompt ending inside a multi-byte character: its first bytes wait in the decoder
+            self._utf8.decode(b"".join(table[t] for t in prompt_ids[-4:]))
+            self.add = self._add_bytes
+            return
         self._ids = list(prompt_ids[-context:])
         self._prefix = 0
         self._read = len(self._ids)
-        self.skip_special_tokens = skip_special_tokens
+        self.add = self._add_window
 
-    def add(self, token_id: int) -> str:
+    def _add_bytes(self, token_id: int) -> str:
+        return self._utf8.decode(self._bytes[token_id])
+
+    def _add_window(self, token_id: int) -> str:
         self._ids.append(token_id)
         decode = self._tok.decode
         prefix_text = decode(self._ids[self._prefix:self._read], self.skip_special_tokens)

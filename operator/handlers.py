@@ -4,6 +4,8 @@
 - Any event on a child object (a Deployment deleted or edited by hand, pods becoming ready): reconcile the
   owner, debounced, so drift is corrected and status follows the children.
 - A slow timer: a safety net that re-applies and refreshes status even if a watch event was missed.
+- With `spec.autoscaling.enabled`: one autoscaler loop per LLMService (a kopf daemon ticking every
+  `spec.autoscaling.interval`, see `autoscaler`), sharing the Reconciler's per-object lock for status writes.
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import logging
 from typing import Any
 
 import kopf
-
+from baton.operator import autoscaler
 from baton.operator.admission import review
-from baton.operator.webhook import configure_admission
 from baton.operator.kube import GROUP, PLURAL, VERSION, Kube
 from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
 from baton.operator.reconcile import reconcile
+from baton.operator.webhook import configure_admission
 
 log = logging.getLogger("baton.operator")
 
@@ -34,10 +36,12 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending: dict[tuple[str, str], asyncio.Task] = {}
 
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        """The per-LLMService lock: held by reconciles and by the autoscaler's replica and status writes."""
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
     async def run(self, namespace: str, name: str):
-        key = (namespace, name)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self.lock(namespace, name):
             body_for_events: dict = {}
 
             def emit(kind: str, reason: str, message: str) -> None:
@@ -64,7 +68,7 @@ class Reconciler:
             self._pending.pop(key, None)
             try:
                 await self.run(namespace, name)
-            except Exception as exc:  # logged, and the next event or the resync timer tries again
+            except Exception as exc:  # noqa: BLE001  logged; the next event or the resync timer retries
                 log.warning("reconcile of %s/%s after a child event failed: %s", namespace, name, exc)
 
         self._pending[key] = asyncio.get_running_loop().create_task(later())
@@ -93,6 +97,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 8
     configure_admission(settings)
     _reconciler(memo)
+    autoscaler.serve_metrics()
+
+
+@kopf.on.cleanup()
+def stop_metrics(**_: Any) -> None:
+    autoscaler.stop_metrics()
 
 
 async def _reconcile_now(name: str, namespace: str, memo: kopf.Memo) -> None:
@@ -119,6 +129,25 @@ async def llmservice_deleted(name: str, namespace: str, memo: kopf.Memo, logger:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=0)
 async def resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     _reconciler(memo).kick(namespace, name)
+
+
+def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="autoscaler", when=_autoscaling_enabled, cancellation_timeout=10)
+async def autoscale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                    **_: Any) -> None:
+    """The SLO autoscaler: a timer per LLMService whose interval is its own `spec.autoscaling.interval`
+    (a daemon, because kopf timers have one fixed interval); kopf stops it when autoscaling is switched off."""
+    reconciler = _reconciler(memo)
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+        (log.warning if kind == "Warning" else log.info)("%s/%s: %s: %s", namespace, name, reason, message)
+
+    await autoscaler.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name, memo,
+                         stopped, emit)
 
 
 def _owner(meta: dict) -> str | None:

@@ -25,6 +25,12 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--webhook-cert", default=None, help="TLS certificate (default: a generated self-signed one)")
     run.add_argument("--webhook-key", default=None)
     run.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL ('' to disable)")
+    run.add_argument("--metrics-port", type=int, default=8080,
+                     help="serve the operator's Prometheus metrics (autoscaler decisions) on this port; 0 disables")
+    run.add_argument("--metrics-listen", default="0.0.0.0", help="address the metrics server binds")
+    run.add_argument("--autoscaler-window", default=None, metavar="DURATION",
+                     help="rate() window of the autoscaler's Prometheus queries, e.g. 1m "
+                          "(default: 4x each LLMService's autoscaling.interval, at least 1m)")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=_run)
 
@@ -32,7 +38,8 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
-    from baton.operator import webhook
+    from baton.operator import autoscaler, webhook
+    from baton.operator.units import parse_duration
 
     if args.kubeconfig:
         if not os.path.exists(args.kubeconfig):
@@ -42,8 +49,20 @@ def _run(args: argparse.Namespace) -> int:
     webhook.OPTIONS.listen, webhook.OPTIONS.port, webhook.OPTIONS.host = (args.webhook_listen, args.webhook_port,
                                                                             args.webhook_host)
     webhook.OPTIONS.certfile, webhook.OPTIONS.keyfile = args.webhook_cert, args.webhook_key
+    if not 0 <= args.metrics_port <= 65535:
+        raise CommandError(f"--metrics-port must be 0..65535, got {args.metrics_port}")
+    autoscaler.OPTIONS.metrics_port, autoscaler.OPTIONS.metrics_listen = args.metrics_port, args.metrics_listen
+    if args.autoscaler_window:
+        try:
+            autoscaler.OPTIONS.window_s = parse_duration(args.autoscaler_window)
+        except ValueError as exc:
+            raise CommandError(f"--autoscaler-window: {exc}") from None
+        if autoscaler.OPTIONS.window_s <= 0:
+            raise CommandError("--autoscaler-window must be greater than zero")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # one line per Prometheus query (the autoscaler's) is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     import baton.operator.handlers  # noqa: F401  (registers the handlers)
 
     try:

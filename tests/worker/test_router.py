@@ -1,0 +1,574 @@
+"""`baton router` end to end with REAL workers on the tiny model: the official `openai` client through the
+router gets exactly what a colocated worker answers (greedy), streaming or not, completions and chat; the
+fallbacks (dead prefill -> recompute, lost KV -> recompute, overloaded -> 503), a decode worker killed
+mid-stream (clean error event, no hang), client cancellation reaching the workers, metrics.
+
+Prefill and decode workers run in this process (uvicorn threads sharing the in-process KV registry); the
+worker killed mid-stream is a real `baton worker` process; the router runs its aiohttp app in a thread with
+its own loop (as `baton router` does), and one test runs the real `baton router` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("torch")
+
+_spec = importlib.util.spec_from_file_location(
+    "_baton_server_openai_r", Path(__file__).with_name("test_server_openai.py")
+)
+_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)
+RunningServer, make_engine, wait_idle, free_port = (
+    _helpers.RunningServer, _helpers.make_engine, _helpers.wait_idle, _helpers.free_port
+)
+
+SERVED = "tiny"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class RunningRouter:
+    """The router's aiohttp app on a free loopback port, in a thread with its own event loop."""
+
+    def __init__(self, **config) -> None:
+        from baton.worker.router.app import RouterConfig
+
+        config.setdefault("health_interval", 0.5)
+        self.config = RouterConfig(**config)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"router-{self.port}")
+        self._stop: asyncio.Event | None = None
+        self.router = None
+
+    def _run(self) -> None:
+        from aiohttp import web
+        from baton.worker.router.app import ROUTER_KEY, create_app
+
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            app = create_app(self.config)
+            self.router = app[ROUTER_KEY]
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            try:
+                await self._stop.wait()
+            finally:
+                await runner.cleanup()
+
+        self.loop.run_until_complete(main())
+
+    def start(self, ready: bool = True) -> RunningRouter:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(self.base_url + "/ready", timeout=2)
+                if r.status_code == 200 or not ready:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("the router never became ready")
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=10)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0,
+                             timeout=kw.pop("timeout", 60), **kw)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        return scrape(self.base_url)
+
+
+def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("llmservice", "namespace")))):
+            s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def outcome(m: dict, name: str) -> float:
+    return m.get(("baton_router_requests_total", (("outcome", name),)), 0.0)
+
+
+def settled(front: RunningRouter, timeout: float = 5.0) -> dict:
+    """The router's metrics once no request is in flight (a client can read `[DONE]` a moment before the
+    router's handler finishes and counts the outcome)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = front.metrics()
+        if all(v == 0 for (name, _), v in m.items() if name == "baton_router_inflight"):
+            time.sleep(0.05)
+            return front.metrics()
+        assert time.monotonic() < deadline, "requests still in flight at the router"
+        time.sleep(0.02)
+
+
+class Stub:
+    """A minimal aiohttp worker whose answers a test decides (`handler(request) -> web.Response`)."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.calls = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        asyncio.set_event_loop(self.loop)
+
+        async def post(request):
+            self.calls += 1
+            return await self.handler(request)
+
+        async def ready(request):
+            return web.json_response({"status": "ready"})
+
+        async def main():
+            self._stop = asyncio.Event()
+            app = web.Application()
+            app.router.add_post("/v1/completions", post)
+            app.router.add_post("/v1/chat/completions", post)
+            app.router.add_get("/ready", ready)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            try:
+                await self._stop.wait()
+            finally:
+                await runner.cleanup()
+
+        self.loop.run_until_complete(main())
+
+    def start(self) -> Stub:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.base_url + "/ready", timeout=1)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError("stub never started")
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=10)
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+def text_of(resp, chat: bool) -> str:
+    return resp.choices[0].message.content if chat else resp.choices[0].text
+
+
+def stream_text(chunks, chat: bool) -> str:
+    if chat:
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def ask(client, chat: bool, prompt: str, *, stream: bool, max_tokens: int = 12, **extra):
+    kw = dict(model=SERVED, max_tokens=max_tokens, temperature=0, stream=stream,
+              extra_body={"ignore_eos": True}, **extra)
+    if chat:
+        return client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
+    return client.completions.create(prompt=prompt, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    from baton.worker.tiny import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("tiny-router"), size="tiny", arch="llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def workers(model):
+    from baton.worker.server import create_app
+
+    running = {}
+    for role in ("both", "prefill", "decode"):
+        engine = make_engine(model, role=role)
+        srv = RunningServer(create_app(engine, served_model_name=SERVED, labels={"role": role}), engine)
+        srv.start()
+        running[role] = srv
+    yield running
+    for srv in running.values():
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def router(workers):
+    r = RunningRouter(prefill=[workers["prefill"].base_url], decode=[workers["decode"].base_url]).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated(workers):
+    r = RunningRouter(both=[workers["both"].base_url], policy="round-robin").start()
+    yield r
+    r.stop()
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_router_equals_a_colocated_worker(workers, router, colocated, chat, stream):
+    prompt = "Where do you live, little fox?"
+    direct = ask(workers["both"].client(), chat, prompt, stream=False)
+    before = settled(router)
+    for front in (router, colocated):
+        got = ask(front.client(), chat, prompt, stream=stream)
+        if stream:
+            chunks = list(got)
+            assert stream_text(chunks, chat) == text_of(direct, chat)
+            assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
+        else:
+            assert text_of(got, chat) == text_of(direct, chat)
+            assert got.usage == direct.usage
+            assert got.choices[0].finish_reason == direct.choices[0].finish_reason
+    after = settled(router)
+    assert outcome(after, "ok") == outcome(before, "ok") + 1
+    assert outcome(after, "fallback_recompute") == outcome(before, "fallback_recompute")
+    wait_idle(workers["prefill"].engine)
+    wait_idle(workers["decode"].engine)
+    assert workers["prefill"].engine.stats().num_kv_leases == 0  # every KV the prefill held was pulled
+
+
+def test_request_id_and_usage_chunk_pass_through(workers, router):
+    with httpx.stream(
+        "POST", router.base_url + "/v1/completions", timeout=60, headers={"X-Request-Id": "abc-123"},
+        json={"model": SERVED, "prompt": "hello", "max_tokens": 4, "temperature": 0, "stream": True,
+              "ignore_eos": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert '"completion_tokens":4' in lines[-2]
+    assert all('"id":"cmpl-abc-123"' in line for line in lines[:-1])
+
+
+def test_models_health_ready(router, colocated):
+    assert [m.id for m in router.client().models.list().data] == [SERVED]
+    assert [m.id for m in colocated.client().models.list().data] == [SERVED]
+    assert httpx.get(router.base_url + "/health").json() == {"status": "ok"}
+    assert httpx.get(router.base_url + "/ready").json() == {"status": "ready"}
+
+
+def test_not_ready_and_503_without_workers():
+    r = RunningRouter(prefill=[dead_url()], decode=[dead_url()]).start(ready=False)
+    try:
+        ready = httpx.get(r.base_url + "/ready")
+        assert ready.status_code == 503 and "prefill: 0/1 healthy" in ready.json()["error"]["message"]
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": SERVED, "prompt": "x"})
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+        assert resp.json()["error"]["code"] == "no_workers"
+        assert httpx.get(r.base_url + "/v1/models").status_code == 503
+        with pytest.raises(openai.APIStatusError) as err:  # the openai client sees a clean 503
+            r.client().completions.create(model=SERVED, prompt="x", max_tokens=2)
+        assert err.value.status_code == 503
+    finally:
+        r.stop()
+
+
+def test_bad_json_is_a_400(router):
+    r = httpx.post(router.base_url + "/v1/completions", content=b"{nope",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_worker_4xx_is_returned_as_is(router):
+    with pytest.raises(openai.BadRequestError) as err:
+        router.client().completions.create(model=SERVED, prompt="x", max_tokens=2, n=3)
+    assert "only n=1" in str(err.value)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_prefill_worker_dead_falls_back_to_recompute(workers, model, stream):
+    from baton.worker.server import create_app
+
+    engine = make_engine(model, role="prefill")
+    prefill = RunningServer(create_app(engine, served_model_name=SERVED), engine)
+    prefill.start()
+    # health checks so rare that the router still believes the prefill worker is alive when it dies
+    r = RunningRouter(prefill=[prefill.base_url], decode=[workers["decode"].base_url],
+                      health_interval=3600).start()
+    try:
+        prefill.stop()
+        direct = ask(workers["both"].client(), True, "What is the capital?", stream=False)
+        got = ask(r.client(), True, "What is the capital?", stream=stream)
+        text = stream_text(list(got), True) if stream else text_of(got, True)
+        assert text == text_of(direct, True)
+        m = settled(r)
+        assert outcome(m, "fallback_recompute") == 1 and outcome(m, "ok") == 0
+        assert m[("baton_router_hop_errors_total", (("reason", "connection"), ("role", "prefill")))] == 1
+        # the dead worker is out of rotation now: the next request goes straight to recompute
+        assert ask(r.client(), True, "What is the capital?", stream=False).choices[0].message.content == \
+            text_of(direct, True)
+        assert outcome(settled(r), "fallback_recompute") == 2
+        assert httpx.get(r.base_url + "/ready").status_code == 503  # no prefill: not ready (still serves)
+    finally:
+        r.stop()
+    wait_idle(workers["decode"].engine)
+
+
+def test_prefill_5xx_and_lost_kv_fall_back_to_recompute(workers):
+    from aiohttp import web
+
+    async def broken(request):
+        return web.json_response({"error": {"message": "boom", "code": "engine_error"}}, status=500)
+
+    async def bogus_kv(request):
+        body = await request.json()
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        async with httpx.AsyncClient() as c:  # a real prefill, then the KV's address is lost
+            resp = (await c.post(workers["prefill"].base_url + path, json=body, timeout=60)).json()
+        resp["kv_transfer_params"]["remote_engine_id"] = "no-such-engine"
+        return web.json_response(resp)
+
+    direct = ask(workers["both"].client(), False, "Tell me a story", stream=False)
+    for handler, hop_error in ((broken, ("prefill", "500")), (bogus_kv, ("decode", "kv_transfer_failed"))):
+        stub = Stub(handler).start()
+        r = RunningRouter(prefill=[stub.base_url], decode=[workers["decode"].base_url]).start()
+        try:
+            for stream in (False, True):
+                got = ask(r.client(), False, "Tell me a story", stream=stream)
+                assert (stream_text(list(got), False) if stream else text_of(got, False)) == \
+                    text_of(direct, False)
+            m = settled(r)
+            assert outcome(m, "fallback_recompute") == 2
+            assert m[("baton_router_hop_errors_total", (("reason", hop_error[1]), ("role", hop_error[0])))] == 2
+            assert stub.calls == 2
+        finally:
+            r.stop()
+            stub.stop()
+    wait_idle(workers["prefill"].engine)
+    wait_idle(workers["decode"].engine)
+
+
+def test_overloaded_workers_give_a_clean_503():
+    from aiohttp import web
+
+    async def overloaded(request):
+        return web.json_response({"error": {"message": "busy", "code": "engine_overloaded"}}, status=503,
+                                 headers={"Retry-After": "1"})
+
+    stubs = [Stub(overloaded).start() for _ in range(2)]
+    r = RunningRouter(both=[s.base_url for s in stubs]).start()
+    try:
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": SERVED, "prompt": "x"},
+                          headers={"X-Request-Id": "busy-1"})
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+        assert resp.json()["error"]["code"] == "engine_overloaded"
+        assert [s.calls for s in stubs] == [1, 1]  # retried once on the other worker, then gave up
+        m = settled(r)
+        assert outcome(m, "overloaded") == 1
+        assert m[("baton_router_retries_total", (("role", "both"),))] == 1
+    finally:
+        r.stop()
+        for s in stubs:
+            s.stop()
+
+
+def test_decode_connection_refused_retries_on_another_worker(workers):
+    dead = dead_url()
+    r = RunningRouter(both=[dead, workers["both"].base_url], policy="round-robin",
+                      health_interval=3600).start()
+    try:
+        for ep in r.router.pool.all():  # pretend both looked healthy at the last check
+            ep.healthy = True
+        direct = ask(workers["both"].client(), False, "Hello there", stream=False)
+        for stream in (False, True):  # round-robin: one of the two lands on the dead worker first
+            got = ask(r.client(), False, "Hello there", stream=stream)
+            assert (stream_text(list(got), False) if stream else text_of(got, False)) == text_of(direct, False)
+        m = settled(r)
+        assert outcome(m, "ok") == 2
+        assert m[("baton_router_retries_total", (("role", "both"),))] == 1
+        assert [ep.healthy for ep in r.router.pool.all() if ep.url == dead] == [False]
+    finally:
+        r.stop()
+
+
+def _baton(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def test_decode_worker_killed_mid_stream_ends_with_an_error_event(model):
+    port = free_port()
+    proc = _baton("worker", "--role", "decode", "--model", str(model), "--port", str(port),
+                  "--served-model-name", SERVED, "--log-level", "warning")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        r = RunningRouter(decode=[url], prefill=[dead_url()]).start(ready=False)
+        try:
+            stream = ask(r.client(timeout=30), False, "Once upon a time", stream=True, max_tokens=1000)
+            got = []
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIError) as err:
+                for chunk in stream:
+                    got.append(chunk)
+                    if len(got) == 3:
+                        proc.send_signal(signal.SIGKILL)
+            assert len(got) < 1000 and time.monotonic() - t0 < 20
+            assert "decode worker failed mid-stream" in str(err.value)
+            m = settled(r)
+            assert outcome(m, "error") == 1
+            assert m[("baton_router_hop_errors_total", (("reason", "mid_stream"), ("role", "decode")))] == 1
+            assert m[("baton_router_inflight", (("endpoint", url), ("role", "decode")))] == 0
+        finally:
+            r.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_client_cancellation_reaches_both_workers(workers, router, stream):
+    before = settled(router)
+    body = {"model": SERVED, "prompt": "Cancel me", "max_tokens": 1000, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            task = asyncio.ensure_future(client.post(router.base_url + "/v1/completions", json=body))
+            deadline = time.monotonic() + 20
+            while workers["decode"].engine.stats().num_running == 0:  # decoding: both hops were sent
+                assert not task.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.002)
+            if stream:
+                await asyncio.sleep(0.05)
+            task.cancel()  # closes the connection to the router
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    wait_idle(workers["decode"].engine)
+    wait_idle(workers["prefill"].engine)
+    deadline = time.monotonic() + 5
+    while outcome(router.metrics(), "cancelled") < outcome(before, "cancelled") + 1:
+        assert time.monotonic() < deadline, "the router never counted the cancellation"
+        time.sleep(0.05)
+    m = router.metrics()
+    assert all(v == 0 for (name, _), v in m.items() if name == "baton_router_inflight")
+
+
+def test_metrics_move(workers, router):
+    before = settled(router)
+    chunks = list(ask(router.client(), True, "Count to ten", stream=True, max_tokens=8))
+    assert stream_text(chunks, True)
+    after = settled(router)
+    for name in ("baton_router_ttft_seconds_count", "baton_router_tpot_seconds_count",
+                 "baton_router_e2e_request_latency_seconds_count"):
+        assert after[(name, ())] == before.get((name, ()), 0) + 1, name
+    assert outcome(after, "ok") == outcome(before, "ok") + 1
+    ttft = after[("baton_router_ttft_seconds_sum", ())] - before.get(("baton_router_ttft_seconds_sum", ()), 0)
+    assert 0 < ttft < 10
+    keys = {k for k in after if k[0] == "baton_router_inflight"}
+    assert keys == {("baton_router_inflight", (("endpoint", workers[role].base_url), ("role", role)))
+                    for role in ("prefill", "decode")}
+
+
+def test_metric_labels_from_env(monkeypatch):
+    from baton.worker.router.metrics import RouterMetrics
+
+    monkeypatch.setenv("BATON_LLMSERVICE", "chat")
+    monkeypatch.setenv("BATON_NAMESPACE", "ml")
+    text = RouterMetrics().render().decode()
+    assert 'baton_router_requests_total{llmservice="chat",namespace="ml",outcome="ok"} 0.0' in text
+
+
+def test_baton_router_command(workers):
+    port = free_port()
+    proc = _baton("router", "--policy", "round-robin", "--port", str(port), "--host", "127.0.0.1",
+                  "--both", workers["both"].base_url, "--log-level", "warning")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, timeout=30)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        direct = ask(workers["both"].client(), True, "hi", stream=False)
+        assert stream_text(list(ask(client, True, "hi", stream=True)), True) == text_of(direct, True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_baton_router_command_errors():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    cases = [
+        ([], "no workers"),
+        (["--prefill", "http://a:1"], "--prefill and --decode go together"),
+        (["--both", "ftp://x"], "bad worker URL"),
+        (["--both", "http://127.0.0.1:1", "--host", "127.0.0.1", "--port", str(busy.getsockname()[1])],
+         "cannot listen on"),
+        (["--prefill-service", "a"], "--prefill-service and --decode-service go together"),
+    ]
+    try:
+        for args, message in cases:
+            proc = _baton("router", *args)
+            out, _ = proc.communicate(timeout=30)
+            assert proc.returncode == 1, out
+            lines = out.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("baton router: error:") and message in lines[0], out
+    finally:
+        busy.close()

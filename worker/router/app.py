@@ -1,0 +1,581 @@
+"""The router's HTTP app (aiohttp server + one pooled aiohttp client session).
+
+Why aiohttp and not FastAPI/uvicorn + httpx: the router does no validation or model work, so its cost is
+pure HTTP plumbing; aiohttp's server and client share one event loop with C-accelerated HTTP parsers and a
+keep-alive connection pool, with far less per-request Python than Starlette's middleware/ASGI layers plus
+httpx's transport stack (measured by benchmarks/router.py), and it is a core dependency of baton, so the
+router runs without the worker extras (fastapi, uvicorn, torch).
+
+Flow of POST /v1/completions and /v1/chat/completions (the body is forwarded as JSON; fields are left to the
+workers to validate, except `stream` and the prompt the prefix-aware policy hashes):
+
+1. Disaggregated (a healthy prefill and decode worker exist): pick a prefill worker, send the prefill hop
+   (same body, `stream: false`, `max_tokens: 1`, `kv_transfer_params: {"do_remote_decode": true}`), then pick
+   a decode worker and send the original body plus the returned `kv_transfer_params`; its response (JSON or
+   SSE bytes) goes back unchanged. Both hops carry the same `X-Request-Id` (the client's, or a new one).
+   If the prefill hop fails (connection error, timeout, 5xx, or no params back) the decode worker gets the
+   request without params and recomputes the prompt: a correct answer, outcome `fallback_recompute`. A 4xx
+   from the prefill hop is the client's error and is returned as is.
+2. Colocated (only `both` workers): one hop to a `both` worker, outcome `ok`.
+3. Decode workers only: one hop to a decode worker without params (recompute), outcome `fallback_recompute`.
+4. No decode (or both) worker: 503 with Retry-After.
+
+The last hop is retried (same X-Request-Id, other worker where possible) only while no byte has reached the
+client: connection errors and 5xx move to another worker; a 502 `kv_transfer_failed` resends without params
+(recompute); when every worker answered 503 the client gets 503 + Retry-After (outcome `overloaded`). Once
+streaming started, an upstream failure ends the stream with an OpenAI error event and `[DONE]` (no hang).
+A client that goes away cancels the handler (aiohttp `handler_cancellation`), which closes the upstream
+connections, so the workers abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from baton.worker.router.discovery import KubernetesDiscovery
+from baton.worker.router.metrics import CONTENT_TYPE, RouterMetrics
+from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, PrefixAware, make_policy
+from baton.worker.router.pool import Endpoint, HealthChecker, Pool
+
+log = logging.getLogger("baton.router")
+
+REQUEST_ID = "X-Request-Id"
+RETRY_AFTER = "1"
+SSE_DONE = b"data: [DONE]\n\n"
+_UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError)
+
+
+@dataclass
+class RouterConfig:
+    policy: str = "least-loaded"
+    prefill: list[str] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    both: list[str] = field(default_factory=list)
+    namespace: str | None = None  # Kubernetes namespace of the Services
+    prefill_service: str | None = None
+    decode_service: str | None = None
+    both_service: str | None = None
+    health_interval: float = 2.0
+    health_timeout: float = 1.0
+    discovery_interval: float = 2.0
+    connect_timeout: float = 5.0
+    max_attempts: int = 3
+    prefix_chars: int = DEFAULT_PREFIX_CHARS
+    llmservice: str | None = None  # metric labels (default: env BATON_LLMSERVICE / BATON_NAMESPACE)
+    metrics_namespace: str | None = None
+    seed: int | None = None
+    kube_api: Any = None  # a CoreV1Api-like object (tests); default: in-cluster config or kubeconfig
+
+    def services(self) -> dict[str, str]:
+        return {
+            role: name
+            for role, name in (
+                ("prefill", self.prefill_service),
+                ("decode", self.decode_service),
+                ("both", self.both_service),
+            )
+            if name
+        }
+
+
+def error_json(message: str, *, status: int, type: str, code: str | None = None,
+               param: str | None = None, headers: dict | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return web.Response(
+        body=json.dumps(body).encode(), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n" + SSE_DONE
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def routing_key(body: dict, limit: int) -> str | None:
+    """The start of the prompt (text) that prefix-aware hashes; None when there is none."""
+    prompt = body.get("prompt")
+    if prompt is not None:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt[:limit]
+        if isinstance(prompt, list):
+            return ",".join(str(t) for t in prompt[: max(1, limit // 4)])
+        return None
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    parts: list[str] = []
+    size = 0
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        piece = f"{m.get('role', '')}:{content or ''}\n"
+        parts.append(piece)
+        size += len(piece)
+        if size >= limit:
+            break
+    return "".join(parts)[:limit] if parts else None
+
+
+class _Hop(Exception):
+    """A failed attempt at the last hop that may be retried (no byte reached the client)."""
+
+    def __init__(self, reason: str, message: str, *, exclude: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.exclude = exclude
+
+
+class _Request:
+    __slots__ = ("arrival", "done", "error", "finished", "first_at", "outcome", "tokens", "usage_tokens")
+
+    def __init__(self) -> None:
+        self.arrival = time.monotonic()
+        self.outcome = "error"
+        self.first_at: float | None = None
+        self.tokens = 0
+        self.usage_tokens: int | None = None
+        self.done = False
+        self.error = False
+        self.finished = False
+
+    def scan(self, data: bytes) -> None:
+        """Look at complete SSE events (for TTFT/TPOT and the outcome); never changes them."""
+        for event in data.split(b"\n\n"):
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                    continue
+                try:
+                    obj = json.loads(payload)
+                except ValueError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                if "error" in obj:
+                    self.error = True
+                    continue
+                usage = obj.get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    self.usage_tokens = usage["completion_tokens"]
+                for choice in obj.get("choices") or ():
+                    text = choice.get("text")
+                    if text is None:
+                        text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        self.tokens += 1
+                        if self.first_at is None:
+                            self.first_at = -1.0  # set to the write's time by the caller
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics(config.llmservice, config.metrics_namespace)
+        self.pool = Pool(on_change=self._on_change, on_remove=self._on_remove)
+        self.policy = {
+            "prefill": make_policy(config.policy, prefix_chars=config.prefix_chars, seed=config.seed),
+            "both": make_policy(config.policy, prefix_chars=config.prefix_chars, seed=config.seed),
+            # the prefix cache that matters is where the prompt is computed: decode balances load
+            "decode": make_policy(
+                "least-loaded" if config.policy == "prefix-aware" else config.policy, seed=config.seed
+            ),
+        }
+        self.prefix_aware = isinstance(self.policy["prefill"], PrefixAware)
+        self.session: aiohttp.ClientSession | None = None
+        self.checker: HealthChecker | None = None
+        self.discovery: KubernetesDiscovery | None = None
+
+    # --------------------------------------------------------------------------------------- lifecycle
+
+    def _on_change(self, ep: Endpoint) -> None:
+        self.metrics.set_inflight(ep.role, ep.url, ep.inflight)
+
+    def _on_remove(self, ep: Endpoint) -> None:
+        self.metrics.forget(ep.role, ep.url)
+
+    async def start(self) -> None:
+        cfg = self.config
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=10)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout,
+                                          sock_connect=cfg.connect_timeout),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        for role in ("prefill", "decode", "both"):
+            urls = getattr(cfg, role)
+            self.pool.set_urls(role, urls)
+            for ep in self.pool.endpoints[role].values():
+                self.metrics.set_inflight(role, ep.url, 0)
+        self.checker = HealthChecker(self.pool, self.session, cfg.health_interval, cfg.health_timeout)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.checker.check_all(), cfg.health_timeout + 0.5)
+        self.checker.start()
+        if cfg.services():
+            self.discovery = KubernetesDiscovery(
+                self.pool, self.checker, cfg.namespace or "default", cfg.services(),
+                cfg.discovery_interval, api=cfg.kube_api,
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.discovery.poll_once(), 10)
+            self.discovery.start()
+
+    async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.checker is not None:
+            await self.checker.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    # --------------------------------------------------------------------------------------- handlers
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok, why = self.pool.ready()
+        if ok:
+            return web.json_response({"status": "ready"})
+        return error_json(why, status=503, type="service_unavailable_error", code="not_ready",
+                          headers={"Retry-After": RETRY_AFTER})
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def models(self, request: web.Request) -> web.Response:
+        for role in ("both", "decode", "prefill"):
+            for ep in self.pool.healthy(role):
+                try:
+                    async with self.session.get(ep.url + "/v1/models",
+                                                timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        data = await resp.read()
+                        if resp.status == 200:
+                            return web.Response(body=data, content_type="application/json")
+                except _UPSTREAM_ERRORS as exc:
+                    ep.mark(False, _describe(exc))
+        return error_json("no healthy worker to list the models", status=503,
+                          type="service_unavailable_error", code="no_workers",
+                          headers={"Retry-After": RETRY_AFTER})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, "/v1/completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.handle(request, "/v1/chat/completions")
+
+    async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
+        req = _Request()
+        try:
+            return await self._handle(request, path, req)
+        except asyncio.CancelledError:
+            if not req.done:  # a client that hangs up after [DONE] got its whole answer
+                req.outcome = "cancelled"
+            raise
+        except Exception:
+            log.exception("router error on %s", path)
+            req.outcome = "error"
+            return error_json("internal router error", status=500, type="internal_server_error")
+        finally:
+            self.metrics.outcome(req.outcome)
+
+    async def _handle(self, request: web.Request, path: str, req: _Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return error_json(f"the request body is not valid JSON: {exc}", status=400,
+                              type="invalid_request_error")
+        if not isinstance(body, dict):
+            return error_json("the request body must be a JSON object", status=400,
+                              type="invalid_request_error")
+        rid = (request.headers.get(REQUEST_ID) or "").strip() or uuid.uuid4().hex
+        headers = {"Content-Type": "application/json", REQUEST_ID: rid}
+        auth = request.headers.get("Authorization")
+        if auth:
+            headers["Authorization"] = auth
+        key = routing_key(body, self.config.prefix_chars) if self.prefix_aware else None
+        pool = self.pool
+
+        if pool.healthy("prefill") and pool.healthy("decode"):
+            kv, early = await self._prefill(path, body, headers, key)
+            if early is not None:
+                return early  # the prefill worker refused the request (4xx): the client's error
+            if kv is not None:
+                data = json.dumps({**body, "kv_transfer_params": kv}, separators=(",", ":")).encode()
+                return await self._last_hop(request, "decode", path, data, raw, headers, body, key, req,
+                                            recompute=False)
+            return await self._last_hop(request, "decode", path, raw, raw, headers, body, key, req,
+                                        recompute=True)
+        if pool.healthy("both"):
+            return await self._last_hop(request, "both", path, raw, raw, headers, body, key, req,
+                                        recompute=False)
+        if pool.healthy("decode"):
+            return await self._last_hop(request, "decode", path, raw, raw, headers, body, key, req,
+                                        recompute=True)
+        _, why = pool.ready()
+        return error_json(f"no decode worker is available: {why}", status=503,
+                          type="service_unavailable_error", code="no_workers",
+                          headers={"Retry-After": RETRY_AFTER})
+
+    async def _prefill(self, path: str, body: dict, headers: dict, key: str | None
+                       ) -> tuple[dict | None, web.Response | None]:
+        """The prefill hop: (kv_transfer_params or None to recompute, a response to return as is)."""
+        hop = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        hop.pop("stream_options", None)
+        hop.pop("min_tokens", None)
+        if "max_completion_tokens" in hop:
+            hop["max_completion_tokens"] = 1
+        data = json.dumps(hop, separators=(",", ":")).encode()
+        ep = self.policy["prefill"].choose(self.pool.healthy("prefill"), key)
+        ep.acquire()
+        try:
+            async with self.session.post(ep.url + path, data=data, headers=headers) as resp:
+                payload = await resp.read()
+                status = resp.status
+                ctype = resp.headers.get("Content-Type", "application/json")
+        except _UPSTREAM_ERRORS as exc:
+            ep.mark(False, _describe(exc))
+            self.metrics.hop_error("prefill", "connection")
+            log.warning("prefill hop to %s failed (%s); recomputing on a decode worker", ep.url, _describe(exc))
+            return None, None
+        finally:
+            ep.release()
+        if status == 200:
+            try:
+                kv = json.loads(payload).get("kv_transfer_params")
+            except (ValueError, AttributeError):
+                kv = None
+            if isinstance(kv, dict) and kv:
+                return kv, None
+            self.metrics.hop_error("prefill", "no_kv_transfer_params")
+            log.warning("prefill worker %s returned no kv_transfer_params; recomputing", ep.url)
+            return None, None
+        if status >= 500:
+            self.metrics.hop_error("prefill", str(status))
+            log.warning("prefill hop to %s answered %d; recomputing on a decode worker", ep.url, status)
+            return None, None
+        return None, web.Response(body=payload, status=status, headers={"Content-Type": ctype,
+                                                                        REQUEST_ID: headers[REQUEST_ID]})
+
+    async def _last_hop(self, request: web.Request, role: str, path: str, data: bytes, raw: bytes,
+                        headers: dict, body: dict, key: str | None, req: _Request, *, recompute: bool
+                        ) -> web.StreamResponse:
+        stream = bool(body.get("stream"))
+        tried: list[Endpoint] = []
+        last: _Hop | None = None
+        overloaded = 0
+        for attempt in range(max(1, self.config.max_attempts)):
+            candidates = self.pool.healthy(role, exclude=tried)
+            if not candidates:
+                break
+            ep = self.policy[role].choose(candidates, key)
+            if attempt:
+                self.metrics.retry(role)
+            try:
+                return await self._send(request, ep, role, path, data, headers, stream, req, recompute)
+            except _Hop as hop:
+                last = hop
+                self.metrics.hop_error(role, hop.reason)
+                log.warning("%s hop to %s failed: %s", role, ep.url, hop.message)
+                if hop.reason == "kv_transfer_failed" and not recompute:
+                    data, recompute = raw, True  # the KV is lost: the decode worker recomputes the prompt
+                    continue
+                if hop.reason == "overloaded":
+                    overloaded += 1
+                if hop.exclude:
+                    tried.append(ep)
+        if last is None:
+            _, why = self.pool.ready()
+            return error_json(f"no {role} worker is available: {why}", status=503,
+                              type="service_unavailable_error", code="no_workers",
+                              headers={"Retry-After": RETRY_AFTER})
+        if overloaded and last.reason == "overloaded":
+            req.outcome = "overloaded"
+            return error_json(f"all {role} workers are overloaded; retry later", status=503,
+                              type="service_unavailable_error", code="engine_overloaded",
+                              headers={"Retry-After": RETRY_AFTER})
+        return error_json(f"the {role} worker failed: {last.message}", status=502, type="upstream_error",
+                          code="upstream_failed")
+
+    async def _send(self, request: web.Request, ep: Endpoint, role: str, path: str, data: bytes,
+                    headers: dict, stream: bool, req: _Request, recompute: bool) -> web.StreamResponse:
+        """One attempt at the last hop. Raises _Hop while nothing reached the client."""
+        ep.acquire()
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                resp = await self.session.post(ep.url + path, data=data, headers=headers)
+            except _UPSTREAM_ERRORS as exc:
+                ep.mark(False, _describe(exc))
+                raise _Hop("connection", _describe(exc)) from None
+            rid = resp.headers.get(REQUEST_ID, headers[REQUEST_ID])
+            if resp.status != 200:
+                try:
+                    payload = await resp.read()
+                except _UPSTREAM_ERRORS as exc:
+                    ep.mark(False, _describe(exc))
+                    raise _Hop("connection", _describe(exc)) from None
+                return self._refused(resp, payload, rid, req)
+            if not stream or not resp.content_type.startswith("text/event-stream"):
+                try:
+                    payload = await resp.read()
+                except _UPSTREAM_ERRORS as exc:
+                    ep.mark(False, _describe(exc))
+                    raise _Hop("connection", _describe(exc)) from None
+                now = time.monotonic()
+                self.metrics.ttft.observe(now - req.arrival)
+                self.metrics.e2e.observe(now - req.arrival)
+                req.outcome = "fallback_recompute" if recompute else "ok"
+                return web.Response(body=payload, status=200, headers={
+                    "Content-Type": resp.headers.get("Content-Type", "application/json"), REQUEST_ID: rid})
+            return await self._pipe(request, resp, ep, rid, req, recompute)
+        finally:
+            if resp is not None:
+                resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
+            ep.release()
+
+    def _refused(self, resp: aiohttp.ClientResponse, payload: bytes, rid: str, req: _Request
+                 ) -> web.Response:
+        status = resp.status
+        code = None
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            code = json.loads(payload)["error"].get("code")
+        if status == 502 and code == "kv_transfer_failed":
+            raise _Hop("kv_transfer_failed", "the KV transfer from the prefill worker failed", exclude=False)
+        if status == 503:
+            raise _Hop("overloaded", f"answered 503 ({code or 'unavailable'})")
+        if status >= 500:
+            raise _Hop(str(status), f"answered {status}: {payload[:200].decode('utf-8', 'replace')}")
+        req.outcome = "error"  # the client's error (4xx): returned as the worker said it
+        return web.Response(body=payload, status=status, headers={
+            "Content-Type": resp.headers.get("Content-Type", "application/json"), REQUEST_ID: rid})
+
+    async def _pipe(self, request: web.Request, resp: aiohttp.ClientResponse, ep: Endpoint, rid: str,
+                    req: _Request, recompute: bool) -> web.StreamResponse:
+        """Stream the worker's SSE bytes to the client, whole events at a time."""
+        out: web.StreamResponse | None = None
+        buf = b""
+        failure: str | None = None
+        while True:
+            try:
+                chunk = await resp.content.readany()
+            except _UPSTREAM_ERRORS as exc:
+                failure = _describe(exc)
+                break
+            if not chunk:
+                break
+            buf += chunk
+            cut = buf.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            events, buf = buf[: cut + 2], buf[cut + 2:]
+            if out is None:
+                out = web.StreamResponse(status=200, headers={
+                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", REQUEST_ID: rid})
+                try:
+                    await out.prepare(request)
+                except (ConnectionError, RuntimeError):
+                    req.outcome = "cancelled"
+                    return out
+            had_first = req.first_at is not None
+            req.scan(events)
+            try:
+                await out.write(events)
+            except (ConnectionError, RuntimeError):
+                req.outcome = "cancelled"  # the client went away; closing `resp` aborts the worker
+                return out
+            if not had_first and req.first_at is not None:
+                req.first_at = time.monotonic()
+                self.metrics.ttft.observe(req.first_at - req.arrival)
+            if req.done and not req.finished:
+                self._finished(req, recompute)  # before EOF: the client may hang up right after [DONE]
+        if req.done:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write_eof()
+            return out
+        if failure is None:
+            failure = "the worker ended the stream early"
+        if out is None:  # nothing reached the client: another worker may answer
+            ep.mark(False, failure)
+            raise _Hop("connection", failure)
+        log.warning("%s worker %s failed mid-stream of %s: %s", ep.role, ep.url, rid, failure)
+        self.metrics.hop_error(ep.role, "mid_stream")
+        req.outcome = "error"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await out.write(_sse_error(f"the {ep.role} worker failed mid-stream: {failure}", "upstream_failed"))
+            await out.write_eof()
+        return out
+
+    def _finished(self, req: _Request, recompute: bool) -> None:
+        req.finished = True
+        req.outcome = "error" if req.error else ("fallback_recompute" if recompute else "ok")
+        if req.error:
+            return
+        now = time.monotonic()
+        self.metrics.e2e.observe(now - req.arrival)
+        tokens = req.usage_tokens if req.usage_tokens is not None else req.tokens
+        if req.first_at is not None and tokens >= 2:
+            self.metrics.tpot.observe((now - req.first_at) / (tokens - 1))
+
+
+ROUTER_KEY = web.AppKey("baton_router", Router)
+
+
+def create_app(config: RouterConfig) -> web.Application:
+    """The router's aiohttp app; run it with `handler_cancellation=True` (see `serve`)."""
+    router = Router(config)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[ROUTER_KEY] = router
+
+    async def on_startup(app: web.Application) -> None:
+        await router.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await router.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_post("/v1/completions", router.completions)
+    app.router.add_post("/v1/chat/completions", router.chat_completions)
+    app.router.add_get("/v1/models", router.models)
+    app.router.add_get("/health", router.health)
+    app.router.add_get("/ready", router.ready)
+    app.router.add_get("/metrics", router.metrics_handler)
+    return app
+
+
+async def serve(config: RouterConfig, sockets: list, stop: asyncio.Event | None = None) -> None:
+    """Serve on already-bound `sockets` until `stop` is set (or forever)."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await runner.cleanup()

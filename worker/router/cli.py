@@ -1,0 +1,157 @@
+"""`baton router`: the OpenAI-compatible front of a disaggregated (or colocated) worker fleet.
+
+    baton router --policy least-loaded --port 8080 --prefill http://p0:8000 --decode http://d0:8000
+    baton router --policy round-robin --port 8080 --both http://w0:8000,http://w1:8000
+    baton router --policy prefix-aware --port 8080 --prefill-service chat-prefill \\
+        --decode-service chat-decode --namespace ml          # (what the operator renders)
+
+Hooked into `baton` by `worker/cli.py`. Problems the user can fix (no workers given, a bad URL, a busy port,
+no Kubernetes configuration) are one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, POLICIES
+
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def add_router_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "router",
+        help="route OpenAI requests through prefill and decode workers (or to colocated workers)",
+        description="Run the Baton router: an OpenAI-compatible front (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health, /ready, /metrics) that sends each request's prefill to "
+        "a prefill worker and its decode to a decode worker, chaining them with kv_transfer_params.",
+    )
+    p.add_argument("--policy", choices=POLICIES, default="least-loaded",
+                   help="how to pick a worker (default least-loaded)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    g = p.add_argument_group("static workers (comma-separated URLs; the flag may repeat)")
+    g.add_argument("--prefill", action="append", default=[], metavar="URL,...", help="prefill workers")
+    g.add_argument("--decode", action="append", default=[], metavar="URL,...", help="decode workers")
+    g.add_argument("--both", action="append", default=[], metavar="URL,...",
+                   help="colocated workers (role both: no prefill/decode split)")
+    k = p.add_argument_group("Kubernetes discovery (Endpoints of headless Services, port named http)")
+    k.add_argument("--prefill-service", help="Service of the prefill workers")
+    k.add_argument("--decode-service", help="Service of the decode workers")
+    k.add_argument("--both-service", help="Service of colocated workers")
+    k.add_argument("--namespace", default=None,
+                   help="namespace of the Services (default: the pod's namespace, else 'default')")
+    k.add_argument("--discovery-interval", type=float, default=2.0,
+                   help="seconds between Endpoints reads (default 2)")
+    p.add_argument("--health-interval", type=float, default=2.0,
+                   help="seconds between health checks of each worker (default 2)")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to connect to a worker (default 5)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="attempts at the decode hop before any byte reached the client (default 3)")
+    p.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
+                   help=f"prompt characters hashed by prefix-aware (default {DEFAULT_PREFIX_CHARS})")
+    p.add_argument("--llmservice", default=os.environ.get("BATON_LLMSERVICE", ""),
+                   help="`llmservice` metric label (default: env BATON_LLMSERVICE)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run_router)
+
+
+def _urls(values: list[str], flag: str) -> list[str]:
+    from baton.worker.router.pool import normalize_url
+
+    from baton.cli import CommandError
+
+    out = []
+    for value in values:
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            try:
+                out.append(normalize_url(item))
+            except ValueError as exc:
+                raise CommandError(f"{flag}: {exc}") from None
+    return out
+
+
+def build_config(args: argparse.Namespace):
+    """The RouterConfig for `args`; CommandError for what the user can fix."""
+    from baton.worker.router.app import RouterConfig
+
+    from baton.cli import CommandError
+
+    prefill, decode, both = _urls(args.prefill, "--prefill"), _urls(args.decode, "--decode"), \
+        _urls(args.both, "--both")
+    services = [args.prefill_service, args.decode_service, args.both_service]
+    if not (prefill or decode or both or any(services)):
+        raise CommandError("no workers: give --prefill and --decode URLs, --both URLs, or "
+                           "--prefill-service and --decode-service (Kubernetes)")
+    if bool(prefill) != bool(decode) and not both:
+        raise CommandError("--prefill and --decode go together (or add --both workers)")
+    if bool(args.prefill_service) != bool(args.decode_service) and not args.both_service:
+        raise CommandError("--prefill-service and --decode-service go together")
+    if args.port < 0 or args.port > 65535:
+        raise CommandError(f"--port {args.port} is not a port number")
+    for flag in ("discovery_interval", "health_interval", "connect_timeout"):
+        if getattr(args, flag) <= 0:
+            raise CommandError(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_attempts < 1:
+        raise CommandError("--max-attempts must be at least 1")
+    if args.prefix_chars < 1:
+        raise CommandError("--prefix-chars must be at least 1")
+    namespace = args.namespace
+    if namespace is None:
+        namespace = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.is_file() else "default"
+    return RouterConfig(
+        policy=args.policy, prefill=prefill, decode=decode, both=both, namespace=namespace,
+        prefill_service=args.prefill_service, decode_service=args.decode_service,
+        both_service=args.both_service, discovery_interval=args.discovery_interval,
+        health_interval=args.health_interval, connect_timeout=args.connect_timeout,
+        max_attempts=args.max_attempts, prefix_chars=args.prefix_chars, llmservice=args.llmservice,
+        metrics_namespace=os.environ.get("BATON_NAMESPACE") or (namespace if any(services) else ""),
+    )
+
+
+def run_router(args: argparse.Namespace) -> int:
+    from baton.worker.serve_cli import _listen
+
+    from baton.cli import CommandError
+
+    config = build_config(args)
+    if config.services():
+        from baton.worker.router.discovery import load_kube_api
+
+        try:
+            config.kube_api = load_kube_api()
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = _listen(args.host, args.port)
+    try:
+        asyncio.run(_main(config, sock, args))
+    finally:
+        sock.close()
+    return 0
+
+
+async def _main(config, sock, args) -> None:
+    from baton.worker.router.app import serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    where = ", ".join(
+        f"{role} {','.join(getattr(config, role))}" for role in ("prefill", "decode", "both")
+        if getattr(config, role)
+    ) or f"Services {config.services()} in namespace {config.namespace}"
+    logging.getLogger("baton.router").info(
+        "routing (%s) on http://%s:%d to %s", config.policy, args.host, args.port, where
+    )
+    await serve(config, [sock], stop)

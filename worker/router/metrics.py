@@ -1,0 +1,106 @@
+"""The router's Prometheus metrics, in their own registry (several routers can live in one process).
+
+TTFT and TPOT are measured as the client sees them, which makes them the SLO signals (DESIGN.md):
+- TTFT: request arrival at the router -> the first event carrying content written to the client. For a
+  non-streaming request the client sees every token at once, so its TTFT is its whole latency and no TPOT
+  is observed (SLO tracking expects streaming clients, as chat front-ends are).
+- TPOT: (e2e - TTFT) / (tokens - 1), observed when a streamed request generated at least 2 tokens; tokens
+  come from the stream's usage chunk when the client asked for it, else from the content events.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OUTCOMES = ("ok", "fallback_recompute", "error", "cancelled", "overloaded")
+
+# fmt: off
+#: From a few ms (cached prefixes, tiny prompts) to tens of seconds (long prompts under load).
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
+    10.0, 20.0, 30.0, 60.0,
+)
+#: From 1 ms to seconds per token; dense around typical 20-100 ms SLOs.
+TPOT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+E2E_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+    120.0, 300.0,
+)
+# fmt: on
+
+
+class RouterMetrics:
+    def __init__(self, llmservice: str | None = None, namespace: str | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {
+            "llmservice": llmservice if llmservice is not None else os.environ.get("BATON_LLMSERVICE", ""),
+            "namespace": namespace if namespace is not None else os.environ.get("BATON_NAMESPACE", ""),
+        }
+        base = list(self.labels)
+        r = self.registry
+        self.ttft = Histogram(
+            "baton_router_ttft_seconds",
+            "Time to first token as the client sees it: arrival at the router to the first content sent.",
+            base, buckets=TTFT_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        self.tpot = Histogram(
+            "baton_router_tpot_seconds",
+            "Time per output token after the first, as the client sees it: (e2e - ttft) / (tokens - 1).",
+            base, buckets=TPOT_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        self.e2e = Histogram(
+            "baton_router_e2e_request_latency_seconds",
+            "Arrival at the router to the last byte sent, for requests that completed.",
+            base, buckets=E2E_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        requests = Counter(
+            "baton_router_requests", "Requests by outcome.", base + ["outcome"], registry=r
+        )
+        self.requests = {o: requests.labels(**self.labels, outcome=o) for o in OUTCOMES}
+        self._inflight = Gauge(
+            "baton_router_inflight",
+            "Requests this router has in flight at a worker.",
+            base + ["role", "endpoint"], registry=r,
+        )
+        self.retries = Counter(
+            "baton_router_retries", "Hops sent again (same X-Request-Id) before any byte reached the client.",
+            base + ["role"], registry=r,
+        )
+        self.hop_errors = Counter(
+            "baton_router_hop_errors", "Failed hops to workers, by role and reason.",
+            base + ["role", "reason"], registry=r,
+        )
+        self._gauges: dict[tuple[str, str], object] = {}
+
+    def outcome(self, outcome: str) -> None:
+        self.requests[outcome].inc()
+
+    def set_inflight(self, role: str, endpoint: str, value: int) -> None:
+        g = self._gauges.get((role, endpoint))
+        if g is None:
+            g = self._gauges[(role, endpoint)] = self._inflight.labels(
+                **self.labels, role=role, endpoint=endpoint
+            )
+        g.set(value)
+
+    def forget(self, role: str, endpoint: str) -> None:
+        if self._gauges.pop((role, endpoint), None) is not None:
+            try:
+                self._inflight.remove(self.labels["llmservice"], self.labels["namespace"], role, endpoint)
+            except KeyError:
+                pass
+
+    def retry(self, role: str) -> None:
+        self.retries.labels(**self.labels, role=role).inc()
+
+    def hop_error(self, role: str, reason: str) -> None:
+        self.hop_errors.labels(**self.labels, role=role, reason=reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

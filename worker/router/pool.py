@@ -1,0 +1,155 @@
+"""The router's view of its workers: endpoints per role, their health and in-flight counts.
+
+Membership comes from discovery (`discovery.py`: static lists or Kubernetes Endpoints) through
+`Pool.set_urls`; health from a periodic `GET /ready` per endpoint (`HealthChecker`) and, passively, from
+hops that fail to connect (the endpoint is marked unhealthy at once and comes back when a check passes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import aiohttp
+
+log = logging.getLogger("baton.router.pool")
+
+ROLES = ("prefill", "decode", "both")
+
+
+def normalize_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url:
+        raise ValueError("empty worker URL")
+    if "://" not in url:
+        url = "http://" + url
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https") or not rest or "/" in rest:
+        raise ValueError(f"bad worker URL {url!r} (expected http://HOST:PORT)")
+    return url
+
+
+class Endpoint:
+    __slots__ = ("_on_change", "checked_at", "healthy", "inflight", "last_error", "role", "url")
+
+    def __init__(self, url: str, role: str, on_change: Callable[[Endpoint], None] | None = None) -> None:
+        self.url = url
+        self.role = role
+        self.inflight = 0
+        self.healthy = False  # until the first check passes
+        self.last_error: str | None = "not checked yet"
+        self.checked_at = 0.0
+        self._on_change = on_change
+
+    def acquire(self) -> None:
+        self.inflight += 1
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def release(self) -> None:
+        self.inflight -= 1
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def mark(self, healthy: bool, error: str | None = None) -> None:
+        if healthy != self.healthy:
+            if healthy:
+                log.info("%s worker %s is healthy", self.role, self.url)
+            else:
+                log.warning("%s worker %s is unhealthy: %s", self.role, self.url, error)
+        self.healthy = healthy
+        self.last_error = None if healthy else error
+        self.checked_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.role} {self.url} inflight={self.inflight} healthy={self.healthy})"
+
+
+class Pool:
+    """Endpoints of the three roles; `healthy(role)` is what the policies choose from."""
+
+    def __init__(self, on_change: Callable[[Endpoint], None] | None = None,
+                 on_remove: Callable[[Endpoint], None] | None = None) -> None:
+        self.endpoints: dict[str, dict[str, Endpoint]] = {r: {} for r in ROLES}
+        self._on_change = on_change
+        self._on_remove = on_remove
+
+    def set_urls(self, role: str, urls: Iterable[str]) -> list[Endpoint]:
+        """Replace the membership of `role`; returns the endpoints that are new (to be checked at once)."""
+        wanted = [normalize_url(u) for u in urls]
+        current = self.endpoints[role]
+        added = []
+        for url in wanted:
+            if url not in current:
+                current[url] = Endpoint(url, role, self._on_change)
+                added.append(current[url])
+                log.info("discovered %s worker %s", role, url)
+        for url in list(current):
+            if url not in wanted:
+                ep = current.pop(url)
+                log.info("%s worker %s is gone", role, url)
+                if self._on_remove is not None:
+                    self._on_remove(ep)
+        return added
+
+    def all(self) -> list[Endpoint]:
+        return [ep for role in ROLES for ep in self.endpoints[role].values()]
+
+    def healthy(self, role: str, exclude: Iterable[Endpoint] = ()) -> list[Endpoint]:
+        skip = {id(e) for e in exclude}
+        return [ep for ep in self.endpoints[role].values() if ep.healthy and id(ep) not in skip]
+
+    def ready(self) -> tuple[bool, str]:
+        if self.healthy("both") or (self.healthy("prefill") and self.healthy("decode")):
+            return True, "ok"
+        counts = ", ".join(
+            f"{role}: {len(self.healthy(role))}/{len(self.endpoints[role])} healthy" for role in ROLES
+        )
+        return False, f"need a healthy prefill and decode worker, or a healthy both worker ({counts})"
+
+
+class HealthChecker:
+    """GET /ready on every endpoint each `interval` seconds (and at once on new endpoints)."""
+
+    def __init__(self, pool: Pool, session: aiohttp.ClientSession, interval: float = 2.0,
+                 timeout: float = 1.0) -> None:
+        self.pool = pool
+        self.session = session
+        self.interval = interval
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._task: asyncio.Task | None = None
+
+    async def check(self, ep: Endpoint) -> None:
+        try:
+            async with self.session.get(ep.url + "/ready", timeout=self.timeout) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    ep.mark(True)
+                else:
+                    ep.mark(False, f"/ready answered {resp.status}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+            ep.mark(False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+    async def check_all(self, endpoints: Iterable[Endpoint] | None = None) -> None:
+        eps = list(self.pool.all() if endpoints is None else endpoints)
+        if eps:
+            await asyncio.gather(*(self.check(ep) for ep in eps))
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="baton-router-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task

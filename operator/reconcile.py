@@ -46,7 +46,9 @@ def is_subset(desired: object, live: object) -> bool:
     (and Kubernetes 1.20 would otherwise bump some objects' resourceVersion on a no-op apply).
     """
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in desired.items())
+        # The apiserver omits false/empty optional fields, so a missing key matches such a desired value.
+        return isinstance(live, dict) and all(
+            is_subset(v, live[k]) if k in live else v in (False, None, "", [], {}) for k, v in desired.items())
     if isinstance(desired, list):
         return (isinstance(live, list) and len(desired) == len(live)
                 and all(is_subset(d, item) for d, item in zip(desired, live)))
@@ -183,4 +185,5 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
 
 
 def _status_changed(previous: dict, status: dict) -> bool:
-    return any(previous.get(k) != v for k, v in status.items())
+    # A subset test: fields others own (the autoscaler's lastScale*, slo) must not make every reconcile write.
+    return not is_subset(status, previous)

@@ -234,8 +234,9 @@ def _headless_service(svc: LLMService, role: str) -> dict:
         "kind": "Service",
         "metadata": _metadata(svc, role_name(svc.name, role), role_labels(svc.name, role)),
         "spec": {
+            # publishNotReadyAddresses stays unset (false): only ready workers are discovered. Writing the
+            # default explicitly would differ from the stored object, which omits false booleans.
             "clusterIP": "None",
-            "publishNotReadyAddresses": False,
             "selector": selector_labels(svc.name, role),
             "ports": [
                 {"name": "http", "port": _role(svc, role).port, "targetPort": "http", "protocol": "TCP"},

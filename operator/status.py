@@ -95,9 +95,10 @@ def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: s
         missing = [role for role in ROLES if deployments.get(role) is None]
         was_ready = previous.get("phase") in ("Ready", "Degraded")
         same_spec = previous.get("observedGeneration") == generation
+        rolling = all(roles[role].reason in ("RolloutPending", "RollingOut") for role in not_ready)
         if missing:
             phase = "Pending"
-        elif was_ready and same_spec:
+        elif was_ready and same_spec and not rolling:
             phase = "Degraded"
         else:
             phase = "Progressing"

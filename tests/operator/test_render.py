@@ -250,7 +250,7 @@ def test_services() -> None:
     for role in ("prefill", "decode"):
         spec = m[("Service", f"svc-{role}")]["spec"]
         assert spec["clusterIP"] == "None"
-        assert spec["publishNotReadyAddresses"] is False
+        assert not spec.get("publishNotReadyAddresses")  # only ready workers are discovered
         assert [(p["name"], p["port"], p["targetPort"]) for p in spec["ports"]] == [
             ("http", 8000, "http"), ("kv", 15000, "kv")]
         assert spec["selector"] == {"app.kubernetes.io/instance": "svc", "baton.dev/role": role}

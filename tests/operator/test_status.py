@@ -64,6 +64,9 @@ def test_degraded_after_ready_with_same_generation_but_progressing_after_spec_ch
     broken = all_ready() | {"prefill": deployment("demo-prefill", 2, 1)}
     assert compute_status(llms(ready), broken, LATER)["phase"] == "Degraded"
     assert compute_status(llms(ready, generation=4), broken, LATER)["phase"] == "Progressing"
+    # A child rolling out (e.g. the reconciler just undid a hand edit) is progress, not degradation.
+    rolling = all_ready() | {"decode": deployment("demo-decode", 1, 1, generation=2, observed=1)}
+    assert compute_status(llms(ready), rolling, LATER)["phase"] == "Progressing"
 
 
 def test_apply_error_fails_and_keeps_foreign_conditions():
@@ -87,3 +90,4 @@ def test_is_subset_ignores_server_defaults_but_sees_drift():
     assert not is_subset(desired, live)
     assert not is_subset({"ports": [1, 2]}, {"ports": [1]})
     assert not is_subset({"a": 1}, {})
+    assert is_subset({"spec": {"publishNotReadyAddresses": False, "x": []}}, {"spec": {}})  # omitted defaults

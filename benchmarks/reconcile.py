@@ -110,7 +110,7 @@ def main() -> int:
                        capture_output=True)
         env = os.environ | {"KUBECONFIG": str(cluster.kubeconfig)}
         log = open(Path(tmp) / "operator.log", "wb")  # noqa: SIM115 (outlives this block: the child writes it)
-        argv = [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--liveness", "",
+        argv = [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--liveness", "", "--metrics-port", "0",
                 "--webhook-listen", "127.0.0.1", "--webhook-port", str(free_port())]
         if args.no_webhook:
             argv.append("--no-webhook")

@@ -57,7 +57,7 @@ class Operator:
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child process)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--webhook-port", str(self.webhook_port),
-             "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", ""],
+             "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", "", "--metrics-port", "0"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:

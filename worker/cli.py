@@ -10,12 +10,14 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from baton.worker.bench import add_bench_command
+    from baton.worker.local_fleet import add_up_command
     from baton.worker.router.cli import add_router_command
     from baton.worker.serve_cli import add_worker_command
 
     add_worker_command(subparsers)  # `baton worker` (the HTTP API's part)
     add_router_command(subparsers)  # `baton router`
     add_bench_command(subparsers)  # `baton bench`
+    add_up_command(subparsers)  # `baton up`
     model = subparsers.add_parser("model", help="create or inspect models for the Baton engine")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
     model.set_defaults(func=lambda args: (model.print_help(), 2)[1])

@@ -28,10 +28,16 @@ class WebhookOptions:
     host: str = "127.0.0.1"  # how the apiserver reaches us (a Service DNS name in a cluster)
     certfile: str | None = None
     keyfile: str | None = None
+    # Whether kopf creates and patches the ValidatingWebhookConfiguration itself. The Helm chart sets
+    # BATON_WEBHOOK_MANAGED=0 and ships the configuration (a Service reference + its certificate as caBundle):
+    # kopf's managed mode also creates a MutatingWebhookConfiguration, and `create` on those cannot be limited
+    # to one name in RBAC -- an operator allowed to create mutating webhooks could intercept every pod.
+    managed: bool = True
 
 
 #: Set by `baton operator run` before kopf starts; read by the startup handler.
-OPTIONS = WebhookOptions(enabled=os.environ.get("BATON_WEBHOOK", "1") != "0")
+OPTIONS = WebhookOptions(enabled=os.environ.get("BATON_WEBHOOK", "1") != "0",
+                         managed=os.environ.get("BATON_WEBHOOK_MANAGED", "1") != "0")
 
 
 def self_signed_certificate(host: str, directory: Path) -> tuple[Path, Path]:
@@ -75,4 +81,5 @@ def configure_admission(settings: kopf.OperatorSettings, options: WebhookOptions
         certfile, keyfile = map(str, self_signed_certificate(options.host, Path(tempfile.mkdtemp(prefix="baton-webhook-"))))
     settings.admission.server = kopf.WebhookServer(addr=options.listen, port=options.port, host=options.host,
                                                    certfile=certfile, pkeyfile=keyfile)
-    settings.admission.managed = WEBHOOK_CONFIGURATION
+    if options.managed:
+        settings.admission.managed = WEBHOOK_CONFIGURATION

@@ -1,0 +1,43 @@
+# syntax=docker/dockerfile:1
+# The Baton worker image: `baton worker --role prefill|decode|both` and `baton router` (one image, three
+# roles; the operator renders pods that run it as uid 1000, all capabilities dropped).
+#
+#   CPU (default; torch pinned to the CPU wheel by constraints.txt, ~1 GB image):
+#     docker build -f docker/worker.Dockerfile --build-arg TORCH_INDEX=<PyTorch CPU wheel index URL> \
+#       -t baton/worker:0.1.0 .
+#   GPU: use a CUDA runtime base and the matching PyTorch CUDA wheel index, e.g.
+#     --build-arg PYTHON_IMAGE=<cuda-runtime image with Python 3.11> --build-arg TORCH_INDEX=<cu12x index>
+#     (GPU fleets normally run the vLLM engine image instead: spec.engine.kind=vllm; the router still uses
+#     this image). Pin every base image by digest: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...
+#   Without TORCH_INDEX, pip's configured index is used (on PyPI, Linux torch wheels pull CUDA libraries).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md constraints.txt ./
+COPY baton ./baton
+COPY operator ./operator
+COPY worker ./worker
+COPY e2e ./e2e
+RUN python -m venv /opt/baton \
+ && /opt/baton/bin/pip install --upgrade pip setuptools wheel \
+ && if [ -n "$TORCH_INDEX" ]; then /opt/baton/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch; fi \
+ && /opt/baton/bin/pip install -c constraints.txt ".[worker]" \
+ && /opt/baton/bin/python -m compileall -q /opt/baton \
+ && /opt/baton/bin/baton worker --help >/dev/null
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="baton-worker" \
+      org.opencontainers.image.description="Baton worker (prefill/decode/both) and router" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 1000 baton && useradd --system --uid 1000 --gid 1000 --create-home \
+      --home-dir /home/baton --shell /usr/sbin/nologin baton
+COPY --from=build /opt/baton /opt/baton
+ENV PATH=/opt/baton/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/home/baton
+USER 1000:1000
+WORKDIR /home/baton
+EXPOSE 8000
+ENTRYPOINT ["baton"]
+CMD ["worker", "--help"]

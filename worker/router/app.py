@@ -145,7 +145,8 @@ class _Hop(Exception):
 
 
 class _Request:
-    __slots__ = ("arrival", "done", "error", "finished", "first_at", "outcome", "tokens", "usage_tokens")
+    __slots__ = ("arrival", "done", "error", "finished", "first_at", "outcome", "recorded", "tokens",
+                 "usage_tokens")
 
     def __init__(self) -> None:
         self.arrival = time.monotonic()
@@ -156,6 +157,7 @@ class _Request:
         self.done = False
         self.error = False
         self.finished = False
+        self.recorded = False
 
     def scan(self, data: bytes) -> None:
         """Look at complete SSE events (for TTFT/TPOT and the outcome); never changes them."""
@@ -300,6 +302,11 @@ class Router:
             req.outcome = "error"
             return error_json("internal router error", status=500, type="internal_server_error")
         finally:
+            self._record(req)
+
+    def _record(self, req: _Request) -> None:
+        if not req.recorded:
+            req.recorded = True
             self.metrics.outcome(req.outcome)
 
     async def _handle(self, request: web.Request, path: str, req: _Request) -> web.StreamResponse:
@@ -533,6 +540,7 @@ class Router:
     def _finished(self, req: _Request, recompute: bool) -> None:
         req.finished = True
         req.outcome = "error" if req.error else ("fallback_recompute" if recompute else "ok")
+        self._record(req)  # now: the client may read [DONE] (and scrape) before this handler ends
         if req.error:
             return
         now = time.monotonic()

@@ -35,22 +35,35 @@ def build_prefill(token_lists: list[list[int]], block_tables: list[list[int]], b
 
 def build_decode(last_tokens: list[int], context_lens: list[int], block_tables: list[list[int]],
                  block_size: int, dtype: torch.dtype = torch.float32) -> ForwardBatch:
-    """One new token per sequence at position context_len - 1; keys are the first context_len cache slots."""
+    """One new token per sequence at position context_len - 1; keys are the first context_len cache slots.
+
+    Slots are computed in Python and every integer input travels in one `torch.tensor` call (this runs once
+    per decode step, for every running sequence, so it is kept to a handful of tensor ops)."""
     B = len(last_tokens)
-    ctx = torch.tensor(context_lens, dtype=torch.long)
-    nb = max(len(t) for t in block_tables)
-    flat: list[int] = []
+    nb = max(map(len, block_tables))
+    pos = [n - 1 for n in context_lens]
+    flat: list[int] = [*last_tokens, *pos]
+    flat += [t[p // block_size] * block_size + p % block_size for t, p in zip(block_tables, pos)]
     for t in block_tables:
         flat += t
         if len(t) < nb:
             flat += [0] * (nb - len(t))
-    table = torch.tensor(flat, dtype=torch.long)  # [B * nb]
-    pos = ctx - 1
-    slot_mapping = table[torch.arange(B) * nb + pos // block_size] * block_size + pos % block_size
+    data = torch.tensor(flat, dtype=torch.long)
+    positions = data[B:2 * B]
     L = nb * block_size
     # additive mask (faster than a boolean one in CPU SDPA): 0 where the key exists, -inf past the context
     mask = torch.zeros(B, 1, 1, L, dtype=dtype).masked_fill_(
-        (torch.arange(L)[None, :] >= ctx[:, None]).view(B, 1, 1, L), float("-inf"))
-    return ForwardBatch(input_ids=torch.tensor(last_tokens, dtype=torch.long), positions=pos,
-                        slot_mapping=slot_mapping, logits_index=torch.arange(B), is_prefill=False, num_seqs=B,
-                        kv_gather=table, kv_len=L, decode_mask=mask)
+        (_arange(L) > positions[:, None]).view(B, 1, 1, L), float("-inf"))
+    return ForwardBatch(input_ids=data[:B], positions=positions, slot_mapping=data[2 * B:3 * B],
+                        logits_index=None, is_prefill=False, num_seqs=B, kv_gather=data[3 * B:], kv_len=L,
+                        decode_mask=mask)
+
+
+_ARANGE = torch.arange(4096)
+
+
+def _arange(n: int) -> torch.Tensor:
+    global _ARANGE
+    if n > _ARANGE.shape[0]:
+        _ARANGE = torch.arange(max(n, 2 * _ARANGE.shape[0]))
+    return _ARANGE[:n]

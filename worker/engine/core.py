@@ -137,14 +137,18 @@ class EngineCore:
         fb = build_decode([s.output_ids[-1] for s in seqs], [s.num_tokens for s in seqs],
                           [s.block_ids for s in seqs], self.cache.block_size, self.model.dtype)
         logits = self.model.forward(fb, self.cache.layers)
-        next_tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        if all(s.greedy for s in seqs):
+            next_tokens = logits.argmax(dim=-1).tolist()
+        else:
+            next_tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         res.ran_forward = True
+        self.generation_tokens_total += len(seqs)
+        outputs = res.outputs
         for seq, tok in zip(seqs, next_tokens):
             out = seq.append_token(tok)
-            self.generation_tokens_total += 1
             if out.finished:
                 self.scheduler.remove(seq)
-            res.outputs.append(out)
+            outputs.append(out)
 
     def _lease(self, seq: Sequence) -> dict:
         self._lease_seq += 1

@@ -25,7 +25,7 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
     slot_mapping: torch.Tensor  # [T] long: flat cache slot (block * block_size + offset) for each token's K/V
-    logits_index: torch.Tensor  # [N] long: which of the T tokens produce logits
+    logits_index: torch.Tensor | None  # [N] long: which of the T tokens produce logits (None: all)
     is_prefill: bool
     num_seqs: int
     # prefill (every sequence starts at position 0): padded [B, Lp] layout of the T tokens
@@ -86,6 +86,7 @@ class LlamaModel:
                     del weights[name]
         self.max_len = max_len or cfg.max_position_embeddings
         self.cos, self.sin = rope_tables(cfg, self.max_len, dtype)
+        self.cos_sin = torch.stack((self.cos, self.sin), dim=1).unsqueeze(2)  # [max_len, 2, 1, D]: one gather
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
@@ -141,28 +142,25 @@ class LlamaModel:
         (or for every token with `all_logits`)."""
         cfg = self.cfg
         T = fb.input_ids.shape[0]
-        KV, D = cfg.num_kv_heads, cfg.head_dim
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rms, attention, linear, addmm, addcmul, silu = \
+            self._rms, self._attention, F.linear, torch.addmm, torch.addcmul, F.silu
         x = F.embedding(fb.input_ids, self.embed)
-        cos = self.cos[fb.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[fb.positions].unsqueeze(1)
+        cs = self.cos_sin.index_select(0, fb.positions)  # [T, 2, 1, D]
+        cos, sin = cs[:, 0], cs[:, 1]
         qs, kvs = self.q_size, self.kv_size
-        nqk = cfg.num_heads + KV
+        qk_end, v_end = qs + kvs, qs + 2 * kvs
+        nqk = H + KV
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            h = self._rms(x, layer.ln1)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # [T, q | k | v | rot(q) | rot(k)]
-            qk = qkv[:, :qs + kvs].view(T, nqk, D)
-            qk_rot = qkv[:, qs + 2 * kvs:].view(T, nqk, D)
-            qk = torch.addcmul(qk * cos, qk_rot, sin)  # RoPE: x*cos + rotate_half(x)*sin
-            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
-            v = qkv[:, qs + kvs:qs + 2 * kvs].view(T, KV, D)
-            attn = self._attention(q, k, v, k_cache, v_cache, fb)
-            x = torch.addmm(x, attn, layer.w_o.t())
-            h = self._rms(x, layer.ln2)
-            gu = F.linear(h, layer.w_gate_up, layer.b_gate_up)
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate).mul_(up)
-            x = torch.addmm(x, act, layer.w_down.t()) if layer.b_down is None else \
-                x + F.linear(act, layer.w_down, layer.b_down)
-        if not all_logits:
+            qkv = linear(rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)  # [T, q | k | v | rot(q) | rot(k)]
+            # RoPE: x*cos + rotate_half(x)*sin
+            qk = addcmul(qkv[:, :qk_end].view(T, nqk, D) * cos, qkv[:, v_end:].view(T, nqk, D), sin)
+            attn = attention(qk[:, :H], qk[:, H:], qkv[:, qk_end:v_end].view(T, KV, D), k_cache, v_cache, fb)
+            x = addmm(x, attn, layer.w_o.t())
+            gate, up = linear(rms(x, layer.ln2), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+            act = silu(gate).mul_(up)
+            x = addmm(x, act, layer.w_down.t()) if layer.b_down is None else \
+                x + linear(act, layer.w_down, layer.b_down)
+        if not all_logits and fb.logits_index is not None:
             x = x[fb.logits_index]
-        return F.linear(self._rms(x, self.norm), self.lm_head).float()
+        return linear(rms(x, self.norm), self.lm_head).float()

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from .sampling import is_greedy
 from .tokenizer import IncrementalDetokenizer
 from .types import FinishReason, GenerationRequest, SamplingParams, StepOutput
 
@@ -35,6 +36,7 @@ class Sequence:
         self.status = Status.WAITING
         self.block_ids: list[int] = []
         self.arrival = time.monotonic()
+        self.greedy = is_greedy(self.params)
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator()

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from baton.errors import CommandError  # re-exported: parts raise baton.cli.CommandError
+
 #: Modules that contribute subcommands; each exposes `register(subparsers) -> None` and sets
 #: `func(args) -> int` on its parsers via `set_defaults`.
 COMMAND_MODULES = (
@@ -19,8 +21,7 @@ COMMAND_MODULES = (
 )
 
 
-class CommandError(Exception):
-    """An error the user can act on; printed as one line, never as a traceback."""
+__all__ = ["COMMAND_MODULES", "CommandError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

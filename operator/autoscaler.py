@@ -90,6 +90,12 @@ DESIRED_REPLICAS = Gauge("baton_autoscaler_desired_replicas",
 DECISIONS = Counter("baton_autoscaler_decisions",
                     "Autoscaler evaluations per role, by the policy's reason (e.g. TTFTAboveSLO, WithinSLO).",
                     ["llmservice", "namespace", "role", "reason"])
+PROMETHEUS_UP = Gauge("baton_autoscaler_prometheus_up",
+                      "1 when the autoscaler's last Prometheus query for this LLMService succeeded, else 0.",
+                      ["llmservice", "namespace"])
+MAX_REPLICAS = Gauge("baton_autoscaler_max_replicas",
+                     "A role's autoscaling.maxReplicas (so 'stuck at max' is visible next to desired replicas).",
+                     ["llmservice", "namespace", "role"])
 _metrics_server: Any = None
 
 
@@ -120,11 +126,16 @@ def stop_metrics() -> None:
 
 def forget_metrics(namespace: str, name: str) -> None:
     """Drop a service's gauge series (autoscaling off, or the LLMService deleted)."""
-    for role in ROLES:
-        try:
-            DESIRED_REPLICAS.remove(name, namespace, role)
-        except KeyError:
-            pass
+    for gauge in (DESIRED_REPLICAS, MAX_REPLICAS):
+        for role in ROLES:
+            try:
+                gauge.remove(name, namespace, role)
+            except KeyError:
+                pass
+    try:
+        PROMETHEUS_UP.remove(name, namespace)
+    except KeyError:
+        pass
 
 
 def window_for(interval_s: float) -> float:
@@ -293,6 +304,9 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         emit("Normal", "PrometheusReachable", f"Prometheus at {spec.autoscaling.prometheus_url} answers again; "
              "autoscaling resumes")
     state.prometheus_ok = error is None
+    PROMETHEUS_UP.labels(name, namespace).set(1 if error is None else 0)
+    for role in ROLES:
+        MAX_REPLICAS.labels(name, namespace, role).set(getattr(config, role).max_replicas)
 
     async with lock:
         deployments = {}

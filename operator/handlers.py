@@ -19,6 +19,7 @@ from baton.operator.admission import review
 from baton.operator.kube import GROUP, PLURAL, VERSION, Kube
 from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
 from baton.operator.reconcile import reconcile
+from baton.operator.webhook import OPTIONS as WEBHOOK_OPTIONS
 from baton.operator.webhook import configure_admission
 
 log = logging.getLogger("baton.operator")
@@ -168,8 +169,12 @@ async def child_event(meta: kopf.Meta, namespace: str, memo: kopf.Memo, **_: Any
         _reconciler(memo).kick(namespace, owner)
 
 
-@kopf.on.validate(GROUP, VERSION, PLURAL, id="validate-llmservice", operations=["CREATE", "UPDATE"])
 def validate(body: kopf.Body, old: Any, **_: Any) -> None:
     problems = review(dict(body), dict(old) if old else None)
     if problems:
         raise kopf.AdmissionError("; ".join(problems), code=422)
+
+
+# kopf refuses to run admission handlers without a webhook server, so `--no-webhook` registers none.
+if WEBHOOK_OPTIONS.enabled:
+    kopf.on.validate(GROUP, VERSION, PLURAL, id="validate-llmservice", operations=["CREATE", "UPDATE"])(validate)

@@ -8,6 +8,7 @@ thread (`asyncio.to_thread`) from kopf's event loop.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,9 @@ class Kube:
         try:
             k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
-            k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            # $KUBECONFIG is read here, not at import: the client fixes its default path when first imported.
+            k8s_config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"),
+                                        client_configuration=configuration)
         return cls(k8s.ApiClient(configuration))
 
     def _call(self, method: str, path: str, *, body: Any = None, query: list[tuple[str, str]] | None = None,

@@ -36,15 +36,15 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import kopf
-
-    from baton.operator import autoscaler, webhook
-    from baton.operator.units import parse_duration
-
+    # Before importing kopf or the kubernetes client: the client fixes its default kubeconfig path at import.
     if args.kubeconfig:
         if not os.path.exists(args.kubeconfig):
             raise CommandError(f"kubeconfig {args.kubeconfig} does not exist")
         os.environ["KUBECONFIG"] = args.kubeconfig
+
+    import kopf
+    from baton.operator import autoscaler, webhook
+    from baton.operator.units import parse_duration
     webhook.OPTIONS.enabled = not args.no_webhook
     webhook.OPTIONS.listen, webhook.OPTIONS.port, webhook.OPTIONS.host = (args.webhook_listen, args.webhook_port,
                                                                             args.webhook_host)

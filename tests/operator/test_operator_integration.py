@@ -52,12 +52,18 @@ class Operator:
         self.webhook_port = free_port()
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, kubeconfig_flag: bool = False) -> None:
+        """Start; with `kubeconfig_flag`, the kubeconfig comes from `--kubeconfig` and $KUBECONFIG is unset."""
         env = os.environ | {"KUBECONFIG": self.kubeconfig, "OMP_NUM_THREADS": "1"}
+        extra = []
+        if kubeconfig_flag:
+            env.pop("KUBECONFIG")
+            extra = ["--kubeconfig", self.kubeconfig]
         log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child process)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--webhook-port", str(self.webhook_port),
-             "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", "", "--metrics-port", "0"],
+             "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", "", "--metrics-port", "0",
+             *extra],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
@@ -260,7 +266,7 @@ def test_restart_converges_without_duplicates(operator, kubectl, namespace):
     operator.kill()
     # Changed while the operator is down (no webhook either, so bypass it by editing a child directly).
     kubectl("delete", "deployment", f"{name}-router", "-n", namespace, "--wait=false", check=True)
-    operator.start()
+    operator.start(kubeconfig_flag=True)
     wait_for("the router Deployment to be recreated after restart",
              lambda: f"{name}-router" in deployments(kubectl, namespace, name), timeout=60)
     wait_ready(kubectl, namespace, name, operator)
@@ -304,3 +310,10 @@ def test_bad_manifests_are_refused_without_disturbing_running_ones(operator, kub
     after = get_json(kubectl, "llmservice", name, "-n", namespace)["metadata"]
     assert after["generation"] == before["generation"]
     assert get_json(kubectl, "llmservice", "-n", namespace)["items"].__len__() == 1
+
+
+def test_missing_kubeconfig_is_one_clear_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "baton.cli", "operator", "run", "--kubeconfig",
+                          str(tmp_path / "nope")], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr

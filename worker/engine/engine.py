@@ -326,14 +326,9 @@ class BatonEngine:
                         await self._sleep(self._idle_timeout())
                         if self._stopping:
                             break
-                    pending = loop.run_in_executor(self._executor, core.step)
+                    pending = loop.run_in_executor(self._executor, self._steps if self.overlap_steps else core.step)
                 res = await pending
                 pending = None
-                if self.overlap_steps and (res.ran_forward or res.outputs) and core.has_work() \
-                        and not self._stopping:
-                    # pipeline: the next step computes while this one's outputs are handed out
-                    self._wake.clear()
-                    pending = loop.run_in_executor(self._executor, core.step)
                 self._deliver(res)
                 if pending is None and not res.ran_forward and not res.outputs:
                     # nothing runnable (waiting for blocks held by leases/imports): sleep until something changes
@@ -345,6 +340,17 @@ class BatonEngine:
             self.loop_error = exc
             for q in self._streams.values():
                 q.put_nowait(EngineError(f"engine loop failed: {exc}"))
+
+    def _steps(self):
+        """Engine thread, overlap_steps: run steps back to back while there is work, handing each step's
+        outputs to the event loop as it goes (the next step computes while the loop delivers them, and the
+        thread never waits for the loop); the last step's result is returned for `_run` to deliver."""
+        core, loop, deliver = self.core, self._loop, self._deliver
+        res = core.step()
+        while (res.ran_forward or res.outputs) and not self._stopping and core.has_work():
+            loop.call_soon_threadsafe(deliver, res)
+            res = core.step()
+        return res
 
     def _deliver(self, res) -> None:
         streams = self._streams

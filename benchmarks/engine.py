@@ -9,6 +9,11 @@ existing ones. Every request in a batch has a different prompt length (16..47 to
 `--max-tokens` tokens (eos ignored), so both sides do the same work; HF gets the batch left-padded in one
 `generate` call. Throughput = generated tokens / wall time of the whole batch; TTFT = time from submitting the
 batch to a request's first token (HF: to the first streamer callback with new tokens). Medians over repeats.
+
+Both sides run with the same number of torch threads (`--threads`, default 1; Baton's event loop and engine
+thread are Python threads around that), float32, greedy, KV cache on; HF uses its `sdpa` attention. Each
+batch size is warmed up on both sides first, then Baton and HF runs alternate (one of each per repeat), so
+load from other processes on the machine affects both alike; `ratio` is the median of the per-repeat ratios.
 """
 from __future__ import annotations
 
@@ -101,30 +106,35 @@ def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, re
     from transformers import AutoModelForCausalLM
 
     rows = []
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
     engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512)
     prompts_by_batch = {b: _prompts(engine.tokenizer, b) for b in batches}
 
-    async def run_baton():
+    async def run_both():
         results = {}
         async with engine:
-            await _baton_run(engine, prompts_by_batch[min(batches)], 4)  # warm-up
             for b in batches:
-                runs = [await _baton_run(engine, prompts_by_batch[b], max_tokens) for _ in range(repeats)]
+                await _baton_run(engine, prompts_by_batch[b], 4)  # warm-up at this batch size, both sides
+                _hf_run(hf, prompts_by_batch[b], 4, pad_id)
+                runs = []
+                for _ in range(repeats):  # interleaved, so a change in machine load hits both sides alike
+                    runs.append((await _baton_run(engine, prompts_by_batch[b], max_tokens),
+                                 _hf_run(hf, prompts_by_batch[b], max_tokens, pad_id)))
                 results[b] = runs
         return results
 
-    baton = asyncio.run(run_baton())
-    _hf_run(hf, prompts_by_batch[min(batches)], 4, pad_id)  # warm-up
+    both = asyncio.run(run_both())
     for b in batches:
-        hf_runs = [_hf_run(hf, prompts_by_batch[b], max_tokens, pad_id) for _ in range(repeats)]
-        bt = statistics.median(r[0] for r in baton[b])
-        bf = statistics.median(r[1] for r in baton[b])
+        baton = [r[0] for r in both[b]]
+        hf_runs = [r[1] for r in both[b]]
+        bt = statistics.median(r[0] for r in baton)
+        bf = statistics.median(r[1] for r in baton)
         ht = statistics.median(r[0] for r in hf_runs)
         hf_ttft = statistics.median(r[1] for r in hf_runs)
-        rows.append({"model": label, "batch": b, "baton_tps": bt, "hf_tps": ht, "ratio": bt / ht, "baton_ttft": bf * 1000,
-                         "hf_ttft": hf_ttft * 1000})
+        ratio = statistics.median(x[0] / y[0] for x, y in zip(baton, hf_runs))
+        rows.append({"model": label, "batch": b, "baton_tps": bt, "hf_tps": ht, "ratio": ratio,
+                     "baton_ttft": bf * 1000, "hf_ttft": hf_ttft * 1000})
         print(f"  {label} batch {b}: baton {bt:.0f} tok/s, hf {ht:.0f} tok/s", file=sys.stderr, flush=True)
     return rows
 

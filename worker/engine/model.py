@@ -46,6 +46,9 @@ def _rotate_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat((-x[:, half:], x[:, :half]), dim=1).reshape(shape)
 
 
+FOLD_ROPE_BELOW_HIDDEN = 512
+
+
 class Layer:
     __slots__ = ("b_down", "b_gate_up", "b_qkv", "ln1", "ln2", "w_down", "w_gate_up", "w_o", "w_qkv")
 
@@ -60,6 +63,7 @@ class LlamaModel:
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.fold_rope = cfg.hidden_size < FOLD_ROPE_BELOW_HIDDEN
         self.layers: list[Layer] = []
         for n in range(cfg.num_layers):
             p = f"model.layers.{n}."
@@ -67,12 +71,17 @@ class LlamaModel:
             layer.ln1 = weights[p + "input_layernorm.weight"]
             layer.ln2 = weights[p + "post_attention_layernorm.weight"]
             wq, wk, wv = (weights[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
-            # q|k|v plus rotate_half(q)|rotate_half(k): RoPE then needs no shuffling at run time (see `forward`)
-            layer.w_qkv = torch.cat([wq, wk, wv, _rotate_rows(wq, cfg.head_dim), _rotate_rows(wk, cfg.head_dim)])
+            # small models: q|k|v plus rotate_half(q)|rotate_half(k), so RoPE needs no shuffling at run time
+            # (see `forward`); that adds (q + k) / (q + k + v) to the qkv matmul, which only pays off while
+            # per-op overhead rather than matmul time dominates
+            rot = self.fold_rope
+            ws = [wq, wk, wv] + ([_rotate_rows(wq, cfg.head_dim), _rotate_rows(wk, cfg.head_dim)] if rot else [])
+            layer.w_qkv = torch.cat(ws)
             layer.b_qkv = None
             if cfg.attention_bias:
                 bq, bk, bv = (weights[p + f"self_attn.{x}_proj.bias"] for x in "qkv")
-                layer.b_qkv = torch.cat([bq, bk, bv, _rotate_rows(bq, cfg.head_dim), _rotate_rows(bk, cfg.head_dim)])
+                bs = [bq, bk, bv] + ([_rotate_rows(bq, cfg.head_dim), _rotate_rows(bk, cfg.head_dim)] if rot else [])
+                layer.b_qkv = torch.cat(bs)
             layer.w_o = weights[p + "self_attn.o_proj.weight"]
             layer.w_gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
             layer.b_gate_up = (torch.cat([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]])
@@ -151,10 +160,16 @@ class LlamaModel:
         qs, kvs = self.q_size, self.kv_size
         qk_end, v_end = qs + kvs, qs + 2 * kvs
         nqk = H + KV
+        fold, half = self.fold_rope, D // 2
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            qkv = linear(rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)  # [T, q | k | v | rot(q) | rot(k)]
+            qkv = linear(rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)  # [T, q | k | v (| rot(q) | rot(k))]
             # RoPE: x*cos + rotate_half(x)*sin
-            qk = addcmul(qkv[:, :qk_end].view(T, nqk, D) * cos, qkv[:, v_end:].view(T, nqk, D), sin)
+            qk = qkv[:, :qk_end].view(T, nqk, D)
+            if fold:
+                qk_rot = qkv[:, v_end:].view(T, nqk, D)
+            else:
+                qk_rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
+            qk = addcmul(qk * cos, qk_rot, sin)
             attn = attention(qk[:, :H], qk[:, H:], qkv[:, qk_end:v_end].view(T, KV, D), k_cache, v_cache, fb)
             x = addmm(x, attn, layer.w_o.t())
             gate, up = linear(rms(x, layer.ln2), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)

@@ -318,6 +318,10 @@ class LocalFleet:
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         base_env = dict(os.environ if self.env is None else self.env)
+        if self.plan.kv_transport and not base_env.get("BATON_KV_SECRET"):
+            import secrets  # one random secret per fleet: KV transfers between its workers are authenticated
+
+            base_env["BATON_KV_SECRET"] = secrets.token_hex(16)
         for spec in self.plan.procs:
             env = dict(base_env)
             if spec.threads is not None:

@@ -289,6 +289,8 @@ def test_openai_client_through_baton_up_equals_colocated(up, reference):
     fleet = u.fleet()
     assert [p["role"] for p in fleet["processes"]] == ["prefill", "decode", "router"]
     assert all(Path(p["log"]).is_file() for p in fleet["processes"])
+    if fleet["kv_transport"]:  # baton up gives its workers a shared random secret for KV transfers
+        assert not any("BATON_KV_SECRET is not set" in Path(p["log"]).read_text() for p in fleet["processes"])
 
     via_up = openai.OpenAI(base_url=endpoint, api_key="x", max_retries=0, timeout=60)
     colocated = openai.OpenAI(base_url=reference, api_key="x", max_retries=0, timeout=60)

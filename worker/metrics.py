@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from baton.worker.engine.types import EngineStats
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -82,6 +82,46 @@ class _EngineStatsCollector(Collector):
         )
         c.add_metric(self._values, float(s.num_preemptions_total))
         out.append(c)
+        out.extend(self._kv_metrics(s))
+        return out
+
+    def _kv_metrics(self, s: EngineStats) -> list[Metric]:
+        """KV handoff (decode side imports): baton_kv_transfer_*, and the transport actually in use."""
+        names, values = self._names, self._values
+        out: list[Metric] = []
+        if s.kv_transport:
+            info = GaugeMetricFamily(
+                "baton_kv_transport_info",
+                "KV transport actually moving the bytes (tcp, ucx-tcp, rdma, inprocess); value is always 1.",
+                labels=names + ["transport"],
+            )
+            info.add_metric(values + [s.kv_transport], 1.0)
+            out.append(info)
+        h = HistogramMetricFamily(
+            "baton_kv_transfer_seconds",
+            "Time to import one request's KV cache from the prefill worker.",
+            labels=names,
+        )
+        buckets = s.kv_transfer_seconds_buckets or ((float("inf"), s.kv_transfers_total),)
+        h.add_metric(
+            values,
+            [("+Inf" if le == float("inf") else str(le), float(n)) for le, n in buckets],
+            float(s.kv_transfer_seconds_total),
+        )
+        out.append(h)
+        b = CounterMetricFamily(
+            "baton_kv_transfer_bytes", "Bytes of KV cache imported from prefill workers.", labels=names
+        )
+        b.add_metric(values, float(s.kv_transfer_bytes_total))
+        out.append(b)
+        f = CounterMetricFamily(
+            "baton_kv_transfer_failures",
+            "KV imports that failed, by reason (auth, timeout, connection, integrity, lease, ...).",
+            labels=names + ["reason"],
+        )
+        for reason, n in sorted((s.kv_transfer_failures or {}).items()):
+            f.add_metric(values + [reason], float(n))
+        out.append(f)
         return out
 
 

@@ -15,6 +15,8 @@ import socket
 from pathlib import Path
 
 ROLES = ("both", "prefill", "decode")
+KV_TRANSPORTS = ("auto", "tcp", "nixl", "inprocess")
+DEFAULT_KV_PORT = 14579
 
 
 def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +60,32 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         default=os.environ.get("BATON_NAMESPACE", ""),
         help="`namespace` metric label (default: env BATON_NAMESPACE)",
     )
+    p.add_argument(
+        "--kv-transport",
+        choices=KV_TRANSPORTS,
+        default=None,
+        help="how prefill and decode workers move KV caches: auto (NIXL when installed and working, "
+        "else TCP), tcp, nixl, inprocess (default: env BATON_KV_TRANSPORT, else auto; a `both` worker "
+        "gets one only when asked)",
+    )
+    p.add_argument(
+        "--kv-port",
+        type=int,
+        default=os.environ.get("BATON_KV_PORT", str(DEFAULT_KV_PORT)),
+        help=f"port a prefill worker serves KV caches on; 0: any free one (default: env BATON_KV_PORT, "
+        f"else {DEFAULT_KV_PORT})",
+    )
+    p.add_argument(
+        "--kv-host",
+        default=None,
+        help="address of this worker that peers use for KV transfers (default: env POD_IP, else 127.0.0.1)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="devices per model replica; the Baton engine runs on one (only 1 is accepted)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_worker)
 
@@ -97,6 +125,19 @@ def build_engine(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} must be at least 1")
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp != 1:
+        raise CommandError(
+            f"--tensor-parallel-size {tp}: the Baton engine runs on a single device; use 1, or the vLLM "
+            "engine for tensor parallelism"
+        )
+    kv_kind = kv_transport_kind(args)
+    if kv_kind is not None and kv_kind not in KV_TRANSPORTS:
+        raise CommandError(
+            f"BATON_KV_TRANSPORT={kv_kind!r} is not one of {', '.join(KV_TRANSPORTS)}"
+        )
+    if not 0 <= getattr(args, "kv_port", 0) <= 65535:
+        raise CommandError("--kv-port must be in 0..65535")
     try:
         from baton.worker.engine import engine as engine_module  # noqa: F401 - torch etc. present?
     except ModuleNotFoundError as exc:
@@ -119,7 +160,21 @@ def _construct_engine(args: argparse.Namespace):
         kwargs["num_kv_blocks"] = args.kv_blocks
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    kind = kv_transport_kind(args)
+    if kind is None and args.role != "both":
+        kind = "auto"
+    if kind is not None:
+        from baton.worker.kv.factory import make_transport
+
+        kwargs["kv_transport"] = make_transport(
+            kind, role=args.role, host=getattr(args, "kv_host", None), port=getattr(args, "kv_port", 0)
+        )
     return BatonEngine.from_pretrained(args.model, **kwargs)
+
+
+def kv_transport_kind(args: argparse.Namespace) -> str | None:
+    """--kv-transport, else env BATON_KV_TRANSPORT, else None (the role's default)."""
+    return getattr(args, "kv_transport", None) or os.environ.get("BATON_KV_TRANSPORT") or None
 
 
 def served_model_name(args: argparse.Namespace) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from typing import Self
 
 import torch
 
-from ..kv.base import KVLayout, KVTransport
+from ..kv.base import FAILURE_REASONS, KVLayout, KVTransport, TransferHistogram, failure_reason
 from .config import ModelLoadError
 from .core import EngineCore, new_engine_id
 from .kv_cache import PagedKVCache
@@ -62,6 +63,14 @@ class _Sink:
 
     def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self._core.write_layer(self.block_ids, layer, k, v)
+
+    def direct_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the destination blocks in `layer` when they are one ascending run (receive in place)."""
+        ids = self.block_ids
+        if not ids or ids[-1] - ids[0] != len(ids) - 1 or any(b - a != 1 for a, b in itertools.pairwise(ids)):
+            return None
+        k, v = self._core.cache.layers[layer]
+        return k[ids[0]:ids[-1] + 1], v[ids[0]:ids[-1] + 1]
 
 
 class BatonEngine:
@@ -132,6 +141,8 @@ class BatonEngine:
         self.kv_transfers_total = 0
         self.kv_transfer_bytes_total = 0
         self.kv_transfer_seconds_total = 0.0
+        self.kv_transfer_seconds = TransferHistogram()
+        self.kv_transfer_failures = dict.fromkeys(FAILURE_REASONS, 0)
         self.loop_error: BaseException | None = None
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -310,7 +321,9 @@ class BatonEngine:
         s.kv_transfers_total = self.kv_transfers_total
         s.kv_transfer_bytes_total = self.kv_transfer_bytes_total
         s.kv_transfer_seconds_total = self.kv_transfer_seconds_total
-        s.kv_transport = self.kv_transport.name if self.kv_transport else None
+        s.kv_transport = self.kv_transport.transport if self.kv_transport else None
+        s.kv_transfer_seconds_buckets = self.kv_transfer_seconds.cumulative()
+        s.kv_transfer_failures = dict(self.kv_transfer_failures)
         return s
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -385,6 +398,7 @@ class BatonEngine:
             self.kv_transfers_total += 1
             self.kv_transfer_bytes_total += stats.num_bytes
             self.kv_transfer_seconds_total += stats.seconds
+            self.kv_transfer_seconds.observe(stats.seconds)
             if self.on_kv_transfer is not None:
                 self.on_kv_transfer(stats.seconds, stats.num_bytes)
         except asyncio.CancelledError:
@@ -396,6 +410,9 @@ class BatonEngine:
             log.exception("KV import failed")
             err = KVTransferFailed(f"KV import failed: {exc}")
         finally:
+            if err is not None:
+                reason = failure_reason(err)
+                self.kv_transfer_failures[reason] = self.kv_transfer_failures.get(reason, 0) + 1
             self.core.imports_done.append((seq, err))
             if self._wake is not None:
                 self._wake.set()

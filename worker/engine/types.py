@@ -101,6 +101,8 @@ class EngineStats:
     kv_transfers_total: int = 0
     kv_transfer_bytes_total: int = 0
     kv_transfer_seconds_total: float = 0.0
+    kv_transfer_seconds_buckets: tuple = ()  # ((le, cumulative count), ...) of baton_kv_transfer_seconds
+    kv_transfer_failures: dict = field(default_factory=dict)  # reason -> failed imports
 
 
 class Tokenizer(Protocol):

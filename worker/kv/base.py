@@ -112,7 +112,12 @@ class KVSource(Protocol):
 
 
 class KVSink(Protocol):
-    """Import side for one request, implemented by the decode engine (its own freshly allocated blocks)."""
+    """Import side for one request, implemented by the decode engine (its own freshly allocated blocks).
+
+    A sink may also offer `direct_layer(layer) -> (k, v) | None`: writable, contiguous views of its own
+    destination blocks in `layer` (`[len(block_ids), block_size, kv_heads, head_dim]`), when they are one
+    contiguous run. A network backend then receives straight into the cache (no staging buffer, no copy) and
+    does not call `write_layer` for that layer."""
 
     layout: KVLayout
     block_ids: list[int]  # destination blocks, same count and order as the remote ones
@@ -120,12 +125,72 @@ class KVSink(Protocol):
     def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
 
+#: `baton_kv_transfer_seconds` buckets (a transfer is one request's whole KV, every layer)
+KV_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: `baton_kv_transfer_failures_total{reason}` values (all present from the start, so rate() works at once)
+FAILURE_REASONS = ("auth", "timeout", "connection", "integrity", "lease", "layout", "protocol", "cancelled",
+                   "other")
+
+
+def kv_failure(message: str, reason: str) -> KVTransferFailed:
+    """A KVTransferFailed that carries the `reason` label of baton_kv_transfer_failures_total."""
+    exc = KVTransferFailed(message)
+    exc.reason = reason if reason in FAILURE_REASONS else "other"
+    return exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The metric reason of a failed import (explicit `reason`, else guessed from the message)."""
+    reason = getattr(exc, "reason", None)
+    if reason in FAILURE_REASONS:
+        return reason
+    msg = str(exc).lower()
+    for words, reason in ((("expired", "unknown", "already pulled", "lease"), "lease"),
+                          (("layout",), "layout"), (("authenticat", "secret"), "auth"),
+                          (("timed out", "timeout"), "timeout"), (("integrity", "checksum"), "integrity"),
+                          (("cancel",), "cancelled"),
+                          (("reachable", "connection", "closed", "refused"), "connection")):
+        if any(w in msg for w in words):
+            return reason
+    return "other"
+
+
+class TransferHistogram:
+    """Cumulative histogram of transfer durations, kept by the engine and read at scrape time."""
+
+    def __init__(self, buckets: tuple[float, ...] = KV_TRANSFER_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self._counts = [0] * (len(self.buckets) + 1)  # last: > every bound
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self._counts[i] += 1
+                return
+        self._counts[-1] += 1
+
+    def cumulative(self) -> tuple[tuple[float, int], ...]:
+        """((le, count of observations <= le), ..., (inf, total))."""
+        out, total = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self._counts):
+            total += n
+            out.append((bound, total))
+        return tuple(out)
+
+
 class KVTransport(abc.ABC):
     """One backend. An engine owns one instance: `start(source)` serves its leases (prefill side, may be None
     on a pure decode worker), `pull` imports a remote request's KV (decode side)."""
 
-    #: reported as `baton_kv_transport_info{transport=...}` (the backend actually in use)
+    #: the backend (`tcp`, `nixl`, `inprocess`)
     name: str = "abstract"
+
+    @property
+    def transport(self) -> str:
+        """What actually moves the bytes, reported as `baton_kv_transport_info{transport=...}` (`tcp`,
+        `ucx-tcp`, `rdma`, ...), so that a silent RDMA -> TCP fallback is visible. Default: `name`."""
+        return self.name
 
     @abc.abstractmethod
     async def start(self, source: KVSource | None) -> None: ...

@@ -92,30 +92,19 @@ def test_prometheusrule_only_with_the_crd_and_with_the_chart_targets(render):
 # ----------------------------------------------------------------------------------- against real servers
 
 #: Series the operator's autoscaler exports. The autoscaler needs a cluster, an LLMService and Prometheus, so
-#: this stand-in serves the autoscaler module's own metric objects (names + labels) with synthetic values,
-#: plus the gauges the alerts expect that it does not define yet (listed in tools/prometheus_rules.py).
+#: this stand-in serves the autoscaler module's own metric objects (names + labels) with synthetic values.
 AUTOSCALER_STUB = textwrap.dedent("""
     import sys, time
-    from prometheus_client import REGISTRY, Counter, Gauge, start_http_server
-    try:
-        from baton.operator import autoscaler as a
-        desired, decisions = a.DESIRED_REPLICAS, a.DECISIONS
-    except Exception:  # the autoscaler module is not there: the same names and labels
-        desired = Gauge("baton_autoscaler_desired_replicas", "", ["llmservice", "namespace", "role"])
-        decisions = Counter("baton_autoscaler_decisions", "", ["llmservice", "namespace", "role", "reason"])
-    names = {m.name for m in REGISTRY.collect()}
-    up = Gauge("baton_autoscaler_prometheus_up", "", ["llmservice", "namespace"]) \\
-        if "baton_autoscaler_prometheus_up" not in names else None
-    mx = Gauge("baton_autoscaler_max_replicas", "", ["llmservice", "namespace", "role"]) \\
-        if "baton_autoscaler_max_replicas" not in names else None
+    from prometheus_client import start_http_server
+    from baton.operator import autoscaler as a
     svc = dict(llmservice=sys.argv[2], namespace=sys.argv[3])
     start_http_server(int(sys.argv[1]), addr="127.0.0.1")
-    if up: up.labels(**svc).set(1)
+    a.PROMETHEUS_UP.labels(**svc).set(1)
     while True:
         for role in ("prefill", "decode"):
-            desired.labels(**svc, role=role).set(2)
-            if mx: mx.labels(**svc, role=role).set(8)
-            decisions.labels(**svc, role=role, reason="WithinSLO").inc()
+            a.DESIRED_REPLICAS.labels(**svc, role=role).set(2)
+            a.MAX_REPLICAS.labels(**svc, role=role).set(8)
+            a.DECISIONS.labels(**svc, role=role, reason="WithinSLO").inc()
         time.sleep(1)
 """)
 

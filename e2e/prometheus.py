@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Self
 
 import yaml
+from baton.e2e.cluster import free_port
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"
 
@@ -48,12 +48,6 @@ def prometheus_binary() -> str:
     if not found:
         raise PrometheusNotInstalled(f"the prometheus server binary is not installed; run `{INSTALL_HINT}`")
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class LocalPrometheus:

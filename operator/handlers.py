@@ -16,11 +16,11 @@ from typing import Any
 import kopf
 from baton.operator import autoscaler
 from baton.operator.admission import review
-from baton.operator.kube import GROUP, PLURAL, VERSION, Kube
+from baton.operator.kube import GROUP, PLURAL, VERSION, Kube, KubeError
 from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
 from baton.operator.reconcile import reconcile
 from baton.operator.webhook import OPTIONS as WEBHOOK_OPTIONS
-from baton.operator.webhook import configure_admission
+from baton.operator.webhook import WEBHOOK_CONFIGURATION, configure_admission, remove_managed_configuration
 
 log = logging.getLogger("baton.operator")
 
@@ -104,6 +104,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.cleanup()
 def stop_metrics(**_: Any) -> None:
     autoscaler.stop_metrics()
+
+
+@kopf.on.cleanup()
+def remove_webhook_configuration(memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    try:
+        if remove_managed_configuration(_reconciler(memo).kube):
+            logger.info(f"removed the webhook configuration {WEBHOOK_CONFIGURATION!r} that pointed at this process")
+    except KubeError as exc:  # exiting anyway; the next operator start replaces it
+        logger.warning(f"could not remove the webhook configuration {WEBHOOK_CONFIGURATION!r}: {exc}")
 
 
 async def _reconcile_now(name: str, namespace: str, memo: kopf.Memo) -> None:

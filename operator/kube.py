@@ -44,6 +44,10 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("policy/v1beta1", "PodDisruptionBudget"): KindInfo("/apis/policy", "poddisruptionbudgets"),
     ("policy/v1", "PodDisruptionBudget"): KindInfo("/apis/policy", "poddisruptionbudgets"),
     (f"{GROUP}/{VERSION}", "LLMService"): KindInfo(f"/apis/{GROUP}", PLURAL),
+    ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"):
+        KindInfo("/apis/admissionregistration.k8s.io", "validatingwebhookconfigurations", namespaced=False),
+    ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"):
+        KindInfo("/apis/admissionregistration.k8s.io", "mutatingwebhookconfigurations", namespaced=False),
 }
 
 

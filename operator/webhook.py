@@ -13,8 +13,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import kopf
+
+if TYPE_CHECKING:
+    from baton.operator.kube import Kube
 
 #: The ValidatingWebhookConfiguration kopf creates and keeps up to date.
 WEBHOOK_CONFIGURATION = "baton.dev"
@@ -70,6 +74,22 @@ def self_signed_certificate(host: str, directory: Path) -> tuple[Path, Path]:
                                            serialization.NoEncryption()))
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def remove_managed_configuration(kube: Kube, options: WebhookOptions | None = None) -> bool:
+    """On a clean exit, delete the webhook configurations kopf created for this operator.
+
+    They point at this process with `failurePolicy: Fail`: left behind, every later create or update of an
+    LLMService would be refused until an operator runs again. Only in kopf's managed mode (local runs); the
+    Helm chart owns its configuration. Returns whether anything was deleted.
+    """
+    options = options or OPTIONS
+    if not (options.enabled and options.managed):
+        return False
+    deleted = False
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        deleted |= kube.delete("admissionregistration.k8s.io/v1", kind, None, WEBHOOK_CONFIGURATION)
+    return deleted
 
 
 def configure_admission(settings: kopf.OperatorSettings, options: WebhookOptions | None = None) -> None:

@@ -11,42 +11,25 @@ Status (`slo`, `lastScaleReason`), Events and the operator's own metrics endpoin
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
-from baton.e2e.prometheus import free_port
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 
 pytestmark = pytest.mark.integration
+
+from baton.e2e.processes import OperatorProcess as Operator
+from baton.e2e.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 INTERVAL = 2.0
-
-
-def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.3, log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # noqa: BLE001 - not there yet
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n{log()}")
 
 
 class RouterLoad:
@@ -95,42 +78,6 @@ class RouterLoad:
         self.server.server_close()
 
 
-class Operator:
-    """`baton operator run` as a child process (the autoscaler runs inside it)."""
-
-    def __init__(self, kubeconfig: str, log_path: Path) -> None:
-        self.kubeconfig, self.log_path = kubeconfig, log_path
-        self.metrics_port, self.webhook_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = os.environ | {"KUBECONFIG": self.kubeconfig, "OMP_NUM_THREADS": "1"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--liveness", "",
-                 "--webhook-port", str(self.webhook_port), "--webhook-listen", "127.0.0.1",
-                 "--webhook-host", "127.0.0.1",
-                 "--metrics-port", str(self.metrics_port), "--metrics-listen", "127.0.0.1",
-                 "--autoscaler-window", "10s"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def log_tail(self, n: int = 80) -> str:
-        return "operator log:\n" + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
 @pytest.fixture
 def crd(local_cluster, kubectl):
     kubectl("apply", "-f", str(REPO / "crds" / "llmservice.yaml"), check=True)
@@ -161,7 +108,8 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
 
     load = RouterLoad(name, namespace)
     local_prometheus.set_targets([load.target])
-    op = Operator(str(kubeconfig), tmp_path / "operator.log")
+    op = Operator(str(kubeconfig), tmp_path / "operator.log", metrics=True,
+                  extra_args=("--autoscaler-window", "10s"))
     op.start()
     try:
         local_prometheus.wait_for_targets(scrapes=1)
@@ -171,7 +119,7 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
             return out.returncode == 0 and str(op.webhook_port) in json.loads(out.stdout)["webhooks"][0][
                 "clientConfig"].get("url", "")
 
-        wait_for("the operator to register its admission webhook", webhook_registered, timeout=60, log=op.log_tail)
+        wait_for("the operator to register its admission webhook", webhook_registered, timeout=60, diagnostics=op.log_tail)
         kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=True)
 
         def status() -> dict:
@@ -188,14 +136,14 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
 
         # Baseline: within SLO, status.slo filled in, nothing scales.
         s = wait_for("SLOMet True with measured p90s", lambda: (s := status()) and
-                     condition(s, "SLOMet").get("status") == "True" and s, timeout=60, log=op.log_tail)
+                     condition(s, "SLOMet").get("status") == "True" and s, timeout=60, diagnostics=op.log_tail)
         assert condition(s, "SLOMet")["reason"] == "WithinSLO"
         assert s["slo"]["window"] == "10s" and s["slo"]["ttftP90"].endswith("ms") and s["slo"]["attainment"] >= 0.9
         assert replicas() == {"prefill": 1, "decode": 1, "router": 1}
 
         # 1. TTFT step: prefill up, decode stays.
         load.ttft = 1.2
-        wait_for("prefill to scale up", lambda: replicas()["prefill"] > 1, timeout=40, log=op.log_tail)
+        wait_for("prefill to scale up", lambda: replicas()["prefill"] > 1, timeout=40, diagnostics=op.log_tail)
         assert replicas()["decode"] == 1
         s = wait_for("status.prefill.lastScaleReason", lambda: (s := status()).get("prefill", {})
                      .get("lastScaleReason") and s, timeout=10)
@@ -209,7 +157,7 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
 
         # 2. TPOT step: decode up, prefill stays (TTFT recovered; prefill warms up and never scales down here).
         load.ttft, load.tpot = 0.08, 0.12
-        wait_for("decode to scale up", lambda: replicas()["decode"] > 1, timeout=40, log=op.log_tail)
+        wait_for("decode to scale up", lambda: replicas()["decode"] > 1, timeout=40, diagnostics=op.log_tail)
         assert replicas()["prefill"] == prefill_after
         s = wait_for("status.decode.lastScaleReason", lambda: (s := status()).get("decode", {})
                      .get("lastScaleReason") and s, timeout=10)
@@ -227,7 +175,7 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
         load.tpot = 0.3  # would call for more decode if anyone could see it
         s = wait_for("SLOMet Unknown/PrometheusUnreachable", lambda: (s := status()) and
                      condition(s, "SLOMet").get("reason") == "PrometheusUnreachable" and s, timeout=30,
-                     log=op.log_tail)
+                     diagnostics=op.log_tail)
         assert condition(s, "SLOMet")["status"] == "Unknown"
         assert local_prometheus.url in condition(s, "SLOMet")["message"]
         time.sleep(3 * INTERVAL)

@@ -6,9 +6,6 @@ tests also cover the CLI, the admission webhook's TLS set-up and restart behavio
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,68 +16,12 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
+from baton.e2e.processes import OperatorProcess as Operator
+from baton.e2e.processes import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
 BAD = sorted((REPO / "tests" / "operator" / "bad").glob("*.yaml"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # noqa: BLE001  the thing may not exist yet
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-
-class Operator:
-    """`baton operator run` as a child process, with its log kept for failure messages."""
-
-    def __init__(self, kubeconfig: str, log_path: Path) -> None:
-        self.kubeconfig, self.log_path = kubeconfig, log_path
-        self.webhook_port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, kubeconfig_flag: bool = False) -> None:
-        """Start; with `kubeconfig_flag`, the kubeconfig comes from `--kubeconfig` and $KUBECONFIG is unset."""
-        env = os.environ | {"KUBECONFIG": self.kubeconfig, "OMP_NUM_THREADS": "1"}
-        extra = []
-        if kubeconfig_flag:
-            env.pop("KUBECONFIG")
-            extra = ["--kubeconfig", self.kubeconfig]
-        log = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child process)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "baton.cli", "operator", "run", "-A", "--webhook-port", str(self.webhook_port),
-             "--webhook-listen", "127.0.0.1", "--webhook-host", "127.0.0.1", "--liveness", "", "--metrics-port", "0",
-             *extra],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +47,7 @@ def operator(local_cluster, kubeconfig, crd, kubectl, tmp_path_factory):
         wait_for("the operator to register its admission webhook", webhook_registered, timeout=60)
     except AssertionError:
         op.stop()
-        raise AssertionError(f"operator did not come up; log:\n{op.log_tail()}")
+        raise AssertionError(f"operator did not come up; {op.log_tail()}")
     yield op
     op.stop()
 
@@ -138,7 +79,7 @@ def wait_ready(kubectl, ns: str, name: str, operator: Operator, timeout: float =
         return wait_for(f"LLMService {ns}/{name} to be Ready",
                         lambda: (s := llms_status(kubectl, ns, name)).get("phase") == "Ready" and s, timeout)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\noperator log:\n{operator.log_tail()}") from None
+        raise AssertionError(f"{exc}\n{operator.log_tail()}") from None
 
 
 def deployments(kubectl, ns: str, name: str) -> dict[str, dict]:
@@ -317,3 +258,14 @@ def test_missing_kubeconfig_is_one_clear_line(tmp_path):
                           str(tmp_path / "nope")], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_clean_exit_removes_the_webhook_configuration(operator, kubectl, namespace):
+    # Left behind, a webhook pointing at a stopped operator (failurePolicy Fail) would refuse every LLMService.
+    operator.stop()
+    assert kubectl("get", "validatingwebhookconfiguration", "baton.dev").returncode != 0, operator.log_tail()
+    apply_example(kubectl, namespace)  # accepted with no operator running
+    operator.start()
+    wait_for("the webhook configuration to be registered again",
+             lambda: kubectl("get", "validatingwebhookconfiguration", "baton.dev").returncode == 0, timeout=60,
+             diagnostics=operator.log_tail)

@@ -1,0 +1,84 @@
+"""Helpers for whole-system tests: waiting on a condition, and `baton operator run` as a child process.
+
+Tests run the operator exactly as a user would (a separate process), so CLI wiring, the webhook's TLS and
+restarts are covered too; this module keeps the one way of doing it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from baton.e2e.cluster import free_port
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3,
+             diagnostics: Callable[[], str] = lambda: "") -> Any:
+    """Poll `check` until it returns something truthy (and not an exception) and return that.
+
+    Exceptions count as "not yet" (the object may not exist yet). On timeout the assertion names what was
+    awaited, the last value seen, and `diagnostics()` (e.g. a log tail).
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # noqa: BLE001  not there yet
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n{diagnostics()}")
+
+
+class OperatorProcess:
+    """`baton operator run -A` as a child process in its own process group, its output kept in a log file."""
+
+    def __init__(self, kubeconfig: str, log_path: Path, *, metrics: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.kubeconfig, self.log_path = kubeconfig, log_path
+        self.webhook_port = free_port()
+        self.metrics_port = free_port() if metrics else 0
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, kubeconfig_flag: bool = False) -> None:
+        """Start; with `kubeconfig_flag`, the kubeconfig comes from `--kubeconfig` and $KUBECONFIG is unset."""
+        env = os.environ | {"KUBECONFIG": self.kubeconfig, "OMP_NUM_THREADS": "1"}
+        args = ["--webhook-port", str(self.webhook_port), "--webhook-listen", "127.0.0.1",
+                "--webhook-host", "127.0.0.1", "--liveness", "", "--metrics-port", str(self.metrics_port),
+                "--metrics-listen", "127.0.0.1", *self.extra_args]
+        if kubeconfig_flag:
+            env.pop("KUBECONFIG")
+            args += ["--kubeconfig", self.kubeconfig]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "operator", "run", "-A", *args],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def log_tail(self, n: int = 80) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        return "operator log:\n" + "\n".join(lines[-n:])

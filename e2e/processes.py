@@ -5,13 +5,14 @@ restarts are covered too; this module keeps the one way of doing it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,43 @@ class OperatorProcess:
     def log_tail(self, n: int = 80) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
         return "operator log:\n" + "\n".join(lines[-n:])
+
+
+@contextlib.contextmanager
+def worker_process(model_dir: str | os.PathLike[str], *args: str, served_model_name: str = "tiny",
+                   ready_timeout: float = 120.0) -> Iterator[str]:
+    """A real `baton worker` on a free loopback port; yields its base URL once /ready answers 200.
+
+    Stopped with SIGINT (the clean shutdown path) and killed if it does not exit within 30 s.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "baton.cli", "worker", "--model", str(model_dir), "--port", str(port),
+         "--served-model-name", served_model_name, *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"baton worker exited with {proc.returncode}: {proc.communicate()[1][-2000:]}")
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not ready():
+            assert time.monotonic() < deadline, f"baton worker on {base} never became ready"
+            time.sleep(0.1)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

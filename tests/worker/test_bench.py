@@ -7,14 +7,12 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
+from baton.e2e.processes import worker_process
 from baton.worker.bench import (
     LengthDist,
     Progress,
@@ -304,32 +302,8 @@ def test_bad_flags_are_one_line(flags, msg):
 
 @pytest.fixture(scope="module")
 def worker_url(tiny_model_dir):
-    port = free_port()
-    proc = subprocess.Popen(
-        [*BATON, "worker", "--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "worker never became ready"
-            time.sleep(0.1)
+    with worker_process(tiny_model_dir, served_model_name="tiny") as base:
         yield base + "/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.integration

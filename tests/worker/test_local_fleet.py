@@ -10,7 +10,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from baton.e2e.processes import worker_process
 from baton.worker.local_fleet import (
     BATON,
     Capabilities,
@@ -230,32 +230,8 @@ def wait_for(cond, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """A colocated `baton worker --role both` on the same model: the expected greedy outputs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [*BATON, "worker", "--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny-llama"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _ready(base), 120, "the reference worker")
+    with worker_process(tiny_model_dir, served_model_name="tiny-llama") as base:
         yield base + "/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(base + "/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """`baton router` end to end with REAL workers on the tiny model: the official `openai` client through the
 router gets exactly what a colocated worker answers (greedy), streaming or not, completions and chat; the
 fallbacks (dead prefill -> recompute, lost KV -> recompute, overloaded -> 503), a decode worker killed
-mid-stream (clean error event, no hang), client cancellation reaching the workers, metrics.
+mid-stream (clean error event, no hang), client cancellation reaching the workers, metrics; and, with stub
+workers that accept a connection and never answer (or stall mid-stream), the hop and stream-idle timeouts.
 
 Prefill and decode workers run in this process (uvicorn threads sharing the in-process KV registry); the
 worker killed mid-stream is a real `baton worker` process; the router runs its aiohttp app in a thread with
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -572,3 +574,194 @@ def test_baton_router_command_errors():
             assert len(lines) == 1 and lines[0].startswith("baton router: error:") and message in lines[0], out
     finally:
         busy.close()
+
+
+# ---------------------------------------------------------------------------------------------- timeouts
+# Stub workers that accept the connection and never answer (or stop mid-stream); short timeouts.
+
+SSE_EVENT = b'data: {"id":"s","object":"text_completion","choices":[{"index":0,"text":"hi","finish_reason":null}]}\n\n'
+
+
+async def _good(request):
+    """A worker that answers at once: JSON, or one SSE event and [DONE]."""
+    from aiohttp import web
+
+    body = await request.json()
+    if not body.get("stream"):
+        return web.json_response({"id": "g", "object": "text_completion",
+                                  "choices": [{"index": 0, "text": "good", "finish_reason": "length"}]})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(SSE_EVENT + b"data: [DONE]\n\n")
+    return resp
+
+
+async def _until_closed(request) -> None:
+    """Wait (answering nothing more) until the router closes the connection."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(0.02)
+
+
+class Hung:
+    """A worker that reads the request and never answers; counts the connections the router closed."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def __call__(self, request):
+        await _until_closed(request)
+        self.closed += 1
+        raise ConnectionResetError("the router hung up")
+
+
+def silent_socket() -> tuple[socket.socket, str]:
+    """A listening socket nothing ever accept()s: the kernel completes the handshake, nobody answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def hop_errors(m: dict, role: str, reason: str) -> float:
+    return m.get(("baton_router_hop_errors_total", (("reason", reason), ("role", role))), 0.0)
+
+
+def _first(r: RunningRouter, role: str, url: str) -> None:
+    """Every endpoint healthy, and round-robin's next pick is `url`."""
+    eps = sorted(r.router.pool.endpoints[role].values(), key=lambda e: e.url)
+    for ep in eps:
+        ep.healthy = True
+    r.router.policy[role].counter = [e.url for e in eps].index(url)
+
+
+def test_hung_worker_times_out_and_the_request_moves_to_another_worker():
+    hung = Hung()
+    stubs = {"hung": Stub(hung).start(), "good": Stub(_good).start()}
+    r = RunningRouter(both=[s.base_url for s in stubs.values()], policy="round-robin", health_interval=3600,
+                      hop_timeout=0.5, stream_idle_timeout=5).start()
+    try:
+        for stream in (False, True):
+            _first(r, "both", stubs["hung"].base_url)
+            t0 = time.monotonic()
+            resp = httpx.post(r.base_url + "/v1/completions", timeout=30,
+                              json={"model": SERVED, "prompt": "x", "stream": stream})
+            assert resp.status_code == 200
+            assert ("data: [DONE]" in resp.text and '"hi"' in resp.text) if stream else \
+                resp.json()["choices"][0]["text"] == "good"
+            assert 0.5 <= time.monotonic() - t0 < 5
+        assert (stubs["hung"].calls, stubs["good"].calls) == (2, 2)
+        m = settled(r)
+        assert outcome(m, "ok") == 2
+        assert hop_errors(m, "both", "timeout") == 2
+        assert m[("baton_router_retries_total", (("role", "both"),))] == 2
+        assert not r.router.pool.endpoints["both"][stubs["hung"].base_url].healthy  # until a check passes
+        deadline = time.monotonic() + 5
+        while hung.closed < 2:  # the router closed both timed-out connections (a real worker aborts)
+            assert time.monotonic() < deadline, hung.closed
+            time.sleep(0.02)
+    finally:
+        r.stop()
+        for s in stubs.values():
+            s.stop()
+
+
+def test_hung_worker_alone_gives_a_502_not_a_hang():
+    sock, url = silent_socket()  # accepts (in the kernel) and never reads nor answers
+    r = RunningRouter(both=[url], health_interval=3600, hop_timeout=0.5).start(ready=False)
+    try:
+        _first(r, "both", url)
+        t0 = time.monotonic()
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": SERVED, "prompt": "x"}, timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_failed"
+        assert "no response within 0.5s" in resp.json()["error"]["message"]
+        m = settled(r)
+        assert hop_errors(m, "both", "timeout") == 1 and outcome(m, "error") == 1
+    finally:
+        r.stop()
+        sock.close()
+
+
+def test_prefill_hop_timeout_falls_back_to_recompute():
+    sock, url = silent_socket()
+    decode = Stub(_good).start()
+    r = RunningRouter(prefill=[url], decode=[decode.base_url], health_interval=3600,
+                      hop_timeout=0.5).start(ready=False)
+    try:
+        _first(r, "prefill", url)
+        _first(r, "decode", decode.base_url)
+        t0 = time.monotonic()
+        resp = httpx.post(r.base_url + "/v1/completions", json={"model": SERVED, "prompt": "x"}, timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "good"
+        m = settled(r)
+        assert hop_errors(m, "prefill", "timeout") == 1 and outcome(m, "fallback_recompute") == 1
+    finally:
+        r.stop()
+        decode.stop()
+        sock.close()
+
+
+def test_stream_idle_timeout_before_and_after_the_first_event():
+    from aiohttp import web
+
+    async def silent_sse(request):  # headers, then nothing
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await _until_closed(request)
+        return resp
+
+    async def stalls_mid_stream(request):  # one event, then nothing
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(SSE_EVENT)
+        await _until_closed(request)
+        return resp
+
+    body = {"model": SERVED, "prompt": "x", "stream": True}
+    stubs = {"silent": Stub(silent_sse).start(), "good": Stub(_good).start(), "stall": Stub(stalls_mid_stream).start()}
+    r = RunningRouter(both=[stubs["silent"].base_url, stubs["good"].base_url], policy="round-robin",
+                      health_interval=3600, hop_timeout=5, stream_idle_timeout=0.5).start()
+    alone = RunningRouter(both=[stubs["stall"].base_url], health_interval=3600, hop_timeout=5,
+                          stream_idle_timeout=0.5).start()
+    try:
+        # nothing reached the client yet: another worker answers
+        _first(r, "both", stubs["silent"].base_url)
+        t0 = time.monotonic()
+        resp = httpx.post(r.base_url + "/v1/completions", json=body, timeout=30)
+        assert resp.status_code == 200 and '"hi"' in resp.text and resp.text.endswith("data: [DONE]\n\n")
+        assert 0.5 <= time.monotonic() - t0 < 5
+        m = settled(r)
+        assert hop_errors(m, "both", "timeout") == 1 and outcome(m, "ok") == 1
+        assert stubs["silent"].calls == 1 and stubs["good"].calls == 1
+
+        # mid-stream: the event already sent stays, then a clean error event and [DONE]
+        t0 = time.monotonic()
+        resp = httpx.post(alone.base_url + "/v1/completions", json=body, timeout=30)
+        assert time.monotonic() - t0 < 5
+        events = [e for e in resp.text.split("\n\n") if e]
+        assert resp.status_code == 200 and len(events) == 3, resp.text
+        assert events[0].encode() + b"\n\n" == SSE_EVENT and events[2] == "data: [DONE]"
+        error = json.loads(events[1].removeprefix("data: "))["error"]
+        assert error["code"] == "upstream_failed" and "no bytes for 0.5s" in error["message"]
+        m = settled(alone)
+        assert hop_errors(m, "both", "timeout") == 1 and hop_errors(m, "both", "mid_stream") == 0
+        assert outcome(m, "error") == 1
+    finally:
+        r.stop()
+        alone.stop()
+        for s in stubs.values():
+            s.stop()
+
+
+def test_timeout_flags():
+    from baton.worker.router.cli import build_config
+
+    from baton.cli import build_parser
+
+    args = build_parser().parse_args(["router", "--both", "http://w:8000", "--hop-timeout", "2.5",
+                                      "--stream-idle-timeout", "0"])
+    cfg = build_config(args)
+    assert (cfg.hop_timeout, cfg.stream_idle_timeout) == (2.5, 0)
+    args = build_parser().parse_args(["router", "--both", "http://w:8000"])
+    assert (args.hop_timeout, args.stream_idle_timeout) == (60.0, 60.0)

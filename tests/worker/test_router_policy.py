@@ -189,6 +189,7 @@ def _args(**kw):
     base = {"policy": "least-loaded", "host": "0.0.0.0", "port": 8080, "prefill": [], "decode": [], "both": [],
                 "prefill_service": None, "decode_service": None, "both_service": None, "namespace": None,
                 "discovery_interval": 2.0, "health_interval": 2.0, "connect_timeout": 5.0, "max_attempts": 3,
+                "hop_timeout": 60.0, "stream_idle_timeout": 60.0,
                 "prefix_chars": 256, "llmservice": "", "log_level": "info"}
     base.update(kw)
     return argparse.Namespace(**base)
@@ -205,9 +206,14 @@ def test_cli_config(monkeypatch):
     cfg = build_config(_args(prefill_service="chat-prefill", decode_service="chat-decode", namespace="ml"))
     assert cfg.services() == {"prefill": "chat-prefill", "decode": "chat-decode"}
     assert cfg.namespace == "ml" and cfg.metrics_namespace == "ml"
+    assert (cfg.hop_timeout, cfg.stream_idle_timeout) == (60.0, 60.0)
+    cfg = build_config(_args(both=["b:1"], hop_timeout=2.5, stream_idle_timeout=0))
+    assert (cfg.hop_timeout, cfg.stream_idle_timeout) == (2.5, 0)
     for bad, msg in [({}, "no workers"), ({"decode": ["d:1"]}, "go together"),
                      ({"both": ["b:1"], "max_attempts": 0}, "--max-attempts"),
-                     ({"both": ["b:1"], "health_interval": 0}, "--health-interval")]:
+                     ({"both": ["b:1"], "health_interval": 0}, "--health-interval"),
+                     ({"both": ["b:1"], "hop_timeout": -1}, "--hop-timeout"),
+                     ({"both": ["b:1"], "stream_idle_timeout": -1}, "--stream-idle-timeout")]:
         with pytest.raises(CommandError, match=msg):
             build_config(_args(**bad))
 

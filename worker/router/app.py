@@ -26,6 +26,14 @@ client: connection errors and 5xx move to another worker; a 502 `kv_transfer_fai
 streaming started, an upstream failure ends the stream with an OpenAI error event and `[DONE]` (no hang).
 A client that goes away cancels the handler (aiohttp `handler_cancellation`), which closes the upstream
 connections, so the workers abort the request.
+
+Timeouts (a worker that accepts the connection but never answers must not hold a request forever): every hop
+must return its response headers within `hop_timeout` seconds (time to first byte), and once they are in, no
+more than `stream_idle_timeout` seconds may pass without a byte of the body (SSE or JSON). Either expiry
+closes the upstream connection and counts as a failed hop (`baton_router_hop_errors_total{reason="timeout"}`,
+the endpoint is marked unhealthy until its next passing health check): a prefill hop falls back to recompute,
+the last hop is retried on another worker while nothing reached the client, and a stream that already
+started ends with an OpenAI error event and `[DONE]`. 0 (or None) disables a timeout.
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ class RouterConfig:
     health_timeout: float = 1.0
     discovery_interval: float = 2.0
     connect_timeout: float = 5.0
+    hop_timeout: float | None = 60.0  # seconds until a worker's response headers (0/None: no limit)
+    stream_idle_timeout: float | None = 60.0  # seconds without a byte of the response body (0/None: no limit)
     max_attempts: int = 3
     prefix_chars: int = DEFAULT_PREFIX_CHARS
     llmservice: str | None = None  # metric labels (default: env BATON_LLMSERVICE / BATON_NAMESPACE)
@@ -102,6 +112,20 @@ def _sse_error(message: str, code: str) -> bytes:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _reason(exc: BaseException) -> str:
+    """The hop-error reason of an upstream exception: `timeout` (--hop-timeout, --stream-idle-timeout) or
+    `connection` (anything else, a connect timeout included)."""
+    return "timeout" if isinstance(exc, HopTimeout) else "connection"
+
+
+def _limit(seconds: float | None) -> float | None:
+    return seconds if seconds else None  # 0 / None: no limit
+
+
+class HopTimeout(asyncio.TimeoutError):
+    """One of the router's own hop timeouts expired (a readable message instead of a bare TimeoutError)."""
 
 
 def routing_key(body: dict, limit: int) -> str | None:
@@ -359,17 +383,20 @@ class Router:
         data = json.dumps(hop, separators=(",", ":")).encode()
         ep = self.policy["prefill"].choose(self.pool.healthy("prefill"), key)
         ep.acquire()
+        resp: aiohttp.ClientResponse | None = None
         try:
-            async with self.session.post(ep.url + path, data=data, headers=headers) as resp:
-                payload = await resp.read()
-                status = resp.status
-                ctype = resp.headers.get("Content-Type", "application/json")
+            resp = await self._post(ep.url + path, data, headers)
+            payload = await self._read(resp)
+            status = resp.status
+            ctype = resp.headers.get("Content-Type", "application/json")
         except _UPSTREAM_ERRORS as exc:
             ep.mark(False, _describe(exc))
-            self.metrics.hop_error("prefill", "connection")
+            self.metrics.hop_error("prefill", _reason(exc))
             log.warning("prefill hop to %s failed (%s); recomputing on a decode worker", ep.url, _describe(exc))
             return None, None
         finally:
+            if resp is not None:
+                resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
             ep.release()
         if status == 200:
             try:
@@ -435,24 +462,24 @@ class Router:
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await self.session.post(ep.url + path, data=data, headers=headers)
+                resp = await self._post(ep.url + path, data, headers)
             except _UPSTREAM_ERRORS as exc:
                 ep.mark(False, _describe(exc))
-                raise _Hop("connection", _describe(exc)) from None
+                raise _Hop(_reason(exc), _describe(exc)) from None
             rid = resp.headers.get(REQUEST_ID, headers[REQUEST_ID])
             if resp.status != 200:
                 try:
-                    payload = await resp.read()
+                    payload = await self._read(resp)
                 except _UPSTREAM_ERRORS as exc:
                     ep.mark(False, _describe(exc))
-                    raise _Hop("connection", _describe(exc)) from None
+                    raise _Hop(_reason(exc), _describe(exc)) from None
                 return self._refused(resp, payload, rid, req)
             if not stream or not resp.content_type.startswith("text/event-stream"):
                 try:
-                    payload = await resp.read()
+                    payload = await self._read(resp)
                 except _UPSTREAM_ERRORS as exc:
                     ep.mark(False, _describe(exc))
-                    raise _Hop("connection", _describe(exc)) from None
+                    raise _Hop(_reason(exc), _describe(exc)) from None
                 now = time.monotonic()
                 self.metrics.ttft.observe(now - req.arrival)
                 self.metrics.e2e.observe(now - req.arrival)
@@ -464,6 +491,39 @@ class Router:
             if resp is not None:
                 resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
             ep.release()
+
+    async def _post(self, url: str, data: bytes, headers: dict) -> aiohttp.ClientResponse:
+        """POST and wait for the response headers, at most `hop_timeout` seconds (time to first byte)."""
+        limit = _limit(self.config.hop_timeout)
+        try:
+            async with asyncio.timeout(limit):
+                return await self.session.post(url, data=data, headers=headers)
+        except TimeoutError as exc:
+            if limit is not None and not isinstance(exc, aiohttp.ClientError):  # ours, not aiohttp's connect
+                raise HopTimeout(f"no response within {limit:g}s (--hop-timeout)") from None
+            raise
+
+    async def _chunk(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The next bytes of the body (b"" at its end), waiting at most `stream_idle_timeout` seconds."""
+        limit = _limit(self.config.stream_idle_timeout)
+        if limit is None:
+            return await resp.content.readany()
+        try:
+            async with asyncio.timeout(limit):
+                return await resp.content.readany()
+        except TimeoutError as exc:
+            if not isinstance(exc, aiohttp.ClientError):
+                raise HopTimeout(f"no bytes for {limit:g}s (--stream-idle-timeout)") from None
+            raise
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, with the idle timeout between its chunks."""
+        if _limit(self.config.stream_idle_timeout) is None:
+            return await resp.read()
+        parts = []
+        while chunk := await self._chunk(resp):
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _refused(self, resp: aiohttp.ClientResponse, payload: bytes, rid: str, req: _Request
                  ) -> web.Response:
@@ -487,11 +547,12 @@ class Router:
         out: web.StreamResponse | None = None
         buf = b""
         failure: str | None = None
+        reason = "connection"
         while True:
             try:
-                chunk = await resp.content.readany()
+                chunk = await self._chunk(resp)
             except _UPSTREAM_ERRORS as exc:
-                failure = _describe(exc)
+                failure, reason = _describe(exc), _reason(exc)
                 break
             if not chunk:
                 break
@@ -528,9 +589,11 @@ class Router:
             failure = "the worker ended the stream early"
         if out is None:  # nothing reached the client: another worker may answer
             ep.mark(False, failure)
-            raise _Hop("connection", failure)
+            raise _Hop(reason, failure)
         log.warning("%s worker %s failed mid-stream of %s: %s", ep.role, ep.url, rid, failure)
-        self.metrics.hop_error(ep.role, "mid_stream")
+        if reason == "timeout":
+            ep.mark(False, failure)
+        self.metrics.hop_error(ep.role, "timeout" if reason == "timeout" else "mid_stream")
         req.outcome = "error"
         with contextlib.suppress(ConnectionError, RuntimeError):
             await out.write(_sse_error(f"the {ep.role} worker failed mid-stream: {failure}", "upstream_failed"))

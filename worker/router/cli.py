@@ -52,6 +52,12 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds between health checks of each worker (default 2)")
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to connect to a worker (default 5)")
+    p.add_argument("--hop-timeout", type=float, default=60.0,
+                   help="seconds a worker may take to answer a hop with its response headers (time to first "
+                   "byte) before the hop counts as failed and is retried elsewhere; 0: no limit (default 60)")
+    p.add_argument("--stream-idle-timeout", type=float, default=60.0,
+                   help="seconds a worker's response may go without a byte (between SSE events, or within a "
+                   "JSON body) before the hop counts as failed; 0: no limit (default 60)")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="attempts at the decode hop before any byte reached the client (default 3)")
     p.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
@@ -100,6 +106,9 @@ def build_config(args: argparse.Namespace):
     for flag in ("discovery_interval", "health_interval", "connect_timeout"):
         if getattr(args, flag) <= 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("hop_timeout", "stream_idle_timeout"):
+        if getattr(args, flag) < 0:
+            raise CommandError(f"--{flag.replace('_', '-')} must be 0 (no limit) or positive")
     if args.max_attempts < 1:
         raise CommandError("--max-attempts must be at least 1")
     if args.prefix_chars < 1:
@@ -112,6 +121,7 @@ def build_config(args: argparse.Namespace):
         prefill_service=args.prefill_service, decode_service=args.decode_service,
         both_service=args.both_service, discovery_interval=args.discovery_interval,
         health_interval=args.health_interval, connect_timeout=args.connect_timeout,
+        hop_timeout=args.hop_timeout, stream_idle_timeout=args.stream_idle_timeout,
         max_attempts=args.max_attempts, prefix_chars=args.prefix_chars, llmservice=args.llmservice,
         metrics_namespace=os.environ.get("BATON_NAMESPACE") or (namespace if any(services) else ""),
     )

@@ -2,7 +2,8 @@
 
 Kubernetes discovery polls `Endpoints` objects (the API the operator's headless Services fill; works on 1.20
 without EndpointSlice RBAC) every `interval` seconds with the official client: in-cluster config when
-running in a pod, else the local kubeconfig. Only ready addresses count; the port is the one named `http`
+running in a pod, else the local kubeconfig ($KUBECONFIG, read when discovery starts, else ~/.kube/config).
+Only ready addresses count; the port is the one named `http`
 (else the only port). A Service that does not exist (yet) means no workers of that role; an API error
 keeps the last known membership.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 from baton.worker.router.pool import HealthChecker, Pool
@@ -48,19 +50,27 @@ def _get(obj: Any, name: str) -> Any:
 
 
 def load_kube_api():
-    """A CoreV1Api from in-cluster config, else the kubeconfig. Raises RuntimeError with one line."""
+    """A CoreV1Api from in-cluster config, else the kubeconfig ($KUBECONFIG, else ~/.kube/config).
+    Raises RuntimeError with one line.
+
+    The client gets its own Configuration (the process-wide default is left alone), and $KUBECONFIG is read
+    now: the kubernetes package reads it once, when it is imported.
+    """
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
+        path = os.environ.get("KUBECONFIG") or "~/.kube/config"
         try:
-            config.load_kube_config()
+            config.load_kube_config(config_file=path, client_configuration=configuration,
+                                    persist_config=False)
         except Exception as exc:  # noqa: BLE001
             raise RuntimeError(
-                f"no Kubernetes configuration (not in a pod, and no usable kubeconfig: {exc})"
+                f"no Kubernetes configuration (not in a pod, and no usable kubeconfig at {path}: {exc})"
             ) from None
-    return client.CoreV1Api()
+    return client.CoreV1Api(client.ApiClient(configuration))
 
 
 class KubernetesDiscovery:

@@ -103,7 +103,36 @@ def _trim(d: Decimal) -> str:
     return text
 
 
-class Duration(str):
+class _CheckedText(str):
+    """A string that must parse as a unit (`_parse`); pydantic validates it with that parser's message and
+    serialises it verbatim. Subclasses say how to parse, and which JSON schema the CRD gets."""
+
+    __slots__ = ()
+    _error_type = "value"
+
+    @staticmethod
+    def _parse(value: Any) -> object:
+        raise NotImplementedError
+
+    @classmethod
+    def _validate(cls, value: Any) -> Self:
+        if isinstance(value, cls):
+            return value
+        try:
+            cls._parse(value)
+        except ValueError as exc:
+            raise PydanticCustomError(cls._error_type, str(exc)) from None
+        return cls(value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="always"),
+        )
+
+
+class Duration(_CheckedText):
     """A duration string such as `500ms`, kept verbatim; `.seconds` is its value as a float."""
 
     __slots__ = ()
@@ -120,22 +149,8 @@ class Duration(str):
     def __repr__(self) -> str:
         return f"Duration({str(self)!r})"
 
-    @classmethod
-    def _validate(cls, value: Any) -> Duration:
-        if isinstance(value, cls):
-            return value
-        try:
-            parse_duration(value)
-        except ValueError as exc:
-            raise PydanticCustomError("duration", str(exc)) from None
-        return cls(value)
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls._validate,
-            serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="always"),
-        )
+    _error_type = "duration"
+    _parse = staticmethod(parse_duration)
 
     @classmethod
     def __get_pydantic_json_schema__(
@@ -238,7 +253,7 @@ def format_memory(num_bytes: float | Decimal) -> str:
     return str(n)
 
 
-class Quantity(str):
+class Quantity(_CheckedText):
     """A quantity string such as `8Gi` or `500m`, kept verbatim; `.value` is the exact number in base units.
 
     `Quantity(2)` (from YAML `cpu: 2`) becomes `"2"`: Kubernetes accepts either form and strings compare
@@ -269,22 +284,8 @@ class Quantity(str):
     def __repr__(self) -> str:
         return f"Quantity({str(self)!r})"
 
-    @classmethod
-    def _validate(cls, value: Any) -> Quantity:
-        if isinstance(value, cls):
-            return value
-        try:
-            parse_quantity(value)
-        except ValueError as exc:
-            raise PydanticCustomError("quantity", str(exc)) from None
-        return cls(value)
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls._validate,
-            serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="always"),
-        )
+    _error_type = "quantity"
+    _parse = staticmethod(parse_quantity)
 
     @classmethod
     def __get_pydantic_json_schema__(

@@ -85,6 +85,25 @@ class OperatorProcess:
         return "operator log:\n" + "\n".join(lines[-n:])
 
 
+def wait_until_ready(base: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll `base`/ready until it answers 200; fail at once, with the process's output, if it exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pipe = proc.stdout or proc.stderr
+            output = pipe.read()[-3000:] if pipe else ""
+            raise AssertionError(f"{base}: process exited with {proc.returncode}: {output}")
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{base} never became ready within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def worker_process(model_dir: str | os.PathLike[str], *args: str, served_model_name: str = "tiny",
                    ready_timeout: float = 120.0) -> Iterator[str]:
@@ -100,20 +119,8 @@ def worker_process(model_dir: str | os.PathLike[str], *args: str, served_model_n
         env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"baton worker exited with {proc.returncode}: {proc.communicate()[1][-2000:]}")
-        try:
-            with urllib.request.urlopen(base + "/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
     try:
-        deadline = time.monotonic() + ready_timeout
-        while not ready():
-            assert time.monotonic() < deadline, f"baton worker on {base} never became ready"
-            time.sleep(0.1)
+        wait_until_ready(base, proc, ready_timeout)
         yield base
     finally:
         if proc.poll() is None:

@@ -7,20 +7,10 @@ import time
 
 import pytest
 from baton.e2e.fixtures import kubectl
+from baton.e2e.processes import wait_for
 from kubernetes import client
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate, timeout=60.0, interval=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def deployment(name, replicas, node_selector=None, gpus=0):
@@ -69,7 +59,7 @@ def test_deployment_lands_on_decode_pool_and_becomes_available(local_cluster, ku
         d = apps.read_namespaced_deployment("dec", namespace)
         return d.status.available_replicas == 4 and d.status.ready_replicas == 4
 
-    wait_for(available, 60, what="4 available replicas")
+    wait_for("4 available replicas", available, timeout=60)
     pods = core.list_namespaced_pod(namespace, label_selector="app=dec").items
     assert len(pods) == 4
     assert {p.spec.node_name for p in pods} <= {"gpu-decode-0", "gpu-decode-1"}
@@ -104,7 +94,7 @@ def test_pod_requesting_too_many_gpus_stays_pending(local_cluster, kube_api, nam
         cond = [c for c in (p.status.conditions or []) if c.type == "PodScheduled"]
         return cond and cond[0].status == "False" and cond[0].reason == "Unschedulable" and p
 
-    p = wait_for(unschedulable, 30, what="PodScheduled=False/Unschedulable")
+    p = wait_for("PodScheduled=False/Unschedulable", unschedulable, timeout=30)
     assert p.status.phase == "Pending" and not p.spec.node_name
     assert "nvidia.com/gpu" in next(c for c in p.status.conditions if c.type == "PodScheduled").message
     time.sleep(2)
@@ -128,14 +118,14 @@ def test_gpu_capacity_is_respected_across_pods(local_cluster, kube_api, namespac
             running = [p for p in pods if p.status.phase == "Running"]
             return len(pods) == 3 and len(running) == 2 and pods
 
-        pods = wait_for(settled, 60, what="2 of 3 running")
+        pods = wait_for("2 of 3 running", settled, timeout=60)
         assert sorted(p.spec.node_name for p in pods if p.spec.node_name) == names
         pending = [p for p in pods if p.status.phase == "Pending"]
         assert len(pending) == 1 and not pending[0].spec.node_name
     finally:  # free the private nodes' pods before the nodes go (nothing would serve them after)
         client.AppsV1Api(kube_api).delete_namespaced_deployment("big", namespace)
         core = client.CoreV1Api(kube_api)
-        wait_for(lambda: not core.list_namespaced_pod(namespace).items, 30, what="pods gone")
+        wait_for("pods gone", lambda: not core.list_namespaced_pod(namespace).items, timeout=30)
         for name in names:
             local_cluster.remove_node(name)
 
@@ -143,15 +133,10 @@ def test_gpu_capacity_is_respected_across_pods(local_cluster, kube_api, namespac
 def test_deleting_deployment_removes_pods(local_cluster, kube_api, namespace):
     apps, core = client.AppsV1Api(kube_api), client.CoreV1Api(kube_api)
     apps.create_namespaced_deployment(namespace, deployment("gone", 3, {"baton.dev/pool": "prefill"}))
-    wait_for(
-        lambda: apps.read_namespaced_deployment("gone", namespace).status.available_replicas == 3,
-        60,
-        what="3 available",
-    )
+    wait_for("3 available",
+             lambda: apps.read_namespaced_deployment("gone", namespace).status.available_replicas == 3, timeout=60)
     apps.delete_namespaced_deployment("gone", namespace, propagation_policy="Background")
-    wait_for(
-        lambda: not core.list_namespaced_pod(namespace).items, 60, what="pods gone (no Terminating left)"
-    )
+    wait_for("pods gone (no Terminating left)", lambda: not core.list_namespaced_pod(namespace).items, timeout=60)
     assert not apps.list_namespaced_replica_set(namespace).items
 
 
@@ -168,10 +153,10 @@ def test_deleted_pod_with_grace_period_does_not_hang(local_cluster, kube_api, na
             },
         },
     )
-    wait_for(lambda: core.read_namespaced_pod("p", namespace).status.phase == "Running", 30, what="Running")
+    wait_for("Running", lambda: core.read_namespaced_pod("p", namespace).status.phase == "Running", timeout=30)
     core.delete_namespaced_pod("p", namespace)
     t0 = time.monotonic()
-    wait_for(lambda: not core.list_namespaced_pod(namespace).items, 20, what="pod deleted")
+    wait_for("pod deleted", lambda: not core.list_namespaced_pod(namespace).items, timeout=20)
     assert time.monotonic() - t0 < 20
 
 
@@ -196,7 +181,7 @@ def test_service_gets_endpoints_from_fake_pod_ips(local_cluster, kube_api, names
         addrs = [a.ip for s in (ep.subsets or []) for a in (s.addresses or [])]
         return len(addrs) == 2 and addrs
 
-    addrs = wait_for(endpoints, 60, what="2 endpoints")
+    addrs = wait_for("2 endpoints", endpoints, timeout=60)
     assert all(a.startswith("10.244.") for a in addrs)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from baton.e2e.processes import worker_process
+from baton.e2e.processes import wait_for, worker_process
 from baton.worker.local_fleet import (
     BATON,
     Capabilities,
@@ -220,13 +220,6 @@ def metric(url: str, name: str) -> float:
     return sum(values)
 
 
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """A colocated `baton worker --role both` on the same model: the expected greedy outputs."""
@@ -289,7 +282,7 @@ def test_openai_client_through_baton_up_equals_colocated(up, reference):
     workers = [p for p in fleet["processes"] if p["role"] != "router"]
     check = workers if fleet["kv_transport"] else [p for p in workers if p["role"] != "prefill"]
     for p in check:
-        wait_for(lambda p=p: metric(p["url"], "vllm:kv_cache_usage_perc") == 0.0, 15, f"{p['name']} KV cache empty")
+        wait_for(f"{p['name']} KV cache empty", lambda p=p: metric(p["url"], "vllm:kv_cache_usage_perc") == 0.0, timeout=15)
         assert metric(p["url"], "vllm:num_requests_running") == 0
 
     pids = [p["pid"] for p in fleet["processes"]]
@@ -343,11 +336,11 @@ def test_killing_the_prefill_worker_mid_request(up, reference):
     assert sum(kind == "ok" for kind, _, _ in results) >= 1
 
     # the fleet reports the death (nothing restarted silently) and keeps serving through the decode worker
-    wait_for(lambda: any("prefill-0 exited with signal 9" in line for line in u.stderr), 10, "the exit report")
+    wait_for("the exit report", lambda: any("prefill-0 exited with signal 9" in line for line in u.stderr), timeout=10)
     assert u.proc.poll() is None
     r = httpx.post(endpoint + "/completions", json={**body, "prompt": prompts[0]}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[prompts[0]]
-    wait_for(lambda: metric(decode["url"], "vllm:kv_cache_usage_perc") == 0.0, 15, "decode KV cache empty")
+    wait_for("decode KV cache empty", lambda: metric(decode["url"], "vllm:kv_cache_usage_perc") == 0.0, timeout=15)
     assert metric(decode["url"], "vllm:num_requests_running") == 0
 
     pids = [p["pid"] for p in fleet["processes"]]
@@ -370,4 +363,4 @@ def test_colocated_with_pinned_cpus_and_no_orphans_when_killed(up):
     pids = [p["pid"] for p in fleet["processes"]]
     os.kill(u.proc.pid, signal.SIGKILL)
     u.proc.wait(timeout=10)
-    wait_for(lambda: not any(pid_alive(pid) for pid in pids), 30, "the children to exit")
+    wait_for("the children to exit", lambda: not any(pid_alive(pid) for pid in pids), timeout=30)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from baton.e2e.processes import wait_until_ready
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -437,27 +438,13 @@ def _baton(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
 def test_decode_worker_killed_mid_stream_ends_with_an_error_event(model):
     port = free_port()
     proc = _baton("worker", "--role", "decode", "--model", str(model), "--port", str(port),
                   "--served-model-name", SERVED, "--log-level", "warning")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc)
+        wait_until_ready(url, proc)
         r = RunningRouter(decode=[url], prefill=[dead_url()]).start(ready=False)
         try:
             stream = ask(r.client(timeout=30), False, "Once upon a time", stream=True, max_tokens=1000)
@@ -542,7 +529,7 @@ def test_baton_router_command(workers):
                   "--both", workers["both"].base_url, "--log-level", "warning")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc, timeout=30)
+        wait_until_ready(url, proc, timeout=30)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         direct = ask(workers["both"].client(), True, "hi", stream=False)
         assert stream_text(list(ask(client, True, "hi", stream=True)), True) == text_of(direct, True)

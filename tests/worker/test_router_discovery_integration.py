@@ -14,6 +14,7 @@ at routing. One test runs the real `baton router` command and reads what it logs
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import signal
@@ -25,6 +26,7 @@ import time
 import uuid
 
 import pytest
+from baton.e2e.processes import wait_for as shared_wait_for
 from kubernetes import client
 
 pytestmark = pytest.mark.integration
@@ -33,15 +35,8 @@ PORT = 8000
 GHOST_IP_PREFIX = "10.245."  # outside the agent's pod range: the not-ready pod's address
 
 
-def wait_for(what, predicate, timeout=20.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+#: The shared poller, with this file's tighter defaults (discovery polls every second).
+wait_for = functools.partial(shared_wait_for, timeout=20.0, interval=0.1)
 
 
 def service(name: str, role: str) -> dict:

@@ -11,10 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from baton.e2e.processes import wait_until_ready
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -34,20 +34,6 @@ def has_kv_transport() -> bool:
         [*BATON, "worker", "--help"], check=False, capture_output=True, text=True, timeout=60
     ).stdout
     return "--kv-transport" in out
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -100,8 +86,8 @@ def test_router_over_processes_with_tcp_kv(tmp_path):
                      "--log-level", "warning"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for role in ("prefill", "decode", "both"):
-            wait_ready(urls[role], procs[role])
-        wait_ready(router, procs["router"], timeout=30)
+            wait_until_ready(urls[role], procs[role])
+        wait_until_ready(router, procs["router"], timeout=30)
 
         direct = openai.OpenAI(base_url=urls["both"] + "/v1", api_key="x", max_retries=0, timeout=60)
         routed = openai.OpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=60)

@@ -16,7 +16,6 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY baton ./baton
 COPY operator ./operator
 COPY worker ./worker
-COPY e2e ./e2e
 RUN python -m venv /opt/baton \
  && /opt/baton/bin/pip install --upgrade pip setuptools wheel \
  && /opt/baton/bin/pip install -c constraints.txt . \

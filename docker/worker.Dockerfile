@@ -9,21 +9,24 @@
 #     --build-arg PYTHON_IMAGE=<cuda-runtime image with Python 3.11> --build-arg TORCH_INDEX=<cu12x index>
 #     (GPU fleets normally run the vLLM engine image instead: spec.engine.kind=vllm; the router still uses
 #     this image). Pin every base image by digest: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...
+#   Without a registry: `baton images build worker` (buildah, a local Debian base, the machine's torch CPU wheel).
 #   Without TORCH_INDEX, pip's configured index is used (on PyPI, Linux torch wheels pull CUDA libraries).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX=""
+# TORCH_WHEELS: a folder (mounted into the build) holding the torch CPU wheel; `baton images build` uses it
+ARG TORCH_WHEELS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY baton ./baton
 COPY operator ./operator
 COPY worker ./worker
-COPY e2e ./e2e
 RUN python -m venv /opt/baton \
  && /opt/baton/bin/pip install --upgrade pip setuptools wheel \
  && if [ -n "$TORCH_INDEX" ]; then /opt/baton/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch; fi \
+ && if [ -n "$TORCH_WHEELS" ]; then /opt/baton/bin/pip install -c constraints.txt --no-index --no-deps --find-links "$TORCH_WHEELS" torch; fi \
  && /opt/baton/bin/pip install -c constraints.txt ".[worker]" \
  && /opt/baton/bin/python -m compileall -q /opt/baton \
  && /opt/baton/bin/baton worker --help >/dev/null

@@ -38,11 +38,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     try:
-        path = build.ensure_binaries(log=_log, force=args.force)
+        names = build.SERVER_BINARIES if args.control_plane_only else build.ALL_BINARIES
+        path = build.ensure_binaries(log=_log, force=args.force, names=names)
     except build.BuildError as exc:
         raise _error(str(exc)) from exc
     print(f"{path} ({time.monotonic() - t0:.1f}s)")
-    for name in (*build.SERVER_BINARIES, "kubectl"):
+    for name in (*build.ALL_BINARIES, "kubectl"):
         print(f"  {path / name}{'' if os.access(path / name, os.X_OK) else ' (missing)'}")
     return 0
 
@@ -78,8 +79,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     run = state_dir(args.name)
     if any(_running_components(run).values()):
         raise _error(f"cluster {args.name!r} is already running (state in {run}); `baton cluster down` first")
+    if args.real_nodes < 0:
+        raise _error(f"--real-nodes must be 0 or more, not {args.real_nodes}")
+    archives = _images_for(args) if args.real_nodes else []
     shutil.rmtree(run, ignore_errors=True)
     cluster = LocalCluster(
+        real_nodes=args.real_nodes,
+        images=[a.path for a in archives],
         nodes=_load_nodes(args.nodes),
         run_dir=run,
         detached=args.detach,
@@ -87,12 +93,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         log=_log,
         keep_run_dir=args.detach,
     )
+    from baton.e2e.realnode import RealNodeError
+
     try:
         cluster.start()
-    except (BuildError, ClusterError) as exc:
+    except (BuildError, ClusterError, RealNodeError, RuntimeError) as exc:
         raise _error(str(exc)) from exc
     print(f"cluster {args.name!r} ready in {cluster.startup_seconds:.1f}s at {cluster.server}")
     print(f"kubeconfig: {cluster.kubeconfig}")
+    if cluster.real is not None:
+        names = ", ".join(f"{s.name} ({s.labels['baton.dev/pool']})" for s in cluster.real.specs)
+        print(f"real nodes: {names}; images: {', '.join(a.ref for a in archives) or 'pause only'}")
     print(f"export KUBECONFIG={cluster.kubeconfig}", flush=True)
     if args.detach:
         print(f"stop with: baton cluster down --name {args.name}")
@@ -112,11 +123,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images_for(args: argparse.Namespace):
+    from baton.e2e import images
+
+    names = [n for n in (args.images or "").split(",") if n]
+    try:
+        return [images.build_image(n, log=_log) for n in names]
+    except images.ImageError as exc:
+        raise _error(str(exc)) from exc
+
+
 def cmd_down(args: argparse.Namespace) -> int:
+    from baton.e2e import hostclean
     from baton.e2e.cluster import stop_from_state
 
     run = state_dir(args.name)
     if not (run / "state.json").exists():
+        # a crashed test run leaves no named cluster, but perhaps real-node processes and host changes
+        rec = hostclean.read_record()
+        if rec is not None and not (rec.detached and hostclean.processes_naming(rec.root)):
+            done = hostclean.teardown(rec, log=_log)
+            print(f"no cluster {args.name!r}; cleaned up real-node leftovers: {', '.join(done) or 'none'}")
+            return 0
         raise _error(f"no cluster {args.name!r} recorded in {run}")
     stopped = stop_from_state(run, remove=not args.keep)
     print(f"cluster {args.name!r} stopped ({', '.join(stopped) or 'nothing was running'})")
@@ -149,7 +177,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if ready and all(comps.values()) else 1
 
 
+def cmd_images_build(args: argparse.Namespace) -> int:
+    from baton.e2e import images
+
+    names = args.names or list(images.IMAGE_NAMES)
+    t0 = time.monotonic()
+    try:
+        built = [images.pause_image(log=_log)] + [
+            images.build_image(n, log=_log, force=args.force) for n in names
+        ]
+    except images.ImageError as exc:
+        raise _error(str(exc)) from exc
+    for img in built:
+        size = img.path.stat().st_size / 2**20
+        how = f"built in {img.seconds:.0f}s" if img.seconds else "cached"
+        print(f"{img.ref}  {img.path}  {size:.0f} MiB  ({how})")
+    print(f"({time.monotonic() - t0:.1f}s)")
+    return 0
+
+
+def register_images(subparsers) -> None:
+    p = subparsers.add_parser(
+        "images",
+        help="build the worker/operator images locally (no registry, no Docker) for real nodes",
+        description="Build docker/*.Dockerfile with buildah on a local Debian bookworm base; archives cached "
+        "by content hash under $BATON_CACHE/images and imported into real nodes by `baton cluster up`.",
+    )
+    sub = p.add_subparsers(dest="images_command", metavar="ACTION")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    b = sub.add_parser("build", help="build (or reuse) images; prints each reference and archive")
+    b.add_argument("names", nargs="*", metavar="NAME", help="worker and/or operator (default: both)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the content hash is cached")
+    b.set_defaults(func=cmd_images_build)
+
+
 def register(subparsers) -> None:
+    register_images(subparsers)
     p = subparsers.add_parser(
         "cluster", help="local Kubernetes v1.20 control plane for tests", description=__doc__
     )
@@ -157,9 +220,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     b = sub.add_parser(
-        "build", help="fetch (apt) and build kube-apiserver/controller-manager/scheduler; cached"
+        "build", help="fetch (apt) and build kube-apiserver/controller-manager/scheduler/kubelet/kube-proxy; cached"
     )
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument(
+        "--control-plane-only",
+        action="store_true",
+        help="only kube-apiserver/controller-manager/scheduler (no kubelet/kube-proxy for real nodes)",
+    )
     b.set_defaults(func=cmd_build)
 
     u = sub.add_parser("up", help="start a cluster (foreground; --detach to leave it running)")
@@ -167,6 +235,21 @@ def register(subparsers) -> None:
     u.add_argument("--detach", "-d", action="store_true", help="leave it running; stop with `down`")
     u.add_argument(
         "--nodes", metavar="YAML", help="node list (name, labels, gpus, cpu, memory, pods, taints)"
+    )
+    u.add_argument(
+        "--real-nodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N real nodes (kubelet + containerd + runc + CNI; root): real-0 prefill pool, real-1 decode "
+        "pool, ...; they replace the fake default nodes",
+    )
+    u.add_argument(
+        "--images",
+        default="worker,operator",
+        metavar="NAMES",
+        help="with --real-nodes: images to build (cached) and import into every node (default: %(default)s; "
+        "'' for none)",
     )
     u.set_defaults(func=cmd_up)
 

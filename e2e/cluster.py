@@ -299,8 +299,14 @@ class LocalCluster:
         detached: bool = False,
         startup_timeout: float = 90.0,
         log: Callable[[str], None] | None = None,
+        real_nodes: int = 0,
+        images: Sequence[os.PathLike[str] | str] = (),
     ):
-        self.nodes = list(default_nodes() if nodes is None else nodes)
+        # real nodes replace the fake default nodes (a pod must not land on a node that only pretends)
+        self.nodes = list((default_nodes() if not real_nodes else []) if nodes is None else nodes)
+        self.real_node_count = real_nodes
+        self.images = [Path(p) for p in images]
+        self.real: Any = None  # baton.e2e.realnode.RealNodes once started
         for i, n in enumerate(self.nodes):
             if n.ip is None:
                 n.ip = f"10.240.0.{10 + i}"
@@ -324,6 +330,7 @@ class LocalCluster:
         self._api_client: Any = None
         self.started_at: float | None = None
         self.startup_seconds: float | None = None
+        self.advertise_ip = "127.0.0.1"
 
     # -- context manager ---------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -365,7 +372,13 @@ class LocalCluster:
             _live_clusters.add(self)
         self.started_at = time.time()
         try:
-            self.pki = make_pki(self.run_dir / "pki")
+            extra_sans: tuple[str, ...] = ()
+            if self.real_node_count:
+                from baton.e2e.realnode import host_ip
+
+                self.advertise_ip = host_ip()
+                extra_sans = (f"IP:{self.advertise_ip}",)
+            self.pki = make_pki(self.run_dir / "pki", extra_sans=extra_sans)
             self.log(f"certificates made after {time.monotonic() - t0:.1f}s")
             for attempt in range(3):  # a freshly picked port can be taken by someone else: retry
                 self.ports = dict(zip(("etcd", "etcd_peer", "apiserver", "kcm", "scheduler"), free_ports(5)))
@@ -381,9 +394,12 @@ class LocalCluster:
             self._write_kubeconfig()
             self._start_controllers()
             self.log(f"controller-manager + scheduler healthy after {time.monotonic() - t0:.1f}s")
-            self._create_nodes()
-            self._start_agent()
+            if self.nodes:
+                self._create_nodes()
+                self._start_agent()
             self.wait_for_service_account("default")
+            if self.real_node_count:
+                self._start_real_nodes()
         except BaseException:
             failed_dir = self.run_dir
             keep = self.keep_run_dir
@@ -397,6 +413,15 @@ class LocalCluster:
         self._write_state()
         self.log(f"cluster ready in {self.startup_seconds:.1f}s; kubeconfig {self.kubeconfig}")
         return self
+
+    def _start_real_nodes(self) -> None:
+        from baton.e2e import images
+        from baton.e2e.realnode import RealNodes, real_node_specs
+
+        pause = images.pause_image(log=self.log)
+        self.real = RealNodes(self, real_node_specs(self.real_node_count), [pause.path, *self.images], self.log)
+        self._write_state()  # so that `baton cluster down` finds a half-started cluster too
+        self.real.start()
 
     def _spawn(self, name: str, argv: list[str]) -> Component:
         assert self.run_dir is not None
@@ -472,8 +497,13 @@ class LocalCluster:
             [
                 str(self.bin_dir / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # with real nodes, pods reach the apiserver through the `kubernetes` Service, whose endpoint
+                # is the advertised address: the host's, not loopback
+                f"--bind-address={'0.0.0.0' if self.real_node_count else '127.0.0.1'}",
+                f"--advertise-address={self.advertise_ip}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                f"--kubelet-client-certificate={p.kubelet_client_crt}",
+                f"--kubelet-client-key={p.kubelet_client_key}",
                 f"--secure-port={self.ports['apiserver']}",
                 "--insecure-port=0",
                 f"--tls-cert-file={p.server_crt}",
@@ -774,6 +804,7 @@ class LocalCluster:
                 for c in self.components.values()
             },
             "nodes": [n.name for n in self.nodes],
+            "real_nodes": [s.name for s in self.real.specs] if self.real else [],
             "started_at": self.started_at,
         }
         (self.run_dir / "state.json").write_text(json.dumps(state, indent=2))
@@ -791,6 +822,10 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop the agent and every component (whole process groups); remove the run dir unless kept."""
+        if self.real is not None:
+            with contextlib.suppress(Exception):
+                self.real.stop()  # before the apiserver goes: kubelets first, then containers, then the host
+            self.real = None
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 self.agent.stop()
@@ -811,6 +846,12 @@ def stop_from_state(run_dir: str | os.PathLike[str], remove: bool = True) -> lis
     run = Path(run_dir)
     state = json.loads((run / "state.json").read_text())
     stopped, phases = [], ([], [])
+    if state.get("real_nodes"):
+        from baton.e2e import hostclean
+
+        rec = hostclean.read_record()
+        if rec is not None and rec.root.startswith(str(run)):
+            stopped += hostclean.teardown(rec)
     for name, info in state.get("components", {}).items():
         if info.get("pid") and _cmdline_matches(int(info["pid"]), info.get("argv0", "")):
             stopped.append(name)

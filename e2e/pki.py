@@ -37,6 +37,9 @@ class Pki:
     sa_pub: Path
     token_file: Path
     admin_token: str
+    #: the apiserver's client certificate towards kubelets (logs, exec, port-forward on real nodes)
+    kubelet_client_crt: Path | None = None
+    kubelet_client_key: Path | None = None
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -45,7 +48,33 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {proc.stderr[-1500:]}")
 
 
-def make_pki(directory: Path, days: int = 30) -> Pki:
+CLIENT_EXT = (
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+    "extendedKeyUsage=clientAuth\n"
+)
+
+
+def issue_leaf(directory: Path, name: str, subj: str, ext: str = CLIENT_EXT, days: int = 30) -> tuple[Path, Path]:
+    """A key + certificate ``NAME.key``/``NAME.crt`` in ``directory`` signed by its ``ca.crt``/``ca.key``.
+
+    ``subj`` is an openssl subject such as ``/O=system:nodes/CN=system:node:real-0`` (the Node authorizer
+    reads both); ``ext`` the X.509 extensions (default: a client certificate)."""
+    d = Path(directory)
+    o = lambda *a: _openssl(*a, cwd=d)
+    (d / f"{name}.ext").write_text(ext)
+    o("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj)
+    o(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", f"{name}.crt", "-days", str(days), "-extfile", f"{name}.ext",
+    )
+    for suffix in ("key", "crt", "csr", "ext"):
+        (d / f"{name}.{suffix}").chmod(0o600)
+    return d / f"{name}.crt", d / f"{name}.key"
+
+
+def make_pki(directory: Path, days: int = 30, extra_sans: tuple[str, ...] = ()) -> Pki:
+    """``extra_sans`` (e.g. ``("IP:192.0.2.2",)``): more names for the apiserver's serving certificate, for
+    clients that reach it by the host's address (pods on real nodes, through the ``kubernetes`` Service)."""
     if shutil.which("openssl") is None:
         raise RuntimeError("the openssl command is needed to make the test cluster's certificates")
     d = Path(directory)
@@ -73,49 +102,16 @@ def make_pki(directory: Path, days: int = 30) -> Pki:
     )
 
     def leaf(name: str, subj: str, ext: str) -> None:
-        (d / f"{name}.ext").write_text(ext)
-        o(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            subj,
-        )
-        o(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            str(days),
-            "-extfile",
-            f"{name}.ext",
-        )
+        issue_leaf(d, name, subj, ext, days)
 
     leaf(
         "apiserver",
         "/CN=kube-apiserver",
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(SERVER_SANS)}\n",
+        f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join((*SERVER_SANS, *extra_sans))}\n",
     )
-    leaf(
-        "admin",
-        "/O=system:masters/CN=baton-admin",
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=clientAuth\n",
-    )
+    leaf("admin", "/O=system:masters/CN=baton-admin", CLIENT_EXT)
+    leaf("kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", CLIENT_EXT)
     o("genrsa", "-out", "sa.key", "2048")
     o("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
     token = secrets.token_hex(16)
@@ -134,4 +130,6 @@ def make_pki(directory: Path, days: int = 30) -> Pki:
         sa_pub=d / "sa.pub",
         token_file=d / "tokens.csv",
         admin_token=token,
+        kubelet_client_crt=d / "kubelet-client.crt",
+        kubelet_client_key=d / "kubelet-client.key",
     )

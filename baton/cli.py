@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # that part is not written yet / not installed
+            # that part is not installed (images ship no `baton.e2e`): the missing module is the part itself
+            # or a package above it
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
                 continue
             raise
         module.register(sub)

@@ -28,7 +28,7 @@ RUN python -m venv /opt/baton \
  && if [ -n "$TORCH_INDEX" ]; then /opt/baton/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch; fi \
  && if [ -n "$TORCH_WHEELS" ]; then /opt/baton/bin/pip install -c constraints.txt --no-index --no-deps --find-links "$TORCH_WHEELS" torch; fi \
  && /opt/baton/bin/pip install -c constraints.txt ".[worker]" \
- && /opt/baton/bin/python -m compileall -q /opt/baton \
+ && /opt/baton/bin/python -m compileall -q -x "torch/testing/_internal" /opt/baton \
  && /opt/baton/bin/baton worker --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

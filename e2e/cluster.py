@@ -805,6 +805,7 @@ class LocalCluster:
             },
             "nodes": [n.name for n in self.nodes],
             "real_nodes": [s.name for s in self.real.specs] if self.real else [],
+            "real_root": str(self.real.root) if self.real else None,
             "started_at": self.started_at,
         }
         (self.run_dir / "state.json").write_text(json.dumps(state, indent=2))
@@ -850,7 +851,7 @@ def stop_from_state(run_dir: str | os.PathLike[str], remove: bool = True) -> lis
         from baton.e2e import hostclean
 
         rec = hostclean.read_record()
-        if rec is not None and rec.root.startswith(str(run)):
+        if rec is not None and rec.root == state.get("real_root"):
             stopped += hostclean.teardown(rec)
     for name, info in state.get("components", {}).items():
         if info.get("pid") and _cmdline_matches(int(info["pid"]), info.get("argv0", "")):

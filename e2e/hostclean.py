@@ -236,16 +236,20 @@ def _run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess[st
 
 
 def our_netns(rec: HostRecord) -> set[str]:
-    """Network namespaces that our CNI network created (libcni caches each ADD result with its netns path)."""
+    """Pod network namespaces of ours: mounted ``/run/netns/cni-*`` whose interfaces hold an address in our pod
+    CIDR (containerd names them, libcni's cache does not record them). Run before the bridge goes."""
+    import ipaddress
+
+    net = ipaddress.ip_network(rec.pod_cidr)
     found = set()
-    for results in (Path("/var/lib/cni/results"), Path(rec.root) / "cni-cache" / "results"):
-        if not results.is_dir():
+    for mount in _mounts():
+        name = os.path.basename(mount)
+        if os.path.dirname(mount) not in ("/run/netns", "/var/run/netns") or not name.startswith("cni-"):
             continue
-        for f in results.glob(f"{rec.network}-*"):
-            with contextlib.suppress(OSError, ValueError):
-                ns = json.loads(f.read_text()).get("netns")
-                if ns:
-                    found.add(ns)
+        out = _run("ip", "-n", name, "-4", "-o", "addr", "show").stdout
+        for addr in re.findall(r"inet (\S+)", out):
+            if ipaddress.ip_interface(addr).ip in net:
+                found.add(mount)
     return found
 
 

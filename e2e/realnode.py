@@ -231,6 +231,39 @@ def real_node_specs(count: int) -> list[NodeSpec]:
     return [gpu_node(f"real-{i}", pools[i % 2], ZONES[i % 2]) for i in range(count)]
 
 
+#: unix sockets (containerd's, the kubelet's pod-resources) must fit in 104 bytes: node files live under a
+#: short folder of the cache, not under a deep test run dir
+MAX_SOCKET_PATH = 104
+
+
+def node_root(run_dir: Path) -> Path:
+    """Where a cluster's real nodes keep their files: short and unique per cluster run dir."""
+    import hashlib
+
+    from baton.e2e.build import cache_root
+
+    return cache_root() / "rn" / hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
+
+
+def check_socket_paths(root: Path, names: Sequence[str]) -> None:
+    longest = max(
+        (
+            p
+            for n in names
+            for p in (
+                f"{NodePaths(root / n).socket}.ttrpc",
+                f"{NodePaths(root / n).kubelet}/root/pod-resources/kubelet.sock",
+            )
+        ),
+        key=len,
+    )
+    if len(longest) >= MAX_SOCKET_PATH:
+        raise RealNodeError(
+            f"unix socket path {longest} is {len(longest)} bytes, over the kernel's limit: "
+            "set BATON_CACHE to a shorter folder"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # processes
 
@@ -252,7 +285,7 @@ class RealNodes:
         self.log = log
         self.ready_timeout = ready_timeout
         assert cluster.run_dir is not None
-        self.root = cluster.run_dir / "realnodes"
+        self.root = node_root(cluster.run_dir)
         self.ip = host_ip()
         self.timings: dict[str, float] = {}
         self.kubelet_ports: dict[str, int] = {}
@@ -280,6 +313,7 @@ class RealNodes:
             raise RealNodeError("real nodes run kubelet, containerd and runc as root: run as root")
         from baton.e2e import build as k8sbuild
 
+        check_socket_paths(self.root, [s.name for s in self.specs])
         bins = k8sbuild.ensure_binaries(log=self.log, names=k8sbuild.NODE_BINARIES)
         self.kubelet_bin, self.kube_proxy_bin = bins / "kubelet", bins / "kube-proxy"
         hostclean.record_host(
@@ -298,8 +332,10 @@ class RealNodes:
         self._start_kube_proxy()
         for spec in self.specs:
             self._start_containerd(spec)
-        for spec in self.specs:
-            self._import_images(spec)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(self.specs)) as pool:  # every node at once: I/O bound
+            list(pool.map(self._import_images, self.specs))
         self.timings["image import"] = time.monotonic() - t0
         for spec in self.specs:
             self._start_kubelet(spec)

@@ -127,3 +127,16 @@ def test_build_pip_conf_carries_trust_not_host_paths():
     assert conf == f"[global]\ncert = {images.BUILD_CA}\n"  # a file:// index does not exist in the build
     conf = images.build_pip_conf({"index-url": "https://mirror.example/simple"})
     assert "index-url = https://mirror.example/simple" in conf
+
+
+def test_node_root_is_short_and_per_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATON_CACHE", "/root/.cache/baton")
+    deep = tmp_path / ("x" * 80) / "run"
+    root = realnode.node_root(deep)
+    assert root != realnode.node_root(tmp_path / "other")
+    realnode.check_socket_paths(root, ["real-0", "real-1"])  # fits
+    monkeypatch.setenv("BATON_CACHE", str(deep))
+    import pytest
+
+    with pytest.raises(realnode.RealNodeError, match="BATON_CACHE"):
+        realnode.check_socket_paths(realnode.node_root(deep), ["real-0"])

@@ -57,7 +57,7 @@ def real_cluster(tmp_path_factory):
     timings["cluster + 2 real nodes start"] = time.monotonic() - t0
     timings.update({f"  of which {k}": v for k, v in cluster.real.timings.items()})
     record = hostclean.read_record()
-    assert record is not None and record.root.startswith(str(cluster.run_dir))
+    assert record is not None and record.root == str(cluster.real.root)
     cluster.worker_ref = worker.ref
     cluster.record = record
     cluster.timings = timings

@@ -72,6 +72,8 @@ from .naming import (
     service_account_name,
 )
 from .units import Quantity
+from baton import launch
+from baton.launch import Env
 
 # --------------------------------------------------------------------------------------------- constants
 ROUTER_SERVICE_PORT = 80
@@ -98,7 +100,7 @@ ROUTER_DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}}
 #: One extra pod during a rollout, never one fewer: serving capacity is kept (needs one spare slot).
 ROLLING_UPDATE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
-VLLM_KV_TRANSFER_CONFIG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+VLLM_KV_TRANSFER_CONFIG = launch.VLLM_KV_TRANSFER_CONFIG
 TOPOLOGY_KEYS = {"zone": "topology.kubernetes.io/zone", "node": "kubernetes.io/hostname"}
 
 #: (apiVersion, kind, namer) of every child, in render order.
@@ -329,62 +331,56 @@ def _downward(name: str, path: str) -> dict:
 
 def _common_env(svc: LLMService, role: str) -> list[dict]:
     return [
-        {"name": "BATON_LLMSERVICE", "value": svc.name},
-        _downward("BATON_NAMESPACE", "metadata.namespace"),
-        {"name": "BATON_ROLE", "value": role},
-        {"name": "BATON_CONFIG", "value": CONFIG_PATH},
-        {"name": "BATON_MODEL_NAME", "value": svc.spec.model.name},
-        _downward("POD_NAME", "metadata.name"),
-        _downward("POD_IP", "status.podIP"),
+        {"name": Env.LLMSERVICE, "value": svc.name},
+        _downward(Env.NAMESPACE, "metadata.namespace"),
+        {"name": Env.ROLE, "value": role},
+        {"name": Env.CONFIG, "value": CONFIG_PATH},
+        {"name": Env.MODEL_NAME, "value": svc.spec.model.name},
+        _downward(Env.POD_NAME, "metadata.name"),
+        _downward(Env.POD_IP, "status.podIP"),
     ]
 
 
 def _worker_env(svc: LLMService, role: str) -> list[dict]:
     kv = svc.spec.kv_transfer
     env = _common_env(svc, role) + [
-        {"name": "BATON_KV_TRANSPORT", "value": kv.transport},
-        {"name": "BATON_KV_PORT", "value": str(kv.port)},
-        {"name": "BATON_KV_SECRET", "valueFrom": {"secretKeyRef": {
+        {"name": Env.KV_TRANSPORT, "value": kv.transport},
+        {"name": Env.KV_PORT, "value": str(kv.port)},
+        {"name": Env.KV_SECRET, "valueFrom": {"secretKeyRef": {
             "name": child_name(svc.name, KV_SECRET_SUFFIX), "key": KV_SECRET_KEY, "optional": True}}},
     ]
     if svc.spec.engine.kind == "vllm":
         # NIXL's side channel (handshake) listens on the KV port; $(POD_IP) expands from the entry above.
         env += [
-            {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "$(POD_IP)"},
-            {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(kv.port)},
+            {"name": Env.VLLM_NIXL_SIDE_CHANNEL_HOST, "value": f"$({Env.POD_IP})"},
+            {"name": Env.VLLM_NIXL_SIDE_CHANNEL_PORT, "value": str(kv.port)},
         ]
     for var in svc.spec.engine.env:
         env.append(var.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True))
     return env
 
 
-def worker_command(svc: LLMService, role: str) -> tuple[list[str], list[str]]:
-    """(command, args) of a worker container; engine.args then the role's extraArgs come last."""
+def worker_launch(svc: LLMService, role: str) -> launch.WorkerLaunch:
+    """The launch contract of a worker pod: listens on the pod IP, serves `spec.model.name`."""
     spec = svc.spec
     r = _role(svc, role)
-    user_args = list(spec.engine.args) + list(r.extra_args)
-    if spec.engine.kind == "vllm":
-        args = [
-            model_dir(svc),
-            "--port", str(r.port),
-            "--served-model-name", spec.model.name,
-            "--tensor-parallel-size", str(r.tensor_parallel),
-        ]
-        if spec.model.max_model_len is not None:
-            args += ["--max-model-len", str(spec.model.max_model_len)]
-        args += ["--kv-transfer-config", json.dumps(VLLM_KV_TRANSFER_CONFIG, separators=(",", ":"))]
-        return ["vllm", "serve"], args + user_args
-    args = [
-        "--role", role,
-        "--model", model_dir(svc),
-        "--port", str(r.port),
-        "--kv-port", str(spec.kv_transfer.port),
-    ]
-    if r.tensor_parallel > 1:
-        args += ["--tensor-parallel-size", str(r.tensor_parallel)]
-    if spec.model.max_model_len is not None:
-        args += ["--max-model-len", str(spec.model.max_model_len)]
-    return ["baton", "worker"], args + user_args
+    return launch.WorkerLaunch(
+        engine=spec.engine.kind,
+        role=role,
+        model_path=model_dir(svc),
+        served_model_name=spec.model.name,
+        port=r.port,
+        host=launch.POD_LISTEN_HOST,
+        kv_port=spec.kv_transfer.port,
+        tensor_parallel=r.tensor_parallel,
+        max_model_len=spec.model.max_model_len,
+        extra_args=(*spec.engine.args, *r.extra_args),
+    )
+
+
+def worker_command(svc: LLMService, role: str) -> tuple[list[str], list[str]]:
+    """(command, args) of a worker container; engine.args then the role's extraArgs come last."""
+    return launch.split_command(launch.worker_argv(worker_launch(svc, role)))
 
 
 def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict:
@@ -439,6 +435,7 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
     r = _role(svc, role)
     vllm = svc.spec.engine.kind == "vllm"
     command, args = worker_command(svc, role)
+    paths = launch.probes(svc.spec.engine.kind)
     kv_port = svc.spec.kv_transfer.port
     mounts = [
         {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
@@ -461,9 +458,9 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
         "env": _worker_env(svc, role),
         "resources": _worker_resources(r),
         "volumeMounts": mounts,
-        "startupProbe": _probe("/health", STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD),
-        "readinessProbe": _probe("/health" if vllm else "/ready", 5, 3),
-        "livenessProbe": _probe("/health", 10, 3),
+        "startupProbe": _probe(paths.startup, STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD),
+        "readinessProbe": _probe(paths.readiness, 5, 3),
+        "livenessProbe": _probe(paths.liveness, 10, 3),
         "securityContext": _container_security(non_root=not vllm),
     }
     pod_spec: dict[str, Any] = {
@@ -513,14 +510,17 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- router
 def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
-    """(command, args) of the router container."""
-    return ["baton", "router"], [
-        "--policy", svc.spec.router.policy,
-        "--port", str(svc.spec.router.port),
-        "--prefill-service", role_name(svc.name, ROLE_PREFILL),
-        "--decode-service", role_name(svc.name, ROLE_DECODE),
-        "--namespace", svc.namespace,
-    ]
+    """(command, args) of the router container: workers discovered from the role Services; health checks on
+    the engine's readiness path."""
+    return launch.split_command(launch.router_argv(launch.RouterLaunch(
+        engine=svc.spec.engine.kind,
+        policy=svc.spec.router.policy,
+        port=svc.spec.router.port,
+        host=launch.POD_LISTEN_HOST,
+        prefill_service=role_name(svc.name, ROLE_PREFILL),
+        decode_service=role_name(svc.name, ROLE_DECODE),
+        namespace=svc.namespace,
+    )))
 
 
 def _router_deployment(svc: LLMService, config: dict) -> dict:
@@ -535,8 +535,8 @@ def _router_deployment(svc: LLMService, config: dict) -> dict:
         "env": _common_env(svc, ROLE_ROUTER),
         "resources": _router_resources(svc),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
-        "readinessProbe": _probe("/ready", 5, 3),
-        "livenessProbe": _probe("/health", 10, 3),
+        "readinessProbe": _probe(launch.ROUTER_PROBES.readiness, 5, 3),
+        "livenessProbe": _probe(launch.ROUTER_PROBES.liveness, 10, 3),
         "securityContext": _container_security(non_root=True),
     }
     pod_spec: dict[str, Any] = {

@@ -29,3 +29,25 @@ def test_cli_lists_every_part():
     out = subprocess.run([sys.executable, "-m", "baton.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("operator", "crd", "worker", "model", "cluster"):
         assert command in out.stdout, out.stdout
+
+
+def test_cli_works_without_the_e2e_package():
+    """Images ship no `baton.e2e` (test machinery): `baton` must still start, without `cluster`/`images`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'baton.e2e' or name.startswith('baton.e2e.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from baton.cli import build_parser\n"
+        "sub = next(a for a in build_parser()._actions if a.dest == 'command')\n"
+        "print(sorted(sub.choices))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'worker'" in out.stdout and "'operator'" in out.stdout
+    assert "'cluster'" not in out.stdout and "'images'" not in out.stdout

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from baton import launch
+
 DEFAULT_SPEC = "examples/tiny-local.yaml"
 DEFAULT_MODEL_DIR = Path("~/.cache/baton/models/tiny-llama")
 #: run `baton` as the console script does (`python -m baton.cli` would make a second CommandError class)
@@ -136,6 +138,13 @@ class Capabilities:
         return cls(router="router" in choices, kv_transport_flag=kv_flag)
 
 
+def _local(argv: list[str]) -> list[str]:
+    """A contract command line run by this interpreter (``python -m baton.cli``) instead of ``baton``."""
+    n = len(launch.BATON_COMMAND)
+    assert argv[:n] == list(launch.BATON_COMMAND), argv
+    return [*BATON, *argv[n:]]
+
+
 def plan_fleet(
     svc: Any,
     *,
@@ -193,27 +202,38 @@ def plan_fleet(
         port = ports.pop(0)
         kv_port = ports.pop(0) if use_kv else None
         role_spec = spec.prefill if role == "prefill" else spec.decode
-        argv = [*BATON, "worker", "--role", role, "--model", model_path, "--host", "127.0.0.1",
-                "--port", str(port), "--served-model-name", spec.model.name,
-                "--llmservice", svc.metadata.name, "--namespace", "local", "--log-level", log_level]
-        if spec.model.max_model_len:
-            argv += ["--max-model-len", str(spec.model.max_model_len)]
-        if kv_port is not None:
-            argv += ["--kv-transport", "tcp", "--kv-port", str(kv_port)]
-        if spec.engine.kind == "baton":
-            argv += [*engine_args, *role_spec.extra_args]
-        argv += list(extra_worker_args)
+        argv = _local(launch.worker_argv(launch.WorkerLaunch(
+            engine=launch.ENGINE_BATON,
+            role=role,
+            model_path=model_path,
+            served_model_name=spec.model.name,
+            port=port,
+            host=launch.LOCAL_LISTEN_HOST,
+            kv_port=kv_port,
+            kv_transport="tcp" if kv_port is not None else None,
+            max_model_len=spec.model.max_model_len,
+            llmservice=svc.metadata.name,
+            namespace="local",
+            log_level=log_level,
+            extra_args=(*(engine_args + list(role_spec.extra_args) if spec.engine.kind == "baton" else []),
+                        *extra_worker_args),
+        )))
         p = ProcSpec(name=f"{role}-{idx}", role=role, port=port, argv=argv, cpus=cpu_sets[i],
                      threads=cpus_per_worker, kv_port=kv_port)
         procs.append(p)
         urls[role].append(p.url)
     rport = router_port or ports.pop(0)
-    rargv = [*BATON, "router", "--host", "127.0.0.1", "--port", str(rport),
-             "--policy", policy or spec.router.policy, "--llmservice", svc.metadata.name,
-             "--log-level", log_level]
-    for role in ("prefill", "decode", "both"):
-        if urls[role]:
-            rargv += [f"--{role}", ",".join(urls[role])]
+    rargv = _local(launch.router_argv(launch.RouterLaunch(
+        engine=launch.ENGINE_BATON,
+        policy=policy or spec.router.policy,
+        port=rport,
+        host=launch.LOCAL_LISTEN_HOST,
+        llmservice=svc.metadata.name,
+        prefill_urls=tuple(urls["prefill"]),
+        decode_urls=tuple(urls["decode"]),
+        both_urls=tuple(urls["both"]),
+        log_level=log_level,
+    )))
     procs.append(ProcSpec(name="router", role="router", port=rport, argv=rargv, threads=1))
     return FleetPlan(name=svc.metadata.name, model_name=spec.model.name, model_path=model_path,
                      colocated=colocated, procs=procs, kv_transport=kv_transport, warnings=warnings)

@@ -395,13 +395,19 @@ def test_uri_volume_and_fetch_init_container() -> None:
 
 # ------------------------------------------------------------------------------------------- commands
 def test_baton_worker_command() -> None:
+    from baton.cli import build_parser
+
     c = pod(render(base(engine={"kind": "baton", "args": ["--max-num-seqs", "8"]},
-                        decode={"tensorParallel": 2, "extraArgs": ["--x"]}, kvTransfer={"port": 15000})),
+                        decode={"extraArgs": ["--kv-blocks", "64"]}, kvTransfer={"port": 15000})),
             "decode")["containers"][0]
     assert c["name"] == "worker"
     assert c["command"] == ["baton", "worker"]
-    assert c["args"] == ["--role", "decode", "--model", "/models/m", "--port", "8000", "--kv-port", "15000",
-                         "--tensor-parallel-size", "2", "--max-num-seqs", "8", "--x"]
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])  # the worker's own parser
+    assert (args.role, args.model, args.port, args.kv_port) == ("decode", "/models/m", 8000, 15000)
+    assert args.host == "0.0.0.0"  # the pod IP: kubelet probes and peers must reach it
+    assert args.served_model_name == "m"  # spec.model.name, not the folder's name
+    assert (args.max_num_seqs, args.kv_blocks) == (8, 64)
+    assert c["args"][-4:] == ["--max-num-seqs", "8", "--kv-blocks", "64"]  # user args last: they win
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     startup = c["startupProbe"]
@@ -428,12 +434,16 @@ def test_vllm_worker_command() -> None:
 
 
 def test_router_command_and_image() -> None:
+    from baton.cli import build_parser
+
     m = render(base(router={"policy": "prefix-aware", "replicas": 3},
                     engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}))
     c = pod(m, "router")["containers"][0]
     assert c["command"] == ["baton", "router"]
-    assert c["args"] == ["--policy", "prefix-aware", "--port", "8080", "--prefill-service", "svc-prefill",
-                         "--decode-service", "svc-decode", "--namespace", "ns"]
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])
+    assert (args.policy, args.port, args.namespace) == ("prefix-aware", 8080, "ns")
+    assert (args.prefill_service, args.decode_service) == ("svc-prefill", "svc-decode")
+    assert args.health_path == "/health"  # vLLM serves no /ready
     assert c["image"] != "vllm/vllm-openai:v1"  # the router is Baton's, whatever the engine
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
 

@@ -188,7 +188,8 @@ def test_kubernetes_discovery_follows_endpoints():
 def _args(**kw):
     base = {"policy": "least-loaded", "host": "0.0.0.0", "port": 8080, "prefill": [], "decode": [], "both": [],
                 "prefill_service": None, "decode_service": None, "both_service": None, "namespace": None,
-                "discovery_interval": 2.0, "health_interval": 2.0, "connect_timeout": 5.0, "max_attempts": 3,
+                "discovery_interval": 2.0, "health_interval": 2.0, "health_path": "/ready",
+                "connect_timeout": 5.0, "max_attempts": 3,
                 "hop_timeout": 60.0, "stream_idle_timeout": 60.0,
                 "prefix_chars": 256, "llmservice": "", "log_level": "info"}
     base.update(kw)
@@ -212,6 +213,7 @@ def test_cli_config(monkeypatch):
     for bad, msg in [({}, "no workers"), ({"decode": ["d:1"]}, "go together"),
                      ({"both": ["b:1"], "max_attempts": 0}, "--max-attempts"),
                      ({"both": ["b:1"], "health_interval": 0}, "--health-interval"),
+                     ({"both": ["b:1"], "health_path": "health"}, "--health-path"),
                      ({"both": ["b:1"], "hop_timeout": -1}, "--hop-timeout"),
                      ({"both": ["b:1"], "stream_idle_timeout": -1}, "--stream-idle-timeout")]:
         with pytest.raises(CommandError, match=msg):

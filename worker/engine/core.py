@@ -5,6 +5,7 @@ finished KV imports over through thread-safe deques, and `step()` drains them fi
 """
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections import deque
@@ -55,7 +56,6 @@ class EngineCore:
         # counters
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self._lease_seq = 0
 
     # -- KVSource (export side; called by transports from any thread) -----------------------------------------
     def acquire(self, lease_id: str) -> KVLease:
@@ -151,8 +151,7 @@ class EngineCore:
             outputs.append(out)
 
     def _lease(self, seq: Sequence) -> dict:
-        self._lease_seq += 1
-        lease_id = f"{seq.request_id}#{self._lease_seq}"
+        lease_id = new_lease_id()
         self.leases.create(lease_id, seq.block_ids, len(seq.prompt_ids))
         host, port = self.kv_address
         return {
@@ -215,6 +214,17 @@ class EngineCore:
 
 def new_engine_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def new_lease_id() -> str:
+    """A fresh KV lease id (`kv_transfer_params["remote_request_id"]`): 128 random bits from `secrets`.
+
+    Why not the request id: that comes from the client's X-Request-Id header, so a lease named after it
+    (plus a counter) could be guessed, and pulled or released, by anyone who knows or chooses the header. The
+    request id stays what the logs and responses carry; the lease id is only ever learnt from the prefill
+    response, which goes to the router alone.
+    """
+    return secrets.token_urlsafe(16)
 
 
 def now() -> float:

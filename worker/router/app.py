@@ -7,7 +7,10 @@ httpx's transport stack (measured by benchmarks/router.py), and it is a core dep
 router runs without the worker extras (fastapi, uvicorn, torch).
 
 Flow of POST /v1/completions and /v1/chat/completions (the body is forwarded as JSON; fields are left to the
-workers to validate, except `stream` and the prompt the prefix-aware policy hashes):
+workers to validate, except `stream` and the prompt the prefix-aware policy hashes). KV transfer parameters
+are the router's alone: the client's `kv_transfer_params` (and `vllm_xargs.kv_transfer_params`, which vLLM
+reads when the top-level field is absent) are dropped before any hop (`strip_kv_params`), so a decode worker
+only ever pulls the KV the router's own prefill hop produced:
 
 1. Disaggregated (a healthy prefill and decode worker exist): pick a prefill worker, send the prefill hop
    (same body, `stream: false`, `max_tokens: 1`, `kv_transfer_params: {"do_remote_decode": true}`), then pick
@@ -17,8 +20,9 @@ workers to validate, except `stream` and the prompt the prefix-aware policy hash
    request without params and recomputes the prompt: a correct answer, outcome `fallback_recompute`. A 4xx
    from the prefill hop is the client's error and is returned as is.
 2. Colocated (only `both` workers): one hop to a `both` worker, outcome `ok`.
-3. Decode workers only: one hop to a decode worker without params (recompute), outcome `fallback_recompute`.
-4. No decode (or both) worker: 503 with Retry-After.
+3. Decode workers only (no prefill worker is healthy, or none exists): one hop to a decode worker without
+   params (recompute), outcome `fallback_recompute`. The router stays Ready in this state (`Pool.ready`).
+4. No decode (or both) worker: 503 with Retry-After, and /ready answers 503.
 
 The last hop is retried (same X-Request-Id, other worker where possible) only while no byte has reached the
 client: connection errors and 5xx move to another worker; a 502 `kv_transfer_failed` resends without params
@@ -52,13 +56,15 @@ from aiohttp import web
 from baton.worker.router.discovery import KubernetesDiscovery
 from baton.worker.router.metrics import CONTENT_TYPE, RouterMetrics
 from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, PrefixAware, make_policy
-from baton.worker.router.pool import Endpoint, HealthChecker, Pool
+from baton.worker.router.pool import DEFAULT_HEALTH_PATH, Endpoint, HealthChecker, Pool
 
 log = logging.getLogger("baton.router")
 
 REQUEST_ID = "X-Request-Id"
 RETRY_AFTER = "1"
 SSE_DONE = b"data: [DONE]\n\n"
+KV_PARAMS = "kv_transfer_params"  # vLLM's protocol field that chains the prefill hop to the decode hop
+XARGS = "vllm_xargs"  # vLLM copies it into SamplingParams.extra_args, where connectors read KV_PARAMS too
 _UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError)
 
 
@@ -74,6 +80,7 @@ class RouterConfig:
     both_service: str | None = None
     health_interval: float = 2.0
     health_timeout: float = 1.0
+    health_path: str = DEFAULT_HEALTH_PATH  # GET on each worker: /ready (Baton), /health (vLLM)
     discovery_interval: float = 2.0
     connect_timeout: float = 5.0
     hop_timeout: float | None = 60.0  # seconds until a worker's response headers (0/None: no limit)
@@ -126,6 +133,28 @@ def _limit(seconds: float | None) -> float | None:
 
 class HopTimeout(asyncio.TimeoutError):
     """One of the router's own hop timeouts expired (a readable message instead of a bare TimeoutError)."""
+
+
+def strip_kv_params(body: dict) -> dict | None:
+    """`body` without the client's KV transfer parameters (top-level and inside `vllm_xargs`); None when it
+    carries none (the raw bytes can then be forwarded as they are).
+
+    Why: those parameters tell a decode worker which host:port to connect to and which lease to pull. A
+    client's own would let it point a worker at any address or read another request's KV, so only the
+    parameters the router got back from its own prefill hop may ever reach a worker.
+    """
+    xargs = body.get(XARGS)
+    nested = isinstance(xargs, dict) and KV_PARAMS in xargs
+    if KV_PARAMS not in body and not nested:
+        return None
+    clean = {k: v for k, v in body.items() if k != KV_PARAMS}
+    if nested:
+        clean[XARGS] = {k: v for k, v in xargs.items() if k != KV_PARAMS}
+    return clean
+
+
+def _dumps(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def routing_key(body: dict, limit: int) -> str | None:
@@ -256,7 +285,8 @@ class Router:
             self.pool.set_urls(role, urls)
             for ep in self.pool.endpoints[role].values():
                 self.metrics.set_inflight(role, ep.url, 0)
-        self.checker = HealthChecker(self.pool, self.session, cfg.health_interval, cfg.health_timeout)
+        self.checker = HealthChecker(self.pool, self.session, cfg.health_interval, cfg.health_timeout,
+                                     path=cfg.health_path)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.checker.check_all(), cfg.health_timeout + 0.5)
         self.checker.start()
@@ -343,6 +373,10 @@ class Router:
         if not isinstance(body, dict):
             return error_json("the request body must be a JSON object", status=400,
                               type="invalid_request_error")
+        clean = strip_kv_params(body)
+        if clean is not None:  # every hop below is built from `body` or `raw`: both are clean from here
+            log.debug("dropped client-supplied KV transfer parameters on %s", path)
+            body, raw = clean, _dumps(clean)
         rid = (request.headers.get(REQUEST_ID) or "").strip() or uuid.uuid4().hex
         headers = {"Content-Type": "application/json", REQUEST_ID: rid}
         auth = request.headers.get("Authorization")
@@ -356,7 +390,7 @@ class Router:
             if early is not None:
                 return early  # the prefill worker refused the request (4xx): the client's error
             if kv is not None:
-                data = json.dumps({**body, "kv_transfer_params": kv}, separators=(",", ":")).encode()
+                data = _dumps({**body, KV_PARAMS: kv})
                 return await self._last_hop(request, "decode", path, data, raw, headers, body, key, req,
                                             recompute=False)
             return await self._last_hop(request, "decode", path, raw, raw, headers, body, key, req,
@@ -375,12 +409,12 @@ class Router:
     async def _prefill(self, path: str, body: dict, headers: dict, key: str | None
                        ) -> tuple[dict | None, web.Response | None]:
         """The prefill hop: (kv_transfer_params or None to recompute, a response to return as is)."""
-        hop = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        hop = {**body, "stream": False, "max_tokens": 1, KV_PARAMS: {"do_remote_decode": True}}
         hop.pop("stream_options", None)
         hop.pop("min_tokens", None)
         if "max_completion_tokens" in hop:
             hop["max_completion_tokens"] = 1
-        data = json.dumps(hop, separators=(",", ":")).encode()
+        data = _dumps(hop)
         ep = self.policy["prefill"].choose(self.pool.healthy("prefill"), key)
         ep.acquire()
         resp: aiohttp.ClientResponse | None = None
@@ -400,7 +434,7 @@ class Router:
             ep.release()
         if status == 200:
             try:
-                kv = json.loads(payload).get("kv_transfer_params")
+                kv = json.loads(payload).get(KV_PARAMS)
             except (ValueError, AttributeError):
                 kv = None
             if isinstance(kv, dict) and kv:

@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 
 from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, POLICIES
+from baton.worker.router.pool import DEFAULT_HEALTH_PATH, validate_health_path
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -50,6 +51,10 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds between Endpoints reads (default 2)")
     p.add_argument("--health-interval", type=float, default=2.0,
                    help="seconds between health checks of each worker (default 2)")
+    p.add_argument("--health-path", default=DEFAULT_HEALTH_PATH, metavar="PATH",
+                   help="path the health checks GET on each worker; 200 means healthy (default "
+                   f"{DEFAULT_HEALTH_PATH}, Baton's workers; use /health for vLLM workers, which serve no "
+                   f"{DEFAULT_HEALTH_PATH})")
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to connect to a worker (default 5)")
     p.add_argument("--hop-timeout", type=float, default=60.0,
@@ -109,6 +114,10 @@ def build_config(args: argparse.Namespace):
     for flag in ("hop_timeout", "stream_idle_timeout"):
         if getattr(args, flag) < 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be 0 (no limit) or positive")
+    try:
+        health_path = validate_health_path(args.health_path)
+    except ValueError as exc:
+        raise CommandError(f"--health-path {exc}") from None
     if args.max_attempts < 1:
         raise CommandError("--max-attempts must be at least 1")
     if args.prefix_chars < 1:
@@ -120,7 +129,7 @@ def build_config(args: argparse.Namespace):
         policy=args.policy, prefill=prefill, decode=decode, both=both, namespace=namespace,
         prefill_service=args.prefill_service, decode_service=args.decode_service,
         both_service=args.both_service, discovery_interval=args.discovery_interval,
-        health_interval=args.health_interval, connect_timeout=args.connect_timeout,
+        health_interval=args.health_interval, health_path=health_path, connect_timeout=args.connect_timeout,
         hop_timeout=args.hop_timeout, stream_idle_timeout=args.stream_idle_timeout,
         max_attempts=args.max_attempts, prefix_chars=args.prefix_chars, llmservice=args.llmservice,
         metrics_namespace=os.environ.get("BATON_NAMESPACE") or (namespace if any(services) else ""),

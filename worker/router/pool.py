@@ -1,8 +1,9 @@
 """The router's view of its workers: endpoints per role, their health and in-flight counts.
 
 Membership comes from discovery (`discovery.py`: static lists or Kubernetes Endpoints) through
-`Pool.set_urls`; health from a periodic `GET /ready` per endpoint (`HealthChecker`) and, passively, from
-hops that fail to connect (the endpoint is marked unhealthy at once and comes back when a check passes).
+`Pool.set_urls`; health from a periodic `GET <health path>` per endpoint (`HealthChecker`; `/ready` for
+Baton's workers, `/health` for vLLM's, which serve no `/ready`) and, passively, from hops that fail to
+connect (the endpoint is marked unhealthy at once and comes back when a check passes).
 """
 
 from __future__ import annotations
@@ -15,9 +16,26 @@ from collections.abc import Callable, Iterable
 
 import aiohttp
 
+from baton import launch
+
 log = logging.getLogger("baton.router.pool")
 
 ROLES = ("prefill", "decode", "both")
+
+#: The path the health checks GET on every worker (`--health-path`): Baton's workers answer `/ready`
+#: (200 once the engine can serve); a vLLM fleet is rendered with `--health-path /health`. From the launch
+#: contract, like every path a probe or a peer uses.
+DEFAULT_HEALTH_PATH = launch.probes(launch.ENGINE_BATON).readiness
+
+
+def validate_health_path(path: str) -> str:
+    """`path` if it can be appended to a worker URL; ValueError otherwise. A path without its leading
+    slash would be glued to the port (`http://w:8000ready`) and every worker would look dead."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} must start with '/' (e.g. /ready, or /health for vLLM workers)")
+    if any(c.isspace() or not c.isprintable() for c in path):
+        raise ValueError(f"{path!r} must not contain spaces or control characters")
+    return path
 
 
 def normalize_url(url: str) -> str:
@@ -103,33 +121,38 @@ class Pool:
         return [ep for ep in self.endpoints[role].values() if ep.healthy and id(ep) not in skip]
 
     def ready(self) -> tuple[bool, str]:
-        if self.healthy("both") or (self.healthy("prefill") and self.healthy("decode")):
+        """Whether the router can answer a request now. A healthy decode (or both) worker is enough:
+        without a healthy prefill worker the decode worker recomputes the prompt (slower, still correct),
+        so a fleet whose prefill workers are all down must stay in its Service rather than go dark."""
+        if self.healthy("both") or self.healthy("decode"):
             return True, "ok"
         counts = ", ".join(
             f"{role}: {len(self.healthy(role))}/{len(self.endpoints[role])} healthy" for role in ROLES
         )
-        return False, f"need a healthy prefill and decode worker, or a healthy both worker ({counts})"
+        return False, f"need a healthy decode or both worker ({counts})"
 
 
 class HealthChecker:
-    """GET /ready on every endpoint each `interval` seconds (and at once on new endpoints)."""
+    """GET `path` on every endpoint each `interval` seconds (and at once on new endpoints); 200 is healthy.
+    The path depends on the engine (`DEFAULT_HEALTH_PATH` for Baton's workers, `/health` for vLLM's)."""
 
     def __init__(self, pool: Pool, session: aiohttp.ClientSession, interval: float = 2.0,
-                 timeout: float = 1.0) -> None:
+                 timeout: float = 1.0, path: str = DEFAULT_HEALTH_PATH) -> None:
         self.pool = pool
         self.session = session
         self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.path = validate_health_path(path)
         self._task: asyncio.Task | None = None
 
     async def check(self, ep: Endpoint) -> None:
         try:
-            async with self.session.get(ep.url + "/ready", timeout=self.timeout) as resp:
+            async with self.session.get(ep.url + self.path, timeout=self.timeout) as resp:
                 await resp.read()
                 if resp.status == 200:
                     ep.mark(True)
                 else:
-                    ep.mark(False, f"/ready answered {resp.status}")
+                    ep.mark(False, f"{self.path} answered {resp.status}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy

@@ -55,7 +55,7 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 #: DNS-1035 label: what a Service name must be (starts with a letter).
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-MODEL_URI = r"^(s3|hf|https)://[^\s]+$"
+MODEL_URI = r"^(hf|https)://[^\s]+$"
 HTTP_URL = r"^https?://[^\s/]+[^\s]*$"
 
 #: Human descriptions of the patterns above, used in error messages instead of the raw regex.
@@ -65,11 +65,14 @@ PATTERN_HINTS = {
     DNS1035_LABEL: "a lowercase DNS-1035 label (a-z, 0-9 and '-', starting with a letter, ending with a "
     "letter or digit)",
     ENV_NAME: "an environment variable name (letters, digits, '_', '-', '.'; not starting with a digit)",
-    MODEL_URI: "a model URI starting with s3://, hf:// or https://",
+    MODEL_URI: "an hf://ORG/MODEL or https:// URL of a model folder or of a .tar/.tar.gz of one (what `baton "
+    "model fetch` reads)",
     HTTP_URL: "an http:// or https:// URL",
 }
 
 GPU_RESOURCE = "nvidia.com/gpu"
+ACCELERATOR_GPU = "gpu"
+ACCELERATOR_CPU = "cpu"
 
 
 def field_problems(problems: Sequence[tuple[str, str]]) -> PydanticCustomError:
@@ -139,10 +142,14 @@ class ModelSource(_Model):
     pvc: PVCSource | None = None
     host_path: HostPathSource | None = None
     uri: Annotated[str, Field(pattern=MODEL_URI)] | None = Field(
-        default=None, description="s3://, hf:// or https:// location, downloaded at pod start."
+        default=None,
+        description="hf://ORG/MODEL, or the https:// URL of a model folder (config.json, tokenizer, safetensors) "
+        "or of a .tar/.tar.gz of one, downloaded by an init container (`baton model fetch`) at pod start."
     )
     secret_ref: SecretRef | None = Field(
-        default=None, description="Secret with credentials for `uri` (e.g. HF_TOKEN, AWS_* keys)."
+        default=None,
+        description="Secret with credentials for `uri`, as environment variables: BATON_MODEL_TOKEN (bearer) or "
+        "BATON_MODEL_USERNAME/BATON_MODEL_PASSWORD (basic), HF_TOKEN (bearer), BATON_MODEL_CA_FILE.",
     )
 
     @model_validator(mode="after")
@@ -368,10 +375,22 @@ class LLMServiceSpec(_Model):
     router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra=_object_default())
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, json_schema_extra=_object_default())
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
+    accelerator: Literal["gpu", "cpu"] | None = Field(
+        default=None,
+        description="What the workers run on. gpu: each worker pod requests nvidia.com/gpu = tensorParallel. "
+        "cpu: no GPU is requested and torch's threads are sized from each worker's CPU limit "
+        "(resources.limits.cpu; when unset, the CPU request rounded up, else 1). Default: cpu for the Baton "
+        "engine (it runs on CPUs only), gpu for vLLM.",
+    )
+
+    def effective_accelerator(self) -> str:
+        if self.accelerator is not None:
+            return self.accelerator
+        return ACCELERATOR_CPU if self.engine.kind == "baton" else ACCELERATOR_GPU
 
     @model_validator(mode="after")
     def _cross_field(self) -> LLMServiceSpec:
-        problems: list[tuple[str, str]] = []
+        problems: list[tuple[str, str]] = self._engine_problems()
         for role_name in ("prefill", "decode"):
             role: RoleSpec = getattr(self, role_name)
             lo, hi = role.autoscaling.min_replicas, role.autoscaling.max_replicas
@@ -391,6 +410,27 @@ class LLMServiceSpec(_Model):
         if problems:
             raise field_problems(problems)
         return self
+
+    def _engine_problems(self) -> list[tuple[str, str]]:
+        """What the chosen engine and accelerator cannot run: refused here, with the field named, instead of
+        a worker that crash-loops on a flag it refuses."""
+        problems: list[tuple[str, str]] = []
+        baton = self.engine.kind == "baton"
+        if baton and self.kv_transfer.transport == "rdma":
+            problems.append(("kvTransfer.transport", "rdma needs the vLLM engine (NIXL); the Baton engine "
+                             "moves KV caches over tcp: use tcp or auto"))
+        if baton and self.accelerator == ACCELERATOR_GPU:
+            problems.append(("accelerator", "the Baton engine runs on CPUs only: use cpu, or engine.kind vllm "
+                             "for GPUs"))
+        cpu = self.effective_accelerator() == ACCELERATOR_CPU
+        for role_name in ("prefill", "decode"):
+            role: RoleSpec = getattr(self, role_name)
+            if baton and role.tensor_parallel > 1:
+                problems.append((f"{role_name}.tensorParallel", "the Baton engine runs on one device: use 1, "
+                                 "or engine.kind vllm for tensor parallelism"))
+            if cpu and GPU_RESOURCE in {**role.resources.limits, **role.resources.requests}:
+                problems.append((f"{role_name}.resources", f"a cpu service requests no {GPU_RESOURCE}"))
+        return problems
 
 
 # ------------------------------------------------------------------------------------------ status

@@ -41,6 +41,8 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("v1", "Secret"): KindInfo("/api/v1", "secrets"),
     ("v1", "Pod"): KindInfo("/api/v1", "pods"),
     ("apps/v1", "Deployment"): KindInfo("/apis/apps", "deployments"),
+    ("rbac.authorization.k8s.io/v1", "Role"): KindInfo("/apis/rbac.authorization.k8s.io", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): KindInfo("/apis/rbac.authorization.k8s.io", "rolebindings"),
     ("policy/v1beta1", "PodDisruptionBudget"): KindInfo("/apis/policy", "poddisruptionbudgets"),
     ("policy/v1", "PodDisruptionBudget"): KindInfo("/apis/policy", "poddisruptionbudgets"),
     (f"{GROUP}/{VERSION}", "LLMService"): KindInfo(f"/apis/{GROUP}", PLURAL),

@@ -20,7 +20,14 @@ from baton.operator.status import compute_status
 log = logging.getLogger("baton.operator")
 
 #: Kinds the operator creates; listed to find children that a spec change made obsolete.
-CHILD_KINDS = (("v1", "ServiceAccount"), ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"))
+CHILD_KINDS = (
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+)
 ALL_ROLES = ("prefill", "decode", "router")
 
 #: Called for each action worth a Kubernetes Event: (event type "Normal"/"Warning", reason, message).

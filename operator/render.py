@@ -8,6 +8,8 @@ randomness, no I/O, no kopf). The reconciler applies them with server-side apply
 Children of LLMService `<name>` in namespace `<ns>` (see `naming` for names that would not fit):
 
     ServiceAccount  <name>            identity of all pods (worker pods do not mount its token)
+    Role            <name>-router     `get` on the two role Endpoints (the router's discovery)
+    RoleBinding     <name>-router     that Role -> the ServiceAccount
     ConfigMap       <name>-config     effective configuration (config.json), mounted at /etc/baton
     Service         <name>-prefill    headless, ports http (role port, 8000) + kv (kvTransfer.port)
     Service         <name>-decode     headless, ports http + kv
@@ -26,6 +28,9 @@ Decisions worth knowing:
   the GPU workers (which reload the model on restart); replica counts are in no hash at all.
 * GPUs: `nvidia.com/gpu` = tensorParallel in limits and requests, unless the user set a larger limit
   (the API allows limits >= tensorParallel); requests always equal limits, as extended resources require.
+* CPU services (`spec.accelerator: cpu`, the default for the Baton engine) request no GPU; `OMP_NUM_THREADS`
+  comes from the container's CPU limit through the downward API (unset, the limit is the CPU request rounded
+  up, else 1).
 * Readiness: Baton's worker serves `/ready`; vLLM has no `/ready` and its `/health` only answers once the
   model is loaded, so vLLM pods use `/health` for readiness too. Startup probes allow 30 minutes to load.
 * Baton pods run as uid 1000 (non-root, all capabilities dropped); vLLM pods keep the image's user (the
@@ -38,10 +43,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 from .api import (
+    ACCELERATOR_CPU,
+    ACCELERATOR_GPU,
     API_VERSION,
     DEFAULT_IMAGE,
     GPU_RESOURCE,
@@ -106,6 +114,8 @@ TOPOLOGY_KEYS = {"zone": "topology.kubernetes.io/zone", "node": "kubernetes.io/h
 #: (apiVersion, kind, namer) of every child, in render order.
 CHILDREN: tuple[tuple[str, str, Callable[[str], str]], ...] = (
     ("v1", "ServiceAccount", service_account_name),
+    ("rbac.authorization.k8s.io/v1", "Role", router_deployment_name),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", router_deployment_name),
     ("v1", "ConfigMap", config_map_name),
     ("v1", "Service", lambda n: role_name(n, ROLE_PREFILL)),
     ("v1", "Service", lambda n: role_name(n, ROLE_DECODE)),
@@ -229,6 +239,41 @@ def _service_account(svc: LLMService) -> dict:
     }
 
 
+RBAC_API = "rbac.authorization.k8s.io/v1"
+#: what the router reads from the apiserver: the Endpoints of its two role Services, by name (discovery)
+ROUTER_DISCOVERY_VERBS = ("get",)
+
+
+def _router_role(svc: LLMService) -> dict:
+    """Least privilege for the router's discovery: `get` on exactly the two Endpoints objects it polls.
+    (The operator must hold these verbs itself to grant them: the chart gives it `get` on endpoints.)"""
+    return {
+        "apiVersion": RBAC_API,
+        "kind": "Role",
+        "metadata": _metadata(svc, router_deployment_name(svc.name), common_labels(svc.name, COMPONENT_CONFIG)),
+        "rules": [{
+            "apiGroups": [""],
+            "resources": ["endpoints"],
+            "resourceNames": [role_name(svc.name, ROLE_PREFILL), role_name(svc.name, ROLE_DECODE)],
+            "verbs": list(ROUTER_DISCOVERY_VERBS),
+        }],
+    }
+
+
+def _router_role_binding(svc: LLMService) -> dict:
+    """Binds the router Role to the LLMService's ServiceAccount (worker pods run as it too, but do not mount
+    its token: only the router can use the grant)."""
+    return {
+        "apiVersion": RBAC_API,
+        "kind": "RoleBinding",
+        "metadata": _metadata(svc, router_deployment_name(svc.name), common_labels(svc.name, COMPONENT_CONFIG)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": router_deployment_name(svc.name)},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account_name(svc.name),
+                      "namespace": svc.namespace}],
+    }
+
+
 # -------------------------------------------------------------------------------------------- services
 def _headless_service(svc: LLMService, role: str) -> dict:
     return {
@@ -306,11 +351,32 @@ def _quantities(values: dict[str, Quantity]) -> dict[str, str]:
     return {k: str(values[k]) for k in sorted(values)}
 
 
-def _worker_resources(r: RoleSpec) -> dict:
-    gpus = str(gpu_count(r))
-    limits = {**_quantities(r.resources.limits), GPU_RESOURCE: gpus}
-    requests = {**_quantities(r.resources.requests), GPU_RESOURCE: gpus}
-    return {"limits": dict(sorted(limits.items())), "requests": dict(sorted(requests.items()))}
+def _worker_resources(svc: LLMService, r: RoleSpec) -> dict:
+    limits, requests = _quantities(r.resources.limits), _quantities(r.resources.requests)
+    if svc.spec.effective_accelerator() == ACCELERATOR_CPU and "cpu" not in limits:
+        limits["cpu"] = str(default_cpu_limit(r))
+    if svc.spec.effective_accelerator() == ACCELERATOR_GPU:
+        gpus = str(gpu_count(r))
+        limits[GPU_RESOURCE] = requests[GPU_RESOURCE] = gpus
+    out = {"limits": dict(sorted(limits.items()))}
+    if requests:
+        out["requests"] = dict(sorted(requests.items()))
+    return out
+
+
+def default_cpu_limit(r: RoleSpec) -> int:
+    """A CPU worker's limit when the user set none: its CPU request rounded up, else 1 (threads = limit)."""
+    request = r.resources.requests.get("cpu")
+    return max(1, math.ceil(request.value)) if request is not None else 1
+
+
+def _threads_env(svc: LLMService) -> list[dict]:
+    """CPU services: torch's threads = the container's CPU limit (rounded up by the downward API), never the
+    node's core count that torch would otherwise see."""
+    if svc.spec.effective_accelerator() != ACCELERATOR_CPU:
+        return []
+    return [{"name": Env.THREADS, "valueFrom": {"resourceFieldRef": {
+        "containerName": "worker", "resource": "limits.cpu", "divisor": "1"}}}]
 
 
 def _router_resources(svc: LLMService) -> dict:
@@ -355,6 +421,7 @@ def _worker_env(svc: LLMService, role: str) -> list[dict]:
             {"name": Env.VLLM_NIXL_SIDE_CHANNEL_HOST, "value": f"$({Env.POD_IP})"},
             {"name": Env.VLLM_NIXL_SIDE_CHANNEL_PORT, "value": str(kv.port)},
         ]
+    env += _threads_env(svc)
     for var in svc.spec.engine.env:
         env.append(var.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True))
     return env
@@ -456,7 +523,7 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
             {"name": "kv", "containerPort": kv_port, "protocol": "TCP"},
         ],
         "env": _worker_env(svc, role),
-        "resources": _worker_resources(r),
+        "resources": _worker_resources(svc, r),
         "volumeMounts": mounts,
         "startupProbe": _probe(paths.startup, STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _probe(paths.readiness, 5, 3),
@@ -576,6 +643,8 @@ def render_parsed(svc: LLMService) -> list[dict]:
     config = effective_config(svc)
     return [
         _service_account(svc),
+        _router_role(svc),
+        _router_role_binding(svc),
         _config_map(svc, config),
         _headless_service(svc, ROLE_PREFILL),
         _headless_service(svc, ROLE_DECODE),

@@ -156,6 +156,8 @@ EXPECTED_WORKLOADS = (
        ("", "events", "create", ())}
     | {("apps", "deployments", v, ()) for v in CHILD_VERBS}
     | {("", res, v, ()) for res in ("services", "configmaps", "serviceaccounts") for v in CHILD_VERBS}
+    | {("rbac.authorization.k8s.io", res, v, ()) for res in ("roles", "rolebindings") for v in CHILD_VERBS}
+    | {("", "endpoints", "get", ())}  # granted on to each router (RBAC: only what the granter holds)
 )
 
 

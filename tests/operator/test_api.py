@@ -74,7 +74,8 @@ def test_dump_uses_camel_case_and_keeps_user_strings() -> None:
 def test_snake_case_construction_in_python() -> None:
     role = RoleSpec(tensor_parallel=4, node_selector={"baton.dev/pool": "prefill"})
     assert role.tensor_parallel == 4
-    spec = LLMServiceSpec(model={"name": "m", "source": ModelSource(host_path={"path": "/m"})}, prefill=role)
+    spec = LLMServiceSpec(model={"name": "m", "source": ModelSource(host_path={"path": "/m"})}, prefill=role,
+                          engine={"kind": "vllm"})
     assert spec.model.source.kind == "hostPath"
     svc = LLMService(metadata={"name": "x"}, spec=spec)
     assert svc.api_version == API_VERSION and svc.kind == "LLMService"
@@ -110,13 +111,13 @@ def test_parse_raises_with_all_problems() -> None:
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16, 32, 64])
 def test_powers_of_two_accepted(tp: int) -> None:
-    assert validation_errors(body(prefill={"tensorParallel": tp})) == []
+    assert validation_errors(body(engine={"kind": "vllm"}, prefill={"tensorParallel": tp})) == []
 
 
 @pytest.mark.parametrize(("tp", "fragment"), [(0, "must be >= 1"), (128, "must be <= 64"), (6, "power of two"),
                                               ("two", "must be an integer")])
 def test_tensor_parallel_refused(tp: object, fragment: str) -> None:
-    (problem,) = validation_errors(body(decode={"tensorParallel": tp}))
+    (problem,) = validation_errors(body(engine={"kind": "vllm"}, decode={"tensorParallel": tp}))
     assert problem.startswith("spec.decode.tensorParallel: ") and fragment in problem
 
 

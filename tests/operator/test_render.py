@@ -150,6 +150,8 @@ def test_children_order_names_and_child_keys() -> None:
     keys = [(m["apiVersion"], m["kind"], m["metadata"]["name"]) for m in manifests]
     assert keys == [
         ("v1", "ServiceAccount", "svc"),
+        ("rbac.authorization.k8s.io/v1", "Role", "svc-router"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding", "svc-router"),
         ("v1", "ConfigMap", "svc-config"),
         ("v1", "Service", "svc-prefill"),
         ("v1", "Service", "svc-decode"),
@@ -162,7 +164,7 @@ def test_children_order_names_and_child_keys() -> None:
 
 
 def test_child_keys_needs_only_the_name() -> None:
-    assert child_keys({"metadata": {"name": "x"}, "spec": {"nonsense": True}})[1] == ("v1", "ConfigMap", "x-config")
+    assert ("v1", "ConfigMap", "x-config") in child_keys({"metadata": {"name": "x"}, "spec": {"nonsense": True}})
     with pytest.raises(ValueError):
         child_keys({"metadata": {}})
 
@@ -181,12 +183,13 @@ def test_deterministic_and_input_untouched() -> None:
 
 def test_manifests_share_no_mutable_parts() -> None:
     manifests = render(base())
-    manifests[5]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = 99
-    manifests[5]["spec"]["selector"]["matchLabels"]["x"] = "y"
-    again = render(base())
-    assert again[6]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
-    assert "x" not in again[6]["spec"]["selector"]["matchLabels"]
-    assert manifests[6]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
+    prefill, decode = (m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"] != "svc-router")
+    prefill["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = 99
+    prefill["spec"]["selector"]["matchLabels"]["x"] = "y"
+    again = [m for m in render(base()) if m["kind"] == "Deployment"]
+    assert again[1]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
+    assert "x" not in again[1]["spec"]["selector"]["matchLabels"]
+    assert decode["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 1
 
 
 def test_invalid_spec_names_the_field() -> None:
@@ -330,7 +333,7 @@ def test_user_affinity_is_merged_not_replaced() -> None:
 # ------------------------------------------------------------------------------------ GPUs, scheduling
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_gpu_count_is_tensor_parallel(tp: int) -> None:
-    m = render(base(prefill={"tensorParallel": tp}))
+    m = render(base(engine={"kind": "vllm"}, prefill={"tensorParallel": tp}))
     res = pod(m, "prefill")["containers"][0]["resources"]
     assert res["limits"][GPU_RESOURCE] == str(tp)
     assert res["requests"][GPU_RESOURCE] == str(tp)
@@ -339,7 +342,7 @@ def test_gpu_count_is_tensor_parallel(tp: int) -> None:
 
 
 def test_user_resources_kept_and_larger_gpu_limit_honoured() -> None:
-    m = render(base(decode={"tensorParallel": 2,
+    m = render(base(engine={"kind": "vllm"}, decode={"tensorParallel": 2,
                             "resources": {"requests": {"cpu": 4, "memory": "32Gi"},
                                           "limits": {"memory": "64Gi", GPU_RESOURCE: 4}}}))
     res = pod(m, "decode")["containers"][0]["resources"]
@@ -347,8 +350,23 @@ def test_user_resources_kept_and_larger_gpu_limit_honoured() -> None:
                    "requests": {"cpu": "4", "memory": "32Gi", GPU_RESOURCE: "4"}}
 
 
+def test_cpu_service_requests_no_gpu_and_sizes_threads_from_its_limit() -> None:
+    m = render(base(prefill={"resources": {"limits": {"cpu": "3"}}}, decode={"resources": {"requests": {"cpu": 1.5}}}))
+    for role, limit in (("prefill", "3"), ("decode", "2")):  # decode: no limit -> its request rounded up
+        c = pod(m, role)["containers"][0]
+        assert GPU_RESOURCE not in json.dumps(c["resources"]), role
+        assert c["resources"]["limits"]["cpu"] == limit
+        env = {e["name"]: e for e in c["env"]}
+        assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"] == {
+            "containerName": "worker", "resource": "limits.cpu", "divisor": "1"}
+    gpu = render(base(engine={"kind": "vllm"}))
+    c = pod(gpu, "prefill")["containers"][0]
+    assert c["resources"]["limits"][GPU_RESOURCE] == "1"
+    assert "OMP_NUM_THREADS" not in {e["name"] for e in c["env"]}
+
+
 def test_dev_shm_only_for_tensor_parallel() -> None:
-    m = render(base(prefill={"tensorParallel": 2}))
+    m = render(base(engine={"kind": "vllm"}, prefill={"tensorParallel": 2}))
     shm = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
     assert shm in pod(m, "prefill")["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in pod(m, "prefill")["containers"][0]["volumeMounts"]
@@ -382,12 +400,13 @@ def test_host_path_volume() -> None:
 
 
 def test_uri_volume_and_fetch_init_container() -> None:
-    p = pod(render(base(model={"name": "m", "source": {"uri": "s3://bucket/m", "secretRef": {"name": "s3"}}})),
+    p = pod(render(base(model={"name": "m", "source": {"uri": "https://models.example/m.tar.gz",
+                                                       "secretRef": {"name": "creds"}}})),
             "prefill")
     assert p["volumes"][0] == {"name": "model", "emptyDir": {}}
     (init,) = p["initContainers"]
-    assert init["args"] == ["--uri", "s3://bucket/m", "--dest", "/models"]
-    assert init["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert init["args"] == ["--uri", "https://models.example/m.tar.gz", "--dest", "/models"]
+    assert init["envFrom"] == [{"secretRef": {"name": "creds"}}]
     assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
     no_secret = pod(render(base(model={"name": "m", "source": {"uri": "hf://org/m"}})), "prefill")
     assert "envFrom" not in no_secret["initContainers"][0]
@@ -431,6 +450,21 @@ def test_vllm_worker_command() -> None:
     assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"] == "14579"
     names = [e["name"] for e in c["env"]]
     assert names.index("POD_IP") < names.index("VLLM_NIXL_SIDE_CHANNEL_HOST")  # $(POD_IP) expands
+
+
+def test_router_may_read_exactly_its_two_endpoints() -> None:
+    m = render(base())
+    role = next(x for x in m if x["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["endpoints"],
+                              "resourceNames": ["svc-prefill", "svc-decode"], "verbs": ["get"]}]
+    binding = next(x for x in m if x["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    router = pod(m, "router")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": router["serviceAccountName"],
+                                    "namespace": "ns"}]
+    assert router.get("automountServiceAccountToken", True) is True  # the router needs its token
+    for role_ in ("prefill", "decode"):
+        assert pod(m, role_)["automountServiceAccountToken"] is False  # workers cannot use the grant
 
 
 def test_router_command_and_image() -> None:

@@ -101,3 +101,13 @@ def router_deployment_name(name: str) -> str:
 def router_service_name(name: str) -> str:
     """The client-facing Service: named like the LLMService, so the endpoint is `http://<name>.<ns>`."""
     return child_name(name)
+
+
+#: The KV-transfer secret `<name>-kv`, key `token` (made by the operator, see kv_secret.py); the worker pods'
+#: BATON_KV_SECRET refers to it.
+KV_SECRET_SUFFIX = "-kv"
+KV_SECRET_KEY = "token"
+
+
+def kv_secret_name(name: str) -> str:
+    return child_name(name, KV_SECRET_SUFFIX)

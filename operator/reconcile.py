@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
-from baton.operator.naming import role_name
+from baton.operator.kv_secret import ensure_kv_secret
+from baton.operator.naming import kv_secret_name, role_name
 from baton.operator.render import render
 from baton.operator.status import compute_status
 
@@ -134,6 +135,12 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
     deployments: dict[str, dict | None] = {role: None for role in ALL_ROLES}
     try:
         manifests = render(llmservice)
+        # before the workers, which require it; the token itself is never logged nor put in an Event
+        secret = ensure_kv_secret(kube, llmservice)
+        if secret == "created":
+            result.created.append(f"Secret/{kv_secret_name(name)}")
+        elif secret == "rotated":
+            emit("Normal", "KVSecretRotated", f"rotated Secret/{kv_secret_name(name)}; the workers roll onto it")
         wanted = {_key(m) for m in manifests}
         for manifest in manifests:
             key = _key(manifest)

@@ -62,6 +62,7 @@ from .api import (
 from .labels import (
     ANNOTATION_CONFIG_HASH,
     ANNOTATION_CONTENT_HASH,
+    ANNOTATION_ROTATE_KV_SECRET,
     COMPONENT_CONFIG,
     ROLE_DECODE,
     ROLE_PREFILL,
@@ -72,7 +73,9 @@ from .labels import (
     selector_labels,
 )
 from .naming import (
+    KV_SECRET_KEY,
     child_name,
+    kv_secret_name,
     config_map_name,
     role_name,
     router_deployment_name,
@@ -90,10 +93,6 @@ MODEL_MOUNT = "/models"
 CONFIG_MOUNT = "/etc/baton"
 CONFIG_KEY = "config.json"
 CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_KEY}"
-#: Secret that may hold a shared KV-transfer token: env BATON_KV_SECRET of workers, `optional: true`, so
-#: pods start without it. Not created by the operator (the API has no field for it yet).
-KV_SECRET_SUFFIX = "-kv"
-KV_SECRET_KEY = "token"
 
 RUN_AS_USER = 1000
 WORKER_GRACE_SECONDS = 120
@@ -413,7 +412,8 @@ def _worker_env(svc: LLMService, role: str) -> list[dict]:
         {"name": Env.KV_TRANSPORT, "value": kv.transport},
         {"name": Env.KV_PORT, "value": str(kv.port)},
         {"name": Env.KV_SECRET, "valueFrom": {"secretKeyRef": {
-            "name": child_name(svc.name, KV_SECRET_SUFFIX), "key": KV_SECRET_KEY, "optional": True}}},
+            # required: the operator creates it before the workers; a worker without it accepts any KV peer
+            "name": kv_secret_name(svc.name), "key": KV_SECRET_KEY}}},
     ]
     if svc.spec.engine.kind == "vllm":
         # NIXL's side channel (handshake) listens on the KV port; $(POD_IP) expands from the entry above.
@@ -498,6 +498,16 @@ def _fetch_model_container(svc: LLMService) -> dict:
     return container
 
 
+def _worker_pod_annotations(svc: LLMService, config: dict, role: str) -> dict:
+    """The config hash, and the KV-secret rotation asked for: a new value rolls the workers onto the new token
+    (they read BATON_KV_SECRET at start)."""
+    out = {ANNOTATION_CONFIG_HASH: config_hash(config, role)}
+    rotation = (svc.metadata.annotations or {}).get(ANNOTATION_ROTATE_KV_SECRET)
+    if rotation:
+        out[ANNOTATION_ROTATE_KV_SECRET] = rotation
+    return out
+
+
 def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
     r = _role(svc, role)
     vllm = svc.spec.engine.kind == "vllm"
@@ -562,7 +572,7 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
         "template": {
             "metadata": {
                 "labels": role_labels(svc.name, role),
-                "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config, role)},
+                "annotations": _worker_pod_annotations(svc, config, role),
             },
             "spec": pod_spec,
         },

@@ -37,6 +37,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("--force", action="store_true", help="write into a non-empty directory")
     tiny.set_defaults(func=_cmd_model_tiny)
 
+    fetch = model_sub.add_parser(
+        "fetch",
+        help="download a model (a Hugging Face-style folder URL or a .tar/.tar.gz) into a folder",
+        description="Download a model into --dest, as the worker pods' init container does. A URI ending in "
+        ".tar, .tar.gz or .tgz is an archive to extract; any other is the base URL of a model folder "
+        "(config.json, tokenizer files, model.safetensors or an index and its shards). Credentials come from "
+        "env BATON_MODEL_TOKEN or HF_TOKEN (bearer) or BATON_MODEL_USERNAME/BATON_MODEL_PASSWORD (basic). "
+        "Nothing is done when --dest already holds the same URI.",
+    )
+    fetch.add_argument("--uri", required=True, help="https://, http:// or file:// URI of the model")
+    fetch.add_argument("--dest", required=True, help="folder to put the model in (created if missing)")
+    fetch.add_argument("--ca-file", default=None,
+                       help="PEM file of a private CA to trust besides the usual ones (default: env "
+                       "BATON_MODEL_CA_FILE)")
+    fetch.add_argument("--termination-log", default=None,
+                       help="file that receives the error message on failure (default /dev/termination-log, "
+                       "written only when it exists; '' for none)")
+    fetch.set_defaults(func=_cmd_model_fetch)
+
+
+def _cmd_model_fetch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from baton.worker.model_fetch import (
+        DEFAULT_TERMINATION_LOG,
+        FetchError,
+        fetch_model,
+        write_termination_log,
+    )
+
+    from baton.cli import CommandError
+
+    try:
+        print(fetch_model(args.uri, Path(args.dest), ca_file=args.ca_file))
+    except FetchError as exc:
+        # The operator shows the termination message in the LLMService's status: the same one line.
+        message = " ".join(str(exc).split())
+        log = DEFAULT_TERMINATION_LOG if args.termination_log is None else args.termination_log
+        write_termination_log(log, message)
+        raise CommandError(message) from None
+    return 0
+
 
 def _cmd_model_tiny(args: argparse.Namespace) -> int:
     from pathlib import Path

@@ -4,6 +4,11 @@
 
 Hooked into `baton` by `worker/cli.py` (`add_worker_command`). Startup problems (missing model, port in use)
 are one line on stderr and exit status 1; Ctrl-C stops the server, then the engine, cleanly.
+
+SIGTERM (how Kubernetes stops a pod) drains instead (`DrainingServer`): /ready answers 503 at once so the
+kubelet and the router take the worker out of rotation, requests in flight (streams included) run to the end,
+new ones are still served while endpoints catch up, and the process exits 0 when nothing is in flight (after at
+least server.DRAIN_ACCEPT_SECONDS) or after --drain-timeout. A second SIGTERM or Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,14 @@ from pathlib import Path
 ROLES = ("both", "prefill", "decode")
 KV_TRANSPORTS = ("auto", "tcp", "nixl", "inprocess")
 DEFAULT_KV_PORT = 14579
+
+#: How long SIGTERM waits for requests in flight. Below the pods' terminationGracePeriodSeconds (operator/render.py
+#: WORKER_GRACE_SECONDS, 120) so the worker exits on its own, stopping the engine cleanly, before the SIGKILL.
+DEFAULT_DRAIN_TIMEOUT_SECONDS = 110.0
+#: uvicorn's graceful shutdown on Ctrl-C (SIGTERM drains instead: server.DrainingServer).
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+log = logging.getLogger("baton.worker")
 
 
 def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
@@ -85,6 +98,13 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="devices per model replica; the Baton engine runs on one (only 1 is accepted)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_SECONDS,
+        help="on SIGTERM, seconds to wait for requests in flight before stopping (default "
+        f"{DEFAULT_DRAIN_TIMEOUT_SECONDS:.0f}: below the pods' 120 s termination grace period)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_worker)
@@ -183,7 +203,12 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 def run_worker(args: argparse.Namespace) -> int:
     import uvicorn
-    from baton.worker.server import create_app
+    from baton.worker.server import DrainingServer, create_app
+
+    from baton.cli import CommandError
+
+    if args.drain_timeout < 0:
+        raise CommandError("--drain-timeout must be at least 0")
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -197,12 +222,17 @@ def run_worker(args: argparse.Namespace) -> int:
             served_model_name=served,
             labels={"llmservice": args.llmservice, "namespace": args.namespace, "role": args.role},
         )
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=10, access_log=False)
-        server = uvicorn.Server(config)
-        logging.getLogger("baton.worker").info(
-            "serving %s as %r (role %s) on http://%s:%d", args.model, served, args.role, args.host, args.port
+        config = uvicorn.Config(
+            app, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False
         )
+        server = DrainingServer(config, app.state.baton, args.drain_timeout)
+        log.info("serving %s as %r (role %s) on http://%s:%d", args.model, served, args.role, args.host, args.port)
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if server.forced:
+        log.warning("stopped at once by a second signal; %d requests in flight were cut", server.cut_requests)
+        return 1
+    if server.drain_started is not None:
+        log.info("drain finished; worker stopped")
     return 0 if server.started else 1

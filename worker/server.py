@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import anyio
+import uvicorn
 from baton.worker.engine.types import (
     Engine,
     EngineError,
@@ -153,6 +155,9 @@ class _Server:
         self.ready = not manage_engine
         self.start_error: str | None = None
         self.stopping = False
+        # SIGTERM (see DrainingServer below): /ready answers 503 so probes and the router stop sending
+        # work here, while requests in flight, and new ones that still arrive, are served.
+        self.draining = False
         self.inflight: set[str] = set()
         self._start_task: asyncio.Task | None = None
 
@@ -173,6 +178,20 @@ class _Server:
             return
         self.ready = True
         log.info("engine started; serving %s (role %s)", self.served_model_name, self.engine.role)
+
+    def begin_drain(self) -> None:
+        """Leave the rotation: /ready turns 503 at once; serving goes on until the process decides to stop.
+
+        Plain attribute writes only: called from a signal handler.
+        """
+        self.draining = True
+
+    def kv_leases(self) -> int:
+        """Prefill KV caches still waiting for their decode worker to pull them: a drain waits for them too."""
+        try:
+            return int(getattr(self.engine.stats(), "num_kv_leases", 0) or 0)
+        except Exception:  # noqa: BLE001 - a dead engine has nothing left to hand over
+            return 0
 
     async def shutdown(self) -> None:
         self.stopping = True
@@ -647,9 +666,16 @@ def create_app(
     @app.get("/ready")
     async def ready() -> JSONResponse:
         alive, why = server.alive()
-        if server.ready and alive and not server.stopping:
+        if server.ready and alive and not server.stopping and not server.draining:
             return JSONResponse({"status": "ready"})
-        reason = why if not alive else ("shutting down" if server.stopping else "the engine is starting")
+        if not alive:
+            reason = why
+        elif server.stopping:
+            reason = "shutting down"
+        elif server.draining:
+            reason = "draining: finishing the requests in flight before shutting down"
+        else:
+            reason = "the engine is starting"
         return JSONResponse(
             error_body(reason, type="service_unavailable_error", code="not_ready"),
             status_code=503,
@@ -661,3 +687,80 @@ def create_app(
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+# ---------------------------------------------------------------------------------------------- draining
+
+#: A drain lasts at least this long even when idle: Kubernetes removes a terminating pod's endpoint while the
+#: SIGTERM is sent, and routers and kube-proxy learn of it a few seconds later; requests sent meanwhile are served.
+DRAIN_ACCEPT_SECONDS = 5.0
+#: When a drain times out, the streams still running get this long before they are cut.
+DRAIN_CUT_SECONDS = 1
+#: How often a drain logs the number of requests in flight.
+DRAIN_REPORT_SECONDS = 10.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose SIGTERM drains: out of rotation at once, exit once the requests in flight are done.
+
+    uvicorn alone stops accepting at once and gives requests in flight 10 s, so a scale-down cut long streams,
+    and it re-raises the SIGTERM afterwards (exit by signal, not 0). Here the first SIGTERM marks the app as
+    draining (/ready 503) and `on_tick` (uvicorn calls it every 0.1 s) ends the drain; a second SIGTERM or
+    Ctrl-C forces the exit. In flight = uvicorn's request tasks (a stream counts until its last byte) plus, on
+    a prefill worker, the KV caches the decode workers have not pulled yet (their requests are not done).
+    Ctrl-C alone keeps uvicorn's short graceful shutdown (a developer at a terminal does not want to wait).
+    """
+
+    def __init__(self, config: uvicorn.Config, app_state: _Server, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.app_state = app_state
+        self.drain_timeout = drain_timeout
+        self.drain_started: float | None = None
+        self.forced = False
+        self.cut_requests = 0
+        self.clock: Callable[[], float] = time.monotonic  # tests step it by hand
+        self._announced = False
+        self._last_report = 0.0
+
+    def in_flight(self) -> int:
+        return len(self.server_state.tasks)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # A signal handler: flags only; on_tick logs and decides.
+        if self.drain_started is not None or (self.should_exit and sig == signal.SIGTERM):
+            self.cut_requests = self.in_flight()
+            self.forced = self.force_exit = self.should_exit = True
+        elif sig == signal.SIGTERM:
+            self.drain_started = self.clock()
+            self.app_state.begin_drain()
+        else:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            self._drain_tick()
+        return await super().on_tick(counter)
+
+    def _drain_tick(self) -> None:
+        now = self.clock()
+        elapsed = now - self.drain_started
+        in_flight, leases = self.in_flight(), self.app_state.kv_leases()
+        pending = f"{in_flight} requests in flight" + (f", {leases} KV caches not pulled yet" if leases else "")
+        least = min(DRAIN_ACCEPT_SECONDS, self.drain_timeout)
+        if not self._announced:
+            self._announced = True
+            self._last_report = now
+            log.info(
+                "SIGTERM: draining; /ready answers 503, %s; exiting when none are left (after at least %.0fs) or "
+                "after %.0fs; a second signal exits now", pending, least, self.drain_timeout,
+            )
+        if in_flight == 0 and leases == 0 and elapsed >= least:
+            log.info("drained in %.1fs: no request in flight; exiting", elapsed)
+            self.should_exit = True
+        elif elapsed >= self.drain_timeout:
+            log.warning("drain timeout (%.0fs): cutting what is left (%s); exiting", self.drain_timeout, pending)
+            self.config.timeout_graceful_shutdown = DRAIN_CUT_SECONDS
+            self.should_exit = True
+        elif now - self._last_report >= DRAIN_REPORT_SECONDS:
+            self._last_report = now
+            log.info("draining: %s after %.0fs", pending, elapsed)

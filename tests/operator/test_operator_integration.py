@@ -269,3 +269,34 @@ def test_clean_exit_removes_the_webhook_configuration(operator, kubectl, namespa
     wait_for("the webhook configuration to be registered again",
              lambda: kubectl("get", "validatingwebhookconfiguration", "baton.dev").returncode == 0, timeout=60,
              diagnostics=operator.log_tail)
+
+
+def test_kv_secret_is_made_required_and_rotated_never_logged(operator, kubectl, namespace):
+    import base64
+
+    body = apply_example(kubectl, namespace)
+    name = body["metadata"]["name"]
+    wait_ready(kubectl, namespace, name, operator)
+    secret = get_json(kubectl, "secret", f"{name}-kv", "-n", namespace)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) >= 40  # 32 random bytes, url-safe
+    assert secret["metadata"]["ownerReferences"][0]["kind"] == "LLMService"  # goes with the service
+    for role in ("prefill", "decode"):
+        pod_spec = deployments(kubectl, namespace, name)[f"{name}-{role}"]["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod_spec["containers"][0]["env"]}
+        assert env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-kv", "key": "token"}
+
+    kubectl("annotate", "llmservice", name, "-n", namespace, "baton.dev/rotate-kv-secret=r1", check=True)
+    rotated = wait_for("the KV secret to be rotated", lambda: (
+        (s := get_json(kubectl, "secret", f"{name}-kv", "-n", namespace))["metadata"]["annotations"]
+        .get("baton.dev/kv-secret-rotation") == "r1" and s), timeout=60)
+    new_token = base64.b64decode(rotated["data"]["token"]).decode()
+    assert new_token != token
+    wait_for("worker pods to roll onto the new secret", lambda: all(
+        d["spec"]["template"]["metadata"]["annotations"].get("baton.dev/rotate-kv-secret") == "r1"
+        for n, d in deployments(kubectl, namespace, name).items() if not n.endswith("-router")), timeout=60)
+    events = json.dumps(get_json(kubectl, "events", "-n", namespace))
+    log = operator.log_tail(100000)
+    for t in (token, new_token):
+        assert t not in events and t not in log, "a KV token leaked into an Event or the operator's log"
+    assert "KVSecretRotated" in events

@@ -492,7 +492,7 @@ def test_env_contract() -> None:
         assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert env["BATON_CONFIG"]["value"] == "/etc/baton/config.json"
         if role != "router":
-            assert env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"]["optional"] is True
+            assert env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "svc-kv", "key": "token"}  # required
             assert env["EXTRA"] == {"name": "EXTRA", "value": "1"}
 
 

@@ -12,14 +12,19 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+# Dependencies first, in a layer of their own: a source change does not reinstall them (with layer caching).
+COPY pyproject.toml constraints.txt ./
+RUN python -m venv /opt/baton \
+ && /opt/baton/bin/pip install --upgrade pip setuptools wheel \
+ && /opt/baton/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && /opt/baton/bin/pip install -c constraints.txt -r /tmp/requirements.txt \
+ && /opt/baton/bin/python -m compileall -q /opt/baton
+COPY README.md ./
 COPY baton ./baton
 COPY operator ./operator
 COPY worker ./worker
-RUN python -m venv /opt/baton \
- && /opt/baton/bin/pip install --upgrade pip setuptools wheel \
- && /opt/baton/bin/pip install -c constraints.txt . \
- && /opt/baton/bin/python -m compileall -q /opt/baton \
+RUN /opt/baton/bin/pip install --no-deps -c constraints.txt . \
+ && /opt/baton/bin/python -m compileall -q /opt/baton/lib/python3.11/site-packages/baton \
  && /opt/baton/bin/baton operator run --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

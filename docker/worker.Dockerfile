@@ -19,16 +19,21 @@ ARG TORCH_INDEX=""
 ARG TORCH_WHEELS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
-COPY baton ./baton
-COPY operator ./operator
-COPY worker ./worker
+# Dependencies first, in a layer of their own: a source change does not reinstall torch (with layer caching).
+COPY pyproject.toml constraints.txt ./
 RUN python -m venv /opt/baton \
  && /opt/baton/bin/pip install --upgrade pip setuptools wheel \
  && if [ -n "$TORCH_INDEX" ]; then /opt/baton/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch; fi \
  && if [ -n "$TORCH_WHEELS" ]; then /opt/baton/bin/pip install -c constraints.txt --no-index --no-deps --find-links "$TORCH_WHEELS" torch; fi \
- && /opt/baton/bin/pip install -c constraints.txt ".[worker]" \
- && /opt/baton/bin/python -m compileall -q -x "torch/testing/_internal" /opt/baton \
+ && /opt/baton/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /tmp/requirements.txt \
+ && /opt/baton/bin/pip install -c constraints.txt -r /tmp/requirements.txt \
+ && /opt/baton/bin/python -m compileall -q -x "torch/testing/_internal" /opt/baton
+COPY README.md ./
+COPY baton ./baton
+COPY operator ./operator
+COPY worker ./worker
+RUN /opt/baton/bin/pip install --no-deps -c constraints.txt . \
+ && /opt/baton/bin/python -m compileall -q /opt/baton/lib/python3.11/site-packages/baton \
  && /opt/baton/bin/baton worker --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -314,7 +314,7 @@ def build_image(name: str, log: Log = _default_log, force: bool = False) -> Imag
             return ImageArchive(ref, archive)
         t0 = time.monotonic()
         log(f"building {ref} from {dockerfile.relative_to(root)} with buildah (log: {images_dir() / (name + '-build.log')})...")
-        args = ["bud", "--isolation", "chroot", "--network", "host", "--pull-never", "-f", str(dockerfile),
+        args = ["bud", "--layers", "--isolation", "chroot", "--network", "host", "--pull-never", "-f", str(dockerfile),
                 "--build-arg", f"PYTHON_IMAGE={base}", "-t", ref, *_pip_volumes()]
         if wheels is not None:
             args += ["--volume", f"{wheels}:/wheels:ro", "--build-arg", "TORCH_WHEELS=/wheels"]
@@ -324,11 +324,11 @@ def build_image(name: str, log: Log = _default_log, force: bool = False) -> Imag
         tmp.unlink(missing_ok=True)
         buildah("push", "--quiet", ref, f"docker-archive:{tmp}:{ref}", what=f"saving {ref}")
         os.replace(tmp, archive)
-        for old in images_dir().glob(f"{name}-*.tar"):  # one archive per image: the current one
+        for old in images_dir().glob(f"{name}-*.tar"):  # one archive and one tag per image: the current one
             if old != archive:
                 old.unlink()
-        with contextlib.suppress(ImageError):
-            buildah("rmi", "--prune")
+                with contextlib.suppress(ImageError):
+                    buildah("rmi", f"localhost/baton/{name}:{old.stem.split('-', 1)[1]}")
         seconds = time.monotonic() - t0
         log(f"{ref} built in {seconds:.0f}s ({archive.stat().st_size / 2**20:.0f} MiB archive)")
         return ImageArchive(ref, archive, seconds)

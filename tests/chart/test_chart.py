@@ -198,6 +198,17 @@ def test_monitoring_objects_only_with_the_prometheus_operator(render):
     assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "baton-operator"}
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     assert pm["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+    # vLLM series carry no llmservice/role labels: they come from the pods' labels (the operator's names)
+    import re
+
+    from baton import launch
+    from baton.operator.labels import LABEL_LLMSERVICE, LABEL_ROLE
+
+    meta = lambda label: "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)  # noqa: E731
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    assert relabel[launch.Label.LLMSERVICE] == [meta(LABEL_LLMSERVICE)]
+    assert relabel[launch.Label.ROLE] == [meta(LABEL_ROLE)]
+    assert relabel[launch.Label.NAMESPACE] == ["__meta_kubernetes_namespace"]
     metrics_svc = one(docs, "Service", "baton-metrics")
     assert metrics_svc["spec"]["ports"][0]["port"] == 8080
     docs = render("--api-versions", "monitoring.coreos.com/v1", "--set", "metrics.podMonitor.enabled=false",

@@ -260,7 +260,7 @@ def iptables_leftovers(save: str, rec: HostRecord) -> tuple[str, int]:
     bridge plugin's ``CNI-*`` chains and rules whose comment names our network, rules that mention our
     bridge or our pod CIDR. Pure: tested on sample text."""
     out, dropped = [], 0
-    ours_chains = set(re.findall(r"^:((?:KUBE|CNI)-[\w-]+)", save, flags=re.M))
+    ours_chains = set(re.findall(r"^:((?:KUBE|CNI)-[\w-]+)", save, flags=re.MULTILINE))
     cni_ours = {
         chain
         for chain in ours_chains
@@ -403,7 +403,7 @@ def leftovers(rec: HostRecord) -> list[str]:
         found.append(f"interface {rec.bridge}")
     if shutil.which("iptables-save"):
         save = _run("iptables-save").stdout
-        found += [f"iptables chain {c}" for c in re.findall(r"^:((?:KUBE|CNI)-[\w-]+)", save, flags=re.M)]
+        found += [f"iptables chain {c}" for c in re.findall(r"^:((?:KUBE|CNI)-[\w-]+)", save, flags=re.MULTILINE)]
     for h in cgroup_hierarchies():
         found += [f"cgroup {h / n}" for n in rec.cgroups if (h / n).exists()]
         found += [

@@ -54,7 +54,7 @@ class RealNodeError(RuntimeError):
 
 def host_ip() -> str:
     """The host's address on its default route: the InternalIP of every real node (they share it)."""
-    out = subprocess.run(["ip", "-4", "route", "get", "1.1.1.1"], text=True, capture_output=True).stdout
+    out = subprocess.run(["ip", "-4", "route", "get", "1.1.1.1"], text=True, capture_output=True, check=False).stdout
     words = out.split()
     if "src" not in words:
         raise RealNodeError(f"cannot find the host's default-route address (ip route get said: {out.strip()!r})")
@@ -398,7 +398,7 @@ class RealNodes:
             f"containerd of {spec.name}",
             comp,
             lambda: subprocess.run(
-                ["ctr", "-a", str(p.socket), "version"], capture_output=True, timeout=5
+                ["ctr", "-a", str(p.socket), "version"], capture_output=True, timeout=5, check=False
             ).returncode
             == 0,
             30,
@@ -411,6 +411,7 @@ class RealNodes:
                 ["ctr", "-a", sock, "-n", "k8s.io", "images", "import", str(image)],
                 text=True,
                 capture_output=True,
+                check=False,
             )
             if proc.returncode != 0:
                 raise RealNodeError(f"importing {image} into {spec.name}'s containerd failed: {proc.stderr[-800:]}")

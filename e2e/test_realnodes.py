@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 import pytest
 from baton.e2e import build as k8sbuild
@@ -51,7 +52,9 @@ def real_cluster(tmp_path_factory):
     timings["base image (0 = cached)"] = time.monotonic() - t0
     worker = images.build_image("worker", log=_log)
     timings["worker image (0 = cached)"] = worker.seconds
-    cluster = LocalCluster(real_nodes=2, images=[worker.path], log=_log)
+    operator = images.build_image("operator", log=_log)
+    timings["operator image (0 = cached)"] = operator.seconds
+    cluster = LocalCluster(real_nodes=2, images=[worker.path, operator.path], log=_log)
     t0 = time.monotonic()
     cluster.start()
     timings["cluster + 2 real nodes start"] = time.monotonic() - t0
@@ -59,6 +62,7 @@ def real_cluster(tmp_path_factory):
     record = hostclean.read_record()
     assert record is not None and record.root == str(cluster.real.root)
     cluster.worker_ref = worker.ref
+    cluster.operator_ref = operator.ref
     cluster.record = record
     cluster.timings = timings
     try:
@@ -79,6 +83,8 @@ def _get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except OSError:  # refused / reset / timed out: not listening (yet)
+        return 0, b""
 
 
 def _pods(cluster, selector: str) -> list[dict]:
@@ -109,6 +115,8 @@ def _worker_manifest(image: str, model_dir: Path, ready_path: str = "/ready") ->
         "metadata": {"name": "tiny", "namespace": "default"},
         "spec": {
             "replicas": 2,
+            # one pod per node (anti-affinity) leaves no room for a surge pod: replace, don't surge
+            "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {"app": "tiny"}},
             "template": {
                 "metadata": {"labels": {"app": "tiny"}},
@@ -177,7 +185,7 @@ def test_cluster_down_recovers_a_crashed_run(tmp_path):
     import subprocess
 
     proc = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path / "run")], text=True,
-                          capture_output=True, timeout=300)
+                          capture_output=True, timeout=300, check=False)
     assert "RUNNING" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     rec = hostclean.read_record()
     assert rec is not None
@@ -185,7 +193,7 @@ def test_cluster_down_recovers_a_crashed_run(tmp_path):
     assert any("in our cgroups" in x for x in left), left  # the pod's processes outlived the crash
     assert any(x.startswith("interface") for x in left) and any(x.startswith("mount") for x in left), left
     down = subprocess.run([sys.executable, "-m", "baton.cli", "cluster", "down", "--name", "no-such-cluster"],
-                          text=True, capture_output=True, timeout=120)
+                          text=True, capture_output=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr
     assert hostclean.leftovers(rec) == []
     assert hostclean.read_record() is None
@@ -260,6 +268,297 @@ def test_worker_image_serves_on_real_nodes(real_cluster, tiny_model):
         timeout=240,
     )
     assert {p["spec"]["nodeName"] for p in _pods(c, "app=tiny") if _ready(p)} <= {"real-0", "real-1"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole system: the chart's operator pod, an LLMService served by real pods
+
+
+REPO = Path(__file__).resolve().parent.parent
+FLEET_NS = "demo"
+PROMPTS = ["The baton passes", "Once upon a time", "Kubernetes operators"]
+
+
+def _helm() -> str:
+    import subprocess
+
+    out = subprocess.run([str(REPO / "tools" / "install-helm.sh")], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _run(*argv: str, timeout: float = 300, check: bool = True):
+    import subprocess
+
+    out = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(argv[:3])} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def _fleet_manifest(worker_ref: str, model_dir: Path) -> dict:
+    import yaml
+
+    body = yaml.safe_load((REPO / "examples" / "tiny-local.yaml").read_text())
+    body["metadata"]["namespace"] = FLEET_NS
+    body["spec"]["model"]["source"] = {"hostPath": {"path": str(model_dir)}}
+    body["spec"]["engine"]["image"] = worker_ref
+    return body
+
+
+def _greedy(base_url: str) -> dict[str, list[str]]:
+    """Completions, chat and streamed completions, greedy, through the official openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    out: dict[str, list[str]] = {"completions": [], "chat": [], "stream": []}
+    for prompt in PROMPTS:
+        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
+        out["completions"].append(r.choices[0].text)
+        c = client.chat.completions.create(model=MODEL_NAME, max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": prompt}])
+        out["chat"].append(c.choices[0].message.content)
+        chunks = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0,
+                                           stream=True)
+        out["stream"].append("".join(ch.choices[0].text for ch in chunks if ch.choices))
+    return out
+
+
+def _reference_from_baton_up(model_dir: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """The same LLMService as local processes (`baton up`): the tokens the cluster must reproduce."""
+    from baton.worker.local_fleet import Capabilities, LocalFleet, load_spec, plan_fleet
+
+    svc = load_spec(REPO / "examples" / "tiny-local.yaml")
+    plan = plan_fleet(svc, model_path=str(model_dir), caps=Capabilities.detect(), pin=False)
+    fleet = LocalFleet(plan, tmp_path / "baton-up", log=_log)
+    fleet.start()
+    try:
+        fleet.wait_ready(timeout=300, progress=False)
+        return _greedy(plan.endpoint + "/v1")
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture(scope="module")
+def release(real_cluster):
+    """`helm install` of charts/baton with the locally built operator image: a real pod, the chart's RBAC."""
+    helm = _helm()
+    repo, tag = real_cluster.operator_ref.rsplit(":", 1)
+    t0 = time.monotonic()
+    _run(helm, "--kubeconfig", str(real_cluster.kubeconfig), "install", "baton", str(REPO / "charts" / "baton"),
+         "-n", "baton-system", "--create-namespace", "--wait", "--timeout", "240s",
+         "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+         timeout=300)
+    real_cluster.timings["helm install (operator pod Ready)"] = time.monotonic() - t0
+    yield helm
+
+
+def test_operator_runs_as_a_pod_and_its_webhook_refuses_bad_llmservices(real_cluster, release):
+    c = real_cluster
+    pods = json.loads(_k(c, "get", "pods", "-n", "baton-system", "-o", "json").stdout)["items"]
+    (op,) = [p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"]
+    assert _ready(op) and op["spec"]["nodeName"] in ("real-0", "real-1")
+    assert op["spec"]["containers"][0]["image"] == c.operator_ref
+    _k(c, "create", "namespace", FLEET_NS, check=False)
+    bad = (REPO / "tests" / "operator" / "bad" / "baton-rdma.yaml").read_text()
+    out = _k(c, "apply", "-n", FLEET_NS, "-f", "-", input=bad, check=False)
+    assert out.returncode != 0 and "spec.kvTransfer.transport" in out.stderr, out.stderr
+    assert "denied the request" in out.stderr, out.stderr  # the operator pod's webhook said no
+
+
+def test_llmservice_serves_on_real_nodes_like_baton_up(real_cluster, release, tiny_model, tmp_path):
+    import yaml
+
+    c = real_cluster
+    _k(c, "create", "namespace", FLEET_NS, check=False)
+    body = _fleet_manifest(c.worker_ref, tiny_model)
+    _k(c, "apply", "-f", "-", input=yaml.safe_dump(body))
+    t0 = time.monotonic()
+
+    def ready():
+        out = _k(c, "get", "llmservice", "tiny", "-n", FLEET_NS, "-o", "json", check=False)
+        return out.returncode == 0 and (json.loads(out.stdout).get("status") or {}).get("phase") == "Ready"
+
+    try:
+        _wait("LLMService tiny Ready", ready, timeout=300, every=1)
+    except AssertionError:
+        print(_k(c, "get", "pods,events", "-n", FLEET_NS, "-o", "wide", check=False).stdout, file=sys.stderr)
+        print(_k(c, "logs", "-n", "baton-system", "-l", "app.kubernetes.io/component=operator", "--tail", "60",
+                 check=False).stdout, file=sys.stderr)
+        raise
+    c.timings["LLMService apply -> Ready"] = time.monotonic() - t0
+    pods = json.loads(_k(c, "get", "pods", "-n", FLEET_NS, "-o", "json").stdout)["items"]
+    placed = {(p["metadata"]["labels"]["baton.dev/role"], p["spec"]["nodeName"]) for p in pods}
+    assert ("prefill", "real-0") in placed and ("decode", "real-1") in placed, placed
+    assert not [r for r, n in placed if r == "prefill" and n != "real-0"]
+    for p in pods:
+        assert _ready(p), p["metadata"]["name"]
+        limits = p["spec"]["containers"][0]["resources"].get("limits", {})
+        assert "nvidia.com/gpu" not in limits  # a CPU service
+    secret = _k(c, "get", "secret", "tiny-kv", "-n", FLEET_NS, "-o", "jsonpath={.data.token}").stdout
+    assert len(secret) > 40  # the operator made the KV secret the workers require
+
+    router_ip = _k(c, "get", "svc", "tiny", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    got = _greedy(f"http://{router_ip}:80/v1")
+    want = _reference_from_baton_up(tiny_model, tmp_path)
+    assert got == want
+    assert all(got["completions"]) and got["stream"] == got["completions"]
+
+
+class Load:
+    """Bounded closed-loop load from the host through the router's ClusterIP: `threads` clients, each sending
+    greedy completions (every other one streamed) until stopped, `max_seconds` or `max_requests`. Counts every
+    outcome; a failure keeps its error text."""
+
+    def __init__(self, base_url: str, threads: int = 3, max_seconds: float = 900, max_requests: int = 20000):
+        import threading
+
+        self.base_url, self.threads = base_url, threads
+        self.deadline = time.monotonic() + max_seconds
+        self.max_requests = max_requests
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        import openai
+
+        client = openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=60)
+        n = 0
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            with self._lock:
+                if self.ok + len(self.failed) >= self.max_requests:
+                    return
+            n += 1
+            prompt = f"{PROMPTS[n % len(PROMPTS)]} {i} {n}"
+            try:
+                if n % 2:
+                    text = "".join(ch.choices[0].text for ch in client.completions.create(
+                        model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0, stream=True) if ch.choices)
+                else:
+                    text = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16,
+                                                     temperature=0).choices[0].text
+                if not text:
+                    raise AssertionError("empty completion")
+                with self._lock:
+                    self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                with self._lock:
+                    self.failed.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    def __enter__(self) -> Self:
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(timeout=90)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.ok, len(self.failed)
+
+
+def _role_pods(c, role: str) -> list[dict]:
+    return [p for p in _pods_ns(c, FLEET_NS, f"baton.dev/role={role}") if not p["metadata"].get("deletionTimestamp")]
+
+
+def _pods_ns(c, ns: str, selector: str) -> list[dict]:
+    return json.loads(_k(c, "get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
+
+
+def _settled(c, role: str, replicas: int, exclude: set[str] = frozenset(), template_hash: str | None = None):
+    """`replicas` Ready pods of `role`, none of them in `exclude`, none terminating left over."""
+    every = _pods_ns(c, FLEET_NS, f"baton.dev/role={role}")
+    live = [p for p in every if not p["metadata"].get("deletionTimestamp")]
+    if len(every) != replicas or len(live) != replicas:
+        return False
+    if any(p["metadata"]["name"] in exclude or not _ready(p) for p in live):
+        return False
+    if template_hash and any(p["metadata"]["labels"].get("pod-template-hash") != template_hash for p in live):
+        return False
+    return live
+
+
+def _kv_pulled_bytes(c) -> float:
+    """baton_kv_transfer_bytes_total summed over the decode pods (their /metrics, from the host)."""
+    total = 0.0
+    for p in _role_pods(c, "decode"):
+        _, body = _get(f"http://{p['status']['podIP']}:8000/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith("baton_kv_transfer_bytes_total"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_kv_handoffs_are_authenticated(real_cluster, release):
+    """The fleet's KV transfers happen (bytes on the decode side) and a peer with the wrong secret is refused."""
+    import asyncio
+
+    from baton.worker.kv.base import KVTransferFailed
+    from baton.worker.kv.tcp import TCPKVTransport
+
+    c = real_cluster
+    router_ip = _k(c, "get", "svc", "tiny", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    before = _kv_pulled_bytes(c)
+    _greedy(f"http://{router_ip}:80/v1")
+    assert _kv_pulled_bytes(c) > before, "no KV bytes moved from prefill to decode"
+    (prefill,) = _role_pods(c, "prefill")
+    wrong = TCPKVTransport("127.0.0.1", 0, bind_host="127.0.0.1", secret="not-the-fleet-secret")
+    try:
+        with pytest.raises(KVTransferFailed, match="differs"):
+            wrong._connect(prefill["status"]["podIP"], 14579)
+    finally:
+        asyncio.run(wrong.stop())
+
+
+def test_disruptions_under_load_fail_no_request(real_cluster, release):
+    """Under a steady load: a prefill pod deleted, a decode pod deleted, a rolling update of the workers and
+    prefill scaled to zero -- zero failed client requests (counts printed)."""
+    c = real_cluster
+    router_ip = _k(c, "get", "svc", "tiny", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    report: list[str] = []
+    with Load(f"http://{router_ip}:80/v1", threads=3) as load:
+        def phase(name: str, act, settle, timeout: float = 240) -> None:
+            ok0, failed0 = load.counts()
+            t0 = time.monotonic()
+            act()
+            _wait(f"{name}: the fleet to settle", settle, timeout=timeout, every=1)
+            time.sleep(3)  # traffic on the settled fleet too
+            ok1, failed1 = load.counts()
+            report.append(f"{name}: {ok1 - ok0} ok, {failed1 - failed0} failed, settled in "
+                          f"{time.monotonic() - t0:.1f}s")
+
+        _wait("the load to get going", lambda: load.counts()[0] >= 10, timeout=60)
+        (old_prefill,) = _role_pods(c, "prefill")
+        phase("delete a prefill pod",
+              lambda: _k(c, "delete", "pod", "-n", FLEET_NS, old_prefill["metadata"]["name"], "--wait=false"),
+              lambda: _settled(c, "prefill", 1, {old_prefill["metadata"]["name"]}))
+        (old_decode,) = _role_pods(c, "decode")
+        phase("delete a decode pod",
+              lambda: _k(c, "delete", "pod", "-n", FLEET_NS, old_decode["metadata"]["name"], "--wait=false"),
+              lambda: _settled(c, "decode", 1, {old_decode["metadata"]["name"]}))
+        before = {r: {p["metadata"]["name"] for p in _role_pods(c, r)} for r in ("prefill", "decode")}
+        phase("rolling update of the workers (engine args)",
+              lambda: _k(c, "patch", "llmservice", "tiny", "-n", FLEET_NS, "--type=merge", "-p",
+                         json.dumps({"spec": {"engine": {"args": ["--max-num-seqs", "16"]}}})),
+              lambda: _settled(c, "prefill", 1, before["prefill"]) and _settled(c, "decode", 1, before["decode"]),
+              timeout=300)
+        phase("scale prefill to zero",
+              lambda: _k(c, "patch", "llmservice", "tiny", "-n", FLEET_NS, "--type=merge", "-p",
+                         json.dumps({"spec": {"prefill": {"replicas": 0}}})),
+              lambda: not _pods_ns(c, FLEET_NS, "baton.dev/role=prefill"))
+    ok, failed = load.counts()
+    summary = "\n".join(report) + f"\ntotal: {ok} ok, {failed} failed"
+    print(summary, file=sys.stderr)
+    c.timings["disruption load: requests ok"] = ok
+    assert ok > 50, summary
+    assert failed == 0, summary + "\nfirst failures:\n" + "\n".join(load.failed[:10])
 
 
 def test_cluster_down_leaves_nothing(real_cluster):

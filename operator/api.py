@@ -417,17 +417,17 @@ class LLMServiceSpec(_Model):
         problems: list[tuple[str, str]] = []
         baton = self.engine.kind == "baton"
         if baton and self.kv_transfer.transport == "rdma":
-            problems.append(("kvTransfer.transport", "rdma needs the vLLM engine (NIXL); the Baton engine "
-                             "moves KV caches over tcp: use tcp or auto"))
+            problems.append(("kvTransfer.transport", ("rdma needs the vLLM engine (NIXL); the Baton engine "
+                             "moves KV caches over tcp: use tcp or auto")))
         if baton and self.accelerator == ACCELERATOR_GPU:
-            problems.append(("accelerator", "the Baton engine runs on CPUs only: use cpu, or engine.kind vllm "
-                             "for GPUs"))
+            problems.append(("accelerator", ("the Baton engine runs on CPUs only: use cpu, or engine.kind vllm "
+                             "for GPUs")))
         cpu = self.effective_accelerator() == ACCELERATOR_CPU
         for role_name in ("prefill", "decode"):
             role: RoleSpec = getattr(self, role_name)
             if baton and role.tensor_parallel > 1:
-                problems.append((f"{role_name}.tensorParallel", "the Baton engine runs on one device: use 1, "
-                                 "or engine.kind vllm for tensor parallelism"))
+                problems.append((f"{role_name}.tensorParallel", ("the Baton engine runs on one device: use 1, "
+                                 "or engine.kind vllm for tensor parallelism")))
             if cpu and GPU_RESOURCE in {**role.resources.limits, **role.resources.requests}:
                 problems.append((f"{role_name}.resources", f"a cpu service requests no {GPU_RESOURCE}"))
         return problems

@@ -38,15 +38,11 @@ WORKER_ROLES = (ROLE_PREFILL, ROLE_DECODE)
 COMPONENT_CONFIG = "config"
 
 # ------------------------------------------------------------------------------------------ annotations
-#: On pod templates: hash of the effective configuration the pod reads, so config changes roll the pods.
-ANNOTATION_CONFIG_HASH = "baton.dev/config-hash"
 #: On an LLMService: set (or change) to any value to rotate its KV-transfer secret; copied onto the worker pod
 #: templates, so that the workers restart with the new secret.
 ANNOTATION_ROTATE_KV_SECRET = "baton.dev/rotate-kv-secret"
 #: On the KV Secret: the rotation value it was made for.
 ANNOTATION_KV_SECRET_ROTATION = "baton.dev/kv-secret-rotation"
-#: On the ConfigMap: hash of its whole content.
-ANNOTATION_CONTENT_HASH = "baton.dev/content-hash"
 
 
 def common_labels(name: str, component: str) -> dict[str, str]:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
-from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.kv_secret import ensure_kv_secret
+from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.naming import kv_secret_name, role_name
 from baton.operator.render import render
 from baton.operator.status import compute_status
@@ -25,7 +25,6 @@ CHILD_KINDS = (
     ("v1", "ServiceAccount"),
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
-    ("v1", "ConfigMap"),
     ("v1", "Service"),
     ("apps/v1", "Deployment"),
 )

@@ -10,7 +10,6 @@ Children of LLMService `<name>` in namespace `<ns>` (see `naming` for names that
     ServiceAccount  <name>            identity of all pods (worker pods do not mount its token)
     Role            <name>-router     `get` on the two role Endpoints (the router's discovery)
     RoleBinding     <name>-router     that Role -> the ServiceAccount
-    ConfigMap       <name>-config     effective configuration (config.json), mounted at /etc/baton
     Service         <name>-prefill    headless, ports http (role port, 8000) + kv (kvTransfer.port)
     Service         <name>-decode     headless, ports http + kv
     Service         <name>            ClusterIP, port 80 -> router http: the client endpoint
@@ -22,10 +21,10 @@ Decisions worth knowing:
 
 * With `spec.autoscaling.enabled`, the role Deployments carry no `spec.replicas` at all: the autoscaler owns
   that field, and server-side apply of these manifests must never reset it. The router is not autoscaled.
-* Pod templates carry `baton.dev/config-hash`: a hash of the parts of the effective config that component
-  reads *and needs a restart for*. Workers hash model, engine, kvTransfer and the role layout; the router
-  hashes model, SLO, router and the role layout. An SLO change therefore rolls the cheap router pods but not
-  the GPU workers (which reload the model on restart); replica counts are in no hash at all.
+* Every setting a pod reads is on its command line or in its environment (the launch contract), so a pod
+  template changes exactly when a pod would run differently: an SLO edit (read only by the operator's
+  autoscaler) or a replica count rolls nothing; an engine argument rolls the workers, not the router. There
+  is no ConfigMap: nobody would read it, and a hash of it rolled pods for settings they never used.
 * GPUs: `nvidia.com/gpu` = tensorParallel in limits and requests, unless the user set a larger limit
   (the API allows limits >= tensorParallel); requests always equal limits, as extended resources require.
 * CPU services (`spec.accelerator: cpu`, the default for the Baton engine) request no GPU; `OMP_NUM_THREADS`
@@ -47,6 +46,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from baton import launch
+from baton.launch import Env
+
 from .api import (
     ACCELERATOR_CPU,
     ACCELERATOR_GPU,
@@ -60,8 +62,6 @@ from .api import (
     parse_llmservice,
 )
 from .labels import (
-    ANNOTATION_CONFIG_HASH,
-    ANNOTATION_CONTENT_HASH,
     ANNOTATION_ROTATE_KV_SECRET,
     COMPONENT_CONFIG,
     ROLE_DECODE,
@@ -74,25 +74,18 @@ from .labels import (
 )
 from .naming import (
     KV_SECRET_KEY,
-    child_name,
     kv_secret_name,
-    config_map_name,
     role_name,
     router_deployment_name,
     router_service_name,
     service_account_name,
 )
 from .units import Quantity
-from baton import launch
-from baton.launch import Env
 
 # --------------------------------------------------------------------------------------------- constants
 ROUTER_SERVICE_PORT = 80
 
 MODEL_MOUNT = "/models"
-CONFIG_MOUNT = "/etc/baton"
-CONFIG_KEY = "config.json"
-CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_KEY}"
 
 RUN_AS_USER = 1000
 WORKER_GRACE_SECONDS = 120
@@ -115,7 +108,6 @@ CHILDREN: tuple[tuple[str, str, Callable[[str], str]], ...] = (
     ("v1", "ServiceAccount", service_account_name),
     ("rbac.authorization.k8s.io/v1", "Role", router_deployment_name),
     ("rbac.authorization.k8s.io/v1", "RoleBinding", router_deployment_name),
-    ("v1", "ConfigMap", config_map_name),
     ("v1", "Service", lambda n: role_name(n, ROLE_PREFILL)),
     ("v1", "Service", lambda n: role_name(n, ROLE_DECODE)),
     ("v1", "Service", router_service_name),
@@ -167,66 +159,6 @@ def owner_reference(svc: LLMService) -> dict:
         "uid": svc.metadata.uid,
         "controller": True,
         "blockOwnerDeletion": True,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- config
-_WORKER_SECTIONS = ("llmservice", "namespace", "model", "engine", "kvTransfer", "prefill", "decode")
-_ROUTER_SECTIONS = ("llmservice", "namespace", "model", "slo", "router", "prefill", "decode")
-
-
-def effective_config(svc: LLMService) -> dict:
-    """What workers and the router read from /etc/baton/config.json (camelCase keys, defaults filled in)."""
-    spec = svc.spec
-    model: dict[str, Any] = {"name": spec.model.name, "path": model_dir(svc), "source": spec.model.source.kind}
-    if spec.model.max_model_len is not None:
-        model["maxModelLen"] = spec.model.max_model_len
-    return {
-        "llmservice": svc.name,
-        "namespace": svc.namespace,
-        "model": model,
-        "engine": {"kind": spec.engine.kind},
-        "slo": {
-            "ttft": str(spec.slo.ttft),
-            "ttftSeconds": spec.slo.ttft.seconds,
-            "tpot": str(spec.slo.tpot),
-            "tpotSeconds": spec.slo.tpot.seconds,
-            "attainment": spec.slo.attainment,
-        },
-        "router": {"policy": spec.router.policy, "port": spec.router.port},
-        "kvTransfer": {
-            "transport": spec.kv_transfer.transport,
-            "locality": spec.kv_transfer.locality,
-            "port": spec.kv_transfer.port,
-        },
-        ROLE_PREFILL: _role_config(svc, ROLE_PREFILL),
-        ROLE_DECODE: _role_config(svc, ROLE_DECODE),
-    }
-
-
-def _role_config(svc: LLMService, role: str) -> dict:
-    r = _role(svc, role)
-    return {
-        "service": role_name(svc.name, role),
-        "port": r.port,
-        "kvPort": svc.spec.kv_transfer.port,
-        "tensorParallel": r.tensor_parallel,
-    }
-
-
-def config_hash(config: dict, component: str) -> str:
-    """Hash of the config sections `component` (prefill|decode|router) must restart for."""
-    sections = _ROUTER_SECTIONS if component == ROLE_ROUTER else _WORKER_SECTIONS
-    return stable_hash({k: config[k] for k in sections})
-
-
-def _config_map(svc: LLMService, config: dict) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(svc, config_map_name(svc.name), common_labels(svc.name, COMPONENT_CONFIG),
-                              {ANNOTATION_CONTENT_HASH: stable_hash(config)}),
-        "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"},
     }
 
 
@@ -399,7 +331,6 @@ def _common_env(svc: LLMService, role: str) -> list[dict]:
         {"name": Env.LLMSERVICE, "value": svc.name},
         _downward(Env.NAMESPACE, "metadata.namespace"),
         {"name": Env.ROLE, "value": role},
-        {"name": Env.CONFIG, "value": CONFIG_PATH},
         {"name": Env.MODEL_NAME, "value": svc.spec.model.name},
         _downward(Env.POD_NAME, "metadata.name"),
         _downward(Env.POD_IP, "status.podIP"),
@@ -498,17 +429,14 @@ def _fetch_model_container(svc: LLMService) -> dict:
     return container
 
 
-def _worker_pod_annotations(svc: LLMService, config: dict, role: str) -> dict:
-    """The config hash, and the KV-secret rotation asked for: a new value rolls the workers onto the new token
-    (they read BATON_KV_SECRET at start)."""
-    out = {ANNOTATION_CONFIG_HASH: config_hash(config, role)}
+def _worker_pod_annotations(svc: LLMService) -> dict:
+    """The KV-secret rotation asked for: a new value rolls the workers onto the new token (they read
+    BATON_KV_SECRET at start)."""
     rotation = (svc.metadata.annotations or {}).get(ANNOTATION_ROTATE_KV_SECRET)
-    if rotation:
-        out[ANNOTATION_ROTATE_KV_SECRET] = rotation
-    return out
+    return {ANNOTATION_ROTATE_KV_SECRET: rotation} if rotation else {}
 
 
-def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
+def _worker_deployment(svc: LLMService, role: str) -> dict:
     r = _role(svc, role)
     vllm = svc.spec.engine.kind == "vllm"
     command, args = worker_command(svc, role)
@@ -516,9 +444,8 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
     kv_port = svc.spec.kv_transfer.port
     mounts = [
         {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
-        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
     ]
-    volumes = [_model_volume(svc), {"name": "config", "configMap": {"name": config_map_name(svc.name)}}]
+    volumes = [_model_volume(svc)]
     if r.tensor_parallel > 1:
         # NCCL between the TP ranks needs far more shared memory than the runtime's 64 MiB default.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -572,7 +499,7 @@ def _worker_deployment(svc: LLMService, role: str, config: dict) -> dict:
         "template": {
             "metadata": {
                 "labels": role_labels(svc.name, role),
-                "annotations": _worker_pod_annotations(svc, config, role),
+                **({"annotations": annotations} if (annotations := _worker_pod_annotations(svc)) else {}),
             },
             "spec": pod_spec,
         },
@@ -600,7 +527,7 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
     )))
 
 
-def _router_deployment(svc: LLMService, config: dict) -> dict:
+def _router_deployment(svc: LLMService) -> dict:
     command, args = router_command(svc)
     router = svc.spec.router
     container = {
@@ -611,7 +538,6 @@ def _router_deployment(svc: LLMService, config: dict) -> dict:
         "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
         "env": _common_env(svc, ROLE_ROUTER),
         "resources": _router_resources(svc),
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
         "readinessProbe": _probe(launch.ROUTER_PROBES.readiness, 5, 3),
         "livenessProbe": _probe(launch.ROUTER_PROBES.liveness, 10, 3),
         "securityContext": _container_security(non_root=True),
@@ -622,7 +548,6 @@ def _router_deployment(svc: LLMService, config: dict) -> dict:
         "terminationGracePeriodSeconds": ROUTER_GRACE_SECONDS,
         "securityContext": _pod_security(non_root=True),
         "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": config_map_name(svc.name)}}],
     }
     if router.node_selector:
         pod_spec["nodeSelector"] = dict(sorted(router.node_selector.items()))
@@ -637,10 +562,7 @@ def _router_deployment(svc: LLMService, config: dict) -> dict:
             "progressDeadlineSeconds": ROUTER_PROGRESS_DEADLINE,
             "strategy": copy.deepcopy(ROLLING_UPDATE),
             "template": {
-                "metadata": {
-                    "labels": role_labels(svc.name, ROLE_ROUTER),
-                    "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config, ROLE_ROUTER)},
-                },
+                "metadata": {"labels": role_labels(svc.name, ROLE_ROUTER)},
                 "spec": pod_spec,
             },
         },
@@ -650,18 +572,16 @@ def _router_deployment(svc: LLMService, config: dict) -> dict:
 # ------------------------------------------------------------------------------------------------- API
 def render_parsed(svc: LLMService) -> list[dict]:
     """`render` for an already parsed LLMService."""
-    config = effective_config(svc)
     return [
         _service_account(svc),
         _router_role(svc),
         _router_role_binding(svc),
-        _config_map(svc, config),
         _headless_service(svc, ROLE_PREFILL),
         _headless_service(svc, ROLE_DECODE),
         _router_service(svc),
-        _worker_deployment(svc, ROLE_PREFILL, config),
-        _worker_deployment(svc, ROLE_DECODE, config),
-        _router_deployment(svc, config),
+        _worker_deployment(svc, ROLE_PREFILL),
+        _worker_deployment(svc, ROLE_DECODE),
+        _router_deployment(svc),
     ]
 
 
@@ -692,8 +612,6 @@ __all__ = [
     "CHILDREN",
     "WORKER_ROLES",
     "child_keys",
-    "config_hash",
-    "effective_config",
     "locality_affinity",
     "merge_affinity",
     "owner_reference",

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from baton.operator.render import render
+
 from baton import launch
 from baton.cli import build_parser
-from baton.operator.render import render
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = sorted((ROOT / "tests" / "operator" / "golden" / "inputs").glob("*.yaml")) + sorted(

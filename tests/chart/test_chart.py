@@ -155,7 +155,7 @@ EXPECTED_WORKLOADS = (
     | {("baton.dev", "llmservices/status", "patch", ()), ("apps", "deployments/scale", "patch", ()),
        ("", "events", "create", ())}
     | {("apps", "deployments", v, ()) for v in CHILD_VERBS}
-    | {("", res, v, ()) for res in ("services", "configmaps", "serviceaccounts") for v in CHILD_VERBS}
+    | {("", res, v, ()) for res in ("services", "serviceaccounts") for v in CHILD_VERBS}
     | {("rbac.authorization.k8s.io", res, v, ()) for res in ("roles", "rolebindings") for v in CHILD_VERBS}
     | {("", "endpoints", "get", ())}  # granted on to each router (RBAC: only what the granter holds)
     | {("", "secrets", v, ()) for v in ("get", "create", "patch")}  # the KV secret, made and rotated
@@ -201,10 +201,11 @@ def test_monitoring_objects_only_with_the_prometheus_operator(render):
     # vLLM series carry no llmservice/role labels: they come from the pods' labels (the operator's names)
     import re
 
-    from baton import launch
     from baton.operator.labels import LABEL_LLMSERVICE, LABEL_ROLE
 
-    meta = lambda label: "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)  # noqa: E731
+    from baton import launch
+
+    meta = lambda label: "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
     relabel = {r["targetLabel"]: r["sourceLabels"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
     assert relabel[launch.Label.LLMSERVICE] == [meta(LABEL_LLMSERVICE)]
     assert relabel[launch.Label.ROLE] == [meta(LABEL_ROLE)]

@@ -25,7 +25,7 @@ from baton.operator.naming import (
     is_dns_label,
     label_value,
 )
-from baton.operator.render import CONFIG_KEY, GPU_RESOURCE, child_keys, render
+from baton.operator.render import GPU_RESOURCE, child_keys, render
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -40,7 +40,7 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    # Multi-line strings (the ConfigMap's config.json) as literal blocks, so diffs are line by line.
+    # Multi-line strings as literal blocks, so diffs are line by line.
     style = "|" if "\n" in data else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
@@ -107,8 +107,6 @@ def pod(manifests: list[dict], role: str, name: str = "svc") -> dict:
     return deployment(manifests, role, name)["spec"]["template"]["spec"]
 
 
-def config_hash_of(manifests: list[dict], role: str) -> str:
-    return deployment(manifests, role)["spec"]["template"]["metadata"]["annotations"][L.ANNOTATION_CONFIG_HASH]
 
 
 # ---------------------------------------------------------------------------------------------- golden
@@ -152,7 +150,6 @@ def test_children_order_names_and_child_keys() -> None:
         ("v1", "ServiceAccount", "svc"),
         ("rbac.authorization.k8s.io/v1", "Role", "svc-router"),
         ("rbac.authorization.k8s.io/v1", "RoleBinding", "svc-router"),
-        ("v1", "ConfigMap", "svc-config"),
         ("v1", "Service", "svc-prefill"),
         ("v1", "Service", "svc-decode"),
         ("v1", "Service", "svc"),
@@ -164,7 +161,7 @@ def test_children_order_names_and_child_keys() -> None:
 
 
 def test_child_keys_needs_only_the_name() -> None:
-    assert ("v1", "ConfigMap", "x-config") in child_keys({"metadata": {"name": "x"}, "spec": {"nonsense": True}})
+    assert ("v1", "Service", "x-prefill") in child_keys({"metadata": {"name": "x"}, "spec": {"nonsense": True}})
     with pytest.raises(ValueError):
         child_keys({"metadata": {}})
 
@@ -490,7 +487,6 @@ def test_env_contract() -> None:
         assert env["BATON_ROLE"]["value"] == role
         assert env["BATON_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
         assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-        assert env["BATON_CONFIG"]["value"] == "/etc/baton/config.json"
         if role != "router":
             assert env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "svc-kv", "key": "token"}  # required
             assert env["EXTRA"] == {"name": "EXTRA", "value": "1"}
@@ -508,40 +504,41 @@ def test_security_context() -> None:
     assert vllm["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
 
 
-# ---------------------------------------------------------------------------------------------- config
-def test_config_map_content() -> None:
-    m = by_key(render(base(slo={"ttft": "300ms", "tpot": "20ms", "attainment": 0.99},
-                           router={"policy": "round-robin"})))
-    cfg = json.loads(m[("ConfigMap", "svc-config")]["data"][CONFIG_KEY])
-    assert cfg["model"] == {"name": "m", "path": "/models/m", "source": "pvc"}
-    assert cfg["slo"]["ttftSeconds"] == 0.3 and cfg["slo"]["tpotSeconds"] == 0.02
-    assert cfg["slo"]["attainment"] == 0.99
-    assert cfg["router"]["policy"] == "round-robin"
-    assert cfg["kvTransfer"] == {"transport": "auto", "locality": "any", "port": 14579}
-    assert cfg["prefill"]["service"] == "svc-prefill"
-    for role in ("prefill", "decode", "router"):
-        p = pod(list(m.values()), role)
-        assert {"name": "config", "configMap": {"name": "svc-config"}} in p["volumes"]
+# ------------------------------------------------------------------------------------- what rolls what
+def _template(manifests: list[dict], role: str) -> dict:
+    return deployment(manifests, role)["spec"]["template"]
 
 
-def test_config_hash_changes_with_spec() -> None:
+def test_a_pod_template_changes_exactly_when_the_pod_would_run_differently() -> None:
     plain = render(base())
-    # Model, engine or KV transport changes roll every component.
-    for change in ({"model": {"name": "m2", "source": {"pvc": {"claimName": "models", "path": "m"}}}},
-                   {"kvTransfer": {"transport": "tcp"}}):
+    # Model or KV transport: the workers read them (argv / env) and roll; the model name rolls the router too.
+    for change, rolled in (({"model": {"name": "m2", "source": {"pvc": {"claimName": "models", "path": "m"}}}},
+                            ("prefill", "decode", "router")),
+                           ({"kvTransfer": {"transport": "tcp"}}, ("prefill", "decode")),
+                           ({"engine": {"kind": "baton", "args": ["--max-num-seqs", "8"]}}, ("prefill", "decode")),
+                           ({"router": {"policy": "round-robin"}}, ("router",))):
         changed = render(base(**change))
-        for role in ("prefill", "decode", "router") if "model" in change else ("prefill", "decode"):
-            assert config_hash_of(plain, role) != config_hash_of(changed, role), (change, role)
-    # An SLO or router-policy change rolls the router only, never the GPU workers.
-    for change in ({"slo": {"ttft": "200ms"}}, {"router": {"policy": "round-robin"}}):
-        changed = render(base(**change))
-        assert config_hash_of(plain, "router") != config_hash_of(changed, "router")
-        assert config_hash_of(plain, "prefill") == config_hash_of(changed, "prefill")
-        assert config_hash_of(plain, "decode") == config_hash_of(changed, "decode")
-    # The ConfigMap's own content hash follows its data.
-    a = by_key(plain)[("ConfigMap", "svc-config")]["metadata"]["annotations"]
-    b = by_key(render(base(slo={"ttft": "200ms"})))[("ConfigMap", "svc-config")]["metadata"]["annotations"]
-    assert a[L.ANNOTATION_CONTENT_HASH] != b[L.ANNOTATION_CONTENT_HASH]
+        for role in ("prefill", "decode", "router"):
+            same = _template(plain, role) == _template(changed, role)
+            assert same is (role not in rolled), (change, role)
+    # The SLO is read by the operator's autoscaler only: no pod rolls for it (the router used to).
+    slo = render(base(slo={"ttft": "200ms", "tpot": "20ms"}))
+    for role in ("prefill", "decode", "router"):
+        assert _template(plain, role) == _template(slo, role), role
+    # Nothing a pod would read lives in a ConfigMap.
+    assert "ConfigMap" not in {m["kind"] for m in plain}
+    for role in ("prefill", "decode", "router"):
+        assert "BATON_CONFIG" not in json.dumps(_template(plain, role))
+
+
+def test_kv_secret_rotation_rolls_the_workers_only() -> None:
+    rotated = base()
+    rotated["metadata"]["annotations"] = {L.ANNOTATION_ROTATE_KV_SECRET: "2026-11-30"}
+    a, b = render(base()), render(rotated)
+    for role in ("prefill", "decode"):
+        assert _template(b, role)["metadata"]["annotations"] == {L.ANNOTATION_ROTATE_KV_SECRET: "2026-11-30"}
+        assert _template(a, role) != _template(b, role)
+    assert _template(a, "router") == _template(b, "router")
 
 
 # ---------------------------------------------------------------------------------------------- naming

@@ -131,3 +131,16 @@ def local_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
         yield prom
     finally:
         prom.stop()
+
+
+#: Phase timings that slow integration tests record (e.g. kubelet build, base image, worker image, node
+#: start); printed at the end of every run, pass or fail, so CI logs show where the time went.
+PHASE_TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not PHASE_TIMINGS:
+        return
+    terminalreporter.section("phase timings")
+    for name, seconds in PHASE_TIMINGS.items():
+        terminalreporter.write_line(f"{name:<55} {seconds:8.1f}")

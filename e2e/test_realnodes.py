@@ -18,7 +18,7 @@ import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean, images
 from baton.e2e.cluster import LocalCluster
-from baton.e2e.fixtures import kubectl
+from baton.e2e.fixtures import PHASE_TIMINGS, kubectl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -43,7 +43,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory):
-    timings: dict[str, float] = {}
+    timings = PHASE_TIMINGS  # printed in pytest's terminal summary
     t0 = time.monotonic()
     k8sbuild.ensure_binaries(log=_log, names=k8sbuild.ALL_BINARIES)
     timings["kubelet/kube-proxy build (0 = cached)"] = time.monotonic() - t0
@@ -69,8 +69,6 @@ def real_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
-        for name, sec in timings.items():
-            print(f"phase timing: {name}: {sec:.1f}s", file=sys.stderr)
 
 
 def _k(cluster, *args: str, input: str | None = None, check: bool = True, timeout: float = 60):
@@ -165,7 +163,7 @@ def _worker_manifest(image: str, model_dir: Path, ready_path: str = "/ready") ->
 CRASHER = r"""
 import json, os, signal, subprocess, sys, time
 from baton.e2e.cluster import LocalCluster
-from baton.e2e.fixtures import kubectl
+from baton.e2e.fixtures import PHASE_TIMINGS, kubectl
 from baton.e2e.images import PAUSE_REF
 
 c = LocalCluster(real_nodes=1, run_dir=sys.argv[1], keep_run_dir=True)
@@ -335,7 +333,7 @@ def _reference_from_baton_up(model_dir: Path, tmp_path: Path) -> dict[str, list[
     fleet.start()
     try:
         fleet.wait_ready(timeout=300, progress=False)
-        return _greedy(plan.endpoint + "/v1")
+        return _greedy(plan.endpoint)
     finally:
         fleet.stop()
 
@@ -556,16 +554,152 @@ def test_disruptions_under_load_fail_no_request(real_cluster, release):
     ok, failed = load.counts()
     summary = "\n".join(report) + f"\ntotal: {ok} ok, {failed} failed"
     print(summary, file=sys.stderr)
-    c.timings["disruption load: requests ok"] = ok
+    PHASE_TIMINGS["disruption load: requests ok (a count)"] = ok
     assert ok > 50, summary
     assert failed == 0, summary + "\nfirst failures:\n" + "\n".join(load.failed[:10])
+
+
+MODEL_TOKEN = "model-server-token"
+
+
+def _self_signed(tmp: Path, ip: str) -> tuple[Path, Path, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "baton test model server")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp / "cert.pem").write_bytes(pem)
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                    serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    return tmp / "cert.pem", tmp / "key.pem", pem.decode()
+
+
+@pytest.fixture
+def model_server(tiny_model, tmp_path):
+    """An https server on the host's address (what pods reach), serving the tiny model's folder under /models/
+    and, behind a bearer token, under /private/models/."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from baton.e2e.realnode import host_ip
+
+    ip = host_ip()
+    cert, key, pem = _self_signed(tmp_path, ip)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path.startswith("/private/"):
+                if self.headers.get("Authorization") != f"Bearer {MODEL_TOKEN}":
+                    return self._send(401, b"unauthorized")
+                path = path.removeprefix("/private")
+            prefix = "/models/tiny-llama/"
+            f = tiny_model / path.removeprefix(prefix)
+            if path.startswith(prefix) and "/" not in path.removeprefix(prefix) and f.is_file():
+                return self._send(200, f.read_bytes())
+            return self._send(404, b"not found")
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer((ip, 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield {"base": f"https://{ip}:{httpd.server_address[1]}", "ca": pem}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _condition(c, name: str, type_: str) -> dict:
+    out = _k(c, "get", "llmservice", name, "-n", FLEET_NS, "-o", "json", check=False)
+    if out.returncode != 0:
+        return {}
+    status = json.loads(out.stdout).get("status") or {}
+    return next((x for x in status.get("conditions", []) if x["type"] == type_), {}) | {"phase": status.get("phase")}
+
+
+def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, release, model_server):
+    """`uri` + `secretRef`: the init container (`baton model fetch`, in the worker image) downloads the model
+    over https with a bearer token and a private CA; a 404 and a refused token become ModelReady=False with
+    the fetcher's own message and phase Failed -- never a silent crash loop."""
+    import yaml
+
+    c = real_cluster
+    _k(c, "delete", "llmservice", "tiny", "-n", FLEET_NS, "--wait=false", check=False)  # CPU for these pods
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "model-creds", "namespace": FLEET_NS},
+              "stringData": {"BATON_MODEL_TOKEN": MODEL_TOKEN, "BATON_MODEL_CA": model_server["ca"]}}
+    wrong = {**secret, "metadata": {"name": "wrong-creds", "namespace": FLEET_NS},
+             "stringData": {"BATON_MODEL_TOKEN": "not-the-token", "BATON_MODEL_CA": model_server["ca"]}}
+    _k(c, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, wrong]}))
+
+    def service(name: str, path: str, creds: str, serving: bool) -> dict:
+        body = _fleet_manifest(c.worker_ref, Path("/unused"))
+        body["metadata"]["name"] = name
+        body["spec"]["model"]["source"] = {"uri": f"{model_server['base']}{path}", "secretRef": {"name": creds}}
+        if not serving:  # only a decode pod: enough to see the download fail
+            body["spec"]["prefill"]["replicas"] = 0
+            body["spec"]["router"]["replicas"] = 0
+        return body
+
+    services = [service("fetched", "/private/models/tiny-llama/", "model-creds", True),
+                service("missing", "/private/models/no-such-model/", "model-creds", False),
+                service("refused", "/private/models/tiny-llama/", "wrong-creds", False)]
+    _k(c, "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(b) for b in services))
+    try:
+        missing = _wait("ModelReady=False on 'missing'",
+                        lambda: (x := _condition(c, "missing", "ModelReady")).get("status") == "False" and x,
+                        timeout=240, every=2)
+        assert "HTTP 404" in missing["message"] and missing["phase"] == "Failed", missing
+        refused = _wait("ModelReady=False on 'refused'",
+                        lambda: (x := _condition(c, "refused", "ModelReady")).get("status") == "False" and x,
+                        timeout=240, every=2)
+        assert "refused the credentials (HTTP 401)" in refused["message"], refused
+        assert "not-the-token" not in json.dumps(refused)
+        _wait("'fetched' Ready", lambda: _condition(c, "fetched", "Ready").get("phase") == "Ready",
+              timeout=300, every=2)
+        assert _condition(c, "fetched", "ModelReady")["status"] == "True"
+        router_ip = _k(c, "get", "svc", "fetched", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+        import openai
+
+        r = openai.OpenAI(base_url=f"http://{router_ip}:80/v1", api_key="unused", max_retries=0).completions.create(
+            model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.choices[0].text and r.usage.completion_tokens == 8
+    finally:
+        _k(c, "delete", "llmservice", "fetched", "missing", "refused", "-n", FLEET_NS, "--wait=false", check=False)
 
 
 def test_cluster_down_leaves_nothing(real_cluster):
     """Runs last in this module: stop the cluster and look for anything of ours on the host."""
     rec = real_cluster.record
     assert any(x.startswith("process") for x in hostclean.leftovers(rec))
+    t0 = time.monotonic()
     real_cluster.stop()
+    PHASE_TIMINGS["cluster stop (2 nodes, pods, host clean-up)"] = time.monotonic() - t0
     left = hostclean.leftovers(rec)
     assert left == [], left
     assert hostclean.read_record() is None

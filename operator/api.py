@@ -149,7 +149,8 @@ class ModelSource(_Model):
     secret_ref: SecretRef | None = Field(
         default=None,
         description="Secret with credentials for `uri`, as environment variables: BATON_MODEL_TOKEN (bearer) or "
-        "BATON_MODEL_USERNAME/BATON_MODEL_PASSWORD (basic), HF_TOKEN (bearer), BATON_MODEL_CA_FILE.",
+        "BATON_MODEL_USERNAME/BATON_MODEL_PASSWORD (basic), HF_TOKEN (bearer), BATON_MODEL_CA (PEM of a private "
+        "CA to trust).",
     )
 
     @model_validator(mode="after")
@@ -460,6 +461,7 @@ class ConditionType:
     ROUTER_READY = "RouterReady"
     SLO_MET = "SLOMet"
     KV_TRANSPORT_DEGRADED = "KVTransportDegraded"
+    MODEL_READY = "ModelReady"  # uri sources: the worker pods' download (see model_fetch_status.py)
 
 
 class Condition(_StatusModel):

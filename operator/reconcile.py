@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
 from baton.operator.kv_secret import ensure_kv_secret
+from baton.operator.model_fetch_status import model_fetch_state
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.naming import kv_secret_name, role_name
 from baton.operator.render import render
@@ -186,7 +187,14 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
     if result.error:
         emit("Warning", "ApplyFailed", result.error)
 
-    status = compute_status(llmservice, deployments, now_rfc3339(), apply_error=result.error)
+    model = None
+    if ((llmservice.get("spec") or {}).get("model") or {}).get("source", {}).get("uri"):
+        try:  # the download runs in the worker pods' init containers: their termination messages say why
+            pods = kube.list("v1", "Pod", namespace, selector_string(instance_selector(name)))
+            model = model_fetch_state(pods)
+        except KubeError as exc:
+            log.warning("cannot read the pods of %s/%s for the model download's state: %s", namespace, name, exc)
+    status = compute_status(llmservice, deployments, now_rfc3339(), apply_error=result.error, model=model)
     previous = llmservice.get("status") or {}
     if previous.get("phase") != status["phase"]:
         emit("Normal" if status["phase"] in ("Ready", "Progressing", "Pending") else "Warning",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from baton.operator import api
+from baton.operator.model_fetch_status import ModelFetch
 from baton.operator.naming import router_service_name
 
 ROLES = ("prefill", "decode", "router")
@@ -60,11 +61,13 @@ def set_condition(conditions: list[dict], type_: str, status: bool | str, reason
 
 
 def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: str,
-                   apply_error: str | None = None) -> dict:
+                   apply_error: str | None = None, model: ModelFetch | None = None) -> dict:
     """The status the reconciler writes (a merge patch of `.status`; fields owned by others are left alone).
 
     `deployments` maps each role to its Deployment as read after applying (None if it is missing).
     `apply_error` is set when applying the children failed; the phase is then Failed and Ready is False.
+    `model` (services with a `uri` source only): the download's outcome, as condition `ModelReady`; a failed
+    download makes the phase Failed with the fetcher's own message, instead of pods that are never ready.
     """
     meta = llmservice.get("metadata") or {}
     previous = llmservice.get("status") or {}
@@ -83,8 +86,14 @@ def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: s
         conditions = set_condition(conditions, ROLE_CONDITION[role], readiness.ready, readiness.reason,
                                    readiness.message, now, generation)
 
+    if model is not None:
+        conditions = set_condition(conditions, "ModelReady", "Unknown" if model.ok is None else model.ok,
+                                   model.reason, model.message, now, generation)
     not_ready = [role for role in ROLES if not roles[role].ready]
-    if apply_error:
+    if model is not None and model.ok is False:
+        phase = "Failed"
+        conditions = set_condition(conditions, "Ready", False, model.reason, model.message, now, generation)
+    elif apply_error:
         phase = "Failed"
         conditions = set_condition(conditions, "Ready", False, "ApplyFailed", apply_error, now, generation)
     elif not not_ready:

@@ -193,8 +193,19 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
-def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
-    """Verify TLS always; `ca_file` adds a private CA to the usual trust store (certifi or SSL_CERT_FILE)."""
+def ssl_context(ca_file: str | None, ca_pem: str | None = None) -> ssl.SSLContext | bool:
+    """Verify TLS always; `ca_file` adds a private CA to the usual trust store (certifi or SSL_CERT_FILE), and
+    so does `ca_pem`, the CA's PEM text itself (env BATON_MODEL_CA: a Secret's key reaches a pod as an env var
+    through `secretRef`, a file would need a volume)."""
+    if ca_pem:
+        ctx = httpx.create_ssl_context()
+        try:
+            ctx.load_verify_locations(cadata=ca_pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise FetchError(f"BATON_MODEL_CA is not a PEM certificate: {exc}") from None
+        if ca_file:
+            ctx.load_verify_locations(cafile=ca_file)
+        return ctx
     if not ca_file:
         return True
     if not Path(ca_file).is_file():
@@ -557,7 +568,7 @@ def fetch_model(uri: str, dest: Path, *, ca_file: str | None = None, env: Mappin
         raise FetchError(f"--dest {dest} is not empty and was not written by `baton model fetch`; empty it or "
                          "choose another folder")
     credentials = Credentials.from_env(env, source)
-    verify = ssl_context(ca_file or env.get("BATON_MODEL_CA_FILE") or None)
+    verify = ssl_context(ca_file or env.get("BATON_MODEL_CA_FILE") or None, env.get("BATON_MODEL_CA") or None)
     try:
         staging, in_place = _staging(dest)
     except OSError as exc:

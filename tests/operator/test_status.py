@@ -91,3 +91,42 @@ def test_is_subset_ignores_server_defaults_but_sees_drift():
     assert not is_subset({"ports": [1, 2]}, {"ports": [1]})
     assert not is_subset({"a": 1}, {})
     assert is_subset({"spec": {"publishNotReadyAddresses": False, "x": []}}, {"spec": {}})  # omitted defaults
+
+
+def _pod(name: str, init: dict | None) -> dict:
+    statuses = [] if init is None else [{"name": "fetch-model", **init}]
+    return {"metadata": {"name": name}, "status": {"initContainerStatuses": statuses}}
+
+
+def test_model_fetch_state_from_init_containers():
+    from baton.operator.model_fetch_status import model_fetch_state
+
+    assert model_fetch_state([]).ok is None
+    assert model_fetch_state([_pod("p", {"state": {"running": {}}})]).ok is None
+    done = _pod("a", {"state": {"terminated": {"exitCode": 0, "reason": "Completed"}}})
+    assert model_fetch_state([done]).ok is True
+    # crash-looping: the last failure is in lastState, its one-line message from the termination log
+    failing = _pod("b", {"state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                         "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message":
+                                       "https://m.example/x/config.json not found (HTTP 404)\n"}}})
+    state = model_fetch_state([done, failing])  # a failure anywhere wins: it will repeat
+    assert (state.ok, state.reason) == (False, "ModelFetchFailed")
+    assert state.message == "pod b: https://m.example/x/config.json not found (HTTP 404)"
+    silent = _pod("c", {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}})
+    assert "exit code 137, OOMKilled" in model_fetch_state([silent]).message
+
+
+def test_failed_model_download_fails_the_service_with_its_message():
+    from baton.operator.model_fetch_status import ModelFetch
+
+    bad = ModelFetch(False, "ModelFetchFailed", "pod b: refused the credentials (HTTP 401)")
+    status = compute_status(llms(), all_ready(), "2026-01-01T00:00:00Z", model=bad)
+    assert status["phase"] == "Failed"
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["ModelReady"]["status"] == "False" and "HTTP 401" in conds["ModelReady"]["message"]
+    assert conds["Ready"]["reason"] == "ModelFetchFailed"
+    ok = compute_status(llms(), all_ready(), "2026-01-01T00:00:00Z", model=ModelFetch(True, "ModelFetched", "ok"))
+    assert ok["phase"] == "Ready"
+    assert {c["type"]: c for c in ok["conditions"]}["ModelReady"]["status"] == "True"
+    plain = compute_status(llms(), all_ready(), "2026-01-01T00:00:00Z")
+    assert "ModelReady" not in {c["type"] for c in plain["conditions"]}  # no uri source, no condition

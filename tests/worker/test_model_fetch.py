@@ -404,3 +404,15 @@ def test_hf_uri_fetches_through_the_hub_layout(server, tmp_path):
               env={"HF_ENDPOINT": server.base})
     assert r.returncode == 0, r.stderr
     same_files(server.tiny, dest)
+
+
+def test_ca_from_the_environment_pem(server, tmp_path):
+    """BATON_MODEL_CA holds the PEM itself (how a Secret reaches the init container through envFrom)."""
+    dest = tmp_path / "pem"
+    r = fetch("--uri", f"{server.base}/models/tiny/", "--dest", str(dest),
+              env={"BATON_MODEL_CA": Path(server.cert).read_text()})
+    assert r.returncode == 0, r.stderr
+    same_files(server.tiny, dest)
+    bad = fetch("--uri", f"{server.base}/models/tiny/", "--dest", str(tmp_path / "x"),
+                env={"BATON_MODEL_CA": "not a certificate"})
+    assert "BATON_MODEL_CA is not a PEM certificate" in error_line(bad)

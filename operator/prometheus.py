@@ -1,7 +1,7 @@
 """The autoscaler's metrics source: instant queries against the Prometheus HTTP API (`/api/v1/query`).
 
 Everything an autoscaler tick needs about one LLMService is read by `PrometheusSource.observe` in one round of
-concurrent queries. Series are selected by the labels every Baton metric carries (DESIGN.md, Metrics):
+concurrent queries. Series are selected by the labels every Baton metric carries (docs/architecture.md, Metrics):
 `llmservice="<name>", namespace="<namespace>"` (scrape them with `honor_labels: true` / `honorLabels: true`,
 or Prometheus renames a clashing `namespace` target label to `exported_namespace`).
 

@@ -5,7 +5,7 @@
     python tools/dashboards.py --check    # exit 1 when the committed JSON differs from the generator
 
 The chart turns every dashboards/*.json into a ConfigMap labelled grafana_dashboard: "1" (Grafana sidecar).
-Metric names and labels are the contract in DESIGN.md (Metrics): workers export vLLM's names plus
+Metric names and labels are the contract in docs/architecture.md (Metrics): workers export vLLM's names plus
 `baton_worker_info` and `baton_kv_*`, the router `baton_router_*`, the operator `baton_autoscaler_*`; every
 series carries `llmservice`, `namespace` (and `role` where it applies).
 

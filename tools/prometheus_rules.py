@@ -17,7 +17,7 @@ a short window burn the budget fast (1h & 5m at 14.4x, 6h & 30m at 6x), tickets 
 (`metrics.prometheusRule.slo`); targets must be bucket bounds of the router histograms. The objective is
 baked into the thresholds (`--objective`, default 0.9); thresholds are capped at MAX_ERROR_RATIO.
 
-Metrics these rules expect beyond DESIGN.md's list (the contract for the operator and workers):
+Metrics these rules expect beyond the list in docs/architecture.md (the contract for the operator and workers):
 * `baton_autoscaler_prometheus_up{llmservice,namespace}`: 1 when the autoscaler's last Prometheus query for
   that LLMService succeeded, 0 when Prometheus was unreachable or refused the query.
 * `baton_autoscaler_max_replicas{llmservice,namespace,role}`: the role's `autoscaling.maxReplicas`.

@@ -1,5 +1,5 @@
 """Prometheus metrics of a worker, with vLLM's names and buckets so vLLM dashboards and Baton's autoscaler
-read a Baton worker and a vLLM worker the same way (see DESIGN.md, Metrics).
+read a Baton worker and a vLLM worker the same way (see docs/architecture.md, Metrics).
 
 Every series carries `model_name` (as vLLM) plus Baton's `llmservice`, `namespace` and `role`. Request-level
 histograms and token counters are recorded by the HTTP server as outputs stream; the engine's gauges

@@ -1,4 +1,4 @@
-"""The worker's Prometheus metrics: vLLM's names, buckets and labels (DESIGN.md, Metrics: a contract)."""
+"""The worker's Prometheus metrics: vLLM's names, buckets and labels (docs/architecture.md, Metrics: a contract)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The router's Prometheus metrics, in their own registry (several routers can live in one process).
 
-TTFT and TPOT are measured as the client sees them, which makes them the SLO signals (DESIGN.md):
+TTFT and TPOT are measured as the client sees them, which makes them the SLO signals (docs/architecture.md):
 - TTFT: request arrival at the router -> the first event carrying content written to the client. For a
   non-streaming request the client sees every token at once, so its TTFT is its whole latency and no TPOT
   is observed (SLO tracking expects streaming clients, as chat front-ends are).

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
 from baton.operator.kv_secret import ensure_kv_secret
-from baton.operator.model_fetch_status import model_fetch_state
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
+from baton.operator.model_fetch_status import model_fetch_state
 from baton.operator.naming import kv_secret_name, role_name
 from baton.operator.render import render
 from baton.operator.status import compute_status

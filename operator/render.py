@@ -88,6 +88,9 @@ ROUTER_SERVICE_PORT = 80
 MODEL_MOUNT = "/models"
 
 RUN_AS_USER = 1000
+#: A new worker pod counts as available (and an old one is only then removed by a rollout) after being Ready
+#: this long: more than the routers need to discover it (Endpoints poll, 2 s) and health-check it.
+WORKER_MIN_READY_SECONDS = 10
 WORKER_GRACE_SECONDS = 120
 ROUTER_GRACE_SECONDS = 30
 #: Startup probe budget for model loading: period x failureThreshold = 10 s x 180 = 30 minutes.
@@ -495,6 +498,7 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
         "selector": {"matchLabels": selector_labels(svc.name, role)},
         "revisionHistoryLimit": REVISION_HISTORY_LIMIT,
         "progressDeadlineSeconds": WORKER_PROGRESS_DEADLINE,
+        "minReadySeconds": WORKER_MIN_READY_SECONDS,
         "strategy": copy.deepcopy(ROLLING_UPDATE),
         "template": {
             "metadata": {

@@ -52,6 +52,7 @@ class RunningRouter:
         from baton.worker.router.app import RouterConfig
 
         config.setdefault("health_interval", 0.5)
+        config.setdefault("worker_wait", 0.0)  # tests of other behaviour: no worker means 503 at once
         self.config = RouterConfig(**config)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

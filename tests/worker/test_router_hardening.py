@@ -372,3 +372,38 @@ def test_ready_and_serving_by_recompute_without_a_healthy_prefill_worker(prefill
         r.stop()
         sick.stop()
         decode.stop()
+
+
+# --------------------------------------------------------------------------------- 5. waiting for a worker
+
+
+def test_a_request_waits_for_a_decode_worker_instead_of_failing():
+    """A sole decode pod being replaced: the request is held (bounded by worker_wait) until a decode worker
+    is healthy again, instead of a 503; with none coming, 503 + Retry-After after worker_wait, never a hang."""
+    decode = Worker(answer, health_status=503).start()  # up, not healthy yet (a replacement loading)
+    r = RunningRouter(decode=[decode.base_url], worker_wait=10.0).start(ready=False)
+    try:
+        def heal() -> None:
+            time.sleep(1.5)
+            decode.health_status = 200
+
+        threading.Thread(target=heal, daemon=True).start()
+        t0 = time.monotonic()
+        resp = httpx.post(r.base_url + "/v1/completions", timeout=30, json={"model": SERVED, "prompt": "x"})
+        waited = time.monotonic() - t0
+        assert resp.status_code == 200 and "good" in resp.text, resp.text
+        assert 1.0 < waited < 10.0, waited
+    finally:
+        r.stop()
+        decode.stop()
+    never = Worker(answer, health_status=503).start()
+    r = RunningRouter(decode=[never.base_url], worker_wait=0.5).start(ready=False)
+    try:
+        t0 = time.monotonic()
+        resp = httpx.post(r.base_url + "/v1/completions", timeout=30, json={"model": SERVED, "prompt": "x"})
+        assert resp.status_code == 503 and resp.headers.get("Retry-After"), resp.text
+        assert 0.4 < time.monotonic() - t0 < 5.0
+        assert never.bodies == []
+    finally:
+        r.stop()
+        never.stop()

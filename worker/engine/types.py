@@ -5,8 +5,9 @@ server only ever sees these types, never the engine's internals.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol
+from typing import Literal, Protocol
 
 Role = Literal["both", "prefill", "decode"]
 FinishReason = Literal["stop", "length", "abort"]

@@ -62,6 +62,10 @@ log = logging.getLogger("baton.router")
 
 REQUEST_ID = "X-Request-Id"
 RETRY_AFTER = "1"
+#: How long a request waits for a serving worker when there is none (`--worker-wait`), and how often it looks.
+#: 30 s covers a decode pod's replacement loading a small model; a client sees latency, not an error.
+DEFAULT_WORKER_WAIT = 30.0
+WORKER_WAIT_POLL = 0.1
 SSE_DONE = b"data: [DONE]\n\n"
 KV_PARAMS = "kv_transfer_params"  # vLLM's protocol field that chains the prefill hop to the decode hop
 XARGS = "vllm_xargs"  # vLLM copies it into SamplingParams.extra_args, where connectors read KV_PARAMS too
@@ -85,6 +89,7 @@ class RouterConfig:
     connect_timeout: float = 5.0
     hop_timeout: float | None = 60.0  # seconds until a worker's response headers (0/None: no limit)
     stream_idle_timeout: float | None = 60.0  # seconds without a byte of the response body (0/None: no limit)
+    worker_wait: float = DEFAULT_WORKER_WAIT  # seconds a request waits for a serving worker when there is none
     max_attempts: int = 3
     prefix_chars: int = DEFAULT_PREFIX_CHARS
     llmservice: str | None = None  # metric labels (default: env BATON_LLMSERVICE / BATON_NAMESPACE)
@@ -384,6 +389,8 @@ class Router:
             headers["Authorization"] = auth
         key = routing_key(body, self.config.prefix_chars) if self.prefix_aware else None
         pool = self.pool
+        if not (pool.healthy("decode") or pool.healthy("both")):
+            await self._wait_for_serving_worker()
 
         if pool.healthy("prefill") and pool.healthy("decode"):
             kv, early = await self._prefill(path, body, headers, key)
@@ -405,6 +412,16 @@ class Router:
         return error_json(f"no decode worker is available: {why}", status=503,
                           type="service_unavailable_error", code="no_workers",
                           headers={"Retry-After": RETRY_AFTER})
+
+    async def _wait_for_serving_worker(self) -> None:
+        """Hold a request while no decode (or both) worker is healthy -- a sole decode pod being replaced, a
+        fleet still starting -- for up to `worker_wait` seconds; the caller answers 503 if none came. Bounded:
+        never a hang. (Prefill is optional: without it the decode worker recomputes the prompt.)"""
+        deadline = time.monotonic() + max(0.0, self.config.worker_wait)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(WORKER_WAIT_POLL)
+            if self.pool.healthy("decode") or self.pool.healthy("both"):
+                return
 
     async def _prefill(self, path: str, body: dict, headers: dict, key: str | None
                        ) -> tuple[dict | None, web.Response | None]:

@@ -18,6 +18,7 @@ import os
 import signal
 from pathlib import Path
 
+from baton.worker.router.app import DEFAULT_WORKER_WAIT
 from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, POLICIES
 from baton.worker.router.pool import DEFAULT_HEALTH_PATH, validate_health_path
 
@@ -63,6 +64,10 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-idle-timeout", type=float, default=60.0,
                    help="seconds a worker's response may go without a byte (between SSE events, or within a "
                    "JSON body) before the hop counts as failed; 0: no limit (default 60)")
+    p.add_argument("--worker-wait", type=float, default=DEFAULT_WORKER_WAIT,
+                   help="seconds a request waits for a decode (or both) worker to become healthy when there is "
+                   "none (a sole worker being replaced, a fleet starting) before it gets 503 + Retry-After; 0: "
+                   f"fail at once (default {DEFAULT_WORKER_WAIT:g})")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="attempts at the decode hop before any byte reached the client (default 3)")
     p.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
@@ -111,7 +116,7 @@ def build_config(args: argparse.Namespace):
     for flag in ("discovery_interval", "health_interval", "connect_timeout"):
         if getattr(args, flag) <= 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be positive")
-    for flag in ("hop_timeout", "stream_idle_timeout"):
+    for flag in ("hop_timeout", "stream_idle_timeout", "worker_wait"):
         if getattr(args, flag) < 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be 0 (no limit) or positive")
     try:
@@ -130,7 +135,7 @@ def build_config(args: argparse.Namespace):
         prefill_service=args.prefill_service, decode_service=args.decode_service,
         both_service=args.both_service, discovery_interval=args.discovery_interval,
         health_interval=args.health_interval, health_path=health_path, connect_timeout=args.connect_timeout,
-        hop_timeout=args.hop_timeout, stream_idle_timeout=args.stream_idle_timeout,
+        hop_timeout=args.hop_timeout, stream_idle_timeout=args.stream_idle_timeout, worker_wait=args.worker_wait,
         max_attempts=args.max_attempts, prefix_chars=args.prefix_chars, llmservice=args.llmservice,
         metrics_namespace=os.environ.get("BATON_NAMESPACE") or (namespace if any(services) else ""),
     )

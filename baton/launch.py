@@ -107,7 +107,7 @@ PROBES = {
     ENGINE_VLLM: Probes(startup="/health", readiness="/health", liveness="/health"),
 }
 #: The router's own probes. Readiness is /health, not /ready: a router with no healthy decode worker (a sole
-#: decode pod being replaced) holds requests for up to --worker-wait seconds; taken out of its Service instead
+#: decode pod being replaced) holds requests for up to --worker-wait seconds (60); taken out of its Service instead
 #: (and with one router replica), every client would get "connection refused" meanwhile. /ready still says
 #: whether it can serve right now (`baton up` waits for it).
 ROUTER_PROBES = Probes(startup="/health", readiness="/health", liveness="/health")

@@ -190,7 +190,7 @@ def _args(**kw):
                 "prefill_service": None, "decode_service": None, "both_service": None, "namespace": None,
                 "discovery_interval": 2.0, "health_interval": 2.0, "health_path": "/ready",
                 "connect_timeout": 5.0, "max_attempts": 3,
-                "hop_timeout": 60.0, "stream_idle_timeout": 60.0, "worker_wait": 30.0,
+                "hop_timeout": 60.0, "stream_idle_timeout": 60.0, "worker_wait": 60.0,
                 "prefix_chars": 256, "llmservice": "", "log_level": "info"}
     base.update(kw)
     return argparse.Namespace(**base)

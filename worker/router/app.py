@@ -63,8 +63,9 @@ log = logging.getLogger("baton.router")
 REQUEST_ID = "X-Request-Id"
 RETRY_AFTER = "1"
 #: How long a request waits for a serving worker when there is none (`--worker-wait`), and how often it looks.
-#: 30 s covers a decode pod's replacement loading a small model; a client sees latency, not an error.
-DEFAULT_WORKER_WAIT = 30.0
+#: 60 s covers a decode pod's replacement starting and loading a small model (measured: about 25 s on a busy
+#: 2-core node); a client sees latency, not an error. Larger models: raise it, or run two decode replicas.
+DEFAULT_WORKER_WAIT = 60.0
 WORKER_WAIT_POLL = 0.1
 SSE_DONE = b"data: [DONE]\n\n"
 KV_PARAMS = "kv_transfer_params"  # vLLM's protocol field that chains the prefill hop to the decode hop

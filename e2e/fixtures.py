@@ -136,11 +136,16 @@ def local_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
 #: Phase timings that slow integration tests record (e.g. kubelet build, base image, worker image, node
 #: start); printed at the end of every run, pass or fail, so CI logs show where the time went.
 PHASE_TIMINGS: dict[str, float] = {}
+#: Measured counts worth reading in a CI log (e.g. requests ok/failed per disruption), printed likewise.
+REPORT_LINES: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if not PHASE_TIMINGS:
-        return
-    terminalreporter.section("phase timings")
-    for name, seconds in PHASE_TIMINGS.items():
-        terminalreporter.write_line(f"{name:<55} {seconds:8.1f}")
+    if PHASE_TIMINGS:
+        terminalreporter.section("phase timings (seconds)")
+        for name, seconds in PHASE_TIMINGS.items():
+            terminalreporter.write_line(f"{name:<55} {seconds:8.1f}")
+    if REPORT_LINES:
+        terminalreporter.section("measurements")
+        for line in REPORT_LINES:
+            terminalreporter.write_line(line)

@@ -720,13 +720,7 @@ class LocalCluster:
             if names <= ok:
                 return
             for name in names - ok:
-                cur = core.read_node(name)
-                keep = [
-                    core.api_client.sanitize_for_serialization(t)
-                    for t in (cur.spec.taints or [])
-                    if not t.key.startswith("node.kubernetes.io/")
-                ]
-                core.patch_node(name, {"spec": {"taints": keep or None}})
+                lift_condition_taints(core, name)
             time.sleep(0.2)
         raise ClusterError(f"nodes {sorted(names)} still tainted after 30s")
 
@@ -891,7 +885,7 @@ def sweep_stale_run_dirs(parent: str | os.PathLike[str] | None = None) -> list[P
             state = json.loads((run / "state.json").read_text())
         except (OSError, ValueError):
             continue
-        if state.get("detached") or _pid_alive(int(state.get("owner_pid") or 0)):
+        if state.get("detached") or pid_alive(int(state.get("owner_pid") or 0)):
             continue
         if any(component_status(run).values()):
             continue
@@ -900,7 +894,7 @@ def sweep_stale_run_dirs(parent: str | os.PathLike[str] | None = None) -> list[P
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -923,6 +917,20 @@ def _http_get(
             return resp.read().strip()
     except urllib.error.HTTPError as exc:
         return exc.read().strip() if exc.code < 500 else b""
+
+
+def lift_condition_taints(core: Any, name: str) -> None:
+    """Remove the `node.kubernetes.io/*` taints (not-ready, unreachable) from node `name`, keeping the others.
+
+    TaintNodesByCondition adds not-ready when a node registers and this control plane runs without the
+    node-lifecycle controller, so nothing else would ever lift it (fake and real nodes alike)."""
+    node = core.read_node(name)
+    keep = [
+        core.api_client.sanitize_for_serialization(t)
+        for t in (node.spec.taints or [])
+        if not t.key.startswith("node.kubernetes.io/")
+    ]
+    core.patch_node(name, {"spec": {"taints": keep or None}})
 
 
 def parse_node_specs(items: Iterable[dict[str, Any]]) -> list[NodeSpec]:

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from baton.e2e.cluster import pid_alive
+
 CGROUP_FS = Path("/sys/fs/cgroup")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 #: paths kubelet/containerd/CNI use whatever their flags say; removed at teardown only if we created them
@@ -108,7 +110,7 @@ def record_host(
     processes run); sweeps the leftovers of a dead one first (a killed test run)."""
     old = read_record()
     if old is not None:
-        live_owner = _pid_alive(old.owner_pid) and old.owner_pid != os.getpid()
+        live_owner = pid_alive(old.owner_pid) and old.owner_pid != os.getpid()
         if live_owner or (old.detached and processes_naming(old.root)):
             raise RuntimeError(
                 f"another real-node cluster runs on this host (root {old.root}); stop it first: "
@@ -138,18 +140,6 @@ def record_host(
     tmp.write_text(rec.to_json())
     os.replace(tmp, path)
     return rec
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +198,7 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
         for pid in list(pids):
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
-        alive = {p for p in pids if _pid_alive(p) and not _zombie(p)}
+        alive = {p for p in pids if pid_alive(p) and not _zombie(p)}
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)

@@ -490,13 +490,9 @@ class RealNodes:
                 name,
                 [{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": str(spec.gpus)}],
             )
-        node = core.read_node(name)
-        keep = [
-            core.api_client.sanitize_for_serialization(t)
-            for t in (node.spec.taints or [])
-            if not t.key.startswith("node.kubernetes.io/")
-        ]
-        core.patch_node(name, {"spec": {"taints": keep or None}})
+        from baton.e2e.cluster import lift_condition_taints
+
+        lift_condition_taints(core, name)
 
     # -- stop ----------------------------------------------------------------------------------------
     def stop(self) -> list[str]:

@@ -19,6 +19,7 @@ from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean, images
 from baton.e2e.cluster import LocalCluster
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
+from baton.e2e.pki import self_signed_cert
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -164,6 +165,7 @@ CRASHER = r"""
 import json, os, signal, subprocess, sys, time
 from baton.e2e.cluster import LocalCluster
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
+from baton.e2e.pki import self_signed_cert
 from baton.e2e.images import PAUSE_REF
 
 c = LocalCluster(real_nodes=1, run_dir=sys.argv[1], keep_run_dir=True)
@@ -562,32 +564,6 @@ def test_disruptions_under_load_fail_no_request(real_cluster, release):
 MODEL_TOKEN = "model-server-token"
 
 
-def _self_signed(tmp: Path, ip: str) -> tuple[Path, Path, str]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "baton test model server")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp / "cert.pem").write_bytes(pem)
-    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                    serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
-    return tmp / "cert.pem", tmp / "key.pem", pem.decode()
-
-
 @pytest.fixture
 def model_server(tiny_model, tmp_path):
     """An https server on the host's address (what pods reach), serving the tiny model's folder under /models/
@@ -599,7 +575,8 @@ def model_server(tiny_model, tmp_path):
     from baton.e2e.realnode import host_ip
 
     ip = host_ip()
-    cert, key, pem = _self_signed(tmp_path, ip)
+    cert, key = self_signed_cert(tmp_path, ip)
+    pem = cert.read_text()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

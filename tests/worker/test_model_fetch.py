@@ -7,10 +7,8 @@ Each case runs `baton model fetch` as a subprocess, as the operator's init conta
 from __future__ import annotations
 
 import base64
-import datetime
 import filecmp
 import io
-import ipaddress
 import json
 import os
 import ssl
@@ -23,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from baton.e2e.pki import self_signed_cert
 from baton.worker import model_fetch
 from baton.worker.model_fetch import MARKER, FetchError, fetch_model
 from baton.worker.tiny import create_tiny_model
@@ -35,40 +34,6 @@ CREDENTIAL_ENV = ("BATON_MODEL_TOKEN", "HF_TOKEN", "BATON_MODEL_USERNAME", "BATO
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that is its own CA (cert.pem doubles as the --ca-file)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "baton-test-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False),
-                       critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def tar_gz(folder: Path, top: str) -> bytes:
@@ -133,7 +98,7 @@ def server(tmp_path_factory):
             "/archives/broken.tgz": b"this is not a tar archive at all" * 10,
         },
     )
-    cert, key = self_signed(tmp)
+    cert, key = self_signed_cert(tmp, "127.0.0.1")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -14,8 +14,10 @@ The pytest fixture `local_prometheus` (in `baton.e2e.fixtures`) gives a started 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +39,41 @@ class PrometheusNotInstalled(RuntimeError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class KubernetesPods:
+    """Scrape the pods Baton's operator made, found through the apiserver (Kubernetes service discovery, role
+    pod), as the chart's PodMonitor does: port `http`, and the labels `llmservice`, `role`, `namespace` from the
+    pods' own labels (vLLM's series carry none)."""
+
+    api_server: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def scrape_config(self, honor_labels: bool = True) -> dict:
+        from baton.operator.labels import LABEL_LLMSERVICE, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
+
+        from baton import launch
+
+        def meta(label: str) -> str:
+            return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+        tls = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        return {
+            "job_name": "kubernetes-pods",
+            "honor_labels": honor_labels,
+            "kubernetes_sd_configs": [{"role": "pod", "api_server": self.api_server, "tls_config": tls}],
+            "relabel_configs": [
+                {"source_labels": [meta(LABEL_MANAGED_BY)], "regex": MANAGED_BY, "action": "keep"},
+                {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http", "action": "keep"},
+                {"source_labels": [meta(LABEL_LLMSERVICE)], "target_label": launch.Label.LLMSERVICE},
+                {"source_labels": [meta(LABEL_ROLE)], "target_label": launch.Label.ROLE},
+                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": launch.Label.NAMESPACE},
+                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            ],
+        }
+
+
 def prometheus_binary() -> str:
     """The `prometheus` executable: $BATON_PROMETHEUS, else `prometheus` on PATH (Debian: /usr/bin)."""
     explicit = os.environ.get("BATON_PROMETHEUS")
@@ -55,9 +92,12 @@ class LocalPrometheus:
 
     def __init__(self, workdir: str | os.PathLike[str], targets: Iterable[str] = (), *,
                  scrape_interval: str = "1s", port: int | None = None, job: str = "baton",
-                 honor_labels: bool = True) -> None:
+                 honor_labels: bool = True, listen: str = "127.0.0.1",
+                 kubernetes: KubernetesPods | None = None) -> None:
         self.workdir = Path(workdir)
         self.targets = list(targets)
+        self.listen = listen  # the host's address when pods (e.g. the operator's autoscaler) query it
+        self.kubernetes = kubernetes
         self.scrape_interval, self.job, self.honor_labels = scrape_interval, job, honor_labels
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -66,7 +106,7 @@ class LocalPrometheus:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen}:{self.port}"
 
     def config(self) -> dict:
         return {
@@ -77,7 +117,7 @@ class LocalPrometheus:
                 # Keep the exporters' own `namespace`/`llmservice`/`role` labels as they are.
                 "honor_labels": self.honor_labels,
                 "static_configs": [{"targets": list(self.targets)}] if self.targets else [],
-            }],
+            }] + ([self.kubernetes.scrape_config(self.honor_labels)] if self.kubernetes else []),
         }
 
     def _write_config(self) -> None:
@@ -95,7 +135,7 @@ class LocalPrometheus:
         try:
             self.proc = subprocess.Popen(
                 [binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={data}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
+                 f"--web.listen-address={self.listen}:{self.port}", "--web.enable-lifecycle",
                  "--storage.tsdb.retention.time=1h", "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:

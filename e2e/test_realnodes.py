@@ -561,6 +561,66 @@ def test_disruptions_under_load_fail_no_request(real_cluster, release):
     assert failed == 0, summary + "\nfirst failures:\n" + "\n".join(load.failed[:10])
 
 
+def _metric_sum(body: bytes, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, release, tiny_model, tmp_path):
+    """A real Prometheus on the host finds the real pods through the apiserver and scrapes them; the operator's
+    autoscaler (in its pod) reads it, sees a TPOT SLO broken under load, and scales decode up; the new decode
+    pod becomes Ready and takes traffic -- with no failed request meanwhile."""
+    import yaml
+    from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
+    from baton.e2e.realnode import host_ip
+
+    c = real_cluster
+    _k(c, "delete", "llmservice", "tiny", "-n", FLEET_NS, "--wait=false", check=False)  # its CPU, for this one
+    pki = c.pki
+    prom = LocalPrometheus(tmp_path / "prometheus", listen=host_ip(), scrape_interval="2s",
+                           kubernetes=KubernetesPods(c.server, str(pki.ca_crt), str(pki.admin_crt),
+                                                     str(pki.admin_key)))
+    prom.start()
+    try:
+        body = _fleet_manifest(c.worker_ref, tiny_model)
+        body["metadata"]["name"] = "auto"
+        body["spec"]["slo"] = {"ttft": "30s", "tpot": "1ms"}  # every decode step breaks this TPOT SLO
+        body["spec"]["decode"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 2}
+        body["spec"]["prefill"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 1}
+        body["spec"]["autoscaling"] = {"enabled": True, "prometheusURL": prom.url, "interval": "3s"}
+        _k(c, "apply", "-f", "-", input=yaml.safe_dump(body))
+        _wait("LLMService auto Ready", lambda: _condition(c, "auto", "Ready").get("phase") == "Ready",
+              timeout=300, every=2)
+        router_ip = _k(c, "get", "svc", "auto", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+        (first,) = _pods_ns(c, FLEET_NS, "app.kubernetes.io/instance=auto,baton.dev/role=decode")
+        t0 = time.monotonic()
+        with Load(f"http://{router_ip}:80/v1", threads=2) as load:
+            def scraped() -> bool:
+                return bool(prom.query('baton_router_tpot_seconds_count{llmservice="auto"}')) and bool(
+                    prom.query('vllm:generation_tokens_total{llmservice="auto",role="decode"}'))
+
+            _wait("Prometheus to scrape the router and the decode pod (found through the apiserver)", scraped,
+                  timeout=120, every=2)
+            second = _wait("the autoscaler to add a Ready decode pod", lambda: [
+                p for p in _pods_ns(c, FLEET_NS, "app.kubernetes.io/instance=auto,baton.dev/role=decode")
+                if p["metadata"]["name"] != first["metadata"]["name"] and _ready(p)
+                and not p["metadata"].get("deletionTimestamp")], timeout=240, every=2)[0]
+            PHASE_TIMINGS["autoscaler: load start -> second decode pod Ready"] = time.monotonic() - t0
+            ip = second["status"]["podIP"]
+            before = _metric_sum(_get(f"http://{ip}:8000/metrics")[1], "vllm:generation_tokens_total")
+            _wait("the new decode pod to take traffic", lambda: _metric_sum(
+                _get(f"http://{ip}:8000/metrics")[1], "vllm:generation_tokens_total") > before + 10, timeout=60)
+        status = json.loads(_k(c, "get", "llmservice", "auto", "-n", FLEET_NS, "-o", "json").stdout)["status"]
+        assert status["decode"]["desiredReplicas"] == 2, status
+        ok, failed = load.counts()
+        REPORT_LINES.append(f"autoscaling under load: {ok} ok, {failed} failed; decode 1 -> 2 "
+                            f"({status['decode'].get('lastScaleReason', '')})")
+        assert failed == 0, load.failed[:5]
+    finally:
+        prom.stop()
+        _k(c, "delete", "llmservice", "auto", "-n", FLEET_NS, "--wait=false", check=False)
+
+
 MODEL_TOKEN = "model-server-token"
 
 

@@ -4,8 +4,9 @@ Prefill and decode workers authenticate every KV hand-off with an HMAC keyed by 
 without it accepts any peer. So the operator creates ``<name>-kv`` (key ``token``, 32 random bytes,
 url-safe) before the workers, and the worker pods require it. The token is never logged, never part of
 ``render`` (which is pure and deterministic) and never in an Event. Rotation: set or change the LLMService
-annotation ``baton.dev/rotate-kv-secret``; the token is replaced and the worker pods roll (the same value is
-copied onto their pod template). While the roll runs, a prefill and a decode pod may hold different tokens: the
+annotation ``baton.dev/rotate-kv-secret``; a new secret ``<name>-kv-<hash of the value>`` is made and the worker
+pods roll onto it (render names it). The operator only creates Secrets -- it cannot read, list or change one --
+so earlier secrets stay until the LLMService is deleted (owner references). While the roll runs, a prefill and a decode pod may hold different tokens: the
 hand-off is refused and the router recomputes the prompt on decode, so no request fails.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import secrets
 
 from .api import API_VERSION, KIND
-from .kube import Kube
+from .kube import Kube, KubeError
 from .labels import (
     ANNOTATION_KV_SECRET_ROTATION,
     ANNOTATION_ROTATE_KV_SECRET,
@@ -42,7 +43,7 @@ def secret_manifest(llmservice: dict, token: str) -> dict:
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": kv_secret_name(meta["name"]),
+            "name": kv_secret_name(meta["name"], requested_rotation(llmservice)),
             "namespace": meta.get("namespace"),
             "labels": common_labels(meta["name"], COMPONENT_CONFIG),
             "annotations": {ANNOTATION_KV_SECRET_ROTATION: requested_rotation(llmservice)},
@@ -58,20 +59,15 @@ def secret_manifest(llmservice: dict, token: str) -> dict:
 
 
 def ensure_kv_secret(kube: Kube, llmservice: dict) -> str | None:
-    """Create the secret when missing, replace its token when a rotation was asked for.
+    """Create the secret the worker pods refer to (`<name>-kv`, or the rotation's `<name>-kv-<hash>`) unless it
+    exists. Create-only on purpose: the operator holds no right to read, list or change any Secret.
 
-    Returns "created", "rotated" or None (nothing to do). The caller reports that word, never the token."""
-    meta = llmservice["metadata"]
-    live = kube.get("v1", "Secret", meta.get("namespace"), kv_secret_name(meta["name"]))
-    wanted = requested_rotation(llmservice)
-    if live is None:
+    Returns "created", "rotated" (created for a new rotation value) or None. The caller reports that word,
+    never the token."""
+    try:
         kube.create(secret_manifest(llmservice, new_token()))
-        return "created"
-    done = ((live.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_KV_SECRET_ROTATION, "")
-    if done != wanted or KV_SECRET_KEY not in (live.get("data") or {}):
-        kube.patch_merge("v1", "Secret", meta.get("namespace"), kv_secret_name(meta["name"]), {
-            "metadata": {"annotations": {ANNOTATION_KV_SECRET_ROTATION: wanted}},
-            "stringData": {KV_SECRET_KEY: new_token()},
-        })
-        return "rotated"
-    return None
+    except KubeError as exc:
+        if exc.status == 409:  # already there (made by an earlier reconcile)
+            return None
+        raise
+    return "rotated" if requested_rotation(llmservice) else "created"

@@ -109,5 +109,11 @@ KV_SECRET_SUFFIX = "-kv"
 KV_SECRET_KEY = "token"
 
 
-def kv_secret_name(name: str) -> str:
-    return child_name(name, KV_SECRET_SUFFIX)
+def kv_secret_name(name: str, rotation: str = "") -> str:
+    """`<name>-kv`, or `<name>-kv-<hash of the rotation value>` once a rotation was asked for: a rotated secret
+    is a new object, so the operator only ever creates Secrets (it can read none)."""
+    if not rotation:
+        return child_name(name, KV_SECRET_SUFFIX)
+    import hashlib
+
+    return child_name(name, f"{KV_SECRET_SUFFIX}-{hashlib.sha256(rotation.encode()).hexdigest()[:8]}")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
-from baton.operator.kv_secret import ensure_kv_secret
+from baton.operator.kv_secret import ensure_kv_secret, requested_rotation
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.model_fetch_status import model_fetch_state
 from baton.operator.naming import kv_secret_name, role_name
@@ -137,10 +137,11 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
         manifests = render(llmservice)
         # before the workers, which require it; the token itself is never logged nor put in an Event
         secret = ensure_kv_secret(kube, llmservice)
+        secret_name = kv_secret_name(name, requested_rotation(llmservice))
         if secret == "created":
-            result.created.append(f"Secret/{kv_secret_name(name)}")
+            result.created.append(f"Secret/{secret_name}")
         elif secret == "rotated":
-            emit("Normal", "KVSecretRotated", f"rotated Secret/{kv_secret_name(name)}; the workers roll onto it")
+            emit("Normal", "KVSecretRotated", f"made Secret/{secret_name}; the workers roll onto it")
         wanted = {_key(m) for m in manifests}
         for manifest in manifests:
             key = _key(manifest)

@@ -347,7 +347,8 @@ def _worker_env(svc: LLMService, role: str) -> list[dict]:
         {"name": Env.KV_PORT, "value": str(kv.port)},
         {"name": Env.KV_SECRET, "valueFrom": {"secretKeyRef": {
             # required: the operator creates it before the workers; a worker without it accepts any KV peer
-            "name": kv_secret_name(svc.name), "key": KV_SECRET_KEY}}},
+            "name": kv_secret_name(svc.name, (svc.metadata.annotations or {}).get(ANNOTATION_ROTATE_KV_SECRET, "")),
+            "key": KV_SECRET_KEY}}},
     ]
     if svc.spec.engine.kind == "vllm":
         # NIXL's side channel (handshake) listens on the KV port; $(POD_IP) expands from the entry above.

@@ -287,14 +287,23 @@ def test_kv_secret_is_made_required_and_rotated_never_logged(operator, kubectl, 
         assert env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-kv", "key": "token"}
 
     kubectl("annotate", "llmservice", name, "-n", namespace, "baton.dev/rotate-kv-secret=r1", check=True)
-    rotated = wait_for("the KV secret to be rotated", lambda: (
-        (s := get_json(kubectl, "secret", f"{name}-kv", "-n", namespace))["metadata"]["annotations"]
-        .get("baton.dev/kv-secret-rotation") == "r1" and s), timeout=60)
+
+    def rotated_ref():
+        refs = set()
+        for n, d in deployments(kubectl, namespace, name).items():
+            if n.endswith("-router"):
+                continue
+            env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            refs.add(env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"]["name"])
+        return len(refs) == 1 and (ref := refs.pop()) != f"{name}-kv" and ref
+
+    new_name = wait_for("the workers to refer to a rotated KV secret", rotated_ref, timeout=60)
+    assert new_name.startswith(f"{name}-kv-")
+    rotated = wait_for("the rotated KV secret to exist", lambda: (
+        out := kubectl("get", "secret", new_name, "-n", namespace, "-o", "json")).returncode == 0
+        and json.loads(out.stdout), timeout=60)
     new_token = base64.b64decode(rotated["data"]["token"]).decode()
     assert new_token != token
-    wait_for("worker pods to roll onto the new secret", lambda: all(
-        d["spec"]["template"]["metadata"]["annotations"].get("baton.dev/rotate-kv-secret") == "r1"
-        for n, d in deployments(kubectl, namespace, name).items() if not n.endswith("-router")), timeout=60)
     events = json.dumps(get_json(kubectl, "events", "-n", namespace))
     log = operator.log_tail(100000)
     for t in (token, new_token):

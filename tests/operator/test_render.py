@@ -538,6 +538,9 @@ def test_kv_secret_rotation_rolls_the_workers_only() -> None:
     for role in ("prefill", "decode"):
         assert _template(b, role)["metadata"]["annotations"] == {L.ANNOTATION_ROTATE_KV_SECRET: "2026-11-30"}
         assert _template(a, role) != _template(b, role)
+        env = {e["name"]: e for e in _template(b, role)["spec"]["containers"][0]["env"]}
+        ref = env["BATON_KV_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+        assert ref.startswith("svc-kv-") and ref != "svc-kv"  # a new Secret: the operator never rewrites one
     assert _template(a, "router") == _template(b, "router")
 
 

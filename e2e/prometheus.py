@@ -14,20 +14,19 @@ The pytest fixture `local_prometheus` (in `baton.e2e.fixtures`) gives a started 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import yaml
 from baton.e2e.cluster import free_port
@@ -39,39 +38,85 @@ class PrometheusNotInstalled(RuntimeError):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
 class KubernetesPods:
-    """Scrape the pods Baton's operator made, found through the apiserver (Kubernetes service discovery, role
-    pod), as the chart's PodMonitor does: port `http`, and the labels `llmservice`, `role`, `namespace` from the
-    pods' own labels (vLLM's series carry none)."""
+    """Kubernetes pod discovery for the pods Baton's operator made, as the chart's PodMonitor selects them:
+    port `http`, and the labels `llmservice`, `role`, `namespace` copied from the pods' own labels (vLLM's
+    series carry none).
 
-    api_server: str
-    ca_file: str
-    cert_file: str
-    key_file: str
+    Debian's Prometheus is built without `kubernetes_sd_configs` ("field kubernetes_sd_configs not found"), so
+    this does the discovery itself: a thread lists the pods from the apiserver every `interval` seconds and
+    writes them as a `file_sd_configs` target file, which Prometheus re-reads on change. Same inputs (the
+    apiserver's pods), same labels, a file in between."""
+
+    def __init__(self, api_client_factory: Any, path: Path, interval: float = 2.0) -> None:
+        self.api_client_factory = api_client_factory  # () -> kubernetes.client.ApiClient (admin)
+        self.path = Path(path)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
 
     def scrape_config(self, honor_labels: bool = True) -> dict:
+        return {"job_name": "kubernetes-pods", "honor_labels": honor_labels,
+                "file_sd_configs": [{"files": [str(self.path)], "refresh_interval": "5s"}]}
+
+    @staticmethod
+    def targets(pods: list[dict]) -> list[dict]:
+        """file_sd entries for running pods of ours with a port named http. Pure."""
         from baton.operator.labels import LABEL_LLMSERVICE, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 
         from baton import launch
 
-        def meta(label: str) -> str:
-            return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+        out = []
+        for pod in pods:
+            meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+            labels = meta.get("labels") or {}
+            if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or not status.get("podIP"):
+                continue
+            if status.get("phase") != "Running" or meta.get("deletionTimestamp"):
+                continue
+            ports = [p["containerPort"] for c in spec.get("containers") or [] for p in c.get("ports") or []
+                     if p.get("name") == "http"]
+            for port in ports:
+                out.append({"targets": [f"{status['podIP']}:{port}"], "labels": {
+                    launch.Label.LLMSERVICE: labels.get(LABEL_LLMSERVICE, ""),
+                    launch.Label.ROLE: labels.get(LABEL_ROLE, ""),
+                    launch.Label.NAMESPACE: meta.get("namespace", ""),
+                    "pod": meta.get("name", ""),
+                }})
+        return out
 
-        tls = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
-        return {
-            "job_name": "kubernetes-pods",
-            "honor_labels": honor_labels,
-            "kubernetes_sd_configs": [{"role": "pod", "api_server": self.api_server, "tls_config": tls}],
-            "relabel_configs": [
-                {"source_labels": [meta(LABEL_MANAGED_BY)], "regex": MANAGED_BY, "action": "keep"},
-                {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http", "action": "keep"},
-                {"source_labels": [meta(LABEL_LLMSERVICE)], "target_label": launch.Label.LLMSERVICE},
-                {"source_labels": [meta(LABEL_ROLE)], "target_label": launch.Label.ROLE},
-                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": launch.Label.NAMESPACE},
-                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-            ],
-        }
+    def refresh(self, api: Any) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(api)
+        pods = api.sanitize_for_serialization(core.list_pod_for_all_namespaces().items)
+        text = json.dumps(self.targets(pods), sort_keys=True)
+        if not self.path.exists() or self.path.read_text() != text:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.path)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        api = self.api_client_factory()
+        self.refresh(api)
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                try:
+                    self.refresh(api)
+                except Exception as exc:  # noqa: BLE001 - a failed list keeps the last targets; next one retries
+                    self.last_error = repr(exc)
+            api.close()
+
+        self._thread = threading.Thread(target=loop, daemon=True, name="baton-pod-discovery")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def prometheus_binary() -> str:
@@ -128,6 +173,8 @@ class LocalPrometheus:
 
     def start(self, timeout: float = 30.0) -> LocalPrometheus:
         binary = prometheus_binary()
+        if self.kubernetes is not None:
+            self.kubernetes.start()
         self._write_config()
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -212,6 +259,8 @@ class LocalPrometheus:
             self.proc.wait(10)
 
     def stop(self) -> None:
+        if self.kubernetes is not None:
+            self.kubernetes.stop()
         if self.running:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

@@ -140,3 +140,23 @@ def test_node_root_is_short_and_per_cluster(tmp_path, monkeypatch):
 
     with pytest.raises(realnode.RealNodeError, match="BATON_CACHE"):
         realnode.check_socket_paths(realnode.node_root(deep), ["real-0"])
+
+
+def test_pod_discovery_targets_like_the_pod_monitor():
+    from baton.e2e.prometheus import KubernetesPods
+
+    def pod(name, labels, ip="10.88.0.5", phase="Running", ports=(("http", 8000), ("kv", 14579)), **meta):
+        return {"metadata": {"name": name, "namespace": "demo", "labels": labels, **meta},
+                "spec": {"containers": [{"ports": [{"name": n, "containerPort": p} for n, p in ports]}]},
+                "status": {"podIP": ip, "phase": phase}}
+
+    ours = {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/llmservice": "tiny",
+            "baton.dev/role": "decode"}
+    got = KubernetesPods.targets([
+        pod("tiny-decode-1", ours),
+        pod("stranger", {"app": "x"}),
+        pod("pending", ours, ip=None, phase="Pending"),
+        pod("leaving", ours, deletionTimestamp="2026-01-01T00:00:00Z"),
+    ])
+    assert got == [{"targets": ["10.88.0.5:8000"], "labels": {"llmservice": "tiny", "role": "decode",
+                                                              "namespace": "demo", "pod": "tiny-decode-1"}}]

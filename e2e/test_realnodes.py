@@ -576,10 +576,8 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, release, 
 
     c = real_cluster
     _k(c, "delete", "llmservice", "tiny", "-n", FLEET_NS, "--wait=false", check=False)  # its CPU, for this one
-    pki = c.pki
     prom = LocalPrometheus(tmp_path / "prometheus", listen=host_ip(), scrape_interval="2s",
-                           kubernetes=KubernetesPods(c.server, str(pki.ca_crt), str(pki.admin_crt),
-                                                     str(pki.admin_key)))
+                           kubernetes=KubernetesPods(c.api_client, tmp_path / "prometheus" / "pods.json"))
     prom.start()
     try:
         body = _fleet_manifest(c.worker_ref, tiny_model)

@@ -8,6 +8,7 @@ Slow (a cold machine builds kubelet, a base image and the worker image first: se
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -44,6 +45,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory):
+    if os.environ.get("BATON_SKIP_INTEGRATION") == "1":
+        pytest.skip("BATON_SKIP_INTEGRATION=1: the local Kubernetes is disabled")
     timings = PHASE_TIMINGS  # printed in pytest's terminal summary
     t0 = time.monotonic()
     k8sbuild.ensure_binaries(log=_log, names=k8sbuild.ALL_BINARIES)

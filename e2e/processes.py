@@ -130,3 +130,35 @@ def worker_process(model_dir: str | os.PathLike[str], *args: str, served_model_n
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def https_server(host: str, answer: Callable[[str, str | None], tuple[int, bytes]],
+                 cert: Path, key: Path) -> Iterator[str]:
+    """A threaded HTTPS server on `host` (port chosen by the kernel) for tests that download from one:
+    `answer(path, authorization_header) -> (status, body)` decides each GET. Yields its base URL."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = answer(self.path.split("?")[0], self.headers.get("Authorization"))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer((host, 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"https://{host}:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -21,6 +21,7 @@ from baton.e2e import hostclean, images
 from baton.e2e.cluster import LocalCluster
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
 from baton.e2e.pki import self_signed_cert
+from baton.e2e.processes import https_server, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -89,25 +90,14 @@ def _get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _pods(cluster, selector: str) -> list[dict]:
-    out = _k(cluster, "get", "pods", "-n", "default", "-l", selector, "-o", "json").stdout
-    return json.loads(out)["items"]
+def _pods(c, selector: str, ns: str = "default") -> list[dict]:
+    return json.loads(_k(c, "get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
 
 
 def _ready(pod: dict) -> bool:
     return any(
         c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", [])
     )
-
-
-def _wait(what: str, check, timeout: float = 180.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _worker_manifest(image: str, model_dir: Path, ready_path: str = "/ready") -> str:
@@ -165,10 +155,9 @@ def _worker_manifest(image: str, model_dir: Path, ready_path: str = "/ready") ->
 
 
 CRASHER = r"""
-import json, os, signal, subprocess, sys, time
+import json, os, signal, sys
 from baton.e2e.cluster import LocalCluster
-from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
-from baton.e2e.pki import self_signed_cert
+from baton.e2e.fixtures import kubectl
 from baton.e2e.images import PAUSE_REF
 
 c = LocalCluster(real_nodes=1, run_dir=sys.argv[1], keep_run_dir=True)
@@ -220,23 +209,26 @@ def test_worker_image_serves_on_real_nodes(real_cluster, tiny_model):
     c = real_cluster
     # A probe on a path the worker does not serve: the pods run but must never turn Ready.
     _k(c, "apply", "-f", "-", input=_worker_manifest(c.worker_ref, tiny_model, ready_path="/nope"))
-    running = _wait(
+    running = wait_for(
         "2 worker containers running",
         lambda: (p := _pods(c, "app=tiny")) and len(p) == 2
         and all(cs.get("state", {}).get("running") for x in p for cs in x["status"].get("containerStatuses", []))
         and all(x["status"].get("containerStatuses") for x in p) and p,
+        timeout=180,
     )
     assert {p["spec"]["nodeName"] for p in running} == {"real-0", "real-1"}
     # the engine is up (it answers /ready from the host) yet the pod stays unready: the kubelet probes for real
     ips = [p["status"]["podIP"] for p in running]
-    _wait("worker /ready on both pod IPs", lambda: all(_get(f"http://{ip}:8000/ready")[0] == 200 for ip in ips))
+    wait_for("worker /ready on both pod IPs", lambda: all(_get(f"http://{ip}:8000/ready")[0] == 200 for ip in ips),
+             timeout=180)
     time.sleep(3)
     assert not any(_ready(p) for p in _pods(c, "app=tiny")), "Ready although the readiness probe fails"
 
     # The right probe: a rollout to Ready pods.
     _k(c, "apply", "-f", "-", input=_worker_manifest(c.worker_ref, tiny_model))
     _k(c, "rollout", "status", "deployment/tiny", "-n", "default", "--timeout=240s", timeout=250)
-    pods = _wait("2 Ready pods", lambda: (p := [x for x in _pods(c, "app=tiny") if _ready(x)]) and len(p) == 2 and p)
+    pods = wait_for("2 Ready pods", lambda: (p := [x for x in _pods(c, "app=tiny") if _ready(x)]) and len(p) == 2 and p,
+                    timeout=180)
     assert {p["spec"]["nodeName"] for p in pods} == {"real-0", "real-1"}
     for p in pods:  # pod IPs answer from the host
         status, body = _get(f"http://{p['status']['podIP']}:8000/v1/models")
@@ -264,7 +256,7 @@ def test_worker_image_serves_on_real_nodes(real_cluster, tiny_model):
     # a deleted pod is replaced, on a real node, and the replacement turns Ready
     victim = pods[0]["metadata"]["name"]
     _k(c, "delete", "pod", "-n", "default", victim, "--wait=false")
-    _wait(
+    wait_for(
         "a Ready replacement",
         lambda: (p := [x for x in _pods(c, "app=tiny") if _ready(x) and x["metadata"]["name"] != victim
                        and not x["metadata"].get("deletionTimestamp")]) and len(p) == 2 and p,
@@ -384,7 +376,7 @@ def test_llmservice_serves_on_real_nodes_like_baton_up(real_cluster, release, ti
         return out.returncode == 0 and (json.loads(out.stdout).get("status") or {}).get("phase") == "Ready"
 
     try:
-        _wait("LLMService tiny Ready", ready, timeout=300, every=1)
+        wait_for("LLMService tiny Ready", ready, timeout=300, interval=1)
     except AssertionError:
         print(_k(c, "get", "pods,events", "-n", FLEET_NS, "-o", "wide", check=False).stdout, file=sys.stderr)
         print(_k(c, "logs", "-n", "baton-system", "-l", "app.kubernetes.io/component=operator", "--tail", "60",
@@ -468,16 +460,12 @@ class Load:
 
 
 def _role_pods(c, role: str) -> list[dict]:
-    return [p for p in _pods_ns(c, FLEET_NS, f"baton.dev/role={role}") if not p["metadata"].get("deletionTimestamp")]
-
-
-def _pods_ns(c, ns: str, selector: str) -> list[dict]:
-    return json.loads(_k(c, "get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
+    return [p for p in _pods(c, f"baton.dev/role={role}", FLEET_NS) if not p["metadata"].get("deletionTimestamp")]
 
 
 def _settled(c, role: str, replicas: int, exclude: set[str] = frozenset(), template_hash: str | None = None):
     """`replicas` Ready pods of `role`, none of them in `exclude`, none terminating left over."""
-    every = _pods_ns(c, FLEET_NS, f"baton.dev/role={role}")
+    every = _pods(c, f"baton.dev/role={role}", FLEET_NS)
     live = [p for p in every if not p["metadata"].get("deletionTimestamp")]
     if len(every) != replicas or len(live) != replicas:
         return False
@@ -531,13 +519,13 @@ def test_disruptions_under_load_fail_no_request(real_cluster, release):
             ok0, failed0 = load.counts()
             t0 = time.monotonic()
             act()
-            _wait(f"{name}: the fleet to settle", settle, timeout=timeout, every=1)
+            wait_for(f"{name}: the fleet to settle", settle, timeout=timeout, interval=1)
             time.sleep(3)  # traffic on the settled fleet too
             ok1, failed1 = load.counts()
             report.append(f"{name}: {ok1 - ok0} ok, {failed1 - failed0} failed, settled in "
                           f"{time.monotonic() - t0:.1f}s")
 
-        _wait("the load to get going", lambda: load.counts()[0] >= 10, timeout=60)
+        wait_for("the load to get going", lambda: load.counts()[0] >= 10, timeout=60)
         (old_prefill,) = _role_pods(c, "prefill")
         phase("delete a prefill pod",
               lambda: _k(c, "delete", "pod", "-n", FLEET_NS, old_prefill["metadata"]["name"], "--wait=false"),
@@ -555,7 +543,7 @@ def test_disruptions_under_load_fail_no_request(real_cluster, release):
         phase("scale prefill to zero",
               lambda: _k(c, "patch", "llmservice", "tiny", "-n", FLEET_NS, "--type=merge", "-p",
                          json.dumps({"spec": {"prefill": {"replicas": 0}}})),
-              lambda: not _pods_ns(c, FLEET_NS, "baton.dev/role=prefill"))
+              lambda: not _pods(c, "baton.dev/role=prefill", FLEET_NS))
     ok, failed = load.counts()
     summary = "\n".join(report) + f"\ntotal: {ok} ok, {failed} failed"
     print(summary, file=sys.stderr)
@@ -590,26 +578,26 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, release, 
         body["spec"]["prefill"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 1}
         body["spec"]["autoscaling"] = {"enabled": True, "prometheusURL": prom.url, "interval": "3s"}
         _k(c, "apply", "-f", "-", input=yaml.safe_dump(body))
-        _wait("LLMService auto Ready", lambda: _condition(c, "auto", "Ready").get("phase") == "Ready",
-              timeout=300, every=2)
+        wait_for("LLMService auto Ready", lambda: _condition(c, "auto", "Ready").get("phase") == "Ready",
+              timeout=300, interval=2)
         router_ip = _k(c, "get", "svc", "auto", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
-        (first,) = _pods_ns(c, FLEET_NS, "app.kubernetes.io/instance=auto,baton.dev/role=decode")
+        (first,) = _pods(c, "app.kubernetes.io/instance=auto,baton.dev/role=decode", FLEET_NS)
         t0 = time.monotonic()
         with Load(f"http://{router_ip}:80/v1", threads=2) as load:
             def scraped() -> bool:
                 return bool(prom.query('baton_router_tpot_seconds_count{llmservice="auto"}')) and bool(
                     prom.query('vllm:generation_tokens_total{llmservice="auto",role="decode"}'))
 
-            _wait("Prometheus to scrape the router and the decode pod (found through the apiserver)", scraped,
-                  timeout=120, every=2)
-            second = _wait("the autoscaler to add a Ready decode pod", lambda: [
-                p for p in _pods_ns(c, FLEET_NS, "app.kubernetes.io/instance=auto,baton.dev/role=decode")
+            wait_for("Prometheus to scrape the router and the decode pod (found through the apiserver)", scraped,
+                  timeout=120, interval=2)
+            second = wait_for("the autoscaler to add a Ready decode pod", lambda: [
+                p for p in _pods(c, "app.kubernetes.io/instance=auto,baton.dev/role=decode", FLEET_NS)
                 if p["metadata"]["name"] != first["metadata"]["name"] and _ready(p)
-                and not p["metadata"].get("deletionTimestamp")], timeout=240, every=2)[0]
+                and not p["metadata"].get("deletionTimestamp")], timeout=240, interval=2)[0]
             PHASE_TIMINGS["autoscaler: load start -> second decode pod Ready"] = time.monotonic() - t0
             ip = second["status"]["podIP"]
             before = _metric_sum(_get(f"http://{ip}:8000/metrics")[1], "vllm:generation_tokens_total")
-            _wait("the new decode pod to take traffic", lambda: _metric_sum(
+            wait_for("the new decode pod to take traffic", lambda: _metric_sum(
                 _get(f"http://{ip}:8000/metrics")[1], "vllm:generation_tokens_total") > before + 10, timeout=60)
         status = json.loads(_k(c, "get", "llmservice", "auto", "-n", FLEET_NS, "-o", "json").stdout)["status"]
         assert status["decode"]["desiredReplicas"] == 2, status
@@ -629,48 +617,25 @@ MODEL_TOKEN = "model-server-token"
 def model_server(tiny_model, tmp_path):
     """An https server on the host's address (what pods reach), serving the tiny model's folder under /models/
     and, behind a bearer token, under /private/models/."""
-    import ssl
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from baton.e2e.realnode import host_ip
 
     ip = host_ip()
     cert, key = self_signed_cert(tmp_path, ip)
     pem = cert.read_text()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0]
-            if path.startswith("/private/"):
-                if self.headers.get("Authorization") != f"Bearer {MODEL_TOKEN}":
-                    return self._send(401, b"unauthorized")
-                path = path.removeprefix("/private")
-            prefix = "/models/tiny-llama/"
-            f = tiny_model / path.removeprefix(prefix)
-            if path.startswith(prefix) and "/" not in path.removeprefix(prefix) and f.is_file():
-                return self._send(200, f.read_bytes())
-            return self._send(404, b"not found")
+    def answer(path: str, authorization: str | None) -> tuple[int, bytes]:
+        if path.startswith("/private/"):
+            if authorization != f"Bearer {MODEL_TOKEN}":
+                return 401, b"unauthorized"
+            path = path.removeprefix("/private")
+        prefix = "/models/tiny-llama/"
+        f = tiny_model / path.removeprefix(prefix)
+        if path.startswith(prefix) and "/" not in path.removeprefix(prefix) and f.is_file():
+            return 200, f.read_bytes()
+        return 404, b"not found"
 
-        def _send(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer((ip, 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield {"base": f"https://{ip}:{httpd.server_address[1]}", "ca": pem}
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with https_server(ip, answer, cert, key) as base:
+        yield {"base": base, "ca": pem}
 
 
 def _condition(c, name: str, type_: str) -> dict:
@@ -709,17 +674,17 @@ def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, release, m
                 service("refused", "/private/models/tiny-llama/", "wrong-creds", False)]
     _k(c, "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(b) for b in services))
     try:
-        missing = _wait("ModelReady=False on 'missing'",
+        missing = wait_for("ModelReady=False on 'missing'",
                         lambda: (x := _condition(c, "missing", "ModelReady")).get("status") == "False" and x,
-                        timeout=240, every=2)
+                        timeout=240, interval=2)
         assert "HTTP 404" in missing["message"] and missing["phase"] == "Failed", missing
-        refused = _wait("ModelReady=False on 'refused'",
+        refused = wait_for("ModelReady=False on 'refused'",
                         lambda: (x := _condition(c, "refused", "ModelReady")).get("status") == "False" and x,
-                        timeout=240, every=2)
+                        timeout=240, interval=2)
         assert "refused the credentials (HTTP 401)" in refused["message"], refused
         assert "not-the-token" not in json.dumps(refused)
-        _wait("'fetched' Ready", lambda: _condition(c, "fetched", "Ready").get("phase") == "Ready",
-              timeout=300, every=2)
+        wait_for("'fetched' Ready", lambda: _condition(c, "fetched", "Ready").get("phase") == "Ready",
+              timeout=300, interval=2)
         assert _condition(c, "fetched", "ModelReady")["status"] == "True"
         router_ip = _k(c, "get", "svc", "fetched", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
         import openai

@@ -11,17 +11,15 @@ import filecmp
 import io
 import json
 import os
-import ssl
 import subprocess
 import sys
 import tarfile
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from baton.e2e.pki import self_signed_cert
+from baton.e2e.processes import https_server
 from baton.worker import model_fetch
 from baton.worker.model_fetch import MARKER, FetchError, fetch_model
 from baton.worker.tiny import create_tiny_model
@@ -100,29 +98,11 @@ def server(tmp_path_factory):
     )
     cert, key = self_signed_cert(tmp, "127.0.0.1")
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            status, body = state.answer(self.path.split("?")[0], self.headers.get("Authorization"))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state.base = f"https://127.0.0.1:{httpd.server_address[1]}"
-    state.cert = cert
-    state.tiny, state.sharded = tiny, sharded
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with https_server("127.0.0.1", state.answer, cert, key) as base:
+        state.base = base
+        state.cert = cert
+        state.tiny, state.sharded = tiny, sharded
+        yield state
 
 
 def fetch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -137,10 +138,13 @@ def settled(front: RunningRouter, timeout: float = 5.0) -> dict:
 
 
 class Stub:
-    """A minimal aiohttp worker whose answers a test decides (`handler(request) -> web.Response`)."""
+    """A minimal aiohttp worker whose answers a test decides (`handler(request) -> web.Response`); GET
+    `health_path` answers `health_status`, which a test may change while it runs (a worker turning healthy)."""
 
-    def __init__(self, handler) -> None:
+    def __init__(self, handler, *, health_path: str = "/ready", health_status: int = 200) -> None:
         self.handler = handler
+        self.health_path = health_path
+        self.health_status = health_status
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -156,15 +160,16 @@ class Stub:
             self.calls += 1
             return await self.handler(request)
 
-        async def ready(request):
-            return web.json_response({"status": "ready"})
+        async def health(request):
+            ok = self.health_status == 200
+            return web.json_response({"status": "ready" if ok else "unavailable"}, status=self.health_status)
 
         async def main():
             self._stop = asyncio.Event()
             app = web.Application()
             app.router.add_post("/v1/completions", post)
             app.router.add_post("/v1/chat/completions", post)
-            app.router.add_get("/ready", ready)
+            app.router.add_get(self.health_path, health)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
@@ -175,12 +180,12 @@ class Stub:
 
         self.loop.run_until_complete(main())
 
-    def start(self) -> Stub:
+    def start(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                httpx.get(self.base_url + "/ready", timeout=1)
+                httpx.get(self.base_url + self.health_path, timeout=1)  # any answer: it listens
                 return self
             except httpx.TransportError:
                 time.sleep(0.05)

@@ -43,60 +43,19 @@ ROUTER_KV = {"do_remote_prefill": True, "remote_host": "10.0.0.7", "remote_port"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-class Worker:
-    """A stub worker in its own thread: records each POSTed JSON body, answers with `handler(body)`, and
-    answers GET `health_path` with `health_status` (every other path is a 404, as on a real server)."""
+class Worker(_r.Stub):
+    """A stub worker (test_router.Stub) that records each POSTed JSON body and answers with
+    `handler(request, body, n)`; its health path and status are Stub's."""
 
-    def __init__(self, handler, *, health_path: str = "/ready", health_status: int = 200) -> None:
-        self.handler = handler
-        self.health_path = health_path
-        self.health_status = health_status
+    def __init__(self, handler, **health) -> None:
         self.bodies: list[dict] = []
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"stub-{self.port}")
-        self._started = threading.Event()
-        self._stop: asyncio.Event | None = None
 
-    def _run(self) -> None:
-        from aiohttp import web
-
-        asyncio.set_event_loop(self.loop)
-
-        async def post(request):
+        async def recording(request):
             body = await request.json()
             self.bodies.append(body)
-            return await self.handler(request, body, len(self.bodies))
+            return await handler(request, body, len(self.bodies))
 
-        async def health(request):
-            return web.json_response({"status": "x"}, status=self.health_status)
-
-        async def main():
-            self._stop = asyncio.Event()
-            app = web.Application()
-            for path in PATHS:
-                app.router.add_post(path, post)
-            app.router.add_get(self.health_path, health)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            self._started.set()
-            try:
-                await self._stop.wait()
-            finally:
-                await runner.cleanup()
-
-        self.loop.run_until_complete(main())
-
-    def start(self) -> Worker:
-        self.thread.start()
-        assert self._started.wait(10), "stub never started"
-        return self
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(timeout=10)
+        super().__init__(recording, **health)
 
 
 async def answer(request, body: dict, n: int):

@@ -366,3 +366,31 @@ def test_a_request_waits_for_a_decode_worker_instead_of_failing():
     finally:
         r.stop()
         never.stop()
+
+
+def test_the_decode_worker_leaving_during_the_prefill_hop_is_waited_for_too():
+    """The race the real-node test hit: decode was healthy on entry, went away while the prefill hop ran
+    (its pod deleted), and the last hop found none -- 503 at once. It waits like the entry does."""
+    decode = Worker(answer).start()
+
+    async def prefill_while_decode_leaves(request, body: dict, n: int):
+        decode.health_status = 503  # the decode pod starts draining now ...
+
+        def back() -> None:
+            time.sleep(2.0)
+            decode.health_status = 200  # ... and its replacement is healthy 2 s later
+
+        threading.Thread(target=back, daemon=True).start()
+        await asyncio.sleep(1.5)  # long enough for the router's health check to see it
+        return await prefill_ok(request, body, n)
+
+    prefill = Worker(prefill_while_decode_leaves).start()
+    r = RunningRouter(prefill=[prefill.base_url], decode=[decode.base_url], worker_wait=10.0).start(ready=False)
+    try:
+        assert wait_ready(r).status_code == 200
+        resp = httpx.post(r.base_url + "/v1/completions", timeout=30, json={"model": SERVED, "prompt": "x"})
+        assert resp.status_code == 200 and "good" in resp.text, resp.text
+    finally:
+        r.stop()
+        prefill.stop()
+        decode.stop()

@@ -391,7 +391,7 @@ class Router:
         key = routing_key(body, self.config.prefix_chars) if self.prefix_aware else None
         pool = self.pool
         if not (pool.healthy("decode") or pool.healthy("both")):
-            await self._wait_for_serving_worker()
+            await self._wait_for_healthy("decode", "both")  # prefill is optional: decode can recompute
 
         if pool.healthy("prefill") and pool.healthy("decode"):
             kv, early = await self._prefill(path, body, headers, key)
@@ -414,14 +414,14 @@ class Router:
                           type="service_unavailable_error", code="no_workers",
                           headers={"Retry-After": RETRY_AFTER})
 
-    async def _wait_for_serving_worker(self) -> None:
-        """Hold a request while no decode (or both) worker is healthy -- a sole decode pod being replaced, a
-        fleet still starting -- for up to `worker_wait` seconds; the caller answers 503 if none came. Bounded:
-        never a hang. (Prefill is optional: without it the decode worker recomputes the prompt.)"""
+    async def _wait_for_healthy(self, *roles: str) -> None:
+        """Hold a request while no worker of `roles` is healthy -- a sole decode pod being replaced, a fleet
+        still starting -- for up to `worker_wait` seconds; the caller answers 503 if none came. Bounded: never
+        a hang."""
         deadline = time.monotonic() + max(0.0, self.config.worker_wait)
         while time.monotonic() < deadline:
             await asyncio.sleep(WORKER_WAIT_POLL)
-            if self.pool.healthy("decode") or self.pool.healthy("both"):
+            if any(self.pool.healthy(role) for role in roles):
                 return
 
     async def _prefill(self, path: str, body: dict, headers: dict, key: str | None
@@ -476,6 +476,11 @@ class Router:
         overloaded = 0
         for attempt in range(max(1, self.config.max_attempts)):
             candidates = self.pool.healthy(role, exclude=tried)
+            if not candidates and last is None:
+                # none before any attempt: the last one left while the prefill hop ran (or between the check on
+                # entry and here): wait for one as the entry does, rather than fail
+                await self._wait_for_healthy(role)
+                candidates = self.pool.healthy(role, exclude=tried)
             if not candidates:
                 break
             ep = self.policy[role].choose(candidates, key)

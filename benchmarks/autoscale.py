@@ -23,33 +23,25 @@ import time
 from collections.abc import Callable
 
 from baton.operator.autoscale_policy import Observations, PolicyConfig, RoleBounds, RoleObservation
-from baton.operator.simulate import (
-    BatonController,
-    Controller,
-    LengthDist,
-    Request,
-    SimConfig,
-    WorkerProfile,
-    fixed_controller,
-    on_off_trace,
-    poisson_trace,
-    simulate,
-)
+from baton.operator.simulate import BatonController, Controller, SimConfig, fixed_controller, simulate
+
+from baton.profile import WorkerProfile
+from baton.workload import LengthDist, Request, on_off_steps, poisson_requests
 
 TTFT_SLO, TPOT_SLO = 0.4, 0.05
 MIN_R, MAX_R = 1, 16
-PROMPT = LengthDist(512, 0.6, 16, 2048)
-OUTPUT = LengthDist(128, 0.8, 2, 1024)
+PROMPT = LengthDist.lognormal(613, 403, 16, 2048)  # median ~512
+OUTPUT = LengthDist.lognormal(176, 167, 2, 1024)  # median ~128
 
 
 def traces(seed: int) -> dict[str, list[Request]]:
     hour = 3600.0
     return {
         # rate steps (req/s) every 10 minutes: ramps and drops, like a diurnal curve compressed
-        "steps": poisson_trace([(0, 2), (600, 6), (1200, 12), (1800, 4), (2400, 16), (3000, 3)], hour,
-                               PROMPT, OUTPUT, seed),
+        "steps": poisson_requests([(0, 2), (600, 6), (1200, 12), (1800, 4), (2400, 16), (3000, 3)], hour,
+                                  PROMPT, OUTPUT, seed),
         # on-off bursts: 3 minutes at 14 req/s every 12 minutes, 2 req/s in between
-        "bursts": on_off_trace(2, 14, 180, 540, hour, PROMPT, OUTPUT, seed + 1),
+        "bursts": poisson_requests(on_off_steps(2, 14, 180, 540, hour), hour, PROMPT, OUTPUT, seed + 1),
     }
 
 

@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(run_config(name, extra, args, spec, work, env, rep))
         elapsed = time.monotonic() - t0
 
-    from baton.worker.bench import RequestResult, goodput_from_sweep, meets_slo, parse_duration, percentile
+    from baton.worker.bench import RequestResult, goodput_from_sweep, meets_slo, parse_duration
+
+    from baton.workload import percentile
 
     slo_ttft, slo_tpot = parse_duration(args.slo_ttft), parse_duration(args.slo_tpot)
 

@@ -27,15 +27,11 @@ from baton.e2e.cluster import LocalCluster, free_port
 from baton.operator.kube import Kube
 from baton.operator.render import render
 
+from baton.workload import percentile  # the one percentile definition
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD_KINDS = (("v1", "ServiceAccount"), ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from baton.workload import percentile  # the one percentile definition
+
 COMPLETION = {
     "id": "cmpl-x", "object": "text_completion", "created": 0, "model": "stub",
     "choices": [{"index": 0, "text": "!", "logprobs": None, "finish_reason": "length"}],
@@ -135,11 +137,6 @@ class Client:
         data = r.read()
         if r.status != 200:
             raise RuntimeError(f"{r.status}: {data[:200]!r}")
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 async def throughput(port: int, seconds: float, concurrency: int) -> float:

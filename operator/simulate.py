@@ -2,15 +2,9 @@
 
 Simulated time only (no sleeps, no I/O besides loading a profile or trace): a 1-hour trace runs in seconds.
 
-Workers are latency curves. The built-in profiles are the DistServe authors' fits on A100-80G SXM
-(`distserve-profiles/profiler-a100-80g.distserve.json`, Apache-2.0), which already *are* least-squares fits:
-
-    prefill batch time (ms) = a + b * sum(prompt tokens) + c * sum(prompt tokens ** 2)
-    decode step time (ms)   = a + b * sum(context tokens) + c * batch size   (one fit below / above 95 requests)
-
-and the KV-cache capacity in tokens from `max_num_tokens.csv` (pipeline-parallel 1). A calibration JSON with the
-same keys (`prefill`, `decoding_smallbs`, `decoding_largebs`, `decoding_large_small_bs_threshold`,
-`kv_capacity_tokens`, optional `tensor_parallel`) replaces them, e.g. numbers measured on the real engine.
+Workers are latency curves (`baton.profile.WorkerProfile`: the DistServe model of prefill batch time and decode
+step time, from the built-in A100 fits or a profile `baton profile` measured). Requests and percentiles are the
+shared workload model's (`baton.workload`), so simulated and measured numbers are computed alike.
 
 Serving approximations (documented so results are read for what they are):
 - Prefill: one FIFO queue in front of the ready prefill replicas (an ideal least-loaded router); an idle replica
@@ -33,14 +27,11 @@ Serving approximations (documented so results are read for what they are):
 from __future__ import annotations
 
 import heapq
-import json
 import math
-import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from baton.operator.autoscale_policy import (
@@ -52,171 +43,8 @@ from baton.operator.autoscale_policy import (
     decide,
 )
 
-# DistServe A100-80G SXM fits for OPT-13B (pipeline parallel 1), keyed by tensor-parallel degree.
-_OPT13B_A100: dict[int, dict[str, Any]] = {
-    1: {"decoding_large_small_bs_threshold": 95,
-        "prefill": [18.10254647486372, 0.1019122572698738, 7.122264314252114e-06],
-        "decoding_smallbs": [19.934702624895458, 0.0006269356524350583, 0.03850697740828398],
-        "decoding_largebs": [7.1661889468253595, 0.0005798000403396046, 0.15831096191764046],
-        "kv_capacity_tokens": 66144},
-    2: {"decoding_large_small_bs_threshold": 95,
-        "prefill": [14.742973695171262, 0.06857720739764, 2.4495727400243586e-06],
-        "decoding_smallbs": [13.294796350285385, 0.00034109219700723494, 0.06296393225243659],
-        "decoding_largebs": [10.638741913126715, 0.00031183369638295723, 0.08562913604102729],
-        "kv_capacity_tokens": 163008},
-    4: {"decoding_large_small_bs_threshold": 95,
-        "prefill": [12.062297033449054, 0.03808140082550695, 5.226249731787869e-07],
-        "decoding_smallbs": [10.256231678259395, 0.00018786702316166354, 0.03269273629225551],
-        "decoding_largebs": [10.483514938375274, 0.00017120888562939117, 0.04566648525887034],
-        "kv_capacity_tokens": 356736},
-}
-
-
-# ------------------------------------------------------------------------------------------ worker model
-
-
-@dataclass(frozen=True)
-class WorkerProfile:
-    """Latency curves of one replica (all coefficients in milliseconds)."""
-
-    prefill: tuple[float, float, float]
-    decode_small: tuple[float, float, float]
-    decode_large: tuple[float, float, float]
-    large_bs_threshold: int
-    kv_capacity_tokens: int
-    tensor_parallel: int = 1
-
-    def prefill_s(self, prompt_lens: Sequence[int]) -> float:
-        a, b, c = self.prefill
-        return (a + b * sum(prompt_lens) + c * sum(n * n for n in prompt_lens)) / 1000.0
-
-    def decode_coeffs(self, batch: int) -> tuple[float, float, float]:
-        return self.decode_large if batch >= self.large_bs_threshold else self.decode_small
-
-    def decode_step_s(self, batch: int, context_tokens: int) -> float:
-        a, b, c = self.decode_coeffs(batch)
-        return (a + b * context_tokens + c * batch) / 1000.0
-
-    def prefill_tokens_per_s(self, prompt_len: int, max_batch_tokens: int) -> float:
-        """Throughput of full batches of `prompt_len`-token prompts."""
-        n = max(1, max_batch_tokens // max(prompt_len, 1))
-        return n * prompt_len / self.prefill_s([prompt_len] * n)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], tensor_parallel: int | None = None) -> WorkerProfile:
-        try:
-            return cls(prefill=tuple(d["prefill"]), decode_small=tuple(d["decoding_smallbs"]),
-                       decode_large=tuple(d.get("decoding_largebs", d["decoding_smallbs"])),
-                       large_bs_threshold=int(d.get("decoding_large_small_bs_threshold", 1 << 30)),
-                       kv_capacity_tokens=int(d["kv_capacity_tokens"]),
-                       tensor_parallel=int(tensor_parallel or d.get("tensor_parallel", 1)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bad worker profile: {exc!r} (needs prefill, decoding_smallbs, "
-                             "kv_capacity_tokens)") from exc
-
-    @classmethod
-    def builtin(cls, tensor_parallel: int = 1) -> WorkerProfile:
-        """OPT-13B on A100-80G (DistServe fits)."""
-        if tensor_parallel not in _OPT13B_A100:
-            raise ValueError(f"built-in OPT-13B profile has tensor-parallel {sorted(_OPT13B_A100)}, "
-                             f"not {tensor_parallel}")
-        return cls.from_dict(_OPT13B_A100[tensor_parallel], tensor_parallel)
-
-    @classmethod
-    def load(cls, path: str | Path, model: str | None = None, tensor_parallel: int = 1) -> WorkerProfile:
-        """A calibration JSON (one profile), or a DistServe profiler JSON (`{model: {tp: fits}}`) plus the
-        `max_num_tokens.csv` next to it."""
-        path = Path(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if "prefill" in data:
-            return cls.from_dict(data, data.get("tensor_parallel", tensor_parallel))
-        if model is None:
-            if len(data) != 1:
-                raise ValueError(f"{path} holds models {sorted(data)}; choose one")
-            model = next(iter(data))
-        if model not in data or str(tensor_parallel) not in data[model]:
-            raise ValueError(f"{path} has no profile for {model} with tensor-parallel {tensor_parallel}")
-        d = dict(data[model][str(tensor_parallel)])
-        csv = path.parent / "max_num_tokens.csv"
-        if "kv_capacity_tokens" not in d:
-            if not csv.is_file():
-                raise ValueError(f"{csv} (KV capacity) not found next to {path}")
-            for line in csv.read_text(encoding="utf-8").splitlines()[1:]:
-                m, tp, pp, n = line.split(",")
-                if m == model and int(tp) == tensor_parallel and int(pp) == 1:
-                    d["kv_capacity_tokens"] = int(n)
-            if "kv_capacity_tokens" not in d:
-                raise ValueError(f"{csv} has no row for {model} tp={tensor_parallel} pp=1")
-        return cls.from_dict(d, tensor_parallel)
-
-
-# ------------------------------------------------------------------------------------------ traces
-
-
-@dataclass(frozen=True)
-class Request:
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-
-
-@dataclass(frozen=True)
-class LengthDist:
-    """Lognormal lengths: median and sigma of the underlying normal, clipped to [lo, hi]."""
-
-    median: float
-    sigma: float
-    lo: int = 1
-    hi: int = 4096
-
-    def sample(self, rng: random.Random) -> int:
-        return int(min(self.hi, max(self.lo, round(rng.lognormvariate(math.log(self.median), self.sigma)))))
-
-
-def poisson_trace(rate_steps: Sequence[tuple[float, float]], duration_s: float, prompt: LengthDist,
-                  output: LengthDist, seed: int = 0) -> list[Request]:
-    """Poisson arrivals whose rate (req/s) is piecewise constant: `rate_steps` = [(start_s, rate), ...]."""
-    rng = random.Random(seed)
-    steps = sorted(rate_steps)
-    out: list[Request] = []
-    for i, (start, rate) in enumerate(steps):
-        end = steps[i + 1][0] if i + 1 < len(steps) else duration_s
-        t = start
-        while rate > 0:
-            t += rng.expovariate(rate)
-            if t >= min(end, duration_s):
-                break
-            out.append(Request(t, prompt.sample(rng), output.sample(rng)))
-    return out
-
-
-def on_off_trace(base_rate: float, burst_rate: float, on_s: float, off_s: float, duration_s: float,
-                 prompt: LengthDist, output: LengthDist, seed: int = 0) -> list[Request]:
-    """Bursts: `burst_rate` for `on_s`, then `base_rate` for `off_s`, repeated (Poisson within each phase)."""
-    steps: list[tuple[float, float]] = []
-    t = 0.0
-    while t < duration_s:
-        steps.append((t, base_rate))
-        steps.append((t + off_s, burst_rate))
-        t += off_s + on_s
-    return poisson_trace(steps, duration_s, prompt, output, seed)
-
-
-def load_jsonl_trace(path: str | Path) -> list[Request]:
-    """One JSON object per line: {"t"|"arrival_s": seconds, "prompt_tokens": n, "output_tokens": n}."""
-    out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            out.append(Request(float(d.get("t", d.get("arrival_s"))), int(d["prompt_tokens"]),
-                               int(d["output_tokens"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{i}: bad trace line ({exc})") from exc
-    out.sort(key=lambda r: r.arrival_s)
-    return out
-
+from baton.profile import WorkerProfile
+from baton.workload import Request, percentile
 
 # ------------------------------------------------------------------------------------------ controllers
 
@@ -327,22 +155,16 @@ class SimResult:
         return ok / len(self.requests) if self.requests else 1.0
 
     def percentile(self, metric: str, q: float) -> float | None:
-        vals = sorted(getattr(r, metric) for r in self.requests if getattr(r, metric) is not None)
-        return _percentile(vals, q) if vals else None
+        """The q-th percentile (0..100) of `ttft_s` or `tpot_s` over the requests that have one."""
+        return percentile([getattr(r, metric) for r in self.requests if getattr(r, metric) is not None], q)
 
     def summary(self) -> dict[str, Any]:
         return {"requests": len(self.requests), "attainment": self.attainment,
                 "ttft_attainment": self.ttft_attainment, "tpot_attainment": self.tpot_attainment,
-                "ttft_p90_s": self.percentile("ttft_s", 0.9), "tpot_p90_s": self.percentile("tpot_s", 0.9),
+                "ttft_p90_s": self.percentile("ttft_s", 90), "tpot_p90_s": self.percentile("tpot_s", 90),
                 "gpu_hours": self.gpu_hours, "end_s": self.end_s,
                 "max_prefill": max((p.prefill_replicas for p in self.timeline), default=0),
                 "max_decode": max((p.decode_replicas for p in self.timeline), default=0)}
-
-
-def _percentile(sorted_vals: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    k = max(0, min(len(sorted_vals) - 1, math.ceil(q * len(sorted_vals)) - 1))
-    return sorted_vals[k]
 
 
 @dataclass(frozen=True)
@@ -593,7 +415,7 @@ class Simulator:
         cap = self.c.decode_profile.kv_capacity_tokens
         d_busy = sum(min(d, w) for _, d in self.decode_busy)
         prefill = RoleObservation(
-            ttft_p90_s=_percentile(ttfts, 0.9) if ttfts else None,
+            ttft_p90_s=percentile(ttfts, 90),
             queue_tokens=float(self.queue_tokens),
             num_waiting=float(len(self.prefill_queue)),
             prompt_tokens_per_s=arrived_tokens / w,
@@ -602,7 +424,7 @@ class Simulator:
             num_running=float(sum(r.busy for r in p_active)),
             current_replicas=len(p_active), ready_replicas=len(p_ready))
         decode = RoleObservation(
-            tpot_p90_s=_percentile(tpots, 0.9) if tpots else None,
+            tpot_p90_s=percentile(tpots, 90),
             num_waiting=float(len(self.decode_queue)),
             kv_cache_usage=(sum(r.reserved for r in d_ready) / (cap * len(d_ready))) if d_ready else None,
             num_running=float(sum(len(r.running) for r in d_active)),

@@ -22,22 +22,25 @@ def add_simulate_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate", help="simulate the SLO autoscaler on a request trace (simulated time)",
         description="Discrete-event simulation of a prefill/decode fleet (DistServe A100 latency fits or a "
-                    "calibration JSON) under Baton's autoscaling policy; prints SLO attainment, GPU-hours and "
+                    "a profile from baton profile) under Baton's autoscaling policy; prints SLO attainment, GPU-hours and "
                     "a replica timeline.")
     tr = p.add_argument_group("trace")
-    tr.add_argument("--trace", help="JSONL trace: {t, prompt_tokens, output_tokens} per line")
+    tr.add_argument("--trace", help="JSONL trace: {timestamp, input_len, output_len} per line (the schema of "
+                                    "baton bench and baton plan)")
     tr.add_argument("--rate-steps", type=_rate_steps, default=None,
                     help="Poisson arrivals, piecewise rate, e.g. 0:2,600:8,1200:4 (default 0:4)")
     tr.add_argument("--bursts", metavar="BASE,BURST,ON_S,OFF_S",
                     help="on-off Poisson bursts, e.g. 2,14,180,540")
     tr.add_argument("--duration", type=float, default=3600.0, help="trace length in seconds (default 3600)")
-    tr.add_argument("--prompt-median", type=float, default=512)
-    tr.add_argument("--output-median", type=float, default=128)
+    tr.add_argument("--input-len", default="lognormal:600:400:16:4096",
+                    help="prompt tokens: N, uniform:LO:HI or lognormal:MEAN:SD[:MIN:MAX] (as baton bench)")
+    tr.add_argument("--output-len", default="lognormal:180:170:2:2048", help="output tokens, same forms")
     tr.add_argument("--seed", type=int, default=0)
     w = p.add_argument_group("workers")
-    w.add_argument("--profile", help="calibration JSON, or a DistServe profiler JSON (with max_num_tokens.csv "
-                                     "next to it); default: built-in OPT-13B A100-80G fits")
-    w.add_argument("--model", help="model key in a DistServe profile")
+    w.add_argument("--profile", default="a100-80g-distserve",
+                   help="a profile file (baton profile) or a built-in name (default a100-80g-distserve)")
+    w.add_argument("--model", help="model in the profile (default: its only model, or facebook/opt-13b for the "
+                                   "built-in one)")
     w.add_argument("--prefill-tp", type=int, default=1)
     w.add_argument("--decode-tp", type=int, default=1)
     w.add_argument("--startup", type=float, default=60.0, help="pod start-up delay in seconds (default 60)")
@@ -56,40 +59,32 @@ def add_simulate_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from baton.operator.autoscale_policy import PolicyConfig, RoleBounds
-    from baton.operator.simulate import (
-        BatonController,
-        LengthDist,
-        SimConfig,
-        WorkerProfile,
-        fixed_controller,
-        load_jsonl_trace,
-        on_off_trace,
-        poisson_trace,
-        simulate,
-    )
+    from baton.operator.simulate import BatonController, SimConfig, fixed_controller, simulate
 
     from baton.cli import CommandError
+    from baton.profile import ProfileSet
+    from baton.workload import LengthDist, load_trace, on_off_steps, poisson_requests
 
     try:
-        if args.profile:
-            pp = WorkerProfile.load(args.profile, args.model, args.prefill_tp)
-            dp = WorkerProfile.load(args.profile, args.model, args.decode_tp)
-        else:
-            pp, dp = WorkerProfile.builtin(args.prefill_tp), WorkerProfile.builtin(args.decode_tp)
-        prompt = LengthDist(args.prompt_median, 0.6, 16, 4096)
-        output = LengthDist(args.output_median, 0.8, 2, 2048)
+        profiles = ProfileSet.load(args.profile)
+        model = args.model or ("facebook/opt-13b" if args.profile == "a100-80g-distserve" else None)
+        pp = profiles.for_model(model).get(args.prefill_tp)
+        dp = profiles.for_model(model).get(args.decode_tp)
+        prompt = LengthDist.parse(args.input_len, flag="--input-len")
+        output = LengthDist.parse(args.output_len, flag="--output-len")
         if sum(x is not None for x in (args.trace, args.rate_steps, args.bursts)) > 1:
             raise CommandError("choose one of --trace, --rate-steps, --bursts")
         if args.trace:
-            trace = load_jsonl_trace(args.trace)
+            trace = load_trace(args.trace)
         elif args.bursts:
             try:
                 base, burst, on_s, off_s = (float(x) for x in args.bursts.split(","))
             except ValueError as exc:
                 raise CommandError(f"--bursts: expected BASE,BURST,ON_S,OFF_S, got {args.bursts!r}") from exc
-            trace = on_off_trace(base, burst, on_s, off_s, args.duration, prompt, output, args.seed)
+            trace = poisson_requests(on_off_steps(base, burst, on_s, off_s, args.duration), args.duration,
+                                     prompt, output, args.seed)
         else:
-            trace = poisson_trace(args.rate_steps or [(0.0, 4.0)], args.duration, prompt, output, args.seed)
+            trace = poisson_requests(args.rate_steps or [(0.0, 4.0)], args.duration, prompt, output, args.seed)
     except (OSError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baton.workload import LengthDist, Request, load_trace, percentile, poisson_arrivals, rescale
+
 # ------------------------------------------------------------------------------------------ pure parts
 
 
@@ -69,109 +71,6 @@ def parse_rates(text: str) -> list[float]:
     if not rates:
         raise ValueError("--rate: give at least one rate")
     return sorted(set(rates))
-
-
-@dataclass(frozen=True)
-class LengthDist:
-    """A token-length distribution: fixed N, uniform [lo, hi] (integers, inclusive) or lognormal(mean, sd)."""
-
-    kind: str
-    a: float
-    b: float = 0.0
-    minimum: int = 1
-    maximum: int | None = None
-
-    @classmethod
-    def parse(cls, text: str, *, flag: str = "length") -> LengthDist:
-        parts = [p.strip() for p in str(text).split(":")]
-        try:
-            if len(parts) == 1:
-                n = int(parts[0])
-                if n < 1:
-                    raise ValueError
-                return cls("fixed", n)
-            kind, nums = parts[0].lower(), [float(p) for p in parts[1:]]
-        except ValueError:
-            raise ValueError(f"{flag}: expected N, uniform:LO:HI or lognormal:MEAN:SD, got {text!r}") from None
-        if kind == "fixed" and len(nums) == 1 and nums[0] >= 1:
-            return cls("fixed", int(nums[0]))
-        if kind == "uniform" and len(nums) == 2:
-            lo, hi = nums
-            if not 1 <= lo <= hi:
-                raise ValueError(f"{flag}: uniform needs 1 <= LO <= HI, got {text!r}")
-            return cls("uniform", int(lo), int(hi))
-        if kind == "lognormal" and len(nums) == 2:
-            mean, sd = nums
-            if mean <= 0 or sd < 0:
-                raise ValueError(f"{flag}: lognormal needs MEAN > 0 and SD >= 0, got {text!r}")
-            return cls("lognormal", mean, sd)
-        raise ValueError(f"{flag}: expected N, uniform:LO:HI or lognormal:MEAN:SD, got {text!r}")
-
-    @property
-    def mean(self) -> float:
-        if self.kind == "uniform":
-            return (self.a + self.b) / 2
-        return self.a
-
-    def sample(self, rng: random.Random) -> int:
-        if self.kind == "fixed":
-            n = int(self.a)
-        elif self.kind == "uniform":
-            n = rng.randint(int(self.a), int(self.b))
-        else:
-            # mean/sd of the lognormal itself (not of the underlying normal)
-            mean, sd = self.a, self.b
-            if sd == 0:
-                n = round(mean)
-            else:
-                sigma2 = math.log(1 + (sd / mean) ** 2)
-                mu = math.log(mean) - sigma2 / 2
-                n = round(rng.lognormvariate(mu, math.sqrt(sigma2)))
-        n = max(self.minimum, n)
-        if self.maximum is not None:
-            n = min(self.maximum, n)
-        return n
-
-    def __str__(self) -> str:
-        if self.kind == "fixed":
-            return str(int(self.a))
-        if self.kind == "uniform":
-            return f"uniform:{int(self.a)}:{int(self.b)}"
-        return f"lognormal:{self.a:g}:{self.b:g}"
-
-
-def poisson_arrivals(
-    rate: float, rng: random.Random, *, num_requests: int | None = None, duration: float | None = None
-) -> list[float]:
-    """Arrival offsets (seconds from the start) of a Poisson process at `rate`/s, stopped after
-    `num_requests` arrivals or at `duration` seconds, whichever comes first. `rate=inf`: all at 0."""
-    if num_requests is None and duration is None:
-        raise ValueError("give num_requests or duration")
-    if math.isinf(rate):
-        if num_requests is None:
-            raise ValueError("an infinite rate needs num_requests")
-        return [0.0] * num_requests
-    out: list[float] = []
-    t = 0.0
-    while num_requests is None or len(out) < num_requests:
-        t += rng.expovariate(rate)
-        if duration is not None and t > duration:
-            break
-        out.append(t)
-    return out
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    xs = sorted(values)
-    if len(xs) == 1:
-        return float(xs[0])
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 @dataclass
@@ -352,49 +251,8 @@ class WorkItem:
     output_len: int
 
 
-def load_trace(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL trace: one object per line with `timestamp` (seconds), `prompt` or `input_len`, and
-    `output_len`. Returned sorted by time, with times relative to the first request."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(  # noqa: TRY004 - reported like every other trace problem
-                    f"{path}:{lineno}: expected a JSON object")
-            try:
-                ts = float(obj["timestamp"])
-                out_len = int(obj["output_len"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}:{lineno}: needs a numeric timestamp and output_len") from None
-            if "prompt" in obj and isinstance(obj["prompt"], str):
-                prompt, in_len = obj["prompt"], int(obj.get("input_len") or 0)
-            elif "input_len" in obj:
-                prompt, in_len = None, int(obj["input_len"])
-                if in_len < 1:
-                    raise ValueError(f"{path}:{lineno}: input_len must be at least 1")
-            else:
-                raise ValueError(f"{path}:{lineno}: needs prompt or input_len")
-            if out_len < 1:
-                raise ValueError(f"{path}:{lineno}: output_len must be at least 1")
-            rows.append({"timestamp": ts, "prompt": prompt, "input_len": in_len, "output_len": out_len})
-    if not rows:
-        raise ValueError(f"{path}: no requests in the trace")
-    rows.sort(key=lambda r: r["timestamp"])
-    t0 = rows[0]["timestamp"]
-    for r in rows:
-        r["timestamp"] -= t0
-    return rows
-
-
 def trace_schedule(
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[Request],
     maker: PromptMaker,
     rng: random.Random,
     *,
@@ -404,17 +262,14 @@ def trace_schedule(
 ) -> list[WorkItem]:
     """Work items from a trace; with `rate`, times are scaled so the mean arrival rate equals `rate`."""
     rows = list(rows[:num_requests] if num_requests else rows)
-    scale = 1.0
-    span = rows[-1]["timestamp"] if rows else 0.0
-    if rate is not None and len(rows) > 1 and span > 0:
-        scale = ((len(rows) - 1) / span) / rate if not math.isinf(rate) else 0.0
+    if rate is not None:
+        rows = rescale(rows, rate)
     items = []
     for r in rows:
-        at = r["timestamp"] * scale
-        if duration is not None and at > duration:
+        if duration is not None and r.arrival_s > duration:
             break
-        prompt = r["prompt"] if r["prompt"] is not None else maker.make(r["input_len"], rng)
-        items.append(WorkItem(at, prompt, r["input_len"], r["output_len"]))
+        prompt = r.prompt if r.prompt is not None else maker.make(r.prompt_tokens, rng)
+        items.append(WorkItem(r.arrival_s, prompt, r.prompt_tokens, r.output_tokens))
     return items
 
 

@@ -5,17 +5,13 @@ import time
 
 import pytest
 from baton.operator.autoscale_policy import PolicyConfig, RoleBounds
-from baton.operator.simulate import (
-    BatonController,
-    LengthDist,
-    Request,
-    SimConfig,
-    WorkerProfile,
-    fixed_controller,
-    on_off_trace,
-    simulate,
-)
+from baton.operator.simulate import BatonController, SimConfig, fixed_controller, simulate
 from baton.operator.simulate_cli import add_simulate_command
+from baton.profile import WorkerProfile
+from baton.workload import LengthDist, Request, on_off_steps, poisson_requests
+
+PROMPT = LengthDist.lognormal(613, 403, 16, 2048)
+OUTPUT = LengthDist.lognormal(176, 167, 2, 1024)
 
 
 def flat(prefill_ms=100.0, step_ms=10.0, per_ctx_ms=0.0, tp=1, kv=100_000) -> WorkerProfile:
@@ -99,7 +95,7 @@ def test_scale_down_releases_after_drain():
 
 def test_deterministic_and_fast_for_an_hour():
     prof = WorkerProfile.builtin(1)
-    tr = on_off_trace(2, 12, 120, 480, 3600, LengthDist(512, 0.6, 16, 2048), LengthDist(128, 0.8, 2, 1024), 7)
+    tr = poisson_requests(on_off_steps(2, 12, 120, 480, 3600), 3600, PROMPT, OUTPUT, 7)
     cfg = SimConfig(prof, prof, ttft_slo_s=0.4, tpot_slo_s=0.05)
     pc = PolicyConfig(ttft_slo_s=0.4, tpot_slo_s=0.05, prefill=RoleBounds(1, 16), decode=RoleBounds(1, 16))
     t0 = time.perf_counter()
@@ -107,7 +103,7 @@ def test_deterministic_and_fast_for_an_hour():
     assert time.perf_counter() - t0 < 20
     b = simulate(cfg, tr, BatonController(pc))
     assert a.summary() == b.summary() and a.timeline == b.timeline
-    assert tr == on_off_trace(2, 12, 120, 480, 3600, LengthDist(512, 0.6, 16, 2048), LengthDist(128, 0.8, 2, 1024), 7)
+    assert tr == poisson_requests(on_off_steps(2, 12, 120, 480, 3600), 3600, PROMPT, OUTPUT, 7)
     assert all(r.ttft_s is not None for r in a.requests)
 
 
@@ -127,18 +123,20 @@ def test_cli_runs_and_refuses_bad_input(tmp_path, capsys):
     ap = argparse.ArgumentParser()
     add_simulate_command(ap.add_subparsers())
     trace = tmp_path / "t.jsonl"
-    trace.write_text("\n".join(json.dumps({"t": i * 0.5, "prompt_tokens": 100, "output_tokens": 20})
+    trace.write_text("\n".join(json.dumps({"timestamp": i * 0.5, "input_len": 100, "output_len": 20})
                                for i in range(20)))
     args = ap.parse_args(["simulate", "--trace", str(trace), "--json"])
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["summary"]["requests"] == 20
     cal = tmp_path / "cal.json"
-    cal.write_text(json.dumps({"prefill": [10, 0.01, 0], "decoding_smallbs": [5, 0, 0], "kv_capacity_tokens": 5000}))
+    cal.write_text(json.dumps({"format": "baton.profile/v1", "models": {"m": {"1": {
+        "prefill": [10, 0.01, 0], "decoding_smallbs": [5, 0, 0], "kv_capacity_tokens": 5000}}}}))
     args = ap.parse_args(["simulate", "--trace", str(trace), "--profile", str(cal), "--fixed", "1,1"])
     assert args.func(args) == 0
     for bad in (["simulate", "--bursts", "1,2"], ["simulate", "--trace", str(tmp_path / "missing.jsonl")],
-                ["simulate", "--profile", str(trace)], ["simulate", "--fixed", "x"]):
+                ["simulate", "--profile", str(trace)], ["simulate", "--fixed", "x"],
+                ["simulate", "--input-len", "lognormal:0:1"], ["simulate", "--profile", str(cal), "--prefill-tp", "2"]):
         args = ap.parse_args(bad)
         with pytest.raises(CommandError):
             args.func(args)

@@ -1,4 +1,4 @@
-"""`baton bench`: the pure parts (lengths, arrivals, percentiles, attainment, goodput search) and one run
+"""`baton bench`: the pure parts (schedules, attainment, goodput search) and one run
 against a real `baton worker --role both` on the tiny model."""
 
 from __future__ import annotations
@@ -14,22 +14,20 @@ import sys
 import pytest
 from baton.e2e.processes import worker_process
 from baton.worker.bench import (
-    LengthDist,
     Progress,
     PromptMaker,
     RequestResult,
     goodput_from_sweep,
     goodput_search,
-    load_trace,
     meets_slo,
     parse_duration,
     parse_rates,
-    percentile,
-    poisson_arrivals,
     summarize,
     synthetic_schedule,
     trace_schedule,
 )
+
+from baton.workload import LengthDist, load_trace
 
 BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
 
@@ -54,48 +52,6 @@ def test_parse_rates():
             parse_rates(bad)
 
 
-def test_length_dist_parse_and_str():
-    assert LengthDist.parse("128") == LengthDist("fixed", 128)
-    assert str(LengthDist.parse("uniform:32:64")) == "uniform:32:64"
-    assert str(LengthDist.parse("lognormal:800:200")) == "lognormal:800:200"
-    for bad in ("0", "uniform:10:5", "uniform:10", "lognormal:-1:3", "normal:3:4", "abc"):
-        with pytest.raises(ValueError):
-            LengthDist.parse(bad)
-
-
-def test_length_sampling():
-    rng = random.Random(1)
-    assert {LengthDist.parse("7").sample(rng) for _ in range(10)} == {7}
-    u = LengthDist.parse("uniform:5:9")
-    xs = [u.sample(rng) for _ in range(2000)]
-    assert min(xs) == 5 and max(xs) == 9 and set(xs) == {5, 6, 7, 8, 9}
-    ln = LengthDist.parse("lognormal:800:200")
-    xs = [ln.sample(rng) for _ in range(20000)]
-    mean = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
-    assert mean == pytest.approx(800, rel=0.02) and sd == pytest.approx(200, rel=0.05)
-    clipped = LengthDist("lognormal", 800, 200, maximum=900)
-    assert max(clipped.sample(rng) for _ in range(2000)) == 900
-    assert LengthDist("lognormal", 1, 0).sample(rng) == 1
-
-
-def test_poisson_arrivals():
-    rng = random.Random(0)
-    ts = poisson_arrivals(10.0, rng, num_requests=5000)
-    assert len(ts) == 5000 and ts == sorted(ts)
-    assert len(ts) / ts[-1] == pytest.approx(10.0, rel=0.05)  # mean rate
-    gaps = [b - a for a, b in zip([0.0, *ts], ts)]
-    cv = math.sqrt(sum((g - 0.1) ** 2 for g in gaps) / len(gaps)) / 0.1
-    assert cv == pytest.approx(1.0, rel=0.1)  # exponential gaps: sd == mean
-    by_time = poisson_arrivals(10.0, random.Random(0), duration=3.0)
-    assert by_time and by_time[-1] <= 3.0 and by_time == ts[: len(by_time)]
-    both = poisson_arrivals(10.0, random.Random(0), num_requests=3, duration=100.0)
-    assert len(both) == 3
-    assert poisson_arrivals(math.inf, rng, num_requests=4) == [0.0] * 4
-    with pytest.raises(ValueError):
-        poisson_arrivals(1.0, rng)
-
-
 def test_same_seed_same_workload_at_every_rate():
     maker = PromptMaker(1.0)
     a = synthetic_schedule(1.0, LengthDist.parse("uniform:4:8"), LengthDist.parse("3"), maker, 7,
@@ -115,16 +71,6 @@ def test_prompt_maker_uses_tokens_per_word():
 
 
 # ------------------------------------------------------------------------------------------ statistics
-
-
-def test_percentile_matches_numpy_linear():
-    np = pytest.importorskip("numpy")
-    rng = random.Random(3)
-    xs = [rng.random() for _ in range(37)]
-    for q in (0, 1, 50, 90, 99, 100):
-        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-    assert percentile([], 50) is None
-    assert percentile([2.0], 99) == 2.0
 
 
 def r(ok=True, ttft=0.1, tpot=0.01, out=10, err=""):
@@ -228,7 +174,7 @@ def test_trace_loading_and_rescaling(tmp_path):
         json.dumps({"timestamp": 1004.0, "input_len": 3, "output_len": 1}),
     ]))
     rows = load_trace(p)
-    assert [row["timestamp"] for row in rows] == [0.0, 2.0, 4.0]
+    assert [row.arrival_s for row in rows] == [0.0, 2.0, 4.0]
     items = trace_schedule(rows, PromptMaker(1.0), random.Random(0))
     assert [i.at for i in items] == [0.0, 2.0, 4.0]
     assert items[0].prompt == "hello there" and len(items[1].prompt.split()) == 8
@@ -236,20 +182,6 @@ def test_trace_loading_and_rescaling(tmp_path):
     assert [i.at for i in fast] == pytest.approx([0.0, 0.2, 0.4])
     assert len(trace_schedule(rows, PromptMaker(1.0), random.Random(0), num_requests=2)) == 2
     assert len(trace_schedule(rows, PromptMaker(1.0), random.Random(0), duration=3.0)) == 2
-
-
-@pytest.mark.parametrize("line,msg", [
-    ("nope", "not JSON"),
-    ('{"timestamp": 1}', "numeric timestamp and output_len"),
-    ('{"timestamp": 1, "output_len": 2}', "prompt or input_len"),
-    ('{"timestamp": 1, "output_len": 0, "input_len": 3}', "output_len must be"),
-    ("[1, 2]", "JSON object"),
-])
-def test_trace_errors_name_the_line(tmp_path, line, msg):
-    p = tmp_path / "t.jsonl"
-    p.write_text('{"timestamp": 0, "input_len": 1, "output_len": 1}\n' + line + "\n")
-    with pytest.raises(ValueError, match=f"t.jsonl:2: .*{msg}"):
-        load_trace(p)
 
 
 def test_progress_lines_without_a_tty(capsys):

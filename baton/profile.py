@@ -1,0 +1,220 @@
+"""Latency profiles: how long one worker takes for a prefill batch and for a decode step.
+
+The planner (`baton plan`, `spec.planner`), the simulator (`baton simulate`) and `baton profile` (which measures
+the engine at hand) share this one file format, so a profile measured on one machine plans another:
+
+    prefill batch time (ms) = a + b * sum(prompt tokens) + c * sum(prompt tokens ** 2)
+    decode step time (ms)   = a + b * sum(context tokens) + c * batch size
+                              (one fit below `decoding_large_small_bs_threshold` requests, one above)
+
+which is the model DistServe fits (OSDI'24, and its simulator's estimators). A profile file holds fits per
+model and tensor-parallel degree:
+
+    {"format": "baton.profile/v1", "hardware": "...", "engine": "...", "source": "...",
+     "models": {"<model>": {"<tp>": {"prefill": [a, b, c], "decoding_smallbs": [a, b, c],
+                                     "decoding_largebs": [a, b, c], "decoding_large_small_bs_threshold": 95,
+                                     "kv_capacity_tokens": 66144, "max_batch_tokens": 2048}}}}
+
+The built-in profile `a100-80g-distserve` is the DistServe authors' A100-80G SXM fits (Apache-2.0). Pure apart
+from reading and writing files.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+FORMAT = "baton.profile/v1"
+BUILTIN = {"a100-80g-distserve": "a100-80g-distserve.json"}
+
+
+@dataclass(frozen=True)
+class WorkerProfile:
+    """Latency curves of one worker of a given tensor-parallel degree (coefficients in milliseconds)."""
+
+    prefill: tuple[float, float, float]
+    decode_small: tuple[float, float, float]
+    decode_large: tuple[float, float, float]
+    large_bs_threshold: int
+    kv_capacity_tokens: int
+    tensor_parallel: int = 1
+    #: the most prompt tokens the engine puts in one prefill batch (None: up to the KV capacity)
+    max_batch_tokens: int | None = None
+
+    def prefill_s(self, prompt_lens: Sequence[int]) -> float:
+        a, b, c = self.prefill
+        return (a + b * sum(prompt_lens) + c * sum(n * n for n in prompt_lens)) / 1000.0
+
+    def decode_coeffs(self, batch: int) -> tuple[float, float, float]:
+        return self.decode_large if batch >= self.large_bs_threshold else self.decode_small
+
+    def decode_step_s(self, batch: int, context_tokens: int) -> float:
+        a, b, c = self.decode_coeffs(batch)
+        return (a + b * context_tokens + c * batch) / 1000.0
+
+    def prefill_tokens_per_s(self, prompt_len: int, max_batch_tokens: int) -> float:
+        """Throughput of full batches of `prompt_len`-token prompts."""
+        n = max(1, max_batch_tokens // max(prompt_len, 1))
+        return n * prompt_len / self.prefill_s([prompt_len] * n)
+
+    @property
+    def batch_token_limit(self) -> int:
+        return self.max_batch_tokens or self.kv_capacity_tokens
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], tensor_parallel: int | None = None) -> WorkerProfile:
+        try:
+            return cls(prefill=_triple(d["prefill"]), decode_small=_triple(d["decoding_smallbs"]),
+                       decode_large=_triple(d.get("decoding_largebs", d["decoding_smallbs"])),
+                       large_bs_threshold=int(d.get("decoding_large_small_bs_threshold", 1 << 30)),
+                       kv_capacity_tokens=int(d["kv_capacity_tokens"]),
+                       tensor_parallel=int(tensor_parallel or d.get("tensor_parallel", 1)),
+                       max_batch_tokens=int(d["max_batch_tokens"]) if d.get("max_batch_tokens") else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad worker profile: {exc!r} (needs prefill, decoding_smallbs, "
+                             "kv_capacity_tokens)") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"prefill": list(self.prefill), "decoding_smallbs": list(self.decode_small),
+                             "decoding_largebs": list(self.decode_large),
+                             "decoding_large_small_bs_threshold": self.large_bs_threshold,
+                             "kv_capacity_tokens": self.kv_capacity_tokens}
+        if self.max_batch_tokens:
+            d["max_batch_tokens"] = self.max_batch_tokens
+        return d
+
+    @classmethod
+    def builtin(cls, tensor_parallel: int = 1) -> WorkerProfile:
+        """OPT-13B on A100-80G (DistServe fits)."""
+        return ProfileSet.load("a100-80g-distserve").for_model("facebook/opt-13b").get(tensor_parallel)
+
+
+def _triple(x: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in x)
+    return a, b, c
+
+
+@dataclass(frozen=True)
+class ModelProfiles:
+    """One model's profiles, by tensor-parallel degree."""
+
+    model: str
+    by_tp: dict[int, WorkerProfile]
+    hardware: str = ""
+    engine: str = ""
+
+    @property
+    def tensor_parallel_degrees(self) -> list[int]:
+        return sorted(self.by_tp)
+
+    def get(self, tensor_parallel: int) -> WorkerProfile:
+        if tensor_parallel not in self.by_tp:
+            raise ValueError(f"profile of {self.model} has tensor-parallel {self.tensor_parallel_degrees}, "
+                             f"not {tensor_parallel}")
+        return self.by_tp[tensor_parallel]
+
+
+@dataclass(frozen=True)
+class ProfileSet:
+    """A profile file: fits per model and tensor-parallel degree, and where they came from."""
+
+    models: dict[str, dict[int, WorkerProfile]]
+    hardware: str = ""
+    engine: str = ""
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def for_model(self, model: str | None = None) -> ModelProfiles:
+        if model is None:
+            if len(self.models) != 1:
+                raise ValueError(f"the profile holds models {sorted(self.models)}; choose one")
+            model = next(iter(self.models))
+        if model not in self.models:
+            raise ValueError(f"the profile has no model {model!r} (it has {', '.join(sorted(self.models))})")
+        return ModelProfiles(model, self.models[model], self.hardware, self.engine)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], where: str = "profile") -> ProfileSet:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("models"), dict):
+            raise ValueError(f"{where}: not a Baton profile (expected \"format\": \"{FORMAT}\" and \"models\")")
+        models: dict[str, dict[int, WorkerProfile]] = {}
+        for model, tps in doc["models"].items():
+            try:
+                models[model] = {int(tp): WorkerProfile.from_dict(d, int(tp)) for tp, d in tps.items()}
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"{where}: model {model}: {exc}") from None
+        known = {"format", "models", "hardware", "engine", "source"}
+        return cls(models, str(doc.get("hardware", "")), str(doc.get("engine", "")), str(doc.get("source", "")),
+                   {k: v for k, v in doc.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "hardware": self.hardware, "engine": self.engine, "source": self.source,
+                **self.extra,
+                "models": {m: {str(tp): p.to_dict() for tp, p in sorted(tps.items())}
+                           for m, tps in self.models.items()}}
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> ProfileSet:
+        """A built-in profile by name (`a100-80g-distserve`) or a profile file."""
+        if str(name_or_path) in BUILTIN:
+            text = resources.files("baton").joinpath("profile_data", BUILTIN[str(name_or_path)]).read_text(
+                encoding="utf-8")
+            return cls.from_dict(json.loads(text), str(name_or_path))
+        path = Path(name_or_path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such profile file (built-in profiles: {', '.join(BUILTIN)})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON: {exc.msg} at line {exc.lineno}") from None
+        return cls.from_dict(doc, str(path))
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ fitting
+
+
+def least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Ordinary least squares for a few coefficients (normal equations, Gaussian elimination with partial
+    pivoting): no numpy, so the control plane can fit too. Columns that are all zero get coefficient 0."""
+    k = len(rows[0])
+    ata = [[sum(r[i] * r[j] for r in rows) for j in range(k)] for i in range(k)]
+    aty = [sum(r[i] * y for r, y in zip(rows, ys, strict=True)) for i in range(k)]
+    active = [i for i in range(k) if ata[i][i] > 0]
+    m = [[ata[i][j] for j in active] + [aty[i]] for i in active]
+    n = len(active)
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) < 1e-300:
+            raise ValueError("the measurements do not determine the fit (too few distinct points)")
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                for c in range(col, n + 1):
+                    m[r][c] -= f * m[col][c]
+    sol = [0.0] * k
+    for idx, i in enumerate(active):
+        sol[i] = m[idx][n] / m[idx][idx]
+    return sol
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> tuple[float, float, float]:
+    """(prompt lengths of a batch, milliseconds) -> (a, b, c) of a + b*sum(n) + c*sum(n^2)."""
+    rows = [(1.0, float(sum(lens)), float(sum(n * n for n in lens))) for lens, _ in samples]
+    a, b, c = least_squares(rows, [ms for _, ms in samples])
+    return a, b, c
+
+
+def fit_decode(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """(batch size, context tokens, milliseconds per step) -> (a, b, c) of a + b*context + c*batch."""
+    rows = [(1.0, float(ctx), float(bs)) for bs, ctx, _ in samples]
+    a, b, c = least_squares(rows, [ms for _, _, ms in samples])
+    return a, b, c

@@ -15,7 +15,9 @@ model and tensor-parallel degree:
                                      "decoding_largebs": [a, b, c], "decoding_large_small_bs_threshold": 95,
                                      "kv_capacity_tokens": 66144, "max_batch_tokens": 2048}}}}
 
-The built-in profile `a100-80g-distserve` is the DistServe authors' A100-80G SXM fits (Apache-2.0). Pure apart
+An optional top-level `"kv_bytes_per_token": {"<model>": bytes}` sizes KV hand-offs for the planner's locality
+choice. Built-in profiles: `a100-80g-distserve` (the DistServe engine) and `a100-80g-vllm` (vLLM as DistServe
+measured it for its colocated baseline), both the DistServe authors' A100-80G SXM fits (Apache-2.0). Pure apart
 from reading and writing files.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "baton.profile/v1"
-BUILTIN = {"a100-80g-distserve": "a100-80g-distserve.json"}
+BUILTIN = {"a100-80g-distserve": "a100-80g-distserve.json", "a100-80g-vllm": "a100-80g-vllm.json"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class ModelProfiles:
     by_tp: dict[int, WorkerProfile]
     hardware: str = ""
     engine: str = ""
+    #: bytes of KV cache one token takes (2 x layers x KV heads x head dim x dtype bytes); 0: unknown
+    kv_bytes_per_token: int = 0
 
     @property
     def tensor_parallel_degrees(self) -> list[int]:
@@ -134,7 +138,9 @@ class ProfileSet:
             model = next(iter(self.models))
         if model not in self.models:
             raise ValueError(f"the profile has no model {model!r} (it has {', '.join(sorted(self.models))})")
-        return ModelProfiles(model, self.models[model], self.hardware, self.engine)
+        kv = self.extra.get("kv_bytes_per_token", {})
+        return ModelProfiles(model, self.models[model], self.hardware, self.engine,
+                             int(kv.get(model, 0)) if isinstance(kv, dict) else 0)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], where: str = "profile") -> ProfileSet:

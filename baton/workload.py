@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,18 @@ class Request:
     prompt_tokens: int
     output_tokens: int
     prompt: str | None = None
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def parse_duration(text: str, *, flag: str = "duration") -> float:
+    """`500ms`, `0.5s`, `2m`, `1h` -> seconds. A bare number is refused (ambiguous: ms or s?)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s|m|h)\s*", text)
+    if not m:
+        raise ValueError(f"{flag}: expected a duration with a unit such as 500ms, 0.5s or 2m, got {text!r}")
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
 
 # ------------------------------------------------------------------------------------------ lengths

@@ -26,11 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="write nothing; fail if the file differs from what would be generated")
     crd.set_defaults(func=run_crd)
 
+    from baton.operator.planner.cli import add_plan_command
     from baton.operator.run_cli import add_operator_command
     from baton.operator.simulate_cli import add_simulate_command
 
     add_operator_command(subparsers)
     add_simulate_command(subparsers)
+    add_plan_command(subparsers)
 
 
 def run_crd(args: argparse.Namespace) -> int:

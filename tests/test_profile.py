@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+
 from baton.profile import ProfileSet, WorkerProfile, fit_decode, fit_prefill
 
 

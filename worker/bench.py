@@ -40,18 +40,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from baton.workload import LengthDist, Request, load_trace, percentile, poisson_arrivals, rescale
+from baton.workload import (
+    LengthDist,
+    Request,
+    load_trace,
+    parse_duration,
+    percentile,
+    poisson_arrivals,
+    rescale,
+)
 
 # ------------------------------------------------------------------------------------------ pure parts
-
-
-def parse_duration(text: str, *, flag: str = "duration") -> float:
-    """`500ms`, `0.5s`, `2m`, `1h` -> seconds. A bare number is refused (ambiguous: ms or s?)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s|m|h)\s*", text)
-    if not m:
-        raise ValueError(f"{flag}: expected a duration with a unit such as 500ms, 0.5s or 2m, got {text!r}")
-    value, unit = float(m.group(1)), m.group(2)
-    return value * {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
 
 def parse_rates(text: str) -> list[float]:

@@ -7,6 +7,7 @@ import pytest
 from baton.operator.autoscale_policy import PolicyConfig, RoleBounds
 from baton.operator.simulate import BatonController, SimConfig, fixed_controller, simulate
 from baton.operator.simulate_cli import add_simulate_command
+
 from baton.profile import WorkerProfile
 from baton.workload import LengthDist, Request, on_off_steps, poisson_requests
 

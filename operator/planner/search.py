@@ -1,0 +1,289 @@
+"""DistServe's placement search: parallelism, instance counts and locality per phase, and the colocated rival.
+
+Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
+
+1. Per phase and tensor-parallel degree, the most requests/s one instance carries within its own SLO
+   (`instance.max_goodput`: prefill against TTFT, decode against TPOT, bisection on the rate of the same
+   requests), as DistServe does. The prefill instance's TTFT includes the KV hand-off to its decode instance
+   over the link the locality implies.
+2. Locality: a request's KV cache is `prompt tokens x kv bytes per token`. When its p90 hand-off over the
+   inter-node link takes more than `handoff_budget` of the TTFT target, the plan keeps each prefill next to a
+   decode instance in one node (`kvTransfer.locality: node`, DistServe's low node-affinity case); else the
+   phases go wherever there are GPUs (`any`).
+3. Layouts: for each (prefill TP, decode TP) the fewest instances that carry the target rate (or, with no
+   target, the mix that carries the most per GPU within the cluster). Capacity = min(n_p x g_p, n_d x g_d);
+   the smaller side is the SLO that binds. The colocated rival: n instances of one TP, prefill and decode in
+   each, against both SLOs.
+4. The best layout is simulated as a whole fleet (the autoscaler simulator with a fixed fleet), so the
+   prediction includes queueing between the phases.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from baton.operator.planner.instance import (
+    Latencies,
+    Targets,
+    colocated_latencies,
+    decode_latencies,
+    max_goodput,
+    prefill_latencies,
+)
+
+from baton.profile import ModelProfiles
+from baton.workload import Request, Workload, attainment, percentile
+
+DISAGGREGATED, COLOCATED = "disaggregated", "colocated"
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float
+    tpot_s: float
+    attainment: float = 0.9
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The GPUs a plan may use. Bandwidths in GB/s (bytes, not bits)."""
+
+    gpus_per_node: int
+    nodes: int = 1
+    intra_node_gb_s: float = 300.0   # NVLink-class
+    inter_node_gb_s: float = 12.5    # 100 Gb/s Ethernet or one IB port
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: instances per phase and their tensor-parallel degree, and what it carries."""
+
+    kind: str
+    prefill_tp: int
+    decode_tp: int
+    prefill_replicas: int
+    decode_replicas: int
+    gpus: int
+    capacity_rps: float          # requests/s the layout carries within the SLO (min over the phases)
+    binding: str                 # "ttft" | "tpot" | "both" (colocated: whichever fails first)
+    prefill_instance_rps: float  # per-instance goodput of each phase (colocated: of one instance)
+    decode_instance_rps: float
+
+    @property
+    def goodput_per_gpu(self) -> float:
+        return self.capacity_rps / self.gpus if self.gpus else 0.0
+
+    def describe(self) -> str:
+        if self.kind == COLOCATED:
+            return f"colocated {self.prefill_replicas} x TP{self.prefill_tp}"
+        return (f"prefill {self.prefill_replicas} x TP{self.prefill_tp} + "
+                f"decode {self.decode_replicas} x TP{self.decode_tp}")
+
+
+@dataclass(frozen=True)
+class FleetCheck:
+    """The chosen layout simulated as a whole fleet at the planned rate."""
+
+    rate_rps: float
+    ttft_attainment: float
+    tpot_attainment: float
+    attainment: float
+    ttft_p90_s: float | None
+    tpot_p90_s: float | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    chosen: Layout | None
+    colocated: Layout | None
+    candidates: list[Layout]
+    locality: str
+    handoff_p90_s: dict[str, float]      # "node" | "cross-node" -> p90 KV hand-off seconds
+    workload: Workload
+    slo: SLO
+    cluster: Cluster
+    target_rps: float | None
+    check: FleetCheck | None = None
+    notes: list[str] = field(default_factory=list)
+    #: per-instance goodput (req/s) by phase ("prefill", "decode", "colocated") and tensor-parallel degree
+    instance_rps: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def gain_over_colocated(self) -> float | None:
+        if not self.chosen or not self.colocated or self.colocated.goodput_per_gpu <= 0:
+            return None
+        return self.chosen.goodput_per_gpu / self.colocated.goodput_per_gpu
+
+    def why(self) -> str:
+        """One line: which SLO binds the chosen layout and why this locality."""
+        if not self.chosen:
+            return "no layout meets the SLO on this cluster at any rate"
+        c = self.chosen
+        side = {"ttft": f"TTFT {self.slo.ttft_s * 1000:g} ms binds (prefill is the bottleneck)",
+                "tpot": f"TPOT {self.slo.tpot_s * 1000:g} ms binds (decode is the bottleneck)",
+                "both": "TTFT and TPOT bind alike"}[c.binding]
+        cross = self.handoff_p90_s.get("cross-node", 0.0)
+        loc = (f"locality node: a p90 KV hand-off across nodes takes {cross * 1000:.0f} ms of the "
+               f"{self.slo.ttft_s * 1000:g} ms TTFT budget" if self.locality == "node" else
+               f"locality any: a p90 KV hand-off across nodes takes {cross * 1000:.1f} ms")
+        return f"{side}; {loc}"
+
+
+def _handoff(kv_bytes_per_token: float, gb_s: float):
+    if kv_bytes_per_token <= 0 or gb_s <= 0:
+        return None
+    per_token = kv_bytes_per_token / (gb_s * 1e9)
+    return lambda r: r.prompt_tokens * per_token
+
+
+def _fewest(target: float, per_instance: float) -> int:
+    return max(1, math.ceil(target / per_instance - 1e-9))
+
+
+def _disagg_layout(tp_p: int, tp_d: int, g_p: float, g_d: float, n_p: int, n_d: int) -> Layout:
+    cap_p, cap_d = n_p * g_p, n_d * g_d
+    binding = "both" if math.isclose(cap_p, cap_d, rel_tol=1e-6) else ("ttft" if cap_p < cap_d else "tpot")
+    return Layout(DISAGGREGATED, tp_p, tp_d, n_p, n_d, n_p * tp_p + n_d * tp_d, min(cap_p, cap_d), binding,
+                  g_p, g_d)
+
+
+def _best_mix(tp_p: int, tp_d: int, g_p: float, g_d: float, gpus: int) -> Layout | None:
+    """The instance counts within `gpus` that carry the most per GPU (ties: the larger capacity)."""
+    best: Layout | None = None
+    for n_p in range(1, gpus // tp_p + 1):
+        for n_d in range(1, (gpus - n_p * tp_p) // tp_d + 1):
+            lay = _disagg_layout(tp_p, tp_d, g_p, g_d, n_p, n_d)
+            if best is None or (lay.goodput_per_gpu, lay.capacity_rps) > (best.goodput_per_gpu, best.capacity_rps):
+                best = lay
+    return best
+
+
+def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster, *,
+         target_rps: float | None = None, kv_bytes_per_token: float | None = None, handoff_budget: float = 0.1,
+         colocated_profiles: ModelProfiles | None = None, num_requests: int = 1000, seed: int = 0,
+         check: bool = True, progress: Callable[[str], None] | None = None) -> Plan:
+    """Search the layouts for `workload` (lengths; its rate is the target unless `target_rps` is given, and
+    0 means "no target: the most per GPU the cluster allows"). See the module docstring.
+
+    `colocated_profiles`: the engine the colocated rival runs (default: the same profiles; DistServe compared
+    against vLLM's own fits). `kv_bytes_per_token` defaults to the profile's."""
+    if kv_bytes_per_token is None:
+        kv_bytes_per_token = profiles.kv_bytes_per_token
+    coloc = colocated_profiles or profiles
+    target = workload.rate if target_rps is None else target_rps
+    target = target if target and target > 0 else None
+    reqs = workload.requests(num_requests, seed, rate=1.0)  # lengths and arrival shape; re-timed per rate
+    tps = [tp for tp in profiles.tensor_parallel_degrees if tp <= cluster.gpus_per_node]
+    notes: list[str] = []
+    if not tps:
+        notes.append(f"no tensor-parallel degree of the profile ({profiles.tensor_parallel_degrees}) fits a "
+                     f"node of {cluster.gpus_per_node} GPUs")
+
+    handoff_p90 = {}
+    links = {"node": cluster.intra_node_gb_s, "cross-node": cluster.inter_node_gb_s}
+    for name, bw in links.items():
+        fn = _handoff(kv_bytes_per_token, bw)
+        handoff_p90[name] = percentile([fn(r) for r in reqs], 90) if fn else 0.0
+    locality = "node" if handoff_p90["cross-node"] > handoff_budget * slo.ttft_s else "any"
+    if cluster.nodes == 1:
+        link = "node"  # one node: every hand-off stays inside it
+    else:
+        link = "node" if locality == "node" else "cross-node"
+    handoff = _handoff(kv_bytes_per_token, links[link])
+
+    ttft_only = Targets(slo.ttft_s, None, slo.attainment)
+    tpot_only = Targets(None, slo.tpot_s, slo.attainment)
+    both = Targets(slo.ttft_s, slo.tpot_s, slo.attainment)
+    say = progress or (lambda _msg: None)
+    g_p, g_d, g_c = {}, {}, {}
+    for tp in tps:
+        say(f"goodput of one TP{tp} prefill and one TP{tp} decode instance")
+        prof = profiles.get(tp)
+        g_p[tp] = max_goodput(lambda rs, p=prof: prefill_latencies(p, rs, handoff), reqs, ttft_only)
+        g_d[tp] = max_goodput(lambda rs, p=prof: decode_latencies(p, rs), reqs, tpot_only)
+    for tp in [tp for tp in coloc.tensor_parallel_degrees if tp <= cluster.gpus_per_node]:
+        say(f"goodput of one colocated TP{tp} instance")
+        prof = coloc.get(tp)
+        g_c[tp] = max_goodput(lambda rs, p=prof: colocated_latencies(p, rs), reqs, both)
+
+    candidates: list[Layout] = []
+    for tp_p in tps:
+        for tp_d in tps:
+            if g_p[tp_p] <= 0 or g_d[tp_d] <= 0:
+                continue
+            if locality == "node" and tp_p + tp_d > cluster.gpus_per_node:
+                continue
+            if target:
+                lay = _disagg_layout(tp_p, tp_d, g_p[tp_p], g_d[tp_d], _fewest(target, g_p[tp_p]),
+                                     _fewest(target, g_d[tp_d]))
+            else:
+                lay = _best_mix(tp_p, tp_d, g_p[tp_p], g_d[tp_d], cluster.gpus)
+            if lay and lay.gpus <= cluster.gpus:
+                candidates.append(lay)
+    colocated: list[Layout] = []
+    for tp, g in g_c.items():
+        if g <= 0:
+            continue
+        n = _fewest(target, g) if target else cluster.gpus // tp
+        if n * tp <= cluster.gpus and n > 0:
+            colocated.append(Layout(COLOCATED, tp, tp, n, n, n * tp, n * g, "both", g, g))
+
+    def rank(lay: Layout) -> tuple:
+        # with a target: the fewest GPUs that carry it, then the most per GPU; without: the most per GPU
+        return (lay.gpus, -lay.goodput_per_gpu) if target else (-lay.goodput_per_gpu, lay.gpus)
+
+    candidates.sort(key=rank)
+    colocated.sort(key=rank)
+    if target and not candidates:
+        notes.append(f"no disaggregated layout carries {target:g} req/s within {cluster.gpus} GPUs")
+    chosen = candidates[0] if candidates else None
+    result = Plan(chosen, colocated[0] if colocated else None, candidates + colocated, locality, handoff_p90,
+                  workload, slo, cluster, target, None, notes, {"prefill": g_p, "decode": g_d, "colocated": g_c})
+    if check and chosen:
+        say(f"simulating the chosen fleet ({chosen.describe()})")
+        rate = min(target, chosen.capacity_rps) if target else chosen.capacity_rps
+        fleet = check_fleet(chosen, coloc if chosen.kind == COLOCATED else profiles, reqs, slo, rate, handoff)
+        result = Plan(**{**result.__dict__, "check": fleet})
+    return result
+
+
+def check_fleet(layout: Layout, profiles: ModelProfiles, reqs: Sequence[Request], slo: SLO, rate: float,
+                handoff=None) -> FleetCheck:
+    """Simulate the whole layout at `rate` (the same requests, re-timed) with the fleet simulator."""
+    from baton.operator.simulate import SimConfig, fixed_controller, simulate
+
+    from baton.workload import rescale
+
+    timed = rescale(list(reqs), rate)
+    if layout.kind == COLOCATED:
+        prof = profiles.get(layout.prefill_tp)
+        # n identical instances behind round-robin: each sees every n-th request
+        n = layout.prefill_replicas
+        ttft: list[float | None] = [None] * len(timed)
+        tpot: list[float | None] = [None] * len(timed)
+        for j in range(n):
+            idx = list(range(j, len(timed), n))
+            lat = colocated_latencies(prof, [timed[i] for i in idx])
+            for k, i in enumerate(idx):
+                ttft[i], tpot[i] = lat.ttft[k], lat.tpot[k]
+        lat = Latencies(ttft, tpot)
+    else:
+        p, d = profiles.get(layout.prefill_tp), profiles.get(layout.decode_tp)
+        mean_handoff = sum(handoff(r) for r in timed) / len(timed) if handoff and timed else 0.0
+        cfg = SimConfig(p, d, ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s,
+                        max_batch_tokens=p.batch_token_limit, kv_transfer_s=mean_handoff, interval_s=1e9,
+                        drain_limit_s=1e6, initial_prefill=layout.prefill_replicas,
+                        initial_decode=layout.decode_replicas)
+        res = simulate(cfg, timed, fixed_controller(layout.prefill_replicas, layout.decode_replicas))
+        lat = Latencies([r.ttft_s for r in res.requests], [r.tpot_s for r in res.requests])
+    n = len(timed)
+    both = sum(1 for a, b in zip(lat.ttft, lat.tpot, strict=True)
+               if a is not None and b is not None and a <= slo.ttft_s and b <= slo.tpot_s) / n if n else 1.0
+    return FleetCheck(rate, attainment(lat.ttft, slo.ttft_s), attainment(lat.tpot, slo.tpot_s), both,
+                      percentile([x for x in lat.ttft if x is not None], 90),
+                      percentile([x for x in lat.tpot if x is not None], 90))

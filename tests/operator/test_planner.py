@@ -1,0 +1,162 @@
+"""The DistServe planner: one-instance simulations on hand-computable cases, the goodput bisection, DistServe's
+headline setting, and `baton plan`'s errors."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from baton.operator.planner import SLO, Cluster, Targets, max_goodput, plan
+from baton.operator.planner.cli import add_plan_command
+from baton.operator.planner.instance import colocated_latencies, decode_latencies, prefill_latencies
+from baton.operator.planner.report import format_plan, spec_fragment, to_status
+
+from baton.profile import ModelProfiles, ProfileSet, WorkerProfile
+from baton.workload import SHAREGPT_LIKE, LengthDist, Request, Workload
+
+
+def flat(prefill_ms=100.0, step_ms=10.0, per_ctx_ms=0.0, kv=100_000, limit=None, tp=1) -> WorkerProfile:
+    return WorkerProfile(prefill=(prefill_ms, 0.0, 0.0), decode_small=(step_ms, per_ctx_ms, 0.0),
+                         decode_large=(step_ms, per_ctx_ms, 0.0), large_bs_threshold=1 << 30,
+                         kv_capacity_tokens=kv, tensor_parallel=tp, max_batch_tokens=limit)
+
+
+def test_prefill_batches_what_waits_and_adds_the_handoff():
+    reqs = [Request(0.0, 10, 5), Request(0.05, 10, 5), Request(0.06, 10, 5), Request(0.5, 10, 5)]
+    lat = prefill_latencies(flat(limit=20), reqs)
+    # #0 alone [0, 0.1]; #1 and #2 wait and go together [0.1, 0.2]; #3 arrives to an idle instance
+    assert lat.ttft == pytest.approx([0.1, 0.15, 0.14, 0.1])
+    lat = prefill_latencies(flat(limit=10), reqs)  # the token limit splits #1 and #2
+    assert lat.ttft == pytest.approx([0.1, 0.15, 0.24, 0.1])
+    lat = prefill_latencies(flat(limit=20), reqs, handoff_s=lambda r: 0.01)
+    assert lat.ttft == pytest.approx([0.11, 0.16, 0.15, 0.11])
+
+
+def test_decode_steps_and_kv_capacity():
+    # one request, 11 output tokens: 10 steps of 10 ms after it arrives
+    assert decode_latencies(flat(), [Request(0.0, 10, 11)]).tpot == pytest.approx([0.01])
+    # the context term: each step pays 1 ms per 100 context tokens
+    lat = decode_latencies(flat(step_ms=10, per_ctx_ms=0.01), [Request(0.0, 99, 3)])
+    # steps at context 100 and 101: 11 ms + 11.01 ms over 2 tokens
+    assert lat.tpot == pytest.approx([(0.011 + 0.01101) / 2])
+    # KV room for one request at a time: the second waits for the first, and its TPOT shows it
+    lat = decode_latencies(flat(kv=30), [Request(0.0, 10, 11), Request(0.0, 10, 11)])
+    assert lat.tpot == pytest.approx([0.01, 0.02])
+    # a request larger than the whole cache never runs: a miss, not a hang
+    assert decode_latencies(flat(kv=5), [Request(0.0, 10, 11)]).tpot == [None]
+
+
+def test_colocated_prefill_stalls_the_running_batch():
+    # #0 prefill [0, 0.1], then decode steps of 10 ms; #1 arrives at 0.125 and its prefill (100 ms) runs
+    # between #0's steps, so #0's 10 tokens take 10 steps + one 100 ms stall
+    reqs = [Request(0.0, 10, 11), Request(0.125, 10, 2)]
+    lat = colocated_latencies(flat(), reqs)
+    assert lat.ttft[0] == pytest.approx(0.1)
+    assert lat.tpot[0] == pytest.approx((10 * 0.01 + 0.1) / 10)
+    assert lat.ttft[1] == pytest.approx(0.13 + 0.1 - 0.125)  # waits for the step in flight (ends at 0.13)
+
+
+def test_max_goodput_brackets_a_known_capacity():
+    # 100 ms per prefill, one request per batch: capacity 10 req/s; a loose TTFT target lets it run close
+    reqs = Workload(1.0, LengthDist.fixed(10), LengthDist.fixed(2)).requests(2000, seed=1)
+    g = max_goodput(lambda rs: prefill_latencies(flat(limit=10), rs), reqs, Targets(2.0, None, 0.9))
+    assert 8.0 < g < 10.0
+    # a tighter target costs rate, and an impossible one gives 0
+    tight = max_goodput(lambda rs: prefill_latencies(flat(limit=10), rs), reqs, Targets(0.3, None, 0.9))
+    assert 0 < tight < g
+    assert max_goodput(lambda rs: prefill_latencies(flat(limit=10), rs), reqs, Targets(0.05, None, 0.9)) == 0.0
+    # slow instances below 1 req/s are found too
+    slow = max_goodput(lambda rs: prefill_latencies(flat(prefill_ms=5000, limit=10), rs), reqs,
+                       Targets(60.0, None, 0.9))
+    assert 0.1 < slow < 0.2
+
+
+@pytest.fixture(scope="module")
+def headline():
+    """DistServe's headline: OPT-13B, one node of 4 A100-80G, TTFT 200 ms / TPOT 100 ms at 90 %, ShareGPT-like
+    lengths; the colocated rival runs vLLM's fits, as in DistServe's own comparison."""
+    dist = ProfileSet.load("a100-80g-distserve").for_model("facebook/opt-13b")
+    vllm = ProfileSet.load("a100-80g-vllm").for_model("facebook/opt-13b")
+    workload = Workload(0.0, SHAREGPT_LIKE.prompt, SHAREGPT_LIKE.output)
+    return plan(dist, workload, SLO(0.2, 0.1, 0.9), Cluster(gpus_per_node=4, nodes=1), colocated_profiles=vllm)
+
+
+def test_distserve_headline_setting(headline):
+    c = headline.chosen
+    assert (c.prefill_tp, c.decode_tp, c.prefill_replicas, c.decode_replicas) == (2, 1, 1, 1)
+    # DistServe's simulator reports 1.56 req/s/GPU (its bisection step is 0.16 there: [1.56, 1.72)). Our
+    # lengths approximate its ShareGPT set, so we hold the planner within 1.5x of that bracket.
+    assert 1.56 / 1.5 <= c.goodput_per_gpu <= 1.72 * 1.5
+    assert headline.colocated is not None and headline.gain_over_colocated > 1.1
+    # OPT-13B's 0.8 MB of KV per token cannot cross a 100 Gb/s link inside the TTFT budget
+    assert headline.locality == "node" and headline.handoff_p90_s["cross-node"] > 0.02
+    # the whole fleet simulated at the planned rate keeps both SLOs for 90 % of requests, each on its own
+    k = headline.check
+    assert k.ttft_attainment >= 0.88 and k.tpot_attainment >= 0.88
+
+
+def test_plan_reports(headline):
+    assert spec_fragment(headline) == {"prefill": {"replicas": 1, "tensorParallel": 2},
+                                       "decode": {"replicas": 1, "tensorParallel": 1},
+                                       "kvTransfer": {"locality": "node"}}
+    status = to_status(headline)
+    assert status["binding"] in ("ttft", "tpot", "both") and status["gpus"] == 3
+    assert status["workload"]["inputLength"] == str(SHAREGPT_LIKE.prompt)
+    text = format_plan(headline)
+    assert "* 1  prefill 1 x TP2 + decode 1 x TP1" in text and "disaggregation x" in text
+
+
+def test_a_target_rate_gets_the_fewest_gpus_that_carry_it():
+    dist = ProfileSet.load("a100-80g-distserve").for_model("facebook/opt-13b")
+    w = Workload(20.0, SHAREGPT_LIKE.prompt, SHAREGPT_LIKE.output)
+    p = plan(dist, w, SLO(0.2, 0.1, 0.9), Cluster(gpus_per_node=8, nodes=2), check=False)
+    c = p.chosen
+    assert c.capacity_rps >= 20.0
+    assert all(c.gpus <= o.gpus for o in p.candidates if o.kind == c.kind)
+    # too much for the cluster: no layout, said so
+    small = plan(dist, Workload(500.0, SHAREGPT_LIKE.prompt, SHAREGPT_LIKE.output), SLO(0.2, 0.1, 0.9),
+                 Cluster(gpus_per_node=4), check=False)
+    assert small.chosen is None and "no disaggregated layout carries 500 req/s" in small.notes[0]
+
+
+def test_cheap_handoffs_do_not_pin_locality():
+    prof = ModelProfiles("m", {1: flat(prefill_ms=20, kv=50_000, limit=4096)}, kv_bytes_per_token=1000)
+    w = Workload(0.0, LengthDist.fixed(100), LengthDist.fixed(20))
+    p = plan(prof, w, SLO(0.5, 0.05, 0.9), Cluster(gpus_per_node=2, nodes=2), num_requests=300, check=False)
+    assert p.locality == "any" and p.chosen is not None
+
+
+def run_cli(argv, capsys):
+    ap = argparse.ArgumentParser()
+    add_plan_command(ap.add_subparsers())
+    args = ap.parse_args(["plan", "--quiet", *argv])
+    code = args.func(args)
+    return code, capsys.readouterr()
+
+
+def test_cli_json_and_trace(tmp_path, capsys):
+    code, out = run_cli(["--workload", "sharegpt", "--gpus-per-node", "4", "--requests", "300", "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out.out)
+    assert doc["spec"]["prefill"]["tensorParallel"] == 2 and doc["candidates"]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"timestamp": i * 0.25, "input_len": 400 + i, "output_len": 50})
+                               for i in range(200)))
+    code, out = run_cli(["--trace", str(trace), "--gpus-per-node", "8", "--requests", "300"], capsys)
+    assert code == 0 and "target 4 req/s" in out.out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    ([], "give --workload sharegpt, --trace FILE"),
+    (["--workload", "sharegpt", "--slo-ttft", "200"], "--slo-ttft: expected a duration"),
+    (["--workload", "sharegpt", "--profile", "nope.json"], "no such profile file"),
+    (["--workload", "sharegpt", "--model", "llama"], "no model 'llama'"),
+    (["--workload", "sharegpt", "--gpus-per-node", "0"], "--gpus-per-node: must be at least 1"),
+    (["--input-len", "uniform:9:1", "--output-len", "5"], "--input-len: uniform needs"),
+    (["--workload", "sharegpt", "--attainment", "1.5"], "--attainment: must be in"),
+])
+def test_cli_errors_name_the_flag(argv, msg, capsys):
+    from baton.cli import CommandError
+
+    with pytest.raises(CommandError, match=msg):
+        run_cli(argv, capsys)

@@ -11,6 +11,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     from baton.worker.bench import add_bench_command
     from baton.worker.local_fleet import add_up_command
+    from baton.worker.profile_cli import add_profile_command
     from baton.worker.router.cli import add_router_command
     from baton.worker.serve_cli import add_worker_command
 
@@ -18,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_router_command(subparsers)  # `baton router`
     add_bench_command(subparsers)  # `baton bench`
     add_up_command(subparsers)  # `baton up`
+    add_profile_command(subparsers)  # `baton profile`
     model = subparsers.add_parser("model", help="create or inspect models for the Baton engine")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
     model.set_defaults(func=lambda args: (model.print_help(), 2)[1])

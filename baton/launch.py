@@ -82,6 +82,21 @@ class Flag:
     KV_TRANSFER_CONFIG = "--kv-transfer-config"
 
 
+class Metric:
+    """Metric names both sides use: the workers export them (vLLM's own names, so vLLM workers and Baton workers
+    are read alike) and the operator queries them."""
+
+    TTFT = "vllm:time_to_first_token_seconds"
+    INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
+    PROMPT_TOKENS = "vllm:prompt_tokens"
+    GENERATION_TOKENS = "vllm:generation_tokens"
+    #: per-request length histograms: the planner's workload basis (input and output length distributions)
+    REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
+    REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
+    ROUTER_TTFT = "baton_router_ttft_seconds"
+    ROUTER_TPOT = "baton_router_tpot_seconds"
+
+
 class Label:
     """Metric label names shared by the workers, the router, the PodMonitor relabelling and the autoscaler's
     queries (pod label ``baton.dev/llmservice`` becomes metric label ``llmservice``)."""

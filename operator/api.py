@@ -367,6 +367,53 @@ class AutoscalingSpec(_Model):
         return self
 
 
+class PlannerCluster(_Model):
+    """The GPUs the planner may lay the service out on, and the links between them."""
+
+    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] = Field(default=8, alias="gpusPerNode")
+    nodes: Annotated[int, Field(ge=1, le=100000)] = 1
+    intra_node_gbps: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, alias="intraNodeGBps", description="GB/s between GPUs of one node (NVLink: ~300).")
+    inter_node_gbps: Annotated[float, Field(gt=0)] = Field(
+        default=12.5, alias="interNodeGBps", description="GB/s between nodes (100 Gb/s Ethernet: 12.5).")
+
+
+class PlannerSpec(_Model):
+    """DistServe's planner, online: from the measured workload (Prometheus), the SLO and a latency profile, the
+    per-phase tensor parallelism, replicas and KV locality that carry the load with the fewest GPUs."""
+
+    mode: Literal["off", "recommend", "apply"] = Field(
+        default="off", description="recommend: write status.plan (and an Event when the running layout "
+        "differs); apply: also run the plan (replicas become the autoscaler's floors when autoscaling is on).")
+    profile: Annotated[str, Field(min_length=1)] = Field(
+        default="a100-80g-distserve",
+        description="Built-in latency profile (a100-80g-distserve, a100-80g-vllm) for the planner's simulations.")
+    profile_model: str | None = Field(
+        default=None, description="Model in the profile (default: spec.model.name if the profile has it, "
+        "else the profile's only model).")
+    cluster: PlannerCluster = Field(default_factory=PlannerCluster, json_schema_extra=_object_default())
+    interval: Duration = Field(default=Duration("5m"), description="How often to re-plan.")
+    window: Duration = Field(default=Duration("10m"), description="Window the workload is measured over.")
+    hysteresis: Annotated[float, Field(ge=0, le=10)] = Field(
+        default=0.2, description="Re-plan only when the request rate or a mean length moved more than this "
+        "share since the current plan's basis (no flapping).")
+    min_gain: Annotated[float, Field(ge=0, le=10)] = Field(
+        default=0.1, description="apply: change the layout only when the plan predicts at least this much more "
+        "goodput per GPU than the running layout.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 (PyYAML, kubectl) reads an unquoted `off` as false
+
+    @field_validator("interval", "window")
+    @classmethod
+    def _positive(cls, v: Duration) -> Duration:
+        if v.seconds <= 0:
+            raise ValueError(f"must be greater than zero, got {str(v)!r}")
+        return v
+
+
 class LLMServiceSpec(_Model):
     model: ModelSpec
     engine: EngineSpec = Field(default_factory=EngineSpec, json_schema_extra=_object_default())
@@ -376,6 +423,7 @@ class LLMServiceSpec(_Model):
     router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra=_object_default())
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, json_schema_extra=_object_default())
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
+    planner: PlannerSpec = Field(default_factory=PlannerSpec, json_schema_extra=_object_default())
     accelerator: Literal["gpu", "cpu"] | None = Field(
         default=None,
         description="What the workers run on. gpu: each worker pod requests nvidia.com/gpu = tensorParallel. "
@@ -408,6 +456,9 @@ class LLMServiceSpec(_Model):
                     f"{role_name}.port",
                     f"must differ from kvTransfer.port ({self.kv_transfer.port}): both listen in the same pod",
                 ))
+        if self.planner.mode != "off" and not self.autoscaling.prometheus_url:
+            problems.append(("autoscaling.prometheusURL", ("is required when planner.mode is "
+                             f"{self.planner.mode} (the planner measures the workload there)")))
         if problems:
             raise field_problems(problems)
         return self
@@ -462,6 +513,7 @@ class ConditionType:
     SLO_MET = "SLOMet"
     KV_TRANSPORT_DEGRADED = "KVTransportDegraded"
     MODEL_READY = "ModelReady"  # uri sources: the worker pods' download (see model_fetch_status.py)
+    LAYOUT_PLANNED = "LayoutPlanned"  # spec.planner: does the running layout match status.plan?
 
 
 class Condition(_StatusModel):
@@ -521,6 +573,10 @@ class LLMServiceStatus(_StatusModel):
     decode: RoleStatus | None = None
     router: RoleStatus | None = None
     slo: SLOStatus | None = None
+    plan: dict[str, Any] | None = Field(
+        default=None, description="The planner's latest plan (spec.planner): per-phase tensorParallel and "
+        "replicas, locality, predicted goodput per GPU, the workload basis and when.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 def get_condition(conditions: Sequence[Condition], type: str) -> Condition | None:

@@ -45,6 +45,7 @@ from baton.operator.autoscale_policy import (
 )
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
 from baton.operator.naming import role_name
+from baton.operator.planner.overlay import effective
 from baton.operator.prometheus import (
     PrometheusClient,
     PrometheusError,
@@ -277,7 +278,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
     if llms is None or (llms.get("metadata") or {}).get("deletionTimestamp"):
         return None
     try:
-        svc = api.parse_llmservice(llms)
+        svc = api.parse_llmservice(effective(llms))  # an applied plan's replicas are floors
     except api.InvalidLLMService as exc:
         log.warning("%s/%s: not autoscaling an invalid LLMService: %s", namespace, name, exc)
         return None

@@ -4,6 +4,7 @@
 - Any event on a child object (a Deployment deleted or edited by hand, pods becoming ready): reconcile the
   owner, debounced, so drift is corrected and status follows the children.
 - A slow timer: a safety net that re-applies and refreshes status even if a watch event was missed.
+- With `spec.planner.mode` recommend or apply: one planner loop per LLMService (planner/online.py).
 - With `spec.autoscaling.enabled`: one autoscaler loop per LLMService (a kopf daemon ticking every
   `spec.autoscaling.interval`, see `autoscaler`), sharing the Reconciler's per-object lock for status writes.
 """
@@ -18,6 +19,7 @@ from baton.operator import autoscaler
 from baton.operator.admission import review
 from baton.operator.kube import GROUP, PLURAL, VERSION, Kube, KubeError
 from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
+from baton.operator.planner import online as online_planner
 from baton.operator.reconcile import reconcile
 from baton.operator.webhook import OPTIONS as WEBHOOK_OPTIONS
 from baton.operator.webhook import WEBHOOK_CONFIGURATION, configure_admission, remove_managed_configuration
@@ -158,6 +160,26 @@ async def autoscale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
 
     await autoscaler.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name, memo,
                          stopped, emit)
+
+
+def _planner_on(spec: kopf.Spec, **_: Any) -> bool:
+    return (spec.get("planner") or {}).get("mode", "off") not in ("off", False, None)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="planner", when=_planner_on, cancellation_timeout=10)
+async def planner(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                  **_: Any) -> None:
+    """The online planner (spec.planner, see planner/online.py); kopf stops it when the mode goes back to off."""
+    reconciler = _reconciler(memo)
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+        (log.warning if kind == "Warning" else log.info)("%s/%s: %s: %s", namespace, name, reason, message)
+
+    if "planner" not in memo:
+        memo["planner"] = autoscaler.AutoscalerState()  # its Prometheus client; the planner keeps no history
+    await online_planner.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name,
+                             memo["planner"], stopped, emit, lambda: reconciler.kick(namespace, name))
 
 
 def _owner(meta: dict) -> str | None:

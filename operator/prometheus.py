@@ -53,11 +53,13 @@ from typing import Any, Self
 import httpx
 from baton.operator.units import format_duration, parse_duration
 
+from baton.launch import Metric
+
 QUANTILE = 0.9
-ROUTER_TTFT = "baton_router_ttft_seconds"
-ROUTER_TPOT = "baton_router_tpot_seconds"
-WORKER_TTFT = "vllm:time_to_first_token_seconds"
-WORKER_TPOT = "vllm:inter_token_latency_seconds"
+ROUTER_TTFT = Metric.ROUTER_TTFT
+ROUTER_TPOT = Metric.ROUTER_TPOT
+WORKER_TTFT = Metric.TTFT
+WORKER_TPOT = Metric.INTER_TOKEN_LATENCY
 #: Worker roles whose histograms stand in for the router's (role `both` serves the whole request).
 WORKER_TTFT_ROLES = "prefill|both"
 WORKER_TPOT_ROLES = "decode|both"
@@ -314,6 +316,31 @@ class PrometheusSource:
         out["generation_tokens_per_second"] = (
             f"sum by (role) (rate({series('vllm:generation_tokens_total', s)}[{w}]))")
         return out
+
+    def workload_queries(self, name: str, namespace: str, window: float) -> dict[str, str]:
+        """The planner's queries: request rate, and mean and p90 of the request length histograms."""
+        w = prom_duration(window)
+        s = selector(name, namespace)
+        out = {"rate_router": f"sum(rate({series(ROUTER_TTFT + '_count', s)}[{w}]))"}
+        for key, metric, roles in (("input", Metric.REQUEST_PROMPT_TOKENS, WORKER_TTFT_ROLES),
+                                   ("output", Metric.REQUEST_GENERATION_TOKENS, WORKER_TPOT_ROLES)):
+            sel = selector(name, namespace, role="~" + roles)
+            count = f"sum(rate({series(metric + '_count', sel)}[{w}]))"
+            out[f"{key}_count"] = count
+            out[f"{key}_mean"] = f"sum(rate({series(metric + '_sum', sel)}[{w}])) / {count}"
+            out[f"{key}_p90"] = (f"histogram_quantile({QUANTILE}, sum by (le) "
+                                 f"(rate({series(metric + '_bucket', sel)}[{w}])))")
+        return out
+
+    async def workload(self, name: str, namespace: str, window: float) -> dict[str, float | None]:
+        """The planner's numbers (None: no data): `rate` (router, else the prefill workers' request count),
+        `input_mean`, `input_p90`, `output_mean`, `output_p90`. Raises `PrometheusError`."""
+        q = self.workload_queries(name, namespace, window)
+        keys = list(q)
+        values = dict(zip(keys, await asyncio.gather(*(self.client.value(q[k]) for k in keys)), strict=True))
+        rate = values["rate_router"] if values["rate_router"] else values["input_count"]
+        return {"rate": rate, "input_mean": values["input_mean"], "input_p90": values["input_p90"],
+                "output_mean": values["output_mean"], "output_p90": values["output_p90"]}
 
     async def _latency(self, q: dict[str, str], signal: str, slo: float) -> LatencySignal:
         for source in ("router", "workers"):

@@ -16,6 +16,7 @@ from baton.operator.kv_secret import ensure_kv_secret, requested_rotation
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.model_fetch_status import model_fetch_state
 from baton.operator.naming import kv_secret_name, role_name
+from baton.operator.planner.overlay import effective
 from baton.operator.render import render
 from baton.operator.status import compute_status
 
@@ -123,6 +124,8 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
     llmservice = kube.get(f"{GROUP}/{VERSION}", "LLMService", namespace, name)
     if llmservice is None or (llmservice.get("metadata") or {}).get("deletionTimestamp"):
         return None
+    # spec.planner apply: the applied plan's layout laid over the spec (the spec itself stays the user's)
+    llmservice = effective(llmservice)
     result = ReconcileResult()
 
     existing: dict[tuple[str, str, str], dict] = {}

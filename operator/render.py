@@ -80,6 +80,7 @@ from .naming import (
     router_service_name,
     service_account_name,
 )
+from .planner.overlay import effective
 from .units import Quantity
 
 # --------------------------------------------------------------------------------------------- constants
@@ -596,9 +597,10 @@ def render(llmservice: dict) -> list[dict]:
     Raises `InvalidLLMService` (a ValueError whose `problems` are `field.path: message` lines) when the
     object does not validate. Objects carry an ownerReference to the LLMService when `metadata.uid` is set
     (always, for objects from the apiserver; a local preview without uid gets none). The input is not
-    modified, and no two returned manifests share mutable parts.
+    modified, and no two returned manifests share mutable parts. With `spec.planner.mode: apply`, the applied
+    `status.plan` is laid over the spec first (`planner.overlay.effective`).
     """
-    return render_parsed(parse_llmservice(llmservice))
+    return render_parsed(parse_llmservice(effective(llmservice)))
 
 
 def child_keys(llmservice: dict) -> list[tuple[str, str, str]]:

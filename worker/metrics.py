@@ -19,10 +19,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from baton.launch import Metric as MetricName
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 # fmt: off
+#: token counts, 1-2-5 steps as vLLM builds them for its request length histograms
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
@@ -147,10 +151,10 @@ class WorkerMetrics:
             return Histogram(name, doc, names, buckets=buckets, registry=r).labels(*values)
 
         self.ttft = hist(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+            MetricName.TTFT, "Histogram of time to first token in seconds.", TTFT_BUCKETS
         )
         self.itl = hist(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+            MetricName.INTER_TOKEN_LATENCY, "Histogram of inter-token latency in seconds.", ITL_BUCKETS
         )
         # The name vLLM used for the same observations before `inter_token_latency`; older dashboards read it.
         self.tpot = hist(
@@ -164,11 +168,16 @@ class WorkerMetrics:
             REQUEST_LATENCY_BUCKETS,
         )
         self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", names, registry=r
+            MetricName.PROMPT_TOKENS, "Number of prefill tokens processed.", names, registry=r
         ).labels(*values)
         self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Number of generation tokens processed.", names, registry=r
+            MetricName.GENERATION_TOKENS, "Number of generation tokens processed.", names, registry=r
         ).labels(*values)
+        # vLLM's per-request length histograms: the planner's workload basis
+        self.request_prompt_tokens = hist(
+            MetricName.REQUEST_PROMPT_TOKENS, "Number of prefill tokens processed.", LENGTH_BUCKETS)
+        self.request_generation_tokens = hist(
+            MetricName.REQUEST_GENERATION_TOKENS, "Number of generation tokens processed.", LENGTH_BUCKETS)
         self._success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
@@ -206,6 +215,8 @@ class RequestTracker:
         self.arrival = arrival
         self.last: float | None = None
         self.prompt_counted = False
+        self.prompt_tokens = 0
+        self.generated = 0
         self.done = False
 
     def on_output(self, num_new_tokens: int, num_prompt_tokens: int) -> None:
@@ -213,6 +224,7 @@ class RequestTracker:
         if not self.prompt_counted and num_prompt_tokens:
             self.m.prompt_tokens.inc(num_prompt_tokens)
             self.prompt_counted = True
+            self.prompt_tokens = num_prompt_tokens
         if num_new_tokens <= 0:
             return
         if self.last is None:
@@ -222,6 +234,7 @@ class RequestTracker:
             self.m.itl.observe(dt)
             self.m.tpot.observe(dt)
         self.last = now
+        self.generated += num_new_tokens
         self.m.generation_tokens.inc(num_new_tokens)
 
     def on_finish(self, reason: str | None) -> None:
@@ -230,3 +243,6 @@ class RequestTracker:
         self.done = True
         self.m.e2e.observe(time.monotonic() - self.arrival)
         self.m.request_finished(reason)
+        if self.prompt_tokens:
+            self.m.request_prompt_tokens.observe(self.prompt_tokens)
+            self.m.request_generation_tokens.observe(self.generated)

@@ -160,3 +160,112 @@ def test_cli_errors_name_the_flag(argv, msg, capsys):
 
     with pytest.raises(CommandError, match=msg):
         run_cli(argv, capsys)
+
+
+# ------------------------------------------------------------------------------------------ online pieces
+
+
+def test_lognormal_from_mean_and_p90_round_trips():
+    import random
+
+    from baton.operator.planner.basis import lognormal_from_mean_p90
+
+    from baton.workload import percentile
+
+    d = lognormal_from_mean_p90(500.0, 1100.0)
+    rng = random.Random(0)
+    xs = [d.sample(rng) for _ in range(20000)]
+    assert sum(xs) / len(xs) == pytest.approx(500, rel=0.05)
+    assert percentile(xs, 90) == pytest.approx(1100, rel=0.05)
+    # no p90, or one no lognormal with that mean has: sd = mean
+    assert lognormal_from_mean_p90(100.0, None).b == 100.0
+    assert lognormal_from_mean_p90(100.0, 100000.0).b == 100.0
+
+
+def test_hysteresis_band():
+    from baton.operator.planner.basis import WorkloadBasis, moved
+
+    b = WorkloadBasis(10.0, 500.0, None, 100.0, None)
+    planned = b.to_status()
+    assert not moved(b, planned, 0.2)
+    assert not moved(WorkloadBasis(11.9, 550.0, None, 90.0, None), planned, 0.2)
+    assert moved(WorkloadBasis(12.5, 500.0, None, 100.0, None), planned, 0.2)
+    assert moved(WorkloadBasis(10.0, 500.0, None, 70.0, None), planned, 0.2)
+    assert moved(b, None, 0.2) and moved(b, {"rate": 0}, 0.2)
+
+
+def svc_dict(mode="apply", plan=None, autoscaling=False):
+    spec = {"model": {"name": "m", "source": {"hostPath": {"path": "/m"}}},
+            "prefill": {"replicas": 1, "tensorParallel": 1}, "decode": {"replicas": 1, "tensorParallel": 1},
+            "planner": {"mode": mode}}
+    if autoscaling:
+        spec["autoscaling"] = {"enabled": True, "prometheusURL": "http://p:9090"}
+        spec["decode"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 3}
+    return {"apiVersion": "baton.dev/v1alpha1", "kind": "LLMService", "metadata": {"name": "s", "namespace": "n"},
+            "spec": spec, "status": {"plan": plan} if plan else {}}
+
+
+def test_overlay_lays_an_applied_plan_over_the_spec():
+    from baton.operator.planner.overlay import effective, running_layout
+
+    plan = {"applied": True, "prefill": {"tensorParallel": 2, "replicas": 1},
+            "decode": {"tensorParallel": 1, "replicas": 5}, "locality": "node"}
+    out = effective(svc_dict(plan=plan))
+    assert out["spec"]["prefill"] == {"replicas": 1, "tensorParallel": 2}
+    assert out["spec"]["decode"]["replicas"] == 5 and out["spec"]["kvTransfer"] == {"locality": "node"}
+    assert running_layout(svc_dict(plan=plan))["decode"] == {"tensorParallel": 1, "replicas": 5}
+    # autoscaling on: the plan's replicas are floors, never above maxReplicas
+    auto = effective(svc_dict(plan=plan, autoscaling=True))["spec"]["decode"]
+    assert auto["autoscaling"] == {"minReplicas": 3, "maxReplicas": 3} and auto["replicas"] == 3
+    # not applied, recommend mode, off (and YAML's unquoted off = false): the spec as written
+    for body in (svc_dict(plan={**plan, "applied": False}), svc_dict(mode="recommend", plan=plan),
+                 svc_dict(mode=False, plan=plan)):
+        assert effective(body) is body
+
+
+def test_render_follows_an_applied_plan():
+    from baton.operator.render import render
+
+    plan = {"applied": True, "prefill": {"tensorParallel": 1, "replicas": 2},
+            "decode": {"tensorParallel": 1, "replicas": 4}, "locality": "any"}
+    body = svc_dict(plan=plan)
+    body["spec"]["autoscaling"] = {"prometheusURL": "http://p:9090"}
+    deps = {m["metadata"]["name"]: m for m in render(body) if m["kind"] == "Deployment"}
+    assert deps["s-prefill"]["spec"]["replicas"] == 2 and deps["s-decode"]["spec"]["replicas"] == 4
+
+
+def test_online_decision(headline):
+    from baton.operator.planner.online import decide, layout_capacity
+
+    running = {"prefill": {"tensorParallel": 1, "replicas": 4}, "decode": {"tensorParallel": 1, "replicas": 2},
+               "locality": "any"}
+    cap, gpus = layout_capacity(headline, running)
+    assert gpus == 6 and cap == pytest.approx(min(4 * headline.instance_rps["prefill"][1],
+                                                  2 * headline.instance_rps["decode"][1]))
+    # the headline plan has no target rate: give it one the running layout carries
+    import dataclasses
+
+    planned = dataclasses.replace(headline, target_rps=5.0)
+    apply, reason, _msg, gain = decide(planned, running, "apply", 0.1)
+    assert apply and reason == "PlanApplied" and gain == pytest.approx(6 / 3 - 1)
+    assert decide(planned, running, "recommend", 0.1)[:2] == (False, "PlanRecommended")
+    assert decide(planned, running, "apply", 1.5)[:2] == (False, "GainBelowThreshold")
+    # the running layout cannot carry the load: apply whatever the threshold
+    small = {"prefill": {"tensorParallel": 1, "replicas": 1}, "decode": {"tensorParallel": 1, "replicas": 1},
+             "locality": "any"}
+    assert decide(dataclasses.replace(headline, target_rps=6.0), small, "apply", 5.0)[:2] == (True, "PlanApplied")
+    same = {"prefill": {"tensorParallel": 2, "replicas": 1}, "decode": {"tensorParallel": 1, "replicas": 1},
+            "locality": "node"}
+    assert decide(planned, same, "apply", 0.1)[:2] == (False, "LayoutMatchesPlan")
+
+
+def test_planner_spec_validation():
+    from baton.operator import api
+
+    body = svc_dict(mode="recommend")
+    problems = api.validation_errors(body)
+    assert any("autoscaling.prometheusURL: is required when planner.mode is recommend" in p for p in problems)
+    body["spec"]["autoscaling"] = {"prometheusURL": "http://p:9090"}
+    assert api.validation_errors(body) == []
+    body["spec"]["planner"]["mode"] = "auto"
+    assert any(p.startswith("spec.planner.mode") for p in api.validation_errors(body))

@@ -89,6 +89,12 @@ def test_request_tracking(metrics: WorkerMetrics):
     assert value(metrics, "vllm:e2e_request_latency_seconds_count") == 1
     assert value(metrics, "vllm:request_success_total", finished_reason="length") == 1
     assert value(metrics, "vllm:request_success_total", finished_reason="stop") == 0
+    # per-request lengths (the planner's workload basis), once per request
+    assert value(metrics, "vllm:request_prompt_tokens_count") == 1
+    assert value(metrics, "vllm:request_prompt_tokens_sum") == 5
+    assert value(metrics, "vllm:request_generation_tokens_sum") == 4
+    assert value(metrics, "vllm:request_generation_tokens_bucket", le="5.0") == 1
+    assert value(metrics, "vllm:request_generation_tokens_bucket", le="2.0") == 0
 
 
 def test_labels_from_env(monkeypatch):

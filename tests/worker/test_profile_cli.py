@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from baton.cli import main
 from baton.profile import ProfileSet
 

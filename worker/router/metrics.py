@@ -14,6 +14,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from baton.launch import Metric
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("ok", "fallback_recompute", "error", "cancelled", "overloaded")
 
@@ -45,12 +47,12 @@ class RouterMetrics:
         base = list(self.labels)
         r = self.registry
         self.ttft = Histogram(
-            "baton_router_ttft_seconds",
+            Metric.ROUTER_TTFT,
             "Time to first token as the client sees it: arrival at the router to the first content sent.",
             base, buckets=TTFT_BUCKETS, registry=r,
         ).labels(**self.labels)
         self.tpot = Histogram(
-            "baton_router_tpot_seconds",
+            Metric.ROUTER_TPOT,
             "Time per output token after the first, as the client sees it: (e2e - ttft) / (tokens - 1).",
             base, buckets=TPOT_BUCKETS, registry=r,
         ).labels(**self.labels)

@@ -1,0 +1,60 @@
+"""The workload a running service sees, as the planner's input, and when it moved enough to re-plan. Pure.
+
+From Prometheus (`prometheus.PrometheusSource.workload`): the request rate at the router (or the workers), and
+the mean and p90 of the request length histograms vLLM and Baton workers export
+(`vllm:request_prompt_tokens` on prefill workers, `vllm:request_generation_tokens` on decode workers). Lengths
+become lognormal distributions with that mean and p90: two numbers a histogram gives reliably, and the shape
+LLM request lengths have.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from baton.workload import LengthDist, Workload
+
+Z90 = 1.2815515655446004  # the standard normal's 90th percentile
+
+
+@dataclass(frozen=True)
+class WorkloadBasis:
+    rate: float          # requests/s
+    input_mean: float    # tokens
+    input_p90: float | None
+    output_mean: float
+    output_p90: float | None
+
+    def workload(self) -> Workload:
+        return Workload(self.rate, lognormal_from_mean_p90(self.input_mean, self.input_p90),
+                        lognormal_from_mean_p90(self.output_mean, self.output_p90))
+
+    def to_status(self) -> dict:
+        return {"rate": round(self.rate, 4), "inputMean": round(self.input_mean, 1),
+                "outputMean": round(self.output_mean, 1)}
+
+
+def lognormal_from_mean_p90(mean: float, p90: float | None) -> LengthDist:
+    """The lognormal length distribution with this mean and 90th percentile (sd = mean when p90 is unknown or
+    impossible for a lognormal), clipped to [1, 20 x mean]."""
+    mean = max(1.0, mean)
+    sd = mean
+    if p90 is not None and p90 > 0:
+        d = math.log(p90 / mean)  # = Z90*sigma - sigma^2/2 for a lognormal
+        disc = Z90 * Z90 - 2 * d
+        if disc >= 0:
+            sigma = max(0.0, Z90 - math.sqrt(disc))  # the smaller root: the less skewed fit
+            sd = mean * math.sqrt(math.expm1(sigma * sigma))
+    return LengthDist.lognormal(round(mean, 1), round(sd, 1), 1, max(2, round(20 * mean)))
+
+
+def moved(basis: WorkloadBasis, planned: dict | None, hysteresis: float) -> bool:
+    """Whether the workload left the band around the basis the current plan was made for (no plan: yes)."""
+    if not planned:
+        return True
+    for key, now in (("rate", basis.rate), ("inputMean", basis.input_mean), ("outputMean", basis.output_mean)):
+        then = planned.get(key)
+        if not isinstance(then, int | float) or then <= 0:
+            return True
+        if abs(now - then) > hysteresis * then:
+            return True
+    return False

@@ -1,0 +1,238 @@
+"""`spec.planner` in the operator: measure the workload, plan, write `status.plan`, and (apply) run the plan.
+
+One loop per LLMService whose `spec.planner.mode` is recommend or apply (a kopf daemon registered in
+handlers.py). Every `spec.planner.interval`:
+
+1. Read the workload basis from Prometheus (`autoscaling.prometheusURL`): request rate and request length
+   histograms over `spec.planner.window` (outside any lock).
+2. Re-plan only when the basis left the hysteresis band around the basis of the plan in `status.plan` (or the
+   SLO, cluster or profile changed): no flapping on noise. Planning runs the pure `planner.plan` in a thread,
+   for the measured rate as the target, with the built-in profile named in `spec.planner.profile`. The
+   Baton engine has no tensor parallelism, so its plans use TP 1 only.
+3. Compare with the running layout (spec, or the applied plan): the gain is the GPUs the running layout uses
+   for the load over the GPUs the plan needs (or "the running layout cannot carry the load").
+4. Under the Reconciler's per-LLMService lock, merge-patch `status.plan` and the `LayoutPlanned` condition;
+   post `PlanRecommended` when a new plan differs from what runs, `PlanApplied` when apply mode runs it
+   (gain at least `minGain`), then kick a reconcile, which renders the plan over the spec
+   (`overlay.effective`; worker Deployments roll one pod at a time: maxSurge 1, maxUnavailable 0).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from baton.operator import api
+from baton.operator.kube import GROUP, VERSION, Kube, KubeError
+from baton.operator.planner.basis import WorkloadBasis, moved
+from baton.operator.planner.overlay import ROLES, planner_mode, running_layout, same_layout
+from baton.operator.planner.report import to_status
+from baton.operator.planner.search import COLOCATED, SLO, Cluster, Plan, plan
+from baton.operator.prometheus import PrometheusError, PrometheusUnavailable
+from baton.operator.reconcile import now_rfc3339
+from baton.operator.status import set_condition
+
+from baton.profile import BUILTIN, ModelProfiles, ProfileSet
+
+log = logging.getLogger("baton.operator.planner")
+
+LAYOUT_PLANNED = api.ConditionType.LAYOUT_PLANNED
+EventSink = Callable[[str, str, str], None]
+#: requests per simulation online: enough for a stable p90, small enough to plan in a second or two
+ONLINE_REQUESTS = 500
+
+
+def plan_inputs_key(spec: api.LLMServiceSpec) -> str:
+    """A short hash of everything besides the workload that a plan depends on (a change re-plans at once)."""
+    p = spec.planner
+    doc = {"slo": [spec.slo.ttft.seconds, spec.slo.tpot.seconds, spec.slo.attainment],
+           "profile": [p.profile, p.profile_model], "cluster": p.cluster.model_dump(mode="json"),
+           "engine": spec.engine.kind}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def model_profiles(spec: api.LLMServiceSpec) -> ModelProfiles:
+    """The profile the planner simulates with; ValueError naming the field when it cannot."""
+    p = spec.planner
+    if p.profile not in BUILTIN:
+        raise ValueError(f"spec.planner.profile: {p.profile!r} is not a built-in profile "
+                         f"({', '.join(sorted(BUILTIN))})")
+    ps = ProfileSet.load(p.profile)
+    model = p.profile_model or (spec.model.name if spec.model.name in ps.models else None)
+    try:
+        mp = ps.for_model(model)
+    except ValueError as exc:
+        raise ValueError(f"spec.planner.profileModel: {exc}") from None
+    if spec.engine.kind == "baton":  # one device per worker
+        if 1 not in mp.by_tp:
+            raise ValueError(f"spec.planner.profile: {p.profile} has no tensor-parallel 1 fits for {mp.model}, "
+                             "the only degree the Baton engine runs")
+        mp = ModelProfiles(mp.model, {1: mp.by_tp[1]}, mp.hardware, mp.engine, mp.kv_bytes_per_token)
+    return mp
+
+
+def layout_capacity(result: Plan, layout: dict) -> tuple[float | None, int]:
+    """(requests/s the running layout carries by the plan's per-instance numbers, its GPUs); None when its
+    tensor-parallel degrees were not simulated."""
+    g = result.instance_rps
+    p, d = layout["prefill"], layout["decode"]
+    gpus = p["replicas"] * p["tensorParallel"] + d["replicas"] * d["tensorParallel"]
+    if p["replicas"] == 0:
+        per = g.get("colocated", {}).get(d["tensorParallel"])
+        return (None if per is None else d["replicas"] * per), gpus
+    gp, gd = g.get("prefill", {}).get(p["tensorParallel"]), g.get("decode", {}).get(d["tensorParallel"])
+    if gp is None or gd is None:
+        return None, gpus
+    return min(p["replicas"] * gp, d["replicas"] * gd), gpus
+
+
+def decide(result: Plan, layout: dict, mode: str, min_gain: float) -> tuple[bool, str, str, float | None]:
+    """(apply it?, condition reason, message, gain). Pure."""
+    c = result.chosen
+    assert c is not None
+    cap, gpus = layout_capacity(result, layout)
+    rate = result.target_rps or 0.0
+    want = to_status(result)
+    if same_layout(want, layout):
+        return False, "LayoutMatchesPlan", f"the running layout is the plan: {c.describe()}", 0.0
+    if cap is None:
+        gain, why = None, "the running layout's tensor parallelism is not in the profile"
+    elif cap < rate:
+        gain, why = None, f"the running layout carries {cap:.2f} req/s, below the measured {rate:.2f} req/s"
+    else:
+        gain = gpus / c.gpus - 1 if c.gpus else None
+        why = f"the plan needs {c.gpus} GPUs for {rate:.2f} req/s, the running layout uses {gpus}"
+    message = f"plan {c.describe()} (locality {result.locality}): {why}"
+    if mode != "apply":
+        return False, "PlanRecommended", message, gain
+    under = cap is not None and cap < rate
+    if under or (gain is not None and gain >= min_gain):
+        return True, "PlanApplied", message, gain
+    if cap is None:
+        return False, "CurrentLayoutUnprofiled", message + "; not applied", gain
+    return False, "GainBelowThreshold", (f"{message}; gain {gain:+.0%} is below minGain {min_gain:.0%}, "
+                                         "not applied"), gain
+
+
+async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state: Any, emit: EventSink,
+               kick: Callable[[], None] | None = None) -> dict | None:
+    """One planning round (see the module docstring). Returns the status patch written, or None."""
+    llms = await asyncio.to_thread(kube.get, f"{GROUP}/{VERSION}", "LLMService", namespace, name)
+    if llms is None or (llms.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    mode = planner_mode(llms)
+    if mode == "off":
+        return None
+    try:
+        svc = api.parse_llmservice(llms)
+    except api.InvalidLLMService as exc:
+        log.warning("%s/%s: not planning an invalid LLMService: %s", namespace, name, exc)
+        return None
+    spec = svc.spec
+    pspec = spec.planner
+    previous = (llms.get("status") or {}).get("plan") or {}
+    inputs = plan_inputs_key(spec)
+
+    cond: tuple[str, str, str]
+    new_plan: dict | None = None
+    apply_now = False
+    try:
+        profiles = model_profiles(spec)
+        source = state.source(spec.autoscaling.prometheus_url, pspec.window.seconds, pspec.interval.seconds)
+        numbers = await source.workload(name, namespace, pspec.window.seconds)
+        if not numbers["rate"] or numbers["input_mean"] is None or numbers["output_mean"] is None:
+            cond = ("Unknown", "NoTraffic", f"no requests measured in the last {pspec.window}; keeping the plan")
+        else:
+            basis = WorkloadBasis(numbers["rate"], numbers["input_mean"], numbers["input_p90"],
+                                  numbers["output_mean"], numbers["output_p90"])
+            layout = running_layout(llms)
+            if not moved(basis, previous.get("basis"), pspec.hysteresis) and previous.get("inputs") == inputs:
+                new_plan = previous
+                matches = same_layout(previous, layout)
+                cond = (("True", "LayoutMatchesPlan", "the running layout is the plan") if matches else
+                        ("False", previous.get("decision", "PlanRecommended"), previous.get("message", "")))
+            else:
+                result = await asyncio.to_thread(
+                    plan, profiles, basis.workload(), SLO(spec.slo.ttft.seconds, spec.slo.tpot.seconds,
+                                                          spec.slo.attainment),
+                    Cluster(pspec.cluster.gpus_per_node, pspec.cluster.nodes, pspec.cluster.intra_node_gbps,
+                            pspec.cluster.inter_node_gbps),
+                    target_rps=basis.rate, num_requests=ONLINE_REQUESTS, check=False)
+                if result.chosen is None:
+                    msg = "; ".join(result.notes) or result.why()
+                    cond = ("False", "NoFeasiblePlan", msg)
+                    new_plan = {**to_status(result), "basis": basis.to_status(), "inputs": inputs,
+                                "time": now_rfc3339(), "applied": False, "decision": "NoFeasiblePlan",
+                                "message": msg}
+                else:
+                    apply_now, reason, message, gain = decide(result, layout, mode, pspec.min_gain)
+                    matches = reason == "LayoutMatchesPlan"
+                    new_plan = {**to_status(result), "basis": basis.to_status(), "inputs": inputs,
+                                "time": now_rfc3339(), "decision": reason, "message": message,
+                                "predictedGain": None if gain is None else round(gain, 4),
+                                "applied": apply_now or (matches and bool(previous.get("applied")))}
+                    cond = ("True" if matches or apply_now else "False", reason, message)
+                    if apply_now:
+                        emit("Normal", "PlanApplied", message)
+                    elif not matches and _changed(previous, new_plan):
+                        emit("Normal", reason, message)
+    except ValueError as exc:
+        cond = ("Unknown", "ProfileInvalid", str(exc))
+    except PrometheusError as exc:
+        reason = "PrometheusUnreachable" if isinstance(exc, PrometheusUnavailable) else "PrometheusQueryFailed"
+        cond = ("Unknown", reason, f"{exc}; keeping the plan")
+
+    async with lock:
+        fresh = await asyncio.to_thread(kube.get, f"{GROUP}/{VERSION}", "LLMService", namespace, name) or llms
+        status = fresh.get("status") or {}
+        generation = int((fresh.get("metadata") or {}).get("generation") or 0)
+        conditions = set_condition(list(status.get("conditions") or []), LAYOUT_PLANNED, *cond, now_rfc3339(),
+                                   generation)
+        patch: dict = {}
+        if new_plan is not None and new_plan is not previous:
+            patch["plan"] = new_plan
+        if conditions != (status.get("conditions") or []):
+            patch["conditions"] = conditions
+        if patch:
+            try:
+                await asyncio.to_thread(kube.patch_llmservice_status, namespace, name, patch)
+            except KubeError as exc:
+                log.warning("%s/%s: writing the plan failed: %s", namespace, name, exc)
+                return None
+    if apply_now and kick is not None:
+        kick()
+    return patch
+
+
+def _changed(previous: dict, new: dict) -> bool:
+    keys = (*ROLES, "locality", "layout")
+    return any(previous.get(k) != new.get(k) for k in keys)
+
+
+async def run(kube: Kube, lock_for: Callable[[], asyncio.Lock], namespace: str, name: str, state: Any,
+              stopped: Any, emit: EventSink, kick: Callable[[], None]) -> None:
+    """The loop of one LLMService until kopf stops it."""
+    log.info("%s/%s: planner started", namespace, name)
+    try:
+        while not stopped:
+            interval = 300.0
+            try:
+                llms = await asyncio.to_thread(kube.get, f"{GROUP}/{VERSION}", "LLMService", namespace, name)
+                if llms is not None:
+                    try:
+                        interval = api.parse_llmservice(llms).spec.planner.interval.seconds
+                    except api.InvalidLLMService:
+                        pass
+                await tick(kube, lock_for(), namespace, name, state, emit, kick)
+            except Exception:  # one bad round must not end the loop
+                log.exception("%s/%s: planner round failed", namespace, name)
+            await stopped.wait(interval)
+    finally:
+        await state.close()
+        log.info("%s/%s: planner stopped", namespace, name)
+
+
+__all__ = ["COLOCATED", "decide", "layout_capacity", "model_profiles", "plan_inputs_key", "run", "tick"]

@@ -46,11 +46,12 @@ ONLINE_REQUESTS = 500
 
 
 def plan_inputs_key(spec: api.LLMServiceSpec) -> str:
-    """A short hash of everything besides the workload that a plan depends on (a change re-plans at once)."""
+    """A short hash of everything besides the workload that a plan and its decision depend on (a change
+    re-plans at once: switching recommend to apply applies the plan without waiting for the load to move)."""
     p = spec.planner
     doc = {"slo": [spec.slo.ttft.seconds, spec.slo.tpot.seconds, spec.slo.attainment],
            "profile": [p.profile, p.profile_model], "cluster": p.cluster.model_dump(mode="json"),
-           "engine": spec.engine.kind}
+           "engine": spec.engine.kind, "mode": p.mode, "minGain": p.min_gain}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 

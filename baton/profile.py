@@ -212,15 +212,33 @@ def least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[
     return sol
 
 
+def nonnegative_least_squares(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Least squares with every coefficient >= 0: a term whose fit comes out negative is dropped and the rest
+    refitted (an active set, enough for three terms). Latency terms are costs: a negative one would predict
+    negative step times outside the measured range."""
+    k = len(rows[0])
+    active = list(range(k))
+    while True:
+        sub = least_squares([[r[i] for i in active] for r in rows], ys)
+        if all(v >= 0 for v in sub):
+            out = [0.0] * k
+            for i, v in zip(active, sub, strict=True):
+                out[i] = v
+            return out
+        active.pop(min(range(len(sub)), key=lambda j: sub[j]))
+        if not active:
+            return [0.0] * k
+
+
 def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> tuple[float, float, float]:
-    """(prompt lengths of a batch, milliseconds) -> (a, b, c) of a + b*sum(n) + c*sum(n^2)."""
+    """(prompt lengths of a batch, milliseconds) -> (a, b, c) >= 0 of a + b*sum(n) + c*sum(n^2)."""
     rows = [(1.0, float(sum(lens)), float(sum(n * n for n in lens))) for lens, _ in samples]
-    a, b, c = least_squares(rows, [ms for _, ms in samples])
+    a, b, c = nonnegative_least_squares(rows, [ms for _, ms in samples])
     return a, b, c
 
 
 def fit_decode(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """(batch size, context tokens, milliseconds per step) -> (a, b, c) of a + b*context + c*batch."""
+    """(batch size, context tokens, milliseconds per step) -> (a, b, c) >= 0 of a + b*context + c*batch."""
     rows = [(1.0, float(ctx), float(bs)) for bs, ctx, _ in samples]
-    a, b, c = least_squares(rows, [ms for _, _, ms in samples])
+    a, b, c = nonnegative_least_squares(rows, [ms for _, _, ms in samples])
     return a, b, c

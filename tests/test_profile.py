@@ -59,3 +59,13 @@ def test_fits_recover_known_coefficients_from_noisy_samples():
     assert fit_decode([(0, 100, 5.0), (0, 200, 6.0)]) == pytest.approx((4.0, 0.01, 0.0))
     with pytest.raises(ValueError, match="do not determine"):
         fit_decode([(1, 100, 5.0), (1, 100, 6.0)])
+
+
+def test_fits_never_go_negative():
+    # decode steps that get cheaper with batch size at fixed context (noise on a tiny model): the batch term
+    # is dropped instead of fitted negative, so no batch size predicts a negative step
+    dec = [(bs, ctx, 1.0 + 0.001 * ctx - 0.01 * bs) for bs in (1, 8, 32) for ctx in (bs * 64, bs * 512)]
+    a, b, c = fit_decode(dec)
+    assert min(a, b, c) >= 0 and c == 0.0
+    prof = WorkerProfile((0, 0, 0), (a, b, c), (a, b, c), 1 << 30, 10**6)
+    assert prof.decode_step_s(1000, 1000) > 0

@@ -204,7 +204,7 @@ class Targets:
 
 
 def max_goodput(run: Callable[[Sequence[Request]], Latencies], requests: Sequence[Request], targets: Targets,
-                *, hi: float = 64.0, rel_tol: float = 0.01) -> float:
+                *, hi: float = 4096.0, rel_tol: float = 0.01) -> float:
     """The highest arrival rate (req/s) at which `run` over `requests` (re-timed to that rate) meets `targets`;
     0 when not even a trickle does. `requests` give the lengths and the shape of the arrival process."""
     if not requests:

@@ -45,8 +45,8 @@ spec:
     source: {{hostPath: {{path: {model}}}}}
     maxModelLen: {max_model_len}
   engine: {{kind: baton}}
-  prefill: {{replicas: 1}}
-  decode: {{replicas: 1}}
+  prefill: {{replicas: {prefill}}}
+  decode: {{replicas: {decode}}}
   router: {{replicas: 1, policy: least-loaded}}
   kvTransfer: {{transport: tcp}}
 """
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([*BATON, "model", "tiny", str(model), "--size", args.size], check=True,
                            capture_output=True, env=env)
         spec = work / "service.yaml"
-        spec.write_text(SPEC.format(model=model.resolve(), max_model_len=args.max_model_len))
+        spec.write_text(SPEC.format(model=model.resolve(), max_model_len=args.max_model_len, prefill=1, decode=1))
         configs = [("colocated", ["--colocated", "--cpus-per-worker", "2"]),
                    ("disaggregated", ["--cpus-per-worker", "1"])]
         results: dict[str, list[dict]] = {name: [] for name, _ in configs}

@@ -26,23 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from disagg_goodput import BATON, start_up, stop_up
-
-SPEC = """\
-apiVersion: baton.dev/v1alpha1
-kind: LLMService
-metadata: {{name: planned}}
-spec:
-  model:
-    name: bench-model
-    source: {{hostPath: {{path: {model}}}}}
-    maxModelLen: {max_model_len}
-  engine: {{kind: baton}}
-  prefill: {{replicas: {prefill}}}
-  decode: {{replicas: {decode}}}
-  router: {{replicas: 1, policy: least-loaded}}
-  kvTransfer: {{transport: tcp}}
-"""
+from disagg_goodput import BATON, SPEC, start_up, stop_up
 
 
 def run(cmd: list[str], env: dict, what: str) -> subprocess.CompletedProcess:

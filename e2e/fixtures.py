@@ -9,7 +9,9 @@ Load with ``pytest_plugins = ["baton.e2e.fixtures"]`` in a ``conftest.py``.
 * ``kube_api`` (session): a configured ``kubernetes.client.ApiClient``.
 * ``namespace`` (function): a fresh namespace (service account ready), deleted afterwards.
 * ``local_prometheus`` (function): a started real Prometheus (:mod:`baton.e2e.prometheus`), no targets yet.
-* :func:`kubectl`: run the Debian kubectl against the session cluster.
+* ``llmservice_crd`` (session): the LLMService CRD applied and Established; returns its object.
+* :func:`kubectl`: run the Debian kubectl against the session cluster; :func:`get_json` reads an object
+  through it; :func:`condition` picks one condition out of a status.
 """
 
 from __future__ import annotations
@@ -50,6 +52,18 @@ def kubectl(
     cfg = kubeconfig or _active_kubeconfig or os.environ.get("KUBECONFIG")
     argv = [binary, *([f"--kubeconfig={cfg}"] if cfg else []), *args]
     return subprocess.run(argv, input=input, text=True, capture_output=True, check=check, timeout=timeout)
+
+
+def get_json(run, *args: str) -> dict:
+    """`kubectl get ARGS -o json` through `run` (the ``kubectl`` fixture or function), parsed."""
+    import json
+
+    return json.loads(run("get", *args, "-o", "json", check=True).stdout)
+
+
+def condition(status: dict, type_: str) -> dict:
+    """The condition of `type_` in a status (an empty dict when there is none)."""
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
 
 
 def _skip_requested() -> bool:
@@ -114,6 +128,15 @@ def namespace(local_cluster: LocalCluster, kube_api, request) -> Iterator[str]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and core.list_namespaced_pod(name).items:
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def llmservice_crd(local_cluster: LocalCluster) -> dict:
+    """The repository's LLMService CRD, applied to the session cluster and Established."""
+    crd = Path(__file__).resolve().parents[1] / "crds" / "llmservice.yaml"
+    kubectl("apply", "-f", str(crd), check=True)
+    kubectl("wait", "--for=condition=Established", "crd/llmservices.baton.dev", "--timeout=30s", check=True)
+    return get_json(kubectl, "crd", "llmservices.baton.dev")
 
 
 @pytest.fixture

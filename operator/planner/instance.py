@@ -91,6 +91,14 @@ class _DecodeBatch:
         self.ctx += self.size
         return dt
 
+    def step_and_finish(self, t: float, requests: Sequence[Request], first: list[float],
+                        tpot: list[float | None]) -> float:
+        """Run one step from time `t`; record the TPOT of each request it finishes. Returns the new time."""
+        t += self.run_step()
+        for k in self.pop_finished(requests):
+            tpot[k] = (t - first[k]) / (requests[k].output_tokens - 1)
+        return t
+
     def pop_finished(self, requests: Sequence[Request]) -> list[int]:
         done = []
         while self.finish and self.finish[0][0] <= self.step:
@@ -129,9 +137,7 @@ def decode_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> Lat
                 break
             t = requests[i].arrival_s
             continue
-        t += batch.run_step()
-        for k in batch.pop_finished(requests):
-            tpot[k] = (t - start[k]) / (requests[k].output_tokens - 1)
+        t = batch.step_and_finish(t, requests, start, tpot)
     return Latencies([None] * n, tpot)
 
 
@@ -175,9 +181,7 @@ def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> 
                 break
             t = max(t, requests[i].arrival_s)
             continue
-        t += batch.run_step()
-        for k in batch.pop_finished(requests):
-            tpot[k] = (t - first[k]) / (requests[k].output_tokens - 1)
+        t = batch.step_and_finish(t, requests, first, tpot)
     return Latencies(ttft, tpot)
 
 

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, His
 
 pytestmark = pytest.mark.integration
 
+from baton.e2e.fixtures import condition, get_json
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
 
@@ -78,22 +79,8 @@ class RouterLoad:
         self.server.server_close()
 
 
-@pytest.fixture
-def crd(local_cluster, kubectl):
-    kubectl("apply", "-f", str(REPO / "crds" / "llmservice.yaml"), check=True)
-    kubectl("wait", "--for=condition=Established", "crd/llmservices.baton.dev", "--timeout=30s", check=True)
-
-
-def get_json(kubectl, *args):
-    return json.loads(kubectl("get", *args, "-o", "json", check=True).stdout)
-
-
-def condition(status: dict, type_: str) -> dict:
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
-
 def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
-        local_cluster, kubeconfig, kubectl, crd, namespace, local_prometheus, tmp_path):
+        local_cluster, kubeconfig, kubectl, llmservice_crd, namespace, local_prometheus, tmp_path):
     body = yaml.safe_load(EXAMPLE.read_text())
     name = body["metadata"]["name"]
     body["metadata"]["namespace"] = namespace

@@ -19,10 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def crd_installed(local_cluster, kubectl):
-    kubectl("apply", "-f", str(REPO / "crds" / "llmservice.yaml"), check=True)
-    kubectl("wait", "--for=condition=Established", "crd/llmservices.baton.dev", "--timeout=30s", check=True)
-    crd = json.loads(kubectl("get", "crd", "llmservices.baton.dev", "-o", "json", check=True).stdout)
+def crd_installed(llmservice_crd):
+    crd = llmservice_crd
     problems = [c for c in crd["status"]["conditions"] if c["type"] == "NonStructuralSchema"]
     assert not problems, problems
     return crd

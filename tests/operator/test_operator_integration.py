@@ -16,6 +16,7 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
+from baton.e2e.fixtures import condition, get_json
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
 
@@ -25,14 +26,7 @@ BAD = sorted((REPO / "tests" / "operator" / "bad").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def crd(local_cluster, kubectl):
-    kubectl("apply", "-f", str(REPO / "crds" / "llmservice.yaml"), check=True)
-    kubectl("wait", "--for=condition=Established", "crd/llmservices.baton.dev", "--timeout=30s", check=True)
-    return True
-
-
-@pytest.fixture(scope="module")
-def operator(local_cluster, kubeconfig, crd, kubectl, tmp_path_factory):
+def operator(local_cluster, kubeconfig, llmservice_crd, kubectl, tmp_path_factory):
     op = Operator(str(kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
 
@@ -52,17 +46,8 @@ def operator(local_cluster, kubeconfig, crd, kubectl, tmp_path_factory):
     op.stop()
 
 
-def get_json(kubectl, *args):
-    out = kubectl("get", *args, "-o", "json", check=True)
-    return json.loads(out.stdout)
-
-
 def llms_status(kubectl, ns: str, name: str) -> dict:
     return get_json(kubectl, "llmservice", name, "-n", ns).get("status") or {}
-
-
-def condition(status: dict, type_: str) -> dict:
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
 
 
 def apply_example(kubectl, ns: str, **spec_overrides) -> dict:

@@ -24,6 +24,7 @@ import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+from baton.e2e.fixtures import condition, get_json
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
 from baton.worker.engine.types import EngineStats
@@ -89,21 +90,8 @@ def _serve(render) -> ThreadingHTTPServer:
     return server
 
 
-@pytest.fixture
-def crd(local_cluster, kubectl):
-    kubectl("apply", "-f", str(REPO / "crds" / "llmservice.yaml"), check=True)
-    kubectl("wait", "--for=condition=Established", "crd/llmservices.baton.dev", "--timeout=30s", check=True)
-
-
-def get_json(kubectl, *args):
-    return json.loads(kubectl("get", *args, "-o", "json", check=True).stdout)
-
-
-def condition(status: dict, type_: str) -> dict:
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
-
-def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, crd, namespace, local_prometheus,
+def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llmservice_crd, namespace,
+                                         local_prometheus,
                                          tmp_path):
     name = "opt"
     body = {

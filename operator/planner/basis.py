@@ -24,18 +24,21 @@ class WorkloadBasis:
     output_mean: float
     output_p90: float | None
 
-    def workload(self) -> Workload:
-        return Workload(self.rate, lognormal_from_mean_p90(self.input_mean, self.input_p90),
-                        lognormal_from_mean_p90(self.output_mean, self.output_p90))
+    def workload(self, max_model_len: int | None = None) -> Workload:
+        """Lengths as lognormals; with `max_model_len`, clipped so no request exceeds the model's context
+        (a prompt keeps room for one output token; outputs are clipped to the context too)."""
+        cap_in = max_model_len - 1 if max_model_len else None
+        return Workload(self.rate, lognormal_from_mean_p90(self.input_mean, self.input_p90, cap_in),
+                        lognormal_from_mean_p90(self.output_mean, self.output_p90, max_model_len))
 
     def to_status(self) -> dict:
         return {"rate": round(self.rate, 4), "inputMean": round(self.input_mean, 1),
                 "outputMean": round(self.output_mean, 1)}
 
 
-def lognormal_from_mean_p90(mean: float, p90: float | None) -> LengthDist:
+def lognormal_from_mean_p90(mean: float, p90: float | None, cap: int | None = None) -> LengthDist:
     """The lognormal length distribution with this mean and 90th percentile (sd = mean when p90 is unknown or
-    impossible for a lognormal), clipped to [1, 20 x mean]."""
+    impossible for a lognormal), clipped to [1, 20 x mean] and to `cap`."""
     mean = max(1.0, mean)
     sd = mean
     if p90 is not None and p90 > 0:
@@ -44,7 +47,8 @@ def lognormal_from_mean_p90(mean: float, p90: float | None) -> LengthDist:
         if disc >= 0:
             sigma = max(0.0, Z90 - math.sqrt(disc))  # the smaller root: the less skewed fit
             sd = mean * math.sqrt(math.expm1(sigma * sigma))
-    return LengthDist.lognormal(round(mean, 1), round(sd, 1), 1, max(2, round(20 * mean)))
+    hi = max(2, round(20 * mean))
+    return LengthDist.lognormal(round(mean, 1), round(sd, 1), 1, min(hi, cap) if cap else hi)
 
 
 def moved(basis: WorkloadBasis, planned: dict | None, hysteresis: float) -> bool:

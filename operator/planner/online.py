@@ -28,7 +28,7 @@ from typing import Any
 from baton.operator import api
 from baton.operator.kube import GROUP, VERSION, Kube, KubeError
 from baton.operator.planner.basis import WorkloadBasis, moved
-from baton.operator.planner.overlay import ROLES, planner_mode, running_layout, same_layout
+from baton.operator.planner.overlay import ROLES, layout_of, planner_mode, running_layout, same_layout
 from baton.operator.planner.report import to_status
 from baton.operator.planner.search import COLOCATED, SLO, Cluster, Plan, plan
 from baton.operator.prometheus import PrometheusError, PrometheusUnavailable
@@ -157,7 +157,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                         ("False", previous.get("decision", "PlanRecommended"), previous.get("message", "")))
             else:
                 result = await asyncio.to_thread(
-                    plan, profiles, basis.workload(), SLO(spec.slo.ttft.seconds, spec.slo.tpot.seconds,
+                    plan, profiles, basis.workload(spec.model.max_model_len), SLO(spec.slo.ttft.seconds, spec.slo.tpot.seconds,
                                                           spec.slo.attainment),
                     Cluster(pspec.cluster.gpus_per_node, pspec.cluster.nodes, pspec.cluster.intra_node_gbps,
                             pspec.cluster.inter_node_gbps),
@@ -166,15 +166,18 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                     msg = "; ".join(result.notes) or result.why()
                     cond = ("False", "NoFeasiblePlan", msg)
                     new_plan = {**to_status(result), "basis": basis.to_status(), "inputs": inputs,
-                                "time": now_rfc3339(), "applied": False, "decision": "NoFeasiblePlan",
-                                "message": msg}
+                                "time": now_rfc3339(), "applied": previous.get("applied"),
+                                "decision": "NoFeasiblePlan", "message": msg}
                 else:
                     apply_now, reason, message, gain = decide(result, layout, mode, pspec.min_gain)
                     matches = reason == "LayoutMatchesPlan"
+                    stamp = now_rfc3339()
                     new_plan = {**to_status(result), "basis": basis.to_status(), "inputs": inputs,
-                                "time": now_rfc3339(), "decision": reason, "message": message,
+                                "time": stamp, "decision": reason, "message": message,
                                 "predictedGain": None if gain is None else round(gain, 4),
-                                "applied": apply_now or (matches and bool(previous.get("applied")))}
+                                # what runs: this plan when applied now, else the last applied one (if any)
+                                "applied": ({**layout_of(to_status(result)), "time": stamp} if apply_now
+                                            else previous.get("applied"))}
                     cond = ("True" if matches or apply_now else "False", reason, message)
                     if apply_now:
                         emit("Normal", "PlanApplied", message)

@@ -1,9 +1,10 @@
 """`spec.planner.mode: apply`: the layout the service runs is the spec with the applied plan laid over it.
 
-The planner never edits the user's spec (GitOps tools would fight it). It writes `status.plan` with
-`applied: true` when it decided to run that plan; render and the autoscaler read the LLMService through
-`effective(llmservice)`, which lays the plan's per-phase `tensorParallel` and `replicas` and
-`kvTransfer.locality` over the spec. With autoscaling on, the plan's replicas become the autoscaler's floors
+The planner never edits the user's spec (GitOps tools would fight it). When it decides to run a plan it
+copies the plan's layout into `status.plan.applied` (per-phase `tensorParallel` and `replicas`, `locality`,
+`time`); a later plan that is only recommended (gain below `minGain`) leaves `applied` as it was, so the
+service keeps running the last applied layout. Render and the autoscaler read the LLMService through
+`effective(llmservice)`, which lays `applied` over the spec. With autoscaling on, the plan's replicas become the autoscaler's floors
 (`minReplicas`, never above `maxReplicas`): the planner sizes for the measured load, the autoscaler still
 reacts to bursts above it. Pure.
 """
@@ -21,11 +22,16 @@ def planner_mode(llmservice: dict) -> str:
 
 
 def applied_plan(llmservice: dict) -> dict | None:
-    """The plan the service should run, or None (not in apply mode, or no plan applied yet)."""
+    """The layout the service should run, or None (not in apply mode, or no plan applied yet)."""
     if planner_mode(llmservice) != "apply":
         return None
-    plan = (llmservice.get("status") or {}).get("plan") or {}
-    return plan if plan.get("applied") and all(isinstance(plan.get(r), dict) for r in ROLES) else None
+    applied = ((llmservice.get("status") or {}).get("plan") or {}).get("applied")
+    return applied if isinstance(applied, dict) and all(isinstance(applied.get(r), dict) for r in ROLES) else None
+
+
+def layout_of(plan: dict) -> dict:
+    """The part of a `status.plan` that `applied` keeps."""
+    return {**{r: dict(plan[r]) for r in ROLES}, "locality": plan.get("locality", "any")}
 
 
 def effective(llmservice: dict) -> dict:

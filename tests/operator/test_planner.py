@@ -208,8 +208,11 @@ def svc_dict(mode="apply", plan=None, autoscaling=False):
 def test_overlay_lays_an_applied_plan_over_the_spec():
     from baton.operator.planner.overlay import effective, running_layout
 
-    plan = {"applied": True, "prefill": {"tensorParallel": 2, "replicas": 1},
-            "decode": {"tensorParallel": 1, "replicas": 5}, "locality": "node"}
+    layout = {"prefill": {"tensorParallel": 2, "replicas": 1}, "decode": {"tensorParallel": 1, "replicas": 5},
+              "locality": "node"}
+    # a newer recommendation (top-level fields) does not change what runs: `applied` does
+    plan = {"prefill": {"tensorParallel": 4, "replicas": 9}, "decode": {"tensorParallel": 4, "replicas": 9},
+            "applied": layout}
     out = effective(svc_dict(plan=plan))
     assert out["spec"]["prefill"] == {"replicas": 1, "tensorParallel": 2}
     assert out["spec"]["decode"]["replicas"] == 5 and out["spec"]["kvTransfer"] == {"locality": "node"}
@@ -218,7 +221,7 @@ def test_overlay_lays_an_applied_plan_over_the_spec():
     auto = effective(svc_dict(plan=plan, autoscaling=True))["spec"]["decode"]
     assert auto["autoscaling"] == {"minReplicas": 3, "maxReplicas": 3} and auto["replicas"] == 3
     # not applied, recommend mode, off (and YAML's unquoted off = false): the spec as written
-    for body in (svc_dict(plan={**plan, "applied": False}), svc_dict(mode="recommend", plan=plan),
+    for body in (svc_dict(plan={**plan, "applied": None}), svc_dict(mode="recommend", plan=plan),
                  svc_dict(mode=False, plan=plan)):
         assert effective(body) is body
 
@@ -226,8 +229,8 @@ def test_overlay_lays_an_applied_plan_over_the_spec():
 def test_render_follows_an_applied_plan():
     from baton.operator.render import render
 
-    plan = {"applied": True, "prefill": {"tensorParallel": 1, "replicas": 2},
-            "decode": {"tensorParallel": 1, "replicas": 4}, "locality": "any"}
+    plan = {"applied": {"prefill": {"tensorParallel": 1, "replicas": 2},
+                        "decode": {"tensorParallel": 1, "replicas": 4}, "locality": "any"}}
     body = svc_dict(plan=plan)
     body["spec"]["autoscaling"] = {"prometheusURL": "http://p:9090"}
     deps = {m["metadata"]["name"]: m for m in render(body) if m["kind"] == "Deployment"}
@@ -269,3 +272,88 @@ def test_planner_spec_validation():
     assert api.validation_errors(body) == []
     body["spec"]["planner"]["mode"] = "auto"
     assert any(p.startswith("spec.planner.mode") for p in api.validation_errors(body))
+
+
+class _Kube:
+    """The calls the planner makes, on one in-memory LLMService (status patches merge like a merge patch)."""
+
+    def __init__(self, body: dict) -> None:
+        self.body = body
+
+    def get(self, api_version, kind, namespace, name):
+        import copy
+
+        return copy.deepcopy(self.body)
+
+    def patch_llmservice_status(self, namespace, name, patch):
+        def merge(into: dict, p: dict) -> None:
+            for k, v in p.items():
+                if v is None:
+                    into.pop(k, None)
+                elif isinstance(v, dict) and isinstance(into.get(k), dict):
+                    merge(into[k], v)
+                else:
+                    into[k] = v
+
+        merge(self.body.setdefault("status", {}), patch)
+        return self.body
+
+
+class _Source:
+    def __init__(self) -> None:
+        self.numbers = {"rate": 6.0, "input_mean": 755.0, "input_p90": 1500.0, "output_mean": 200.0,
+                        "output_p90": 450.0}
+
+    async def workload(self, name, namespace, window):
+        return dict(self.numbers)
+
+
+class _State:
+    def __init__(self, source: _Source) -> None:
+        self._source = source
+
+    def source(self, url, window, interval):
+        return self._source
+
+
+def test_online_round_applies_then_keeps_the_applied_layout_when_a_new_plan_is_not_worth_it():
+    import asyncio
+
+    from baton.operator.planner.online import tick
+    from baton.operator.planner.overlay import effective
+
+    body = svc_dict(mode="apply")
+    body["spec"]["model"].update(name="opt-13b", maxModelLen=2048)  # OPT's context
+    body["spec"]["engine"] = {"kind": "vllm"}
+    body["spec"]["slo"] = {"ttft": "200ms", "tpot": "100ms", "attainment": 0.9}
+    body["spec"]["autoscaling"] = {"prometheusURL": "http://p:9090"}
+    body["spec"]["planner"].update({"profileModel": "facebook/opt-13b", "minGain": 1.0,
+                                    "cluster": {"gpusPerNode": 4, "nodes": 1}})
+    kube, source = _Kube(body), _Source()
+    events, kicks = [], []
+
+    def round_():
+        return asyncio.run(tick(kube, asyncio.Lock(), "n", "s", _State(source), lambda *e: events.append(e),
+                                lambda: kicks.append(1)))
+
+    round_()  # 1 x TP1 + 1 x TP1 cannot carry 6 req/s of these lengths: applied whatever minGain says
+    plan = kube.body["status"]["plan"]
+    assert plan["decision"] == "PlanApplied" and kicks == [1], plan
+    first = plan["applied"]
+    assert first["prefill"] == plan["prefill"] and effective(kube.body)["spec"]["prefill"] == {
+        "replicas": first["prefill"]["replicas"], "tensorParallel": first["prefill"]["tensorParallel"]}
+    assert [e[1] for e in events] == ["PlanApplied"]
+    cond = next(c for c in kube.body["status"]["conditions"] if c["type"] == "LayoutPlanned")
+    assert cond["status"] == "True"
+
+    round_()  # same load: nothing new (hysteresis)
+    assert kube.body["status"]["plan"]["time"] == plan["time"] and kicks == [1]
+
+    # far less load, short prompts: a smaller layout, but it saves less than minGain (100 %) of the GPUs
+    source.numbers.update(rate=1.0, input_mean=200.0, input_p90=400.0)
+    round_()
+    plan = kube.body["status"]["plan"]
+    assert plan["decision"] == "GainBelowThreshold", plan
+    assert plan["applied"] == first and kicks == [1]  # what runs is still the applied layout
+    assert effective(kube.body)["spec"]["decode"]["tensorParallel"] == first["decode"]["tensorParallel"]
+    assert events[-1][1] == "GainBelowThreshold"

@@ -151,7 +151,7 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
         assert basis["rate"] == pytest.approx(RATE, rel=0.35), plan
         assert basis["inputMean"] == pytest.approx(SHAREGPT_LIKE.prompt.mean, rel=0.3), plan
         assert plan["capacityRPS"] >= basis["rate"] and plan["goodputPerGPU"] > 0 and plan["reason"], plan
-        assert plan["applied"] is False and plan["decision"] == "PlanRecommended", plan
+        assert plan.get("applied") is None and plan["decision"] == "PlanRecommended", plan
         c = condition(s, "LayoutPlanned")
         assert c["status"] == "False" and c["reason"] == "PlanRecommended", c
         assert wait_for("a PlanRecommended Event", lambda: events("PlanRecommended"), timeout=20)
@@ -164,6 +164,8 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
         s = wait_for("the plan applied", lambda: (s := status()).get("plan", {}).get("applied") and s, timeout=60,
                      diagnostics=op.log_tail)
         plan = s["plan"]
+        applied = plan["applied"]
+        assert all(applied[r] == plan[r] for r in ("prefill", "decode")) and applied["locality"] == plan["locality"]
         want = {role: (plan[role]["replicas"], str(plan[role]["tensorParallel"])) for role in ("prefill", "decode")}
         assert want != {"prefill": (1, "1"), "decode": (1, "1")}, plan
         wait_for(f"Deployments at {want}", lambda: layout() == want, timeout=60, diagnostics=op.log_tail)

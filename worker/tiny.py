@@ -11,7 +11,9 @@ import json
 import os
 from pathlib import Path
 
-SIZES = ("tiny", "100m")
+#: tiny: head_dim 16 (Baton's tests); small: head_dim 64, the smallest shape vLLM's CPU attention accepts
+#: (head sizes 32, 64, 80, ...); 100m: ~100M parameters (benchmarks)
+SIZES = ("tiny", "small", "100m")
 ARCHS = ("llama", "qwen2", "mistral")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -74,6 +76,10 @@ def _model_config(arch: str, size: str, vocab_size: int, bos_id: int, eos_id: in
     if size == "tiny":
         dims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "max_position_embeddings": 1024, "initializer_range": 0.1}
+    elif size == "small":  # vLLM CPU (head_dim 64): 4 layers, 2.6M parameters, 10 MB
+        dims = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024,
+                    "initializer_range": 0.1}
     elif size == "100m":
         dims = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "num_key_value_heads": 4, "max_position_embeddings": 2048, "initializer_range": 0.02}
@@ -106,7 +112,7 @@ def create_tiny_model(path: str | os.PathLike, *, size: str = "tiny", arch: str 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = _train_tokenizer(vocab_size or (512 if size == "tiny" else 2048), seed)
+    tok = _train_tokenizer(vocab_size or (2048 if size == "100m" else 512), seed)
     bos_id, eos_id, pad_id = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
     config = _model_config(arch, size, tok.get_vocab_size(), bos_id, eos_id, pad_id)
 

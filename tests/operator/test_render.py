@@ -440,7 +440,7 @@ def test_vllm_worker_command() -> None:
     assert c["args"][c["args"].index("--tensor-parallel-size") + 1] == "4"
     assert c["args"][c["args"].index("--port") + 1] == "8000"
     kv = json.loads(c["args"][c["args"].index("--kv-transfer-config") + 1])
-    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_producer"}  # gpu: vLLM's default buffer
     assert c["args"][-1] == "--enforce-eager"
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"  # vLLM has no /ready
     env = {e["name"]: e for e in c["env"]}

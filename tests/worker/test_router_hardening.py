@@ -94,6 +94,17 @@ async def kv_lost_then_answer(request, body: dict, n: int):
     return await answer(request, body, n)
 
 
+async def vllm_kv_lost_then_answer(request, body: dict, n: int):
+    """vLLM's decode worker under `kv_load_failure_policy: fail` (its default) when the KV pull fails (the
+    prefill worker died after its hop): a plain 500. The router's resend without params answers."""
+    from aiohttp import web
+
+    if n % 2:
+        return web.json_response({"error": {"message": "Internal server error", "type": "InternalServerError",
+                                            "param": None, "code": 500}}, status=500)
+    return await answer(request, body, n)
+
+
 def hostile_body(path: str, stream: bool) -> dict:
     """A request steering the KV hand-off both ways vLLM accepts: top-level and in `vllm_xargs`."""
     body = {"model": SERVED, "max_tokens": 4, "stream": stream, "kv_transfer_params": EVIL,
@@ -189,19 +200,19 @@ def test_router_with_health_path_is_ready_on_a_vllm_fleet():
 
 # ------------------------------------------------------------------- 2. client KV params never reach a worker
 
-SCENARIOS = ("disaggregated", "prefill_5xx", "kv_lost", "both", "decode_only")
+SCENARIOS = ("disaggregated", "prefill_5xx", "kv_lost", "vllm_kv_lost", "both", "decode_only")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_client_kv_transfer_params_never_reach_a_worker(scenario):
     """On every path (each hop, JSON and SSE, completions and chat) the client's `kv_transfer_params`, top-level
     and in `vllm_xargs`, are dropped; the decode hop carries only what the router's prefill hop returned."""
-    decode_handler = kv_lost_then_answer if scenario == "kv_lost" else answer
+    decode_handler = {"kv_lost": kv_lost_then_answer, "vllm_kv_lost": vllm_kv_lost_then_answer}.get(scenario, answer)
     prefill = Worker(prefill_500 if scenario == "prefill_5xx" else prefill_ok).start()
     last = Worker(decode_handler).start()
     role = "both" if scenario == "both" else "decode"
     config = {role: [last.base_url]}
-    if scenario in ("disaggregated", "prefill_5xx", "kv_lost"):
+    if scenario in ("disaggregated", "prefill_5xx", "kv_lost", "vllm_kv_lost"):
         config["prefill"] = [prefill.base_url]
     r = RunningRouter(**config).start()
     try:
@@ -210,12 +221,12 @@ def test_client_kv_transfer_params_never_reach_a_worker(scenario):
                 resp = httpx.post(r.base_url + path, json=hostile_body(path, stream), timeout=30)
                 assert resp.status_code == 200, resp.text
         hops = last.bodies
-        assert len(hops) == (8 if scenario == "kv_lost" else 4)
+        assert len(hops) == (8 if scenario in ("kv_lost", "vllm_kv_lost") else 4)
         for body in prefill.bodies:  # the prefill hop: the router's own request for KV, nothing else
             assert body["kv_transfer_params"] == {"do_remote_decode": True}
             assert body["vllm_xargs"] == {"keep": 1}
         for i, body in enumerate(hops):
-            if scenario == "disaggregated" or (scenario == "kv_lost" and i % 2 == 0):
+            if scenario == "disaggregated" or (scenario in ("kv_lost", "vllm_kv_lost") and i % 2 == 0):
                 assert body["kv_transfer_params"] == ROUTER_KV  # exactly what the prefill hop returned
             else:  # recompute or colocated: no params at all
                 assert "kv_transfer_params" not in body, body

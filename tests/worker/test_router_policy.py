@@ -228,3 +228,23 @@ def test_operator_rendered_command_parses():
                                       "chat-decode", "--namespace", "ml"])
     assert (args.policy, args.port, args.prefill_service, args.decode_service, args.namespace, args.host) == \
         ("prefix-aware", 8080, "chat-prefill", "chat-decode", "ml", "0.0.0.0")
+
+
+def test_worker_load_from_its_own_metrics():
+    """The health checker reads running + waiting from a worker's /metrics (vLLM's names, which Baton's workers
+    share); least-loaded and prefix-aware then compare the larger of that and the router's own in-flight count."""
+    from baton.worker.router.pool import Endpoint, parse_load
+
+    text = (b'# HELP vllm:num_requests_running x\nvllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+            b'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+            b'vllm:num_requests_waiting_by_reason{reason="capacity"} 7.0\nvllm:kv_cache_usage_perc 0.5\n')
+    assert parse_load(text) == 5
+    assert parse_load(b"baton_router_inflight 3\n") is None
+    busy, idle = Endpoint("http://a:1", "decode"), Endpoint("http://b:1", "decode")
+    assert busy.load == 0
+    busy.engine_load = 5  # requests another router sent it
+    idle.inflight = 1
+    assert (busy.load, idle.load) == (5, 1)
+    assert LeastLoaded().choose([busy, idle]) is idle
+    busy.inflight = 9
+    assert busy.load == 9

@@ -26,7 +26,8 @@ only ever pulls the KV the router's own prefill hop produced:
 
 The last hop is retried (same X-Request-Id, other worker where possible) only while no byte has reached the
 client: connection errors and 5xx move to another worker; a 502 `kv_transfer_failed` resends without params
-(recompute); when every worker answered 503 the client gets 503 + Retry-After (outcome `overloaded`). Once
+(recompute), and so does a 500 from a decode worker that got kv_transfer_params (vLLM's answer to a failed KV
+load); when every worker answered 503 the client gets 503 + Retry-After (outcome `overloaded`). Once
 streaming started, an upstream failure ends the stream with an OpenAI error event and `[DONE]` (no hang).
 A client that goes away cancels the handler (aiohttp `handler_cancellation`), which closes the upstream
 connections, so the workers abort the request.
@@ -135,6 +136,15 @@ def _reason(exc: BaseException) -> str:
 
 def _limit(seconds: float | None) -> float | None:
     return seconds if seconds else None  # 0 / None: no limit
+
+
+def _kv_lost(role: str, reason: str) -> bool:
+    """Whether a failed decode hop that carried kv_transfer_params should be resent without them (the decode
+    worker recomputes the prompt). Baton's workers say so precisely (502 `kv_transfer_failed`); vLLM's answer a
+    failed KV load (a prefill worker that died after its hop, an expired or foreign lease) with a plain 500
+    under `kv_load_failure_policy: fail`, its default. A 500 from an engine that is really broken fails again
+    without the params and then moves on to another worker, so resending once costs one attempt at most."""
+    return reason == "kv_transfer_failed" or (role == "decode" and reason == "500")
 
 
 class HopTimeout(asyncio.TimeoutError):
@@ -492,7 +502,7 @@ class Router:
                 last = hop
                 self.metrics.hop_error(role, hop.reason)
                 log.warning("%s hop to %s failed: %s", role, ep.url, hop.message)
-                if hop.reason == "kv_transfer_failed" and not recompute:
+                if not recompute and _kv_lost(role, hop.reason):
                     data, recompute = raw, True  # the KV is lost: the decode worker recomputes the prompt
                     continue
                 if hop.reason == "overloaded":

@@ -1,10 +1,12 @@
 """Worker selection policies: pure, synchronous, no I/O (unit-tested without servers).
 
 A policy picks one endpoint among `candidates` (healthy endpoints of one role). Each candidate has
-`.url` and `.inflight` (requests this router has in flight there). `key` is the routing key of the request
+`.url` and `.inflight` (requests this router has in flight there), and may have `.load` (the larger of
+`inflight` and the worker's own running + waiting queue from its metrics; see pool.py), which the load-aware
+policies use when present. `key` is the routing key of the request
 (the start of its prompt) and only matters to prefix-aware.
 
-- least-loaded: fewest in-flight requests; ties broken at random.
+- least-loaded: lowest load (in-flight requests); ties broken at random.
 - round-robin: each call takes the next endpoint (in URL order, so membership changes do not reshuffle).
 - prefix-aware: consistent hashing of the key onto a ring of virtual nodes, with bounded loads
   (Mirrokni et al., "Consistent Hashing with Bounded Loads"): an endpoint is skipped while its in-flight
@@ -32,6 +34,12 @@ class Candidate(Protocol):
     inflight: int
 
 
+def load_of(c: Candidate) -> int:
+    """The load a policy compares: `.load` where the candidate has one, else `.inflight`."""
+    load = getattr(c, "load", None)
+    return c.inflight if load is None else load
+
+
 class Policy:
     name = ""
 
@@ -50,8 +58,9 @@ class LeastLoaded(Policy):
             raise LookupError("no candidates")
         if len(candidates) == 1:
             return candidates[0]
-        low = min(c.inflight for c in candidates)
-        best = [c for c in candidates if c.inflight == low]
+        loads = [load_of(c) for c in candidates]
+        low = min(loads)
+        best = [c for c, load in zip(candidates, loads, strict=True) if load == low]
         return best[0] if len(best) == 1 else self.rng.choice(best)
 
 
@@ -112,7 +121,7 @@ class PrefixAware(Policy):
             return self.fallback.choose(candidates)
         by_url = {c.url: c for c in candidates}
         self._ring(tuple(sorted(by_url)))
-        total = sum(c.inflight for c in candidates) + 1  # counting this request
+        total = sum(load_of(c) for c in candidates) + 1  # counting this request
         cap = math.ceil(self.load_factor * total / len(candidates))
         start = bisect.bisect_left(self._points, _hash(self.key_of(key))) % len(self._points)
         seen: set[str] = set()
@@ -122,7 +131,7 @@ class PrefixAware(Policy):
             if url in seen:
                 continue
             seen.add(url)
-            if by_url[url].inflight + 1 <= cap:
+            if load_of(by_url[url]) + 1 <= cap:
                 return by_url[url]
             if len(seen) == len(by_url):
                 break

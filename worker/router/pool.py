@@ -4,6 +4,12 @@ Membership comes from discovery (`discovery.py`: static lists or Kubernetes Endp
 `Pool.set_urls`; health from a periodic `GET <health path>` per endpoint (`HealthChecker`; `/ready` for
 Baton's workers, `/health` for vLLM's, which serve no `/ready`) and, passively, from hops that fail to
 connect (the endpoint is marked unhealthy at once and comes back when a check passes).
+
+Load: each endpoint counts the requests this router has in flight there (`inflight`). After a passing health
+check the checker also reads the worker's own queue from its `/metrics` -- `vllm:num_requests_running` +
+`vllm:num_requests_waiting`, which vLLM and Baton's workers both export -- so `Endpoint.load` also sees
+requests other router replicas (or clients going around the router) sent it. A worker without those series
+(404, or none in the text) is not scraped again; the policies then use `inflight` alone.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -26,6 +34,25 @@ ROLES = ("prefill", "decode", "both")
 #: (200 once the engine can serve); a vLLM fleet is rendered with `--health-path /health`. From the launch
 #: contract, like every path a probe or a peer uses.
 DEFAULT_HEALTH_PATH = launch.probes(launch.ENGINE_BATON).readiness
+METRICS_PATH = "/metrics"
+#: a worker's own queue (vLLM's names; Baton's workers export the same): sums over label sets (engines)
+LOAD_SERIES = (launch.Metric.NUM_REQUESTS_RUNNING, launch.Metric.NUM_REQUESTS_WAITING)
+_LOAD_LINE = re.compile(rb"^(" + b"|".join(re.escape(n.encode()) for n in LOAD_SERIES)
+                        + rb")(?:\{[^}]*\})?[ \t]+([-+0-9.eEinfINFaN]+)", re.MULTILINE)
+
+
+def parse_load(text: bytes) -> int | None:
+    """running + waiting requests from a Prometheus text exposition; None when neither series is there."""
+    total, seen = 0.0, False
+    for m in _LOAD_LINE.finditer(text):
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            continue
+        if math.isfinite(value) and value >= 0:
+            total += value
+            seen = True
+    return int(total) if seen else None
 
 
 def validate_health_path(path: str) -> str:
@@ -51,7 +78,8 @@ def normalize_url(url: str) -> str:
 
 
 class Endpoint:
-    __slots__ = ("_on_change", "checked_at", "healthy", "inflight", "last_error", "role", "url")
+    __slots__ = ("_on_change", "checked_at", "engine_load", "healthy", "inflight", "last_error", "role",
+                 "scrape_load", "url")
 
     def __init__(self, url: str, role: str, on_change: Callable[[Endpoint], None] | None = None) -> None:
         self.url = url
@@ -60,7 +88,17 @@ class Endpoint:
         self.healthy = False  # until the first check passes
         self.last_error: str | None = "not checked yet"
         self.checked_at = 0.0
+        self.engine_load: int | None = None  # running + waiting as the worker last reported it
+        self.scrape_load = True  # False once the worker showed it exports no load series
         self._on_change = on_change
+
+    @property
+    def load(self) -> int:
+        """What the policies compare: this router's in-flight count, or the worker's own queue when that is
+        larger (requests of other routers; it lags by up to one health interval)."""
+        if self.engine_load is None:
+            return self.inflight
+        return max(self.inflight, self.engine_load)
 
     def acquire(self) -> None:
         self.inflight += 1
@@ -137,12 +175,13 @@ class HealthChecker:
     The path depends on the engine (`DEFAULT_HEALTH_PATH` for Baton's workers, `/health` for vLLM's)."""
 
     def __init__(self, pool: Pool, session: aiohttp.ClientSession, interval: float = 2.0,
-                 timeout: float = 1.0, path: str = DEFAULT_HEALTH_PATH) -> None:
+                 timeout: float = 1.0, path: str = DEFAULT_HEALTH_PATH, load_metrics: bool = True) -> None:
         self.pool = pool
         self.session = session
         self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.path = validate_health_path(path)
+        self.load_metrics = load_metrics
         self._task: asyncio.Task | None = None
 
     async def check(self, ep: Endpoint) -> None:
@@ -157,6 +196,27 @@ class HealthChecker:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
             ep.mark(False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if self.load_metrics and ep.scrape_load:
+            if ep.healthy:
+                await self.read_load(ep)
+            else:
+                ep.engine_load = None
+
+    async def read_load(self, ep: Endpoint) -> None:
+        """The worker's own running + waiting requests from its /metrics (see the module docstring)."""
+        try:
+            async with self.session.get(ep.url + METRICS_PATH, timeout=self.timeout) as resp:
+                body = await resp.read()
+                status = resp.status
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a load reading is optional; health is decided above
+            ep.engine_load = None
+            return
+        load = parse_load(body) if status == 200 else None
+        if load is None and status in (200, 404):
+            ep.scrape_load = False  # it has no such series: do not ask again
+        ep.engine_load = load
 
     async def check_all(self, endpoints: Iterable[Endpoint] | None = None) -> None:
         eps = list(self.pool.all() if endpoints is None else endpoints)

@@ -85,7 +85,7 @@ def format_plan(plan: Plan, top: int = 10) -> str:
                  f"{c.goodput_per_gpu:.2f} req/s per GPU")
     lines.append(f"why        {plan.why()}")
     gain = plan.gain_over_colocated
-    if gain is not None and plan.colocated is not None:
+    if gain is not None and plan.colocated is not None and c.kind != COLOCATED:
         lines.append(f"vs         the best colocated layout, {plan.colocated.describe()[len('colocated '):]}: "
                      f"{plan.colocated.goodput_per_gpu:.2f} req/s per GPU -> disaggregation x{gain:.2f}")
     if plan.check is not None:

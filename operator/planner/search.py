@@ -13,7 +13,7 @@ Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
 3. Layouts: for each (prefill TP, decode TP) the fewest instances that carry the target rate (or, with no
    target, the mix that carries the most per GPU within the cluster). Capacity = min(n_p x g_p, n_d x g_d);
    the smaller side is the SLO that binds. The colocated rival: n instances of one TP, prefill and decode in
-   each, against both SLOs.
+   each, against both SLOs. The best of all is chosen: colocation when it wins (the gain is then < 1x).
 4. The best layout is simulated as a whole fleet (the autoscaler simulator with a fixed fleet), so the
    prediction includes queueing between the phases.
 """
@@ -124,6 +124,10 @@ class Plan:
         if not self.chosen:
             return "no layout meets the SLO on this cluster at any rate"
         c = self.chosen
+        if c.kind == COLOCATED:
+            best = max((x.goodput_per_gpu for x in self.candidates if x.kind == DISAGGREGATED), default=0.0)
+            return (f"colocated carries {c.goodput_per_gpu:.2f} req/s per GPU, more than any disaggregated "
+                    f"layout ({best:.2f}): at these SLOs the phases do not interfere enough to split them")
         side = {"ttft": f"TTFT {self.slo.ttft_s * 1000:g} ms binds (prefill is the bottleneck)",
                 "tpot": f"TPOT {self.slo.tpot_s * 1000:g} ms binds (decode is the bottleneck)",
                 "both": "TTFT and TPOT bind alike"}[c.binding]
@@ -241,7 +245,8 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     colocated.sort(key=rank)
     if target and not candidates:
         notes.append(f"no disaggregated layout carries {target:g} req/s within {cluster.gpus} GPUs")
-    chosen = candidates[0] if candidates else None
+    # the best layout overall: colocation is chosen when it beats every disaggregated layout
+    chosen = min(candidates[:1] + colocated[:1], key=rank, default=None)
     result = Plan(chosen, colocated[0] if colocated else None, candidates + colocated, locality, handoff_p90,
                   workload, slo, cluster, target, None, notes, {"prefill": g_p, "decode": g_d, "colocated": g_c})
     if check and chosen:

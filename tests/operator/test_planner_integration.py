@@ -114,7 +114,7 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
     op.start()
     try:
         local_prometheus.wait_for_targets(scrapes=1)
-        time.sleep(8)  # a few seconds of rate() history
+        time.sleep(20)  # a full planner window of rate() history
 
         def status() -> dict:
             return get_json(kubectl, "llmservice", name, "-n", namespace).get("status") or {}

@@ -51,3 +51,20 @@ def test_cli_works_without_the_e2e_package():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'worker'" in out.stdout and "'operator'" in out.stdout
     assert "'cluster'" not in out.stdout and "'images'" not in out.stdout
+
+
+def test_every_python_folder_is_a_packaged_package():
+    """A subfolder with Python files that pyproject's `packages` misses works in a checkout and is missing from
+    every wheel and image (the images caught `baton.operator.planner` that way once)."""
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(cfg["packages"])
+    roots = {pkg: REPO / folder for pkg, folder in cfg["package-dir"].items()}
+    for pkg, root in roots.items():
+        for init in root.rglob("*.py"):
+            rel = init.parent.relative_to(root)
+            if any(part.startswith((".", "__")) for part in rel.parts):
+                continue
+            name = ".".join([pkg, *rel.parts])
+            assert name in packages, f"{init.parent} holds Python files but {name} is not in pyproject's packages"

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from baton.operator.units import Duration, Quantity
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -216,21 +217,24 @@ class EngineSpec(_Model):
 # ------------------------------------------------------------------------------------------ spec: SLO
 
 
+def _positive_duration(v: Duration) -> Duration:
+    if v.seconds <= 0:
+        raise ValueError(f"must be greater than zero, got {str(v)!r}")
+    return v
+
+
+#: A duration that must be greater than zero (SLO targets, loop intervals, measurement windows).
+PositiveDuration = Annotated[Duration, AfterValidator(_positive_duration)]
+
+
 class SLOSpec(_Model):
     """p90 latency targets; the autoscaler scales each role to keep `attainment` of requests within both."""
 
-    ttft: Duration = Field(default=Duration("500ms"), description="Time-to-first-token target (p90).")
-    tpot: Duration = Field(default=Duration("50ms"), description="Time-per-output-token target (p90).")
+    ttft: PositiveDuration = Field(default=Duration("500ms"), description="Time-to-first-token target (p90).")
+    tpot: PositiveDuration = Field(default=Duration("50ms"), description="Time-per-output-token target (p90).")
     attainment: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.9, description="Share of requests that must meet both targets, in (0, 1]."
     )
-
-    @field_validator("ttft", "tpot")
-    @classmethod
-    def _positive(cls, v: Duration) -> Duration:
-        if v.seconds <= 0:
-            raise ValueError(f"must be greater than zero, got {str(v)!r}")
-        return v
 
 
 # ------------------------------------------------------------------------------------------ spec: roles
@@ -349,16 +353,9 @@ class AutoscalingSpec(_Model):
     prometheus_url: Annotated[str, Field(pattern=HTTP_URL)] | None = Field(
         default=None, alias="prometheusURL", description="Prometheus that scrapes the router's SLO metrics."
     )
-    interval: Duration = Field(default=Duration("15s"), description="How often to evaluate.")
+    interval: PositiveDuration = Field(default=Duration("15s"), description="How often to evaluate.")
     scale_up_stabilization: Duration = Duration("0s")
     scale_down_stabilization: Duration = Duration("300s")
-
-    @field_validator("interval")
-    @classmethod
-    def _positive(cls, v: Duration) -> Duration:
-        if v.seconds <= 0:
-            raise ValueError(f"must be greater than zero, got {str(v)!r}")
-        return v
 
     @model_validator(mode="after")
     def _needs_prometheus(self) -> AutoscalingSpec:
@@ -392,8 +389,8 @@ class PlannerSpec(_Model):
         default=None, description="Model in the profile (default: spec.model.name if the profile has it, "
         "else the profile's only model).")
     cluster: PlannerCluster = Field(default_factory=PlannerCluster, json_schema_extra=_object_default())
-    interval: Duration = Field(default=Duration("5m"), description="How often to re-plan.")
-    window: Duration = Field(default=Duration("10m"), description="Window the workload is measured over.")
+    interval: PositiveDuration = Field(default=Duration("5m"), description="How often to re-plan.")
+    window: PositiveDuration = Field(default=Duration("10m"), description="Window the workload is measured over.")
     hysteresis: Annotated[float, Field(ge=0, le=10)] = Field(
         default=0.2, description="Re-plan only when the request rate or a mean length moved more than this "
         "share since the current plan's basis (no flapping).")
@@ -405,13 +402,6 @@ class PlannerSpec(_Model):
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML 1.1 (PyYAML, kubectl) reads an unquoted `off` as false
-
-    @field_validator("interval", "window")
-    @classmethod
-    def _positive(cls, v: Duration) -> Duration:
-        if v.seconds <= 0:
-            raise ValueError(f"must be greater than zero, got {str(v)!r}")
-        return v
 
 
 class LLMServiceSpec(_Model):

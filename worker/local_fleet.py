@@ -303,47 +303,32 @@ def plan_fleet(
         port = ports.pop(0)
         kv_port = ports.pop(0) if use_kv else None
         role_spec = spec.prefill if role == "prefill" else spec.decode
-        if vllm:
+        env: dict[str, str] = {}
+        if vllm:  # vLLM's own server; the KV port is its NIXL side channel, not a flag
             env = {**VLLM_ENV_DEFAULTS, **engine_env}
             if kv_port is not None:
                 env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_HOST] = launch.LOCAL_LISTEN_HOST
                 env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_PORT] = str(kv_port)
-            argv = _local_vllm(launch.worker_argv(launch.WorkerLaunch(
-                engine=launch.ENGINE_VLLM,
-                role=role,
-                model_path=model_path,
-                served_model_name=spec.model.name,
-                port=port,
-                host=launch.LOCAL_LISTEN_HOST,
-                kv_port=None,
-                max_model_len=spec.model.max_model_len,
-                kv_buffer_device="cpu",  # CPU-only processes: the KV cache is in host memory
-                extra_args=(*engine_args, *role_spec.extra_args, *extra_worker_args),
-            )), vllm_python)
-            p = ProcSpec(name=f"{role}-{idx}", role=role, port=port, argv=argv, cpus=cpu_sets[i],
-                         threads=cpus_per_worker, kv_port=kv_port, env=env,
-                         ready_path=launch.probes(launch.ENGINE_VLLM).readiness)
-            procs.append(p)
-            urls[role].append(p.url)
-            continue
-        argv = _local(launch.worker_argv(launch.WorkerLaunch(
-            engine=launch.ENGINE_BATON,
+            engine_fields: dict[str, Any] = {
+                "kv_port": None, "kv_buffer_device": "cpu"}  # CPU-only processes: the KV cache is in host memory
+        else:
+            engine_fields = {"kv_port": kv_port, "kv_transport": "tcp" if kv_port is not None else None,
+                             "llmservice": svc.metadata.name, "namespace": "local", "log_level": log_level}
+        argv = launch.worker_argv(launch.WorkerLaunch(
+            engine=engine,
             role=role,
             model_path=model_path,
             served_model_name=spec.model.name,
             port=port,
             host=launch.LOCAL_LISTEN_HOST,
-            kv_port=kv_port,
-            kv_transport="tcp" if kv_port is not None else None,
             max_model_len=spec.model.max_model_len,
-            llmservice=svc.metadata.name,
-            namespace="local",
-            log_level=log_level,
             extra_args=(*engine_args, *role_spec.extra_args, *extra_worker_args),
-        )))
-        p = ProcSpec(name=f"{role}-{idx}", role=role, port=port, argv=argv, cpus=cpu_sets[i],
-                     threads=cpus_per_worker, kv_port=kv_port,
-                     ready_path=launch.probes(launch.ENGINE_BATON).readiness)
+            **engine_fields,
+        ))
+        p = ProcSpec(name=f"{role}-{idx}", role=role, port=port,
+                     argv=_local_vllm(argv, vllm_python) if vllm else _local(argv), cpus=cpu_sets[i],
+                     threads=cpus_per_worker, kv_port=kv_port, env=env,
+                     ready_path=launch.probes(engine).readiness)
         procs.append(p)
         urls[role].append(p.url)
     rport = router_port or ports.pop(0)

@@ -86,7 +86,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"baton plan: {msg}", file=sys.stderr, flush=True)
 
-    result = plan(profiles, workload, slo, cluster, target_rps=args.rate if args.rate is not None else None,
+    result = plan(profiles, workload, slo, cluster, target_rps=args.rate,
                   kv_bytes_per_token=args.kv_bytes_per_token, colocated_profiles=coloc,
                   num_requests=args.requests, seed=args.seed, progress=progress)
     fragment = spec_fragment(result)
@@ -127,9 +127,7 @@ def _workload(args: argparse.Namespace) -> Workload:
             raise ValueError(f"{args.trace}: the planner needs input_len on every line (prompts are not tokenized)")
         outs = [r.output_tokens for r in reqs]
         prompt, output = _fit_lognormal(ins), _fit_lognormal(outs)
-        if args.rate is None:
-            args.rate = rate
-        return Workload(rate, prompt, output)
+        return Workload(rate, prompt, output)  # its rate is the target unless --rate says otherwise
     base = PRESETS[args.workload] if args.workload else None
     if base is None and not (args.input_len and args.output_len):
         raise ValueError("give --workload sharegpt, --trace FILE, or both --input-len and --output-len")

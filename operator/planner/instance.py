@@ -114,7 +114,7 @@ class _DecodeBatch:
 def decode_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> Latencies:
     n = len(requests)
     tpot: list[float | None] = [None] * n
-    start = [0.0] * n
+    start = [r.arrival_s for r in requests]  # a decode instance's "first token" is the request's arrival
     batch = _DecodeBatch(profile)
     waiting: deque[int] = deque()
     t = 0.0
@@ -130,7 +130,6 @@ def decode_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> Lat
             i += 1
         while waiting and batch.fits(requests[waiting[0]]):
             k = waiting.popleft()
-            start[k] = requests[k].arrival_s
             batch.join(k, requests[k])
         if not batch.size:
             if i >= n:

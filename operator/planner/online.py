@@ -30,7 +30,7 @@ from baton.operator.kube import GROUP, VERSION, Kube, KubeError
 from baton.operator.planner.basis import WorkloadBasis, moved
 from baton.operator.planner.overlay import ROLES, layout_of, planner_mode, running_layout, same_layout
 from baton.operator.planner.report import to_status
-from baton.operator.planner.search import COLOCATED, SLO, Cluster, Plan, plan
+from baton.operator.planner.search import SLO, Cluster, Plan, plan
 from baton.operator.prometheus import PrometheusError, PrometheusUnavailable
 from baton.operator.reconcile import now_rfc3339
 from baton.operator.status import set_condition
@@ -239,4 +239,4 @@ async def run(kube: Kube, lock_for: Callable[[], asyncio.Lock], namespace: str, 
         log.info("%s/%s: planner stopped", namespace, name)
 
 
-__all__ = ["COLOCATED", "decide", "layout_capacity", "model_profiles", "plan_inputs_key", "run", "tick"]
+__all__ = ["decide", "layout_capacity", "model_profiles", "plan_inputs_key", "run", "tick"]

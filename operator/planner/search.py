@@ -19,6 +19,7 @@ Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ from baton.operator.planner.instance import (
     max_goodput,
     prefill_latencies,
 )
+from baton.operator.simulate import SimConfig, fixed_controller, simulate
 
 from baton.profile import ModelProfiles
-from baton.workload import Request, Workload, attainment, percentile
+from baton.workload import Request, Workload, attainment, percentile, rescale
 
 DISAGGREGATED, COLOCATED = "disaggregated", "colocated"
 
@@ -253,16 +255,14 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
         say(f"simulating the chosen fleet ({chosen.describe()})")
         rate = min(target, chosen.capacity_rps) if target else chosen.capacity_rps
         fleet = check_fleet(chosen, coloc if chosen.kind == COLOCATED else profiles, reqs, slo, rate, handoff)
-        result = Plan(**{**result.__dict__, "check": fleet})
+        result = dataclasses.replace(result, check=fleet)
     return result
 
 
 def check_fleet(layout: Layout, profiles: ModelProfiles, reqs: Sequence[Request], slo: SLO, rate: float,
                 handoff=None) -> FleetCheck:
     """Simulate the whole layout at `rate` (the same requests, re-timed) with the fleet simulator."""
-    from baton.operator.simulate import SimConfig, fixed_controller, simulate
 
-    from baton.workload import rescale
 
     timed = rescale(list(reqs), rate)
     if layout.kind == COLOCATED:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 
 ENGINE_BATON = "baton"
@@ -47,6 +48,12 @@ def vllm_kv_transfer_config(role: str, buffer_device: str | None = None) -> dict
     return cfg
 
 
+#: `kv_transfer_params` key of a prefill hop (router -> Baton prefill worker): announce the transfer parameters
+#: as soon as the lease exists, before the prefill's forward ends (layer-wise KV export), in a first output or
+#: SSE event without a token; the decode hop may start pulling at once and computes the first token itself.
+KV_ANNOUNCE = "baton_announce_kv"
+
+
 class Env:
     """Environment variable names the data plane reads (set by the pod spec or ``baton up``)."""
 
@@ -77,6 +84,8 @@ class Flag:
     TENSOR_PARALLEL_SIZE = "--tensor-parallel-size"
     KV_TRANSPORT = "--kv-transport"
     KV_PORT = "--kv-port"
+    KV_LEASE_SECONDS = "--kv-lease-seconds"
+    DRAIN_TIMEOUT = "--drain-timeout"
     LLMSERVICE = "--llmservice"
     NAMESPACE = "--namespace"
     LOG_LEVEL = "--log-level"
@@ -89,6 +98,12 @@ class Flag:
     PREFILL_SERVICE = "--prefill-service"
     DECODE_SERVICE = "--decode-service"
     BOTH_SERVICE = "--both-service"
+    #: the prefill-failure policy (LLMService `spec.router.prefillFailure`) and the TPOT SLO it protects
+    PREFILL_RETRIES = "--prefill-retries"
+    PREFILL_RECOMPUTE = "--prefill-recompute"
+    PREFILL_RETRY_AFTER = "--prefill-retry-after"
+    TPOT_SLO = "--tpot-slo"
+    KV_ANNOUNCE = "--kv-announce"
     # vLLM
     KV_TRANSFER_CONFIG = "--kv-transfer-config"
 
@@ -109,6 +124,14 @@ class Metric:
     NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
     ROUTER_TTFT = "baton_router_ttft_seconds"
     ROUTER_TPOT = "baton_router_tpot_seconds"
+    #: TTFT split into `TTFT_STAGES` (label `stage`); per request the stages add up to its TTFT
+    ROUTER_TTFT_STAGE = "baton_router_ttft_stage_seconds"
+    #: requests whose prefill hop failed, by what the router did (label `outcome`: PREFILL_FAILURE_OUTCOMES)
+    ROUTER_PREFILL_FAILURES = "baton_router_prefill_failures_total"
+    #: a prefill worker's KV caches waiting for their decode worker (gauge; a drain waits for 0)
+    KV_LEASES = "baton_kv_leases"
+    #: how leases ended (counter, label `outcome`: pulled | expired; exposed with the `_total` suffix)
+    KV_LEASES_ENDED = "baton_kv_leases_ended"
 
 
 class Label:
@@ -118,6 +141,72 @@ class Label:
     LLMSERVICE = "llmservice"
     ROLE = "role"
     NAMESPACE = "namespace"
+    #: how a request or a KV lease ended (router requests, worker KV leases)
+    OUTCOME = "outcome"
+    STAGE = "stage"
+
+
+#: values of `Label.OUTCOME` on `Metric.KV_LEASES_ENDED`
+LEASE_PULLED = "pulled"
+LEASE_EXPIRED = "expired"
+
+#: Values of `Label.STAGE` on `Metric.ROUTER_TTFT_STAGE`, in time order. prefill_queue: from arrival at the
+#: router until the prefill that produced the first token started (router time, failed prefill attempts, the
+#: worker's queue); prefill_compute: that prefill's forward; kv_handoff: the decode worker pulling the KV;
+#: first_decode: the rest until the first token reached the client (HTTP, the decode worker's queue, router).
+TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_handoff", "first_decode")
+#: Values of `Label.OUTCOME` on `Metric.ROUTER_PREFILL_FAILURES`: another prefill worker produced the KV / the
+#: decode worker recomputed the prompt / the client got 503 + Retry-After.
+PREFILL_FAILURE_OUTCOMES = ("retried_ok", "recomputed", "rejected")
+#: `spec.router.prefillFailure.recompute` and `--prefill-recompute`: when a decode worker may recompute a prompt
+#: whose prefill failed. whenHeadroom: while the router's recent TPOT p90 leaves headroom under the TPOT SLO.
+RECOMPUTE_WHEN_HEADROOM = "whenHeadroom"
+RECOMPUTE_ALWAYS = "always"
+RECOMPUTE_NEVER = "never"
+RECOMPUTE_MODES = (RECOMPUTE_WHEN_HEADROOM, RECOMPUTE_ALWAYS, RECOMPUTE_NEVER)
+
+
+class Header:
+    """HTTP headers between the router and the workers."""
+
+    REQUEST_ID = "X-Request-Id"
+    RETRY_AFTER = "Retry-After"
+    #: a worker's own timings of a request, W3C Server-Timing (`queue;dur=1.2, prefill;dur=30.5`, milliseconds),
+    #: sent with the response headers (for a stream: with the first chunk, once the first token exists)
+    SERVER_TIMING = "Server-Timing"
+
+
+class Timing:
+    """Metric names in a Baton worker's `Server-Timing`: what a request's first token waited for and cost."""
+
+    QUEUE = "queue"  # in the engine's queue, until its prefill (or KV import) was scheduled
+    PREFILL = "prefill"  # the prompt's forward until the first token (this worker computed the prompt)
+    KV_IMPORT = "kv_import"  # pulling the prompt's KV from the prefill worker, until the first token
+
+
+def format_server_timing(timings: dict[str, float]) -> str:
+    """`Server-Timing` of `timings` (seconds): `name;dur=<milliseconds>` entries, microsecond precision."""
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in timings.items())
+
+
+def parse_server_timing(value: str | None) -> dict[str, float]:
+    """{name: seconds} of a `Server-Timing` header; entries without a finite non-negative `dur` are skipped (a
+    proxy or another server may add its own entries)."""
+    out: dict[str, float] = {}
+    for entry in (value or "").split(","):
+        name, *params = (p.strip() for p in entry.split(";"))
+        for param in params:
+            key, _, raw = param.partition("=")
+            if key.strip().lower() != "dur":
+                continue
+            try:
+                ms = float(raw.strip().strip('"'))
+            except ValueError:
+                break
+            if name and 0 <= ms < float("inf"):
+                out[name] = ms / 1000
+            break
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +238,53 @@ def probes(engine: str) -> Probes:
         raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}") from None
 
 
+# ---------------------------------------------------------------------------------------------- draining
+# How a worker pod leaves (scale-down, rollout, eviction), as one budget: the worker's KV lease and
+# --drain-timeout and the pod's terminationGracePeriodSeconds all come from here, so they cannot disagree.
+
+#: How long a prefill worker keeps a request's KV cache for its decode worker (the lease). A decode worker that
+#: has not pulled it by then gets 502 `kv_transfer_failed` and the router has the prompt recomputed.
+KV_LEASE_SECONDS = 30.0
+#: A drain lasts at least this long, even idle: Kubernetes removes a terminating pod's endpoint while it sends
+#: SIGTERM, and routers learn of it a little later (health check on /ready, which answers 503 at once, and the
+#: Endpoints poll: 2 s each); what they send meanwhile is served. A Baton worker's "preStop sleep", without
+#: /ready staying 200 through it.
+DRAIN_ACCEPT_SECONDS = 5.0
+#: A draining prefill worker still runs the prefill hops queued when routers stopped picking it; each one's
+#: lease starts when it finishes.
+PREFILL_DRAIN_QUEUE_SECONDS = 25.0
+#: A draining decode (or colocated) worker lets the streams in flight finish for up to this long.
+STREAM_DRAIN_SECONDS = 110.0
+#: Between the worker's own drain timeout and the kubelet's SIGKILL: the engine stops, the process exits 0.
+GRACE_SLACK_SECONDS = 10.0
+#: vLLM pods: vLLM does not drain on SIGTERM; a preStop hook sleeps DRAIN_ACCEPT_SECONDS first (endpoint removal
+#: propagates while it still serves), then vLLM shuts down on its own terms within this grace period.
+VLLM_GRACE_SECONDS = 120
+
+
+def drain_timeout_seconds(role: str, kv_lease_seconds: float = KV_LEASE_SECONDS) -> float:
+    """A Baton worker's default --drain-timeout. Prefill: every lease it can still hand out ends (pulled or
+    expired) inside it -- the accept window, the queued prefills, then one lease. Decode and colocated: the
+    longest stream a drain waits for."""
+    prefill = DRAIN_ACCEPT_SECONDS + PREFILL_DRAIN_QUEUE_SECONDS + kv_lease_seconds
+    return prefill if role == "prefill" else max(STREAM_DRAIN_SECONDS, prefill)
+
+
+def _flag_float(args: Sequence[str], flag: str) -> float | None:
+    """The last value of `flag` in `args` (``--flag V`` or ``--flag=V``, the last one wins as in argparse); None
+    when absent or not a number (the worker's parser reports that one)."""
+    value: str | None = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerLaunch:
     """Everything that decides a worker's command line."""
@@ -168,6 +304,35 @@ class WorkerLaunch:
     log_level: str | None = None
     kv_buffer_device: str | None = None  # vLLM: "cpu" for CPU-only workers
     extra_args: tuple[str, ...] = ()  # engine args, then the role's extra args: last, so they win
+    kv_lease_seconds: float | None = None  # Baton prefill: rendered when set (`with_drain` sets it)
+    drain_timeout: float | None = None  # Baton engine: rendered when set (`with_drain` sets it)
+
+
+def with_drain(w: WorkerLaunch) -> WorkerLaunch:
+    """`w` with its drain budget filled in (Baton engine; vLLM's launch is returned as is): the KV lease (prefill)
+    and --drain-timeout the user put in the extra args, else the ones already set, else the defaults -- and the
+    default drain timeout follows the lease."""
+    if w.engine != ENGINE_BATON:
+        return w
+    lease = _flag_float(w.extra_args, Flag.KV_LEASE_SECONDS)
+    if lease is None:
+        lease = w.kv_lease_seconds if w.kv_lease_seconds is not None else KV_LEASE_SECONDS
+    drain = _flag_float(w.extra_args, Flag.DRAIN_TIMEOUT)
+    if drain is None:
+        drain = w.drain_timeout if w.drain_timeout is not None else drain_timeout_seconds(w.role, lease)
+    return dataclasses.replace(w, kv_lease_seconds=lease if w.role == "prefill" else None, drain_timeout=drain)
+
+
+def termination_grace_seconds(w: WorkerLaunch) -> int:
+    """terminationGracePeriodSeconds of a worker pod launched as `w`: the worker's own drain timeout plus the
+    slack to stop the engine, so the kubelet's SIGKILL never cuts a drain the worker would have finished."""
+    if w.engine == ENGINE_VLLM:
+        return VLLM_GRACE_SECONDS
+    return math.ceil(with_drain(w).drain_timeout + GRACE_SLACK_SECONDS)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
 
 
 def worker_argv(w: WorkerLaunch) -> list[str]:
@@ -201,6 +366,10 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
         argv += [Flag.KV_PORT, str(w.kv_port)]
     if w.kv_transport is not None:
         argv += [Flag.KV_TRANSPORT, w.kv_transport]
+    if w.kv_lease_seconds is not None:
+        argv += [Flag.KV_LEASE_SECONDS, _seconds(w.kv_lease_seconds)]
+    if w.drain_timeout is not None:
+        argv += [Flag.DRAIN_TIMEOUT, _seconds(w.drain_timeout)]
     if w.tensor_parallel > 1:
         argv += [Flag.TENSOR_PARALLEL_SIZE, str(w.tensor_parallel)]
     if w.max_model_len is not None:
@@ -232,6 +401,12 @@ class RouterLaunch:
     decode_service: str | None = None
     both_service: str | None = None
     log_level: str | None = None
+    # the prefill-failure policy; None: the router's default
+    prefill_retries: int | None = None
+    prefill_recompute: str | None = None
+    prefill_retry_after: int | None = None  # seconds (Retry-After counts whole seconds)
+    tpot_slo: float | None = None  # seconds: what `whenHeadroom` protects
+    kv_announce: bool = False  # Baton engine only: start the decode hop on the prefill's KV announcement
 
 
 def router_argv(r: RouterLaunch) -> list[str]:
@@ -259,6 +434,14 @@ def router_argv(r: RouterLaunch) -> list[str]:
         argv += [Flag.LLMSERVICE, r.llmservice]
     if r.log_level is not None:
         argv += [Flag.LOG_LEVEL, r.log_level]
+    for flag, value in ((Flag.PREFILL_RETRIES, r.prefill_retries), (Flag.PREFILL_RECOMPUTE, r.prefill_recompute),
+                        (Flag.PREFILL_RETRY_AFTER, r.prefill_retry_after), (Flag.TPOT_SLO, r.tpot_slo)):
+        if value is not None:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if r.kv_announce:
+        if r.engine != ENGINE_BATON:
+            raise ValueError(f"{Flag.KV_ANNOUNCE} needs Baton prefill workers, not {r.engine}")
+        argv.append(Flag.KV_ANNOUNCE)
     return argv
 
 

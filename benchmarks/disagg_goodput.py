@@ -4,17 +4,23 @@
     python benchmarks/disagg_goodput.py --quick    # fewer requests and rates
     python benchmarks/disagg_goodput.py --rates 2,4,6,8 --num-requests 60 --slo-ttft 250ms --slo-tpot 8ms
 
-Both set-ups run through `baton up` (real processes: router + workers on loopback) and are measured with
+All three set-ups run through `baton up` (real processes: router + workers on loopback) and are measured with
 `baton bench` (Poisson arrivals, streaming, ignore_eos) on the same prompt-heavy workload and seed:
 
-- colocated:     `baton up --colocated --cpus-per-worker 2`: one `both` worker, 2 threads, pinned to 2 cores.
+- colocated:     `baton up --colocated --cpus-per-worker 2`: one `both` worker, 2 threads, pinned to 2 cores,
+                 whole prompts per prefill step (`--no-enable-chunked-prefill`): a long prompt stalls the decodes.
+- chunked:       the same worker with chunked prefill (Sarathi-Serve, the strongest colocated design): steps of
+                 `--chunk-budget` tokens, every running decode plus prompt chunks.
 - disaggregated: `baton up --cpus-per-worker 1`: 1 prefill + 1 decode worker, 1 thread and 1 core each,
                  KV cache moved over the TCP transport (when this build has it; otherwise the decode worker
                  recomputes, which the output says).
 
-The router (and the load generator) are not pinned; they share the machine in both set-ups alike.
+Prefix caching is off in all three (this compares step shapes and placement; the prompts share no prefix).
+The router (and the load generator) are not pinned; they share the machine in every set-up alike.
+With --until-miss (default) the sweep goes on past the top rate while any set-up still meets the SLO there, so
+each goodput is a measurement, not a lower bound.
 Goodput (DistServe) = highest swept rate at which >= --attainment of requests meet both SLOs (and every lower
-rate did too). The set-ups alternate over --repeats runs; per rate the requests of all repeats are pooled
+rate did too). The set-ups rotate over --repeats runs; per rate the requests of all repeats are pooled
 before the attainment is computed (each repeat's own goodput is printed too, to show the noise). The ratio
 disaggregated / colocated is printed as measured, whatever it is.
 """
@@ -33,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+RATIOS = (("disaggregated", "colocated"), ("chunked", "colocated"), ("disaggregated", "chunked"))
 BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
 
 SPEC = """\
@@ -111,6 +118,16 @@ def run_config(name: str, extra: list[str], args, spec: Path, work: Path, env: d
             "kv_transport": fleet.get("kv_transport"), "fleet": fleet}
 
 
+def _passes_top(rs: list[dict], top: float, args) -> bool:
+    """Whether the pooled requests of every repeat at rate `top` met the SLO."""
+    from baton.worker.bench import RequestResult, meets_slo, parse_duration
+
+    reqs = [RequestResult(**q) for r in rs for run in r["report"]["runs"] if float(run["rate"]) == top
+            for q in run["requests"]]
+    ttft, tpot = parse_duration(args.slo_ttft), parse_duration(args.slo_tpot)
+    return bool(reqs) and sum(meets_slo(q, ttft, tpot) for q in reqs) / len(reqs) >= args.attainment
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="existing model directory (default: create one)")
@@ -131,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each set-up (pooled)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="30 requests per rate, rates 16,32,48")
+    ap.add_argument("--chunk-budget", type=int, default=256,
+                    help="chunked contender: --max-num-batched-tokens, the step's token budget (256)")
+    ap.add_argument("--until-miss", action=argparse.BooleanOptionalAction, default=True,
+                    help="extend the sweep (x1.25, x1.5 of the top rate) while any contender still meets the "
+                         "SLO at the top rate (default on)")
+    ap.add_argument("--max-rate", type=float, default=400.0, help="--until-miss stops before this rate")
     ap.add_argument("--json", default=None, help="write everything measured here")
     args = ap.parse_args(argv)
     args.rates = args.rates or ("16,32,48" if args.quick else "8,12,16,20,24,28,32,36,40")
@@ -149,13 +172,28 @@ def main(argv: list[str] | None = None) -> int:
                            capture_output=True, env=env)
         spec = work / "service.yaml"
         spec.write_text(SPEC.format(model=model.resolve(), max_model_len=args.max_model_len, prefill=1, decode=1))
-        configs = [("colocated", ["--colocated", "--cpus-per-worker", "2"]),
-                   ("disaggregated", ["--cpus-per-worker", "1"])]
+        # prefix caching off everywhere: this compares step shapes, and the synthetic prompts share no prefix
+        same = ["--worker-arg=--no-enable-prefix-caching"]
+        configs = [("colocated", ["--colocated", "--cpus-per-worker", "2",
+                                  "--worker-arg=--no-enable-chunked-prefill", *same]),
+                   ("chunked", ["--colocated", "--cpus-per-worker", "2", "--worker-arg=--enable-chunked-prefill",
+                                f"--worker-arg=--max-num-batched-tokens={args.chunk_budget}", *same]),
+                   ("disaggregated", ["--cpus-per-worker", "1", *same])]
         results: dict[str, list[dict]] = {name: [] for name, _ in configs}
-        for rep in range(args.repeats):
-            order = configs if rep % 2 == 0 else list(reversed(configs))
-            for name, extra in order:
-                results[name].append(run_config(name, extra, args, spec, work, env, rep))
+        rates = [float(r) for r in args.rates.split(",")]
+        while True:
+            for rep in range(args.repeats):
+                order = configs[rep % len(configs):] + configs[:rep % len(configs)]
+                for name, extra in order:
+                    results[name].append(run_config(name, extra, args, spec, work, env, rep))
+            # every contender must miss somewhere, or its goodput is only a lower bound: sweep further
+            top = max(rates)
+            passing = [n for n, rs in results.items() if _passes_top(rs, top, args)]
+            if not passing or not args.until_miss or top * 1.5 > args.max_rate:
+                break
+            rates = [round(top * f) for f in (1.25, 1.5)]
+            print(f"--- {', '.join(passing)} still met the SLO at {top:g} req/s: sweeping {rates} too", flush=True)
+            args.rates = ",".join(f"{r:g}" for r in rates)
         elapsed = time.monotonic() - t0
 
     from baton.worker.bench import RequestResult, goodput_from_sweep, meets_slo, parse_duration
@@ -183,18 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     pools = {name: pooled(rs) for name, rs in results.items()}
     goodputs = {name: goodput_from_sweep([(rate, d["attainment"]) for rate, d in pool.items()], args.attainment)
                 for name, pool in pools.items()}
-    col, dis = goodputs["colocated"], goodputs["disaggregated"]
     kv = results["disaggregated"][0]["kv_transport"] or "none (decode recomputes the prompt)"
     print()
     print("=" * 86)
-    print(f"disaggregated vs colocated goodput, {args.size} model, {len(cpus)} CPUs, {elapsed:.0f}s total")
+    print(f"disaggregated vs colocated vs chunked-prefill colocated goodput, {args.size} model, {len(cpus)} CPUs, "
+          f"{elapsed:.0f}s total")
     print(f"workload: Poisson arrivals, {args.num_requests} requests per rate x {args.repeats} repeat(s), "
           f"input {args.input_len} tokens, output {args.output_len} tokens (ignore_eos), seed {args.seed}")
     print(f"SLO: TTFT <= {args.slo_ttft} and TPOT <= {args.slo_tpot} for >= {args.attainment:.0%} of requests")
-    print("colocated:     1 x `both` worker, 2 threads on 2 pinned cores (+ router)")
+    print("colocated:     1 x `both` worker, 2 threads on 2 pinned cores (+ router); whole-prompt prefill steps")
+    print(f"chunked:       the same, chunked prefill (Sarathi-Serve): {args.chunk_budget}-token steps mixing decodes "
+          "and prompt chunks")
     print(f"disaggregated: 1 prefill + 1 decode worker, 1 thread on 1 pinned core each (+ router); "
           f"KV transport: {kv}")
-    print("(per rate: all repeats pooled; p90 over the pooled requests; tok/s = mean output tokens/s)")
+    print("(prefix caching off in all three; per rate: all repeats pooled; p90 over the pooled requests; "
+          "tok/s = mean output tokens/s)")
     print()
     rates = sorted({rate for pool in pools.values() for rate in pool})
     print(f"{'rate':>6} | " + " | ".join(f"{n:^39}" for n in pools))
@@ -212,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     low = min(rates)
     for name in pools:
         g = goodputs[name]
-        per_repeat = [r["goodput"] for r in results[name]]
+        per_repeat = [r["goodput"] for r in results[name][:args.repeats]]
         bound = " (every swept rate passed: a lower bound)" if g == max(rates) else ""
         print(f"goodput {name + ':':<15} {f'{g:g} req/s' if g is not None else f'< {low:g} req/s'}{bound}"
               + (f"   (each repeat alone: {per_repeat})" if args.repeats > 1 else ""))
-    if col and dis:
-        print(f"ratio disaggregated / colocated: {dis / col:.2f}x")
-    else:
-        print("ratio: undefined (a set-up met the SLO at no swept rate; lower --rates or loosen the SLO)")
+    for a, b in RATIOS:
+        ga, gb = goodputs[a], goodputs[b]
+        print(f"ratio {a} / {b}: " + (f"{ga / gb:.2f}x" if ga and gb else
+                                       "undefined (met the SLO at no swept rate; lower --rates or loosen the SLO)"))
     if args.tpot_sensitivity:
         print()
         print(f"sensitivity (same requests, TTFT <= {args.slo_ttft}, other TPOT targets):")
@@ -232,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 gs[name] = goodput_from_sweep(pts, args.attainment)
             shown = "  ".join(f"{n} {f'{g:g}' if g is not None else f'<{low:g}'}{'+' if g == max(rates) else ''}"
                               for n, g in gs.items())
-            ratio = (f"{gs['disaggregated'] / gs['colocated']:.2f}x"
-                     if gs["colocated"] and gs["disaggregated"] else "undefined")
-            print(f"  TPOT <= {text.strip():>6}: goodput {shown} req/s; ratio {ratio}")
+            ratio = "  ".join(f"{a[:4]}/{b[:4]} " + (f"{gs[a] / gs[b]:.2f}x" if gs[a] and gs[b] else "undefined")
+                              for a, b in RATIOS)
+            print(f"  TPOT <= {text.strip():>6}: goodput {shown} req/s; {ratio}")
         print("  (+: every swept rate passed, a lower bound)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))

@@ -11,9 +11,14 @@ existing ones. Every request in a batch has a different prompt length (16..47 to
 batch to a request's first token (HF: to the first streamer callback with new tokens). Medians over repeats.
 
 Both sides run with the same number of torch threads (`--threads`, default 1; Baton's event loop and engine
-thread are Python threads around that), float32, greedy, KV cache on; HF uses its `sdpa` attention. Each
+thread are Python threads around that), in the same dtype (`--dtypes`: float32 and bfloat16 by default), greedy,
+KV cache on; HF uses its `sdpa` attention. Each
 batch size is warmed up on both sides first, then Baton and HF runs alternate (one of each per repeat), so
 load from other processes on the machine affects both alike; `ratio` is the median of the per-repeat ratios.
+
+`GFLOP/s` is Baton's decode rate times the model's matmul FLOPs per token, and `of peak` its share of the
+machine's measured matmul rate in that dtype (`matmul_peak`): how much of the CPU the decode step really uses.
+bf16 pays only on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere torch emulates it and it is slower.
 """
 from __future__ import annotations
 
@@ -100,15 +105,50 @@ def _hf_run(model, prompts, max_tokens, pad_id) -> tuple[float, float]:
     return generated / wall, ttft
 
 
-def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, repeats: int) -> list[dict]:
+def matmul_peak(dtype, threads: int, repeats: int = 5) -> float:
+    """The machine's measured matmul rate (GFLOP/s) in `dtype`: the best of plain torch matmuls at the shapes a
+    decode step uses (32 or 256 rows against a 2048x2048 weight), with the benchmark's thread count."""
+    import torch
+
+    best = 0.0
+    for m in (32, 256):
+        a = torch.randn(m, 2048).to(dtype)
+        w = torch.randn(2048, 2048).to(dtype)
+        for _ in range(3):
+            a @ w
+        n = max(4, 2000 // m)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                a @ w
+            best = max(best, 2 * m * 2048 * 2048 * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _flops_per_token(engine) -> float:
+    """Matmul FLOPs of one token through the model (2 x the weights every token multiplies: projections, MLP,
+    lm_head); attention over the short contexts here adds little and is left out."""
+    m = engine.model
+    weights = [m.lm_head] + [w for layer in m.layers for w in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down)]
+    n = sum(w.numel() for w in weights)
+    if m.fold_rope:  # the folded rotate_half rows are extra work this engine chose, not model FLOPs
+        cfg = m.cfg
+        n -= len(m.layers) * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim * cfg.hidden_size
+    return 2.0 * n
+
+
+def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, repeats: int,
+                 dtype_name: str = "float32") -> list[dict]:
     import torch
     from baton.worker.engine.engine import BatonEngine
     from transformers import AutoModelForCausalLM
 
+    dtype = getattr(torch, dtype_name)
     rows = []
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
-    engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512)
+    engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512, dtype=dtype)
+    flops = _flops_per_token(engine)
     prompts_by_batch = {b: _prompts(engine.tokenizer, b) for b in batches}
 
     async def run_both():
@@ -133,9 +173,10 @@ def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, re
         ht = statistics.median(r[0] for r in hf_runs)
         hf_ttft = statistics.median(r[1] for r in hf_runs)
         ratio = statistics.median(x[0] / y[0] for x, y in zip(baton, hf_runs))
-        rows.append({"model": label, "batch": b, "baton_tps": bt, "hf_tps": ht, "ratio": ratio,
-                     "baton_ttft": bf * 1000, "hf_ttft": hf_ttft * 1000})
-        print(f"  {label} batch {b}: baton {bt:.0f} tok/s, hf {ht:.0f} tok/s", file=sys.stderr, flush=True)
+        rows.append({"model": label, "dtype": dtype_name, "batch": b, "baton_tps": bt, "hf_tps": ht, "ratio": ratio,
+                     "baton_ttft": bf * 1000, "hf_ttft": hf_ttft * 1000, "gflops": bt * flops / 1e9})
+        print(f"  {label} {dtype_name} batch {b}: baton {bt:.0f} tok/s, hf {ht:.0f} tok/s", file=sys.stderr,
+              flush=True)
     return rows
 
 
@@ -148,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--model-dir", default=None, help="directory holding (or receiving) tiny/ and 100m/ models")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma list of float32,bfloat16: both engines run in each (default both)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -160,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     batches = [int(b) for b in args.batches.split(",")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    from baton.worker.engine.engine import cpu_has_bf16
+
+    peaks = {dt: matmul_peak(getattr(torch, dt), args.threads) for dt in dtypes}
+    print("matmul peak (GFLOP/s): " + ", ".join(f"{dt} {p:.0f}" for dt, p in peaks.items())
+          + f"; native bf16: {'yes' if cpu_has_bf16() else 'no (torch emulates it)'}", file=sys.stderr, flush=True)
 
     tmp = None
     base = Path(args.model_dir) if args.model_dir else Path(tmp := tempfile.mkdtemp(prefix="baton-bench-"))
@@ -169,21 +218,34 @@ def main(argv: list[str] | None = None) -> int:
         if not (path / "config.json").is_file():
             print(f"creating the {size} model in {path} ...", file=sys.stderr, flush=True)
             create_tiny_model(path, size=size)
-        rows += _bench_model(path, size, batches, max_tokens, repeats)
+        for dt in dtypes:
+            rows += _bench_model(path, size, batches, max_tokens, repeats, dt)
     if tmp:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nBaton engine vs HF generate (CPU, {args.threads} thread(s), float32, {max_tokens} new tokens/request, "
-          f"median of {repeats})")
-    header = (f"{'model':<6} {'batch':>5} {'baton tok/s':>12} {'HF tok/s':>10} {'ratio':>6} "
-              f"{'baton TTFT ms':>14} {'HF TTFT ms':>11}")
+    print(f"\nBaton engine vs HF generate (CPU, {args.threads} thread(s), {max_tokens} new tokens/request, "
+          f"median of {repeats}; both engines in the row's dtype)")
+    print("matmul peak, GFLOP/s (plain torch matmul, 32/256 x 2048 x 2048, same threads): "
+          + ", ".join(f"{dt} {p:.0f}" for dt, p in peaks.items())
+          + f"; native bf16 on this CPU: {'yes' if cpu_has_bf16() else 'no'}")
+    header = (f"{'model':<6} {'dtype':<9} {'batch':>5} {'baton tok/s':>12} {'HF tok/s':>10} {'ratio':>6} "
+              f"{'baton TTFT ms':>14} {'HF TTFT ms':>11} {'GFLOP/s':>8} {'of peak':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<6} {r['batch']:>5} {r['baton_tps']:>12.1f} {r['hf_tps']:>10.1f} {r['ratio']:>5.2f}x "
-              f"{r['baton_ttft']:>14.1f} {r['hf_ttft']:>11.1f}")
+        print(f"{r['model']:<6} {r['dtype']:<9} {r['batch']:>5} {r['baton_tps']:>12.1f} {r['hf_tps']:>10.1f} "
+              f"{r['ratio']:>5.2f}x {r['baton_ttft']:>14.1f} {r['hf_ttft']:>11.1f} {r['gflops']:>8.1f} "
+              f"{r['gflops'] / peaks[r['dtype']]:>7.0%}")
+    fp, bf = "float32", "bfloat16"
+    for m in models:
+        for b in batches:
+            x = [r for r in rows if r["model"] == m and r["batch"] == b]
+            by = {r["dtype"]: r for r in x}
+            if fp in by and bf in by:
+                print(f"bf16 / fp32, {m} batch {b}: baton {by[bf]['baton_tps'] / by[fp]['baton_tps']:.2f}x, "
+                      f"HF {by[bf]['hf_tps'] / by[fp]['hf_tps']:.2f}x")
     return 0
 
 

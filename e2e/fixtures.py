@@ -8,6 +8,7 @@ Load with ``pytest_plugins = ["baton.e2e.fixtures"]`` in a ``conftest.py``.
 * ``kubeconfig`` (session): path of its kubeconfig file.
 * ``kube_api`` (session): a configured ``kubernetes.client.ApiClient``.
 * ``namespace`` (function): a fresh namespace (service account ready), deleted afterwards.
+* ``namespace_factory`` (function): ``namespace_factory("suffix")`` makes more of them, all deleted afterwards.
 * ``local_prometheus`` (function): a started real Prometheus (:mod:`baton.e2e.prometheus`), no targets yet.
 * ``llmservice_crd`` (session): the LLMService CRD applied and Established; returns its object.
 * :func:`kubectl`: run the Debian kubectl against the session cluster; :func:`get_json` reads an object
@@ -127,6 +128,40 @@ def namespace(local_cluster: LocalCluster, kube_api, request) -> Iterator[str]:
                 raise
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and core.list_namespaced_pod(name).items:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def namespace_factory(local_cluster: LocalCluster, kube_api, request) -> Iterator:
+    """Like ``namespace``, for tests that need several: ``namespace_factory("a")`` makes a fresh namespace
+    (service account ready) whose name contains ``a``; all of them are deleted afterwards."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    made: list[str] = []
+
+    def make(suffix: str = "") -> str:
+        base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:30].strip("-") or "test"
+        name = f"t-{base}-{suffix}-{uuid.uuid4().hex[:6]}".replace("--", "-")
+        core.create_namespace({"metadata": {"name": name, "labels": {"baton.dev/test": "true"}}})
+        made.append(name)
+        local_cluster.wait_for_service_account(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        from kubernetes.client.exceptions import ApiException
+
+        for name in made:  # as `namespace` does: delete, then free the nodes of the pods at once
+            for call in (core.delete_namespace, core.delete_collection_namespaced_pod):
+                try:
+                    call(name)
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(core.list_namespaced_pod(n).items for n in made):
             time.sleep(0.2)
 
 

@@ -32,6 +32,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from baton.launch import RECOMPUTE_MODES, RECOMPUTE_WHEN_HEADROOM
+
 # ------------------------------------------------------------------------------------------ identity
 
 GROUP = "baton.dev"
@@ -330,12 +332,36 @@ class RoleSpec(_Model):
         return self
 
 
+class PrefillFailureSpec(_Model):
+    """What the router does when a request's prefill hop fails (connection error, 5xx, timeout, no KV params) or
+    no prefill worker is healthy: retry on other prefill workers, then recompute the prompt on the decode worker
+    if `recompute` allows, else answer 503 with Retry-After (README, "Prefill failures")."""
+
+    retries: Annotated[int, Field(ge=0, le=10)] = Field(
+        default=1, description="Other prefill workers to try, each once, before recompute or 503.")
+    recompute: Literal[RECOMPUTE_MODES] = Field(  # type: ignore[valid-type]
+        default=RECOMPUTE_WHEN_HEADROOM, description="When the decode worker may recompute the prompt itself. whenHeadroom: "
+        "while the router's TPOT p90 over the last 30 s is within 80% of slo.tpot (recomputing stalls the decode "
+        "worker's running streams); always; never.")
+    retry_after: Duration = Field(
+        default=Duration("5s"), description="Retry-After of the 503 when neither worked: whole seconds, >= 1s.")
+
+    @field_validator("retry_after")
+    @classmethod
+    def _whole_seconds(cls, v: Duration) -> Duration:
+        if v.seconds < 1 or v.seconds != int(v.seconds):
+            raise ValueError(f"must be whole seconds, at least 1s (HTTP Retry-After counts seconds), got {str(v)!r}")
+        return v
+
+
 class RouterSpec(_Model):
     replicas: Annotated[int, Field(ge=0)] = 2
     policy: Literal["least-loaded", "prefix-aware", "round-robin"] = "least-loaded"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     node_selector: dict[str, str] = Field(default_factory=dict)
+    prefill_failure: PrefillFailureSpec = Field(default_factory=PrefillFailureSpec,
+                                                json_schema_extra=_object_default())
 
 
 class KVTransferSpec(_Model):
@@ -551,6 +577,19 @@ class SLOStatus(_StatusModel):
     window: Duration | None = Field(default=None, description="Window the numbers were measured over.")
 
 
+class AutoscalerStatus(_StatusModel):
+    """The SLO autoscaler's memory, kept in status so an operator restart resumes it (see autoscaler.py)."""
+
+    history: dict[str, Any] | None = Field(
+        default=None, description="The policy's History (stabilization windows, warm-up, last scale times; "
+        "times in Unix epoch seconds), written before the replicas it decides are applied.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    pending: dict[str, Any] | None = Field(
+        default=None, description="Scale actions decided and recorded but not yet confirmed applied, per role "
+        "({from, to, reason, at}); a restarted operator completes them.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
@@ -563,6 +602,7 @@ class LLMServiceStatus(_StatusModel):
     decode: RoleStatus | None = None
     router: RoleStatus | None = None
     slo: SLOStatus | None = None
+    autoscaler: AutoscalerStatus | None = None
     plan: dict[str, Any] | None = Field(
         default=None, description="The planner's latest plan (spec.planner): per-phase tensorParallel and "
         "replicas, locality, predicted goodput per GPU, the workload basis and when.",

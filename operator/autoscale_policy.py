@@ -1,26 +1,42 @@
 """The SLO autoscaling policy: pure functions from observations to replica decisions (no I/O, no clock).
 
-Prefill is scaled on TTFT (router-measured p90) and on its prompt backlog; decode on TPOT (p90) and on KV-cache
-pressure. `decide` is called every `interval` by the autoscaler timer (operator/autoscaler.py) and by the
-simulator (operator/simulate.py), with the `History` it returned last time.
+Prefill is scaled on its own part of TTFT (the router's prefill queue wait + compute p90 against prefill's share
+of the TTFT budget; the whole TTFT p90 when the router reports no stages) and on its prompt backlog; decode on
+TPOT (p90) and on KV-cache pressure; both also on where the prompt-token arrival rate is heading (Holt's
+forecast, operator/autoscale_forecast.py). `decide` is called every `interval` by the autoscaler timer
+(operator/autoscaler.py) and by the simulator (operator/simulate.py), with the `History` it returned last time.
 
-Per role, one evaluation goes:
+First, the arrival model in the history folds in the measured prompt-token rate (once per evaluation, both roles
+read it). Then per role (the rules are in operator/autoscale_rules.py):
 
 1. **Raw recommendation** (what the signals ask for, clamped to min/max):
-   - prefill up: TTFT p90 > `up_threshold`×SLO -> `ceil(ready × p90/SLO)` (`TTFTAboveSLO`); queued prompt tokens
+   - prefill up: with TTFT stages, (queue + compute p90) > `up_threshold` × budget, where budget = SLO - hand-off
+     and first-decode p90s but at least `min_prefill_ttft_share` × SLO -> `ceil(ready × ratio)`
+     (`PrefillAboveBudget`; hand-off and first decode are not prefill's to fix); without stages TTFT p90 >
+     `up_threshold`×SLO -> `ceil(ready × p90/SLO)` (`TTFTAboveSLO`); queued prompt tokens
      that the role cannot drain within `backlog_fraction`×TTFT-SLO at its measured throughput ->
      `ceil(queue / (tokens_per_s × backlog_fraction × SLO))` (`QueueBacklog`); incoming prompt-token rate above
-     `target_utilisation` of capacity -> `ceil(rate / (tokens_per_s × target))` (`LoadAboveCapacity`).
+     `target_utilisation` of capacity -> `ceil(rate / (tokens_per_s × target))` (`LoadAboveCapacity`); the
+     arrival forecast `window/2 + forecast_lead_s` ahead above the rate -> the same sizing for the forecast
+     (`ArrivalRateRising`: scale before the burst's peak reaches the measured rate).
    - decode up: TPOT p90 > `up_threshold`×SLO -> `ceil(ready × p90/SLO)` (`TPOTAboveSLO`); KV-cache usage >
-     `kv_high` or requests waiting for KV -> `ceil(ready × usage / kv_target)` (`KVCachePressure`).
+     `kv_high` or requests waiting for KV -> `ceil(ready × usage / kv_target)` (`KVCachePressure`); arrivals
+     rising (forecast/rate = g > 1) -> `ceil(ready × usage × g / kv_target)` (`ArrivalRateRising`).
    - down (both): only when latency is < `down_threshold`×SLO (hysteresis band: between the two thresholds the
      recommendation is "hold") *and* utilisation is low: the load would still fit comfortably on one replica
-     less (`BelowSLOScaleDown`). Idle roles (no latency samples because no traffic, but load metrics that
-     say zero) may scale down too; missing metrics never count as zero.
+     less (`BelowSLOScaleDown`), where the load is sized for the arrival band `mean + headroom_k × MAD` over
+     `headroom_memory_s` (traffic that has come in bursts keeps the capacity for them; steady traffic's band
+     is its mean). Idle roles (no latency samples because no traffic, but load metrics that say zero) may scale
+     down too; missing metrics never count as zero.
    - no usable signal at all -> hold (`NoData`), and nothing is recorded.
-2. **Warm-up**: while a role has not-ready replicas or scaled up less than `warmup_s` ago, it does not scale
-   down, and latency-driven scale-up is held (capacity is already on its way and the latency window is stale);
-   load-driven scale-up (backlog, KV, rate), which counts replicas rather than reading latency, still applies.
+2. **Warm-up and the pending-scale guard**: while a role has not-ready replicas or scaled up less than
+   `warmup_s` ago, it does not scale down, and latency-driven scale-up is held (capacity is already on its way
+   and the latency window is stale). Load-driven scale-up (backlog, KV, rate), which counts replicas rather
+   than reading latency, still applies, but while replicas of the last scale-up are still starting only if it
+   asks for more than that scale-up did *and* arrivals rose by more than `pending_tolerance` since (a backlog
+   that grows only because the capacity is not there yet must not be counted twice). Latency that is high only
+   because of a backlog that has drained since (the window still holds requests that queued before the
+   capacity came, and the load fits the ready replicas) does not scale up either.
 3. **Stabilization** (as the HPA's behavior): the recommendation is recorded; the role scales up to the *lowest*
    recommendation over the scale-up window and down to the *highest* over the scale-down window. Alternating
    high/low latency therefore ratchets up at most and never oscillates.
@@ -35,26 +51,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from baton.operator.autoscale_forecast import ArrivalModel
+from baton.operator.autoscale_rules import (
+    AT_MAX,
+    AT_MIN,
+    NO_DATA,
+    RATIO_BOUND,
+    STABILIZING,
+    WARMING_UP,
+    WITHIN_SLO,
+    Arrivals,
+    Want,
+    backlog_now,
+    ceil_up,
+    decode_want,
+    fits_ready,
+    prefill_want,
+)
+
 if TYPE_CHECKING:
     from baton.operator.api import LLMServiceSpec
 
 ROLES: tuple[str, str] = ("prefill", "decode")
 
 # Reasons (CamelCase, as Kubernetes condition reasons).
-TTFT_ABOVE_SLO = "TTFTAboveSLO"
-QUEUE_BACKLOG = "QueueBacklog"
-LOAD_ABOVE_CAPACITY = "LoadAboveCapacity"
-TPOT_ABOVE_SLO = "TPOTAboveSLO"
-KV_CACHE_PRESSURE = "KVCachePressure"
-BELOW_SLO_SCALE_DOWN = "BelowSLOScaleDown"
-WITHIN_SLO = "WithinSLO"
-NO_DATA = "NoData"
-STABILIZING = "Stabilizing"
-WARMING_UP = "WarmingUp"
-AT_MAX = "AtMax"
-AT_MIN = "AtMin"
-RATIO_BOUND = "RatioBound"
-RATE_LIMITED = "RateLimited"
 
 
 # ------------------------------------------------------------------------------------------ observations
@@ -77,8 +97,16 @@ class RoleObservation:
     kv_cache_usage: float | None = None
     num_running: float | None = None
     busy_fraction: float | None = None
+    #: decode only: output tokens produced per second over the window (summed over the role's pods)
+    generation_tokens_per_s: float | None = None
     current_replicas: int | None = None
     ready_replicas: int | None = None
+    #: prefill only: p90 of the router's TTFT stages (`Metric.ROUTER_TTFT_STAGE`). Queue wait and compute are
+    #: prefill's to fix; KV hand-off and first decode are not, and shrink prefill's share of the TTFT budget.
+    prefill_queue_p90_s: float | None = None
+    prefill_compute_p90_s: float | None = None
+    kv_handoff_p90_s: float | None = None
+    first_decode_p90_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +171,18 @@ class PolicyConfig:
     #: prefill:decode replica ratio bounds
     min_ratio: float = 0.125
     max_ratio: float = 8.0
+    #: with TTFT stage data, prefill's budget is the SLO minus the hand-off and first-decode p90s, at least this
+    #: share of the SLO (what the other stages take beyond that is not prefill's to fix)
+    min_prefill_ttft_share: float = 0.5
+    #: arrival-rate forecast (Holt): smoothing of level and trend; it looks window/2 + forecast_lead_s ahead
+    forecast_alpha: float = 0.7
+    forecast_beta: float = 0.5
+    forecast_lead_s: float = 15.0
+    #: scale-down keeps capacity for the band mean + headroom_k x MAD of the arrival rate (memory headroom_memory_s)
+    headroom_k: float = 2.0
+    headroom_memory_s: float = 1800.0
+    #: pending-scale guard: a scale-up stacks on one still starting only if arrivals rose by more than this
+    pending_tolerance: float = 0.1
 
     def bounds(self, role: str) -> RoleBounds:
         return getattr(self, role)
@@ -184,6 +224,13 @@ class RoleHistory:
     started_s: float | None = None
     #: last evaluation that saw not-ready replicas (warm-up lasts one observation window after it)
     last_unready_s: float | None = None
+    #: what the last scale-up asked for (before step limits): while its replicas start, another scale-up needs
+    #: a signal that asks for more (the pending-scale guard)
+    pending_target: int | None = None
+    #: the arrival signal (prompt tokens/s, forecast or measured, the higher) when that scale-up was decided
+    pending_signal: float | None = None
+    #: last evaluation that saw requests waiting (decode: for KV); latency until a window later includes waits
+    last_backlog_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -193,17 +240,25 @@ class History:
 
     prefill: RoleHistory = field(default_factory=RoleHistory)
     decode: RoleHistory = field(default_factory=RoleHistory)
+    #: the prompt-token arrival rate's forecast and band (operator/autoscale_forecast.py)
+    arrivals: ArrivalModel = field(default_factory=ArrivalModel)
 
     def role(self, name: str) -> RoleHistory:
         return getattr(self, name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {r: {"recommendations": [[x.time_s, x.replicas] for x in self.role(r).recommendations],
-                    "lastScaleTime": self.role(r).last_scale_time_s,
-                    "lastScaleUpTime": self.role(r).last_scale_up_time_s,
-                    "lastScaleReason": self.role(r).last_scale_reason,
-                    "started": self.role(r).started_s,
-                    "lastUnready": self.role(r).last_unready_s} for r in ROLES}
+        out: dict[str, Any] = {
+            r: {"recommendations": [[x.time_s, x.replicas] for x in self.role(r).recommendations],
+                "lastScaleTime": self.role(r).last_scale_time_s,
+                "lastScaleUpTime": self.role(r).last_scale_up_time_s,
+                "lastScaleReason": self.role(r).last_scale_reason,
+                "started": self.role(r).started_s,
+                "lastUnready": self.role(r).last_unready_s,
+                "pendingTarget": self.role(r).pending_target,
+                "pendingSignal": self.role(r).pending_signal,
+                "lastBacklog": self.role(r).last_backlog_s} for r in ROLES}
+        out["arrivals"] = self.arrivals.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> History:
@@ -219,8 +274,11 @@ class History:
                 last_scale_reason=d.get("lastScaleReason"),
                 started_s=d.get("started"),
                 last_unready_s=d.get("lastUnready"),
+                pending_target=d.get("pendingTarget"),
+                pending_signal=d.get("pendingSignal"),
+                last_backlog_s=d.get("lastBacklog"),
             )
-        return cls(**roles)
+        return cls(**roles, arrivals=ArrivalModel.from_dict(data.get("arrivals")))
 
 
 # ------------------------------------------------------------------------------------------ decisions
@@ -239,146 +297,18 @@ class RoleDecision:
         return self.desired != self.current
 
 
-@dataclass(frozen=True)
-class _Want:
-    """A raw recommendation before stabilization: replicas (None = hold without recording), why, and whether
-    it comes from latency (held during warm-up) or from load (counts replicas, applies during warm-up)."""
-
-    replicas: int | None
-    reason: str
-    message: str
-    latency_driven: bool = False
-
-
-def _ceil(x: float) -> int:
-    return math.ceil(x - 1e-9)
-
-
-def _prefill_queue(o: RoleObservation) -> float | None:
-    if o.queue_tokens is not None:
-        return o.queue_tokens
-    if o.num_waiting is not None and o.mean_prompt_tokens is not None:
-        return o.num_waiting * o.mean_prompt_tokens
-    return None
-
-
-def _prefill_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int) -> _Want:
-    slo = c.ttft_slo_s
-    ups: list[_Want] = []
-    ttft = o.ttft_p90_s
-    if ttft is not None and ttft > c.up_threshold * slo:
-        factor = min(ttft / slo, c.max_latency_factor)
-        ups.append(_Want(max(_ceil(max(ready, 1) * factor), current + 1), TTFT_ABOVE_SLO,
-                         f"TTFT p90 {ttft * 1000:.0f}ms > SLO {slo * 1000:.0f}ms", latency_driven=True))
-    queue = _prefill_queue(o)
-    cap = o.prefill_tokens_per_s
-    rate = o.prompt_tokens_per_s
-    # demand in prompt tokens per second: arrivals plus draining the queue over drain_horizon_s
-    demand = None
-    if cap:
-        if rate is not None:
-            demand = rate + (queue or 0.0) / c.drain_horizon_s
-        elif queue is not None:
-            demand = queue / (c.backlog_fraction * slo)   # no rate: size on the backlog alone
-    backlogged = queue is not None and cap and queue / (cap * max(ready, 1)) > c.backlog_fraction * slo
-    if demand is not None and cap:
-        need = _ceil(demand / (cap * c.target_utilisation))
-        if need > current:
-            if backlogged:
-                ups.append(_Want(need, QUEUE_BACKLOG,
-                                 f"{queue:.0f} queued prompt tokens take {queue / (cap * max(ready, 1)):.2f}s to "
-                                 f"drain on {max(ready, 1)} ready replicas at {cap:.0f} tok/s; demand "
-                                 f"{demand:.0f} tok/s needs {need}"))
-            else:
-                ups.append(_Want(need, LOAD_ABOVE_CAPACITY,
-                                 f"demand {demand:.0f} prompt tok/s needs {need} replicas at {cap:.0f} tok/s "
-                                 f"and {c.target_utilisation:.0%} utilisation"))
-    if ups:
-        return max(ups, key=lambda w: w.replicas or 0)
-    # down? latency must be low (or absent because idle), load must fit on fewer replicas.
-    load_known = rate is not None or queue is not None or o.busy_fraction is not None
-    if ttft is None and not load_known:
-        return _Want(None, NO_DATA, "no TTFT samples and no prefill load metrics")
-    if ttft is not None and ttft >= c.down_threshold * slo:
-        return _Want(current, WITHIN_SLO, f"TTFT p90 {ttft * 1000:.0f}ms within SLO {slo * 1000:.0f}ms")
-    lat = "no TTFT samples (idle)" if ttft is None else (
-        f"TTFT p90 {ttft * 1000:.0f}ms < {c.down_threshold:.0%} of SLO {slo * 1000:.0f}ms")
-    if current <= 0:
-        return _Want(current, WITHIN_SLO, lat)
-    if backlogged:
-        return _Want(current, WITHIN_SLO, f"{lat} but {queue:.0f} prompt tokens queued")
-    if demand is not None and cap:
-        target = _ceil(demand / (cap * c.scale_down_utilisation)) if demand > 0 else 0
-        if target >= current:
-            return _Want(current, WITHIN_SLO, f"{lat} but demand {demand:.0f} tok/s would make {current - 1} "
-                         f"replicas more than {c.scale_down_utilisation:.0%} busy")
-        return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}; demand {demand:.0f} prompt tok/s fits on "
-                     f"{target} replicas at {cap:.0f} tok/s")
-    if o.busy_fraction is not None:
-        busy = o.busy_fraction * max(ready, 1)   # busy replica-equivalents
-        target = _ceil(busy / c.scale_down_utilisation) if busy > 0 else 0
-        if target >= current:
-            return _Want(current, WITHIN_SLO, f"{lat} but {o.busy_fraction:.0%} busy")
-        return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}; {o.busy_fraction:.0%} busy fits on {target}")
-    if ttft is None or (queue is not None and queue > 0):
-        return _Want(current, WITHIN_SLO, f"{lat}; no prefill utilisation metric to size a scale-down")
-    return _Want(current - 1, BELOW_SLO_SCALE_DOWN, f"{lat}, queue empty")
-
-
-def _decode_want(o: RoleObservation, c: PolicyConfig, current: int, ready: int) -> _Want:
-    slo = c.tpot_slo_s
-    ups: list[_Want] = []
-    tpot = o.tpot_p90_s
-    base = max(ready, 1)
-    if tpot is not None and tpot > c.up_threshold * slo:
-        factor = min(tpot / slo, c.max_latency_factor)
-        ups.append(_Want(max(_ceil(base * factor), current + 1), TPOT_ABOVE_SLO,
-                         f"TPOT p90 {tpot * 1000:.1f}ms > SLO {slo * 1000:.1f}ms", latency_driven=True))
-    kv = o.kv_cache_usage
-    waiting = o.num_waiting
-    if kv is not None and (kv > c.kv_high or (waiting and kv > c.kv_target)):
-        # KV demand in replica-equivalents: what is in use, plus the waiting requests at the mean KV share of
-        # a running one (KV usage saturates at 100%, the queue says by how much)
-        used = kv * base
-        extra = 0.0
-        if waiting and o.num_running:
-            extra = waiting * used / o.num_running
-        elif waiting:
-            extra = 1.0
-        need = max(_ceil((used + extra) / c.kv_target), ready + 1)
-        detail = f"; {waiting:.0f} requests wait for KV" if waiting else ""
-        ups.append(_Want(need, KV_CACHE_PRESSURE,
-                         f"KV cache {kv:.0%} used (> {c.kv_high:.0%} or with a queue){detail}: "
-                         f"{need} replicas for {c.kv_target:.0%} usage"))
-    if ups:
-        return max(ups, key=lambda w: w.replicas or 0)
-    load_known = kv is not None or o.num_running is not None
-    if tpot is None and not load_known:
-        return _Want(None, NO_DATA, "no TPOT samples and no decode load metrics")
-    if tpot is not None and tpot >= c.down_threshold * slo:
-        return _Want(current, WITHIN_SLO, f"TPOT p90 {tpot * 1000:.1f}ms within SLO {slo * 1000:.1f}ms")
-    lat = "no TPOT samples (idle)" if tpot is None else (
-        f"TPOT p90 {tpot * 1000:.1f}ms < {c.down_threshold:.0%} of SLO {slo * 1000:.1f}ms")
-    if current <= 0:
-        return _Want(current, WITHIN_SLO, lat)
-    if waiting is not None and waiting > 0:
-        return _Want(current, WITHIN_SLO, f"{lat} but {waiting:.0f} requests waiting")
-    if kv is not None:
-        used = kv * ready           # replica-equivalents of KV cache in use
-        target = _ceil(used / c.kv_low) if used > 0 else 0
-        if target == 0 and o.num_running:
-            target = 1
-        if target >= current:
-            return _Want(current, WITHIN_SLO, f"{lat} but KV cache would be over {c.kv_low:.0%} used on "
-                         f"{current - 1} replicas")
-        return _Want(target, BELOW_SLO_SCALE_DOWN, f"{lat}; KV cache {kv:.0%} used fits on {target} replicas")
-    if o.num_running is not None and o.num_running == 0 and tpot is None:
-        return _Want(current - 1, BELOW_SLO_SCALE_DOWN, f"{lat}, nothing running")
-    return _Want(current, WITHIN_SLO, f"{lat}; no KV-cache metric to size a scale-down")
+def _worse(h: RoleHistory, raw: int, a: Arrivals, c: PolicyConfig) -> bool:
+    """Whether a scale-up may stack on a pending one: it asks for more replicas than the pending one did and,
+    where arrivals are measured, they rose by more than `pending_tolerance` since it was decided."""
+    if h.pending_target is not None and raw <= h.pending_target:
+        return False
+    now, then = a.signal(), h.pending_signal
+    return now is None or then is None or now > then * (1 + c.pending_tolerance)
 
 
 def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory, now: float,
-                 fallback_current: int, obs_window: float) -> tuple[RoleDecision, RoleHistory, _Want]:
+                 fallback_current: int, obs_window: float, arrivals: Arrivals
+                 ) -> tuple[RoleDecision, RoleHistory, Want]:
     b = c.bounds(role)
     current = o.current_replicas if o.current_replicas is not None else fallback_current
     ready = o.ready_replicas if o.ready_replicas is not None else current
@@ -387,15 +317,21 @@ def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory,
     h = replace(h, recommendations=recs)
     if o.current_replicas is None:
         return (RoleDecision(role, current, current, NO_DATA, f"{role}: current replica count unknown; holding"),
-                h, _Want(None, NO_DATA, ""))
+                h, Want(None, NO_DATA, ""))
     if h.started_s is None:
         h = replace(h, started_s=now)
-    want = (_prefill_want if role == "prefill" else _decode_want)(o, c, current, ready)
+    want = (prefill_want if role == "prefill" else decode_want)(o, c, current, ready, arrivals)
     if want.replicas is None:
         return RoleDecision(role, current, current, NO_DATA, f"{role}: {want.message}; holding"), h, want
 
-    if ready < current:
+    backlog = backlog_now(role, o, c, ready)
+    if backlog:
+        h = replace(h, last_backlog_s=now)
+    starting = ready < current
+    if starting:
         h = replace(h, last_unready_s=now)
+    else:
+        h = replace(h, pending_target=None, pending_signal=None)
     # warm-up: replicas starting, a recent scale-up, or a latency window that still covers the time before the
     # new replicas were ready
     warming = ready < current or (
@@ -409,6 +345,18 @@ def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory,
     elif warming and raw > current and want.latency_driven:
         raw, reason = current, WARMING_UP
         msg = f"{want.message}; holding while new capacity warms up ({ready}/{current} ready)"
+    elif (raw > current and want.latency_driven and backlog is False and h.last_backlog_s is not None
+          and now - h.last_backlog_s < obs_window + c.interval_s and fits_ready(role, o, c, ready, arrivals)):
+        # latency is a window behind: the backlog has drained and the load fits the ready replicas, so the high
+        # p90 is about requests that queued before (scaling on it would overshoot)
+        raw, reason = current, WITHIN_SLO
+        msg = f"{want.message}, but from requests queued until {now - h.last_backlog_s:.0f}s ago; backlog drained"
+    elif starting and raw > current and h.pending_target is not None and not _worse(h, raw, arrivals, c):
+        # pending-scale guard: the last scale-up's replicas are still starting and the signal is not worse
+        # than it was then (a backlog growing until they serve would count the same missing capacity twice)
+        raw, reason = current, WARMING_UP
+        msg = (f"{want.message}; {current - ready} replicas of the scale-up to {h.pending_target} still "
+               "starting and the load is not worse than when it was decided")
     clamped = min(max(raw, b.min_replicas), b.max_replicas)
     recs = recs + (Recommendation(now, clamped),)
     h = replace(h, recommendations=recs)
@@ -427,7 +375,7 @@ def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory,
         reason = STABILIZING
         msg = f"{want.message}; stabilizing at {desired} (window recommendations {up_rec}..{down_rec})"
     # rate limits
-    up_limit = current + max(c.max_up_pods, _ceil(current * c.max_up_percent))
+    up_limit = current + max(c.max_up_pods, ceil_up(current * c.max_up_percent))
     down_limit = current - c.max_down_pods
     if desired > up_limit:
         desired = up_limit
@@ -436,6 +384,8 @@ def _decide_role(role: str, o: RoleObservation, c: PolicyConfig, h: RoleHistory,
         desired = down_limit
         msg = f"{msg}; step limited to -{current - down_limit}"
     desired = min(max(desired, b.min_replicas), b.max_replicas)
+    if desired > current:
+        h = replace(h, pending_target=max(clamped, desired), pending_signal=arrivals.signal())
     if raw > b.max_replicas and desired == b.max_replicas:
         reason = AT_MAX
         msg = f"{want.message}; wants {raw} but maxReplicas is {b.max_replicas}"
@@ -451,12 +401,20 @@ def decide(obs: Observations, config: PolicyConfig, history: History | None = No
     the decisions (the history records a scale event whenever desired != current)."""
     history = history or History()
     now = obs.now_s
+    model = history.arrivals
+    rate = obs.prefill.prompt_tokens_per_s
+    if rate is not None:
+        model = model.update(rate, now, config.forecast_alpha, config.forecast_beta, config.headroom_memory_s,
+                             reset_after_s=max(4 * config.interval_s, obs.window_s))
+    horizon = obs.window_s / 2 + config.forecast_lead_s
+    arrivals = Arrivals(model.forecast(horizon), model.band(config.headroom_k), horizon, rate) \
+        if rate is not None else Arrivals()
     decisions: dict[str, RoleDecision] = {}
     hists: dict[str, RoleHistory] = {}
     for role in ROLES:
         fallback = max(config.bounds(role).min_replicas, 0)
         d, h, _ = _decide_role(role, obs.role(role), config, history.role(role), now, fallback,
-                               obs.window_s)
+                               obs.window_s, arrivals)
         decisions[role] = d
         hists[role] = h
     decisions = _ratio_bound(decisions, config)
@@ -466,7 +424,7 @@ def decide(obs: Observations, config: PolicyConfig, history: History | None = No
             h = replace(h, last_scale_time_s=now, last_scale_reason=d.reason,
                         last_scale_up_time_s=now if d.desired > d.current else h.last_scale_up_time_s)
         hists[role] = h
-    return decisions, History(**hists)
+    return decisions, History(**hists, arrivals=model)
 
 
 def _ratio_bound(decisions: dict[str, RoleDecision], c: PolicyConfig) -> dict[str, RoleDecision]:
@@ -487,7 +445,7 @@ def _ratio_bound(decisions: dict[str, RoleDecision], c: PolicyConfig) -> dict[st
                                          message=f"{p.message}; capped at {cap} by prefill:decode <= {c.max_ratio:g}")
         p = out["prefill"]
         if ratio(p.desired, d.desired) > c.max_ratio and d.desired < d.current:
-            floor_ = min(d.current, _ceil(p.desired / c.max_ratio))
+            floor_ = min(d.current, ceil_up(p.desired / c.max_ratio))
             if floor_ > d.desired:
                 out["decode"] = replace(d, desired=floor_, reason=RATIO_BOUND,
                                         message=f"{d.message}; kept at {floor_} by prefill:decode <= {c.max_ratio:g}")
@@ -499,7 +457,7 @@ def _ratio_bound(decisions: dict[str, RoleDecision], c: PolicyConfig) -> dict[st
                                         message=f"{d.message}; capped at {cap} by prefill:decode >= {c.min_ratio:g}")
         d = out["decode"]
         if ratio(p.desired, d.desired) < c.min_ratio and p.desired < p.current:
-            floor_ = min(p.current, _ceil(d.desired * c.min_ratio))
+            floor_ = min(p.current, ceil_up(d.desired * c.min_ratio))
             if floor_ > p.desired:
                 out["prefill"] = replace(p, desired=floor_, reason=RATIO_BOUND,
                                          message=f"{p.message}; kept at {floor_} by prefill:decode >= {c.min_ratio:g}")

@@ -19,9 +19,16 @@ When Prometheus cannot be reached (or refuses a query) the replicas are held, `S
 reason `PrometheusUnreachable` (or `PrometheusQueryFailed`), and one Warning Event is posted per transition
 (and a Normal `PrometheusReachable` when it comes back), not one per tick.
 
-The policy's `History` (stabilization windows, warm-up) lives in kopf's per-object memo, so it survives the
-loop being restarted by kopf but not an operator restart (the policy then watches a whole scale-down window
-before scaling down, so a restart never causes a premature scale-down).
+The policy's `History` (stabilization windows, warm-up, last scale times) lives in kopf's per-object memo and
+is persisted in `status.autoscaler` (see `autoscaler_store` for why status, and why wall-clock times), so an
+operator restart neither starts the windows over nor scales down early:
+
+- Every tick whose history changed writes it (one status merge patch, together with `slo` and conditions).
+- A tick that scales writes the new history and the actions (`status.autoscaler.pending`) *before* applying
+  any replicas (write-ahead): if that write fails, nothing is scaled; if the operator dies after it, the next
+  one completes the recorded actions whose Deployments have not moved (`autoscaler_store.unfinished`). The
+  pending record is cleared with the tick's final status patch.
+- On start (kopf's memo empty: a new process), the first tick loads the persisted history before deciding.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from baton.operator import api
+from baton.operator import autoscaler_store as store
 from baton.operator.autoscale_policy import (
     ROLES,
     History,
@@ -47,6 +55,10 @@ from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, 
 from baton.operator.naming import role_name
 from baton.operator.planner.overlay import effective
 from baton.operator.prometheus import (
+    FIRST_DECODE,
+    KV_HANDOFF,
+    PREFILL_COMPUTE,
+    PREFILL_QUEUE,
     PrometheusClient,
     PrometheusError,
     PrometheusSource,
@@ -150,7 +162,8 @@ def role_observations(metrics: ServiceMetrics, deployments: dict[str, dict | Non
                       ) -> Observations:
     """The policy's inputs: Prometheus' numbers plus each Deployment's replicas and ready replicas.
 
-    Prefill: TTFT p90, queue (requests waiting), prompt-token arrival rate, running. Decode: TPOT p90,
+    Prefill: TTFT p90 (and its router stages: prefill scales on queue wait + compute when they exist), queue
+    (requests waiting), prompt-token arrival rate, running. Decode: TPOT p90,
     KV-cache usage, running, waiting. A missing Deployment gives `current_replicas` None (the policy holds).
     The per-replica prefill capacity (`prefill_tokens_per_s`) is not measured by any exported metric yet, so
     the policy's capacity-based prefill rules stay off and TTFT drives prefill.
@@ -169,7 +182,11 @@ def role_observations(metrics: ServiceMetrics, deployments: dict[str, dict | Non
         num_waiting=p_load.waiting if p_load else None,
         prompt_tokens_per_s=p_load.prompt_tokens_per_second if p_load else None,
         num_running=p_load.running if p_load else None,
-        current_replicas=p_cur, ready_replicas=p_ready)
+        current_replicas=p_cur, ready_replicas=p_ready,
+        prefill_queue_p90_s=metrics.ttft_stages.get(PREFILL_QUEUE),
+        prefill_compute_p90_s=metrics.ttft_stages.get(PREFILL_COMPUTE),
+        kv_handoff_p90_s=metrics.ttft_stages.get(KV_HANDOFF),
+        first_decode_p90_s=metrics.ttft_stages.get(FIRST_DECODE))
     decode = RoleObservation(
         tpot_p90_s=metrics.tpot.p90,
         kv_cache_usage=d_load.kv_cache_usage if d_load else None,
@@ -248,6 +265,7 @@ class AutoscalerState:
     history: History = field(default_factory=History)
     prometheus_ok: bool | None = None  # last tick's Prometheus state, for once-per-transition Events
     client: PrometheusClient | None = None
+    restored: bool = False  # whether status.autoscaler has been read (once per process, on the first tick)
 
     def source(self, url: str, window_s: float, interval_s: float) -> PrometheusSource:
         if self.client is None or self.client.url != url.rstrip("/"):
@@ -314,7 +332,10 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         for role in ROLES:
             deployments[role] = await asyncio.to_thread(kube.get, "apps/v1", "Deployment", namespace,
                                                         role_name(name, role))
+        # Wall clock, not monotonic: the history is persisted and read back by the next process (autoscaler_store).
         now = time.time() if now_s is None else now_s
+        if not state.restored:
+            await _restore(kube, llms, deployments, state, namespace, name, emit, now, window_s)
         previous = state.history
         if metrics is not None:
             decisions, state.history = decide(role_observations(metrics, deployments, now), config, previous)
@@ -327,10 +348,23 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         result.decisions = decisions
 
         stamp = now_rfc3339()
+        acting = {role: d for role, d in decisions.items() if d.changed and deployments.get(role) is not None}
+        held: set[str] = set()
+        if acting:  # write-ahead: the history that records the actions, and the actions, before acting
+            saved = ((llms.get("status") or {}).get("autoscaler"))
+            try:
+                await asyncio.to_thread(kube.patch_llmservice_status, namespace, name, {"autoscaler": store.status_patch(
+                    state.history, saved, store.pending_actions(acting, now))})
+            except KubeError as exc:
+                state.history = dataclasses.replace(state.history, **{r: previous.role(r) for r in acting})
+                for role, d in acting.items():
+                    emit("Warning", "ScaleFailed", f"not scaling {role} {d.current} -> {d.desired}: recording the "
+                         f"decision in status failed: {exc}")
+                held, acting = set(acting), {}
         role_status: dict[str, dict] = {}
         for role, d in decisions.items():
-            entry: dict = {"desiredReplicas": d.desired}
-            if d.changed and deployments.get(role) is not None:
+            entry: dict = {"desiredReplicas": d.current if role in held else d.desired}
+            if role in acting:
                 try:
                     await asyncio.to_thread(kube.apply, {
                         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -357,15 +391,43 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         cond_status, reason, message = slo_condition(metrics, spec.slo, error)
         conditions = set_condition(list(current_status.get("conditions") or []), SLO_MET, cond_status, reason,
                                    message, stamp, generation)
-        patch: dict = {"slo": slo_status(metrics, window_s), **role_status}
-        if _differs(patch, current_status) or conditions != (current_status.get("conditions") or []):
+        patch: dict = {"slo": slo_status(metrics, window_s), **role_status,
+                       "autoscaler": store.status_patch(state.history, current_status.get("autoscaler"))}
+        patch = {key: value for key, value in patch.items() if _differs({key: value}, current_status)}
+        if conditions != (current_status.get("conditions") or []):
             patch["conditions"] = conditions
+        if patch:  # only what changed: in a steady state that is the history's newest recommendation
             try:
                 await asyncio.to_thread(kube.patch_llmservice_status, namespace, name, patch)
             except KubeError as exc:
                 log.warning("%s/%s: writing autoscaler status failed: %s", namespace, name, exc)
         result.status_patch = patch
     return result
+
+
+async def _restore(kube: Kube, llms: dict, deployments: dict[str, dict | None], state: AutoscalerState,
+                   namespace: str, name: str, emit: EventSink, now: float, max_age_s: float) -> None:
+    """First tick of this process: load the persisted history (unless the memo already holds one) and complete
+    the scale actions a killed predecessor recorded but may not have applied. Updates `deployments`."""
+    state.restored = True
+    history, pending = store.restore((llms.get("status") or {}).get("autoscaler"))
+    if state.history == History() and history != History():
+        state.history = history
+        log.info("%s/%s: autoscaler history restored from status.autoscaler", namespace, name)
+    replicas = {role: int((dep.get("spec") or {}).get("replicas", 1)) if dep else None
+                for role, dep in deployments.items()}
+    for role, (start, target, reason) in store.unfinished(pending, replicas, now, max_age_s).items():
+        try:
+            deployments[role] = await asyncio.to_thread(kube.apply, {
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": role_name(name, role), "namespace": namespace},
+                "spec": {"replicas": target}}, field_manager=AUTOSCALER_FIELD_MANAGER)
+        except KubeError as exc:  # the next evaluation starts from the replicas as they are
+            log.warning("%s/%s: completing the recorded scale of %s failed: %s", namespace, name, role, exc)
+            continue
+        emit("Normal", "ScaledUp" if target > start else "ScaledDown",
+             f"{role} {start} -> {target} replicas: {reason}: completing the decision recorded before the "
+             "operator restarted")
 
 
 def memo_state(memo: Any) -> AutoscalerState:

@@ -160,6 +160,9 @@ async def autoscale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
 
     await autoscaler.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name, memo,
                          stopped, emit)
+    if stopped.reason and kopf.DaemonStoppingReason.FILTERS_MISMATCH in stopped.reason:
+        # Switched off: switched on again later, it starts afresh (as reconcile clears status.autoscaler).
+        memo.pop("autoscaler", None)
 
 
 def _planner_on(spec: kopf.Spec, **_: Any) -> bool:

@@ -25,6 +25,10 @@ The queries, with `S` = `llmservice="<name>",namespace="<namespace>"` and `W` = 
   (the prefill worker's first token: excludes the router hop) and TPOT from
   `vllm:inter_token_latency_seconds_bucket{S,role=~"decode|both"}` (per token, not per request: a p90 of
   inter-token gaps, close to but not the same as a p90 of per-request TPOT). The source is reported.
+* TTFT by stage at the router (the prefill autoscaler's own share of TTFT; `stage` is one of
+  `baton.launch.TTFT_STAGES`: prefill_queue, prefill_compute, kv_handoff, first_decode), p90 per stage:
+  `histogram_quantile(0.9, sum by (le, stage) (rate(baton_router_ttft_stage_seconds_bucket{S}[W])))`.
+  A stage without requests in the window (NaN) or a router without the histogram reads as no data.
 * Load per role (one query each, `sum by (role)` / `avg by (role)` over the role's pods):
   queue `sum by (role) (vllm:num_requests_waiting{S})`, running `sum by (role) (vllm:num_requests_running{S})`,
   KV cache usage `avg by (role) (vllm:kv_cache_usage_perc{S})`, prompt throughput
@@ -53,13 +57,16 @@ from typing import Any, Self
 import httpx
 from baton.operator.units import format_duration, parse_duration
 
-from baton.launch import Metric
+from baton.launch import TTFT_STAGES, Label, Metric
 
 QUANTILE = 0.9
 ROUTER_TTFT = Metric.ROUTER_TTFT
 ROUTER_TPOT = Metric.ROUTER_TPOT
 WORKER_TTFT = Metric.TTFT
 WORKER_TPOT = Metric.INTER_TOKEN_LATENCY
+ROUTER_TTFT_STAGE = Metric.ROUTER_TTFT_STAGE
+#: The router's TTFT stages, in time order: the first two are prefill's to fix, the others are not.
+PREFILL_QUEUE, PREFILL_COMPUTE, KV_HANDOFF, FIRST_DECODE = TTFT_STAGES
 #: Worker roles whose histograms stand in for the router's (role `both` serves the whole request).
 WORKER_TTFT_ROLES = "prefill|both"
 WORKER_TPOT_ROLES = "decode|both"
@@ -258,6 +265,8 @@ class ServiceMetrics:
     tpot: LatencySignal = field(default_factory=LatencySignal)
     attainment: float | None = None  # estimated share meeting both SLOs (see module docstring)
     roles: dict[str, RoleLoad] = field(default_factory=dict)
+    #: p90 seconds of each TTFT stage at the router (keys: TTFT_STAGES); a stage without data is absent
+    ttft_stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def window_text(self) -> str:
@@ -309,6 +318,8 @@ class PrometheusSource:
                 buckets = f"sum by (le) (rate({series(metric + '_bucket', sel)}[{w}]))"
                 out[f"{signal}_{source}_p90"] = f"histogram_quantile({QUANTILE}, {buckets})"
                 out[f"{signal}_{source}_buckets"] = buckets
+        out["ttft_stages_p90"] = (f"histogram_quantile({QUANTILE}, sum by (le, {Label.STAGE}) "
+                                  f"(rate({series(ROUTER_TTFT_STAGE + '_bucket', s)}[{w}])))")
         out["waiting"] = f"sum by (role) ({series('vllm:num_requests_waiting', s)})"
         out["running"] = f"sum by (role) ({series('vllm:num_requests_running', s)})"
         out["kv_cache_usage"] = f"avg by (role) ({series('vllm:kv_cache_usage_perc', s)})"
@@ -358,6 +369,7 @@ class PrometheusSource:
         load_keys = ("waiting", "running", "kv_cache_usage", "prompt_tokens_per_second",
                      "generation_tokens_per_second")
         results = await asyncio.gather(self._latency(q, "ttft", ttft_slo), self._latency(q, "tpot", tpot_slo),
+                                       self.client.by_label(q["ttft_stages_p90"], Label.STAGE),
                                        *(self.client.by_label(q[k], "role") for k in load_keys),
                                        return_exceptions=True)
         for result in results:  # the first failure, preferring "unavailable" (it explains the others)
@@ -366,10 +378,11 @@ class PrometheusSource:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        ttft, tpot, *loads = results
+        ttft, tpot, stages, *loads = results
         roles: dict[str, RoleLoad] = {}
         for role in sorted({r for load in loads for r in load}):
             roles[role] = RoleLoad(**{k: load.get(role) for k, load in zip(load_keys, loads)})
         attainment = (ttft.within_slo * tpot.within_slo
                       if ttft.within_slo is not None and tpot.within_slo is not None else None)
-        return ServiceMetrics(window=self.window, ttft=ttft, tpot=tpot, attainment=attainment, roles=roles)
+        return ServiceMetrics(window=self.window, ttft=ttft, tpot=tpot, attainment=attainment, roles=roles,
+                              ttft_stages={k: v for k, v in stages.items() if k in TTFT_STAGES})

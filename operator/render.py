@@ -32,6 +32,11 @@ Decisions worth knowing:
   up, else 1).
 * Readiness: Baton's worker serves `/ready`; vLLM has no `/ready` and its `/health` only answers once the
   model is loaded, so vLLM pods use `/health` for readiness too. Startup probes allow 30 minutes to load.
+* Draining: a Baton worker's KV lease and `--drain-timeout` are rendered on its command line and its
+  `terminationGracePeriodSeconds` is that drain timeout plus slack, all from one budget in the launch contract
+  (`launch.with_drain`, `termination_grace_seconds`): prefill 60 s + 10, decode 110 s + 10 by default; a
+  `--drain-timeout` or `--kv-lease-seconds` in the engine or role args moves the grace period with it. vLLM
+  pods sleep in a preStop hook so the endpoint removal reaches the routers before vLLM stops.
 * Baton pods run as uid 1000 (non-root, all capabilities dropped); vLLM pods keep the image's user (the
   upstream image runs as root and writes caches under /root), still without privilege escalation.
 * `enableServiceLinks: false`: a Service named e.g. `vllm` in the namespace would otherwise inject
@@ -92,7 +97,6 @@ RUN_AS_USER = 1000
 #: A new worker pod counts as available (and an old one is only then removed by a rollout) after being Ready
 #: this long: more than the routers need to discover it (Endpoints poll, 2 s) and health-check it.
 WORKER_MIN_READY_SECONDS = 10
-WORKER_GRACE_SECONDS = 120
 ROUTER_GRACE_SECONDS = 30
 #: Startup probe budget for model loading: period x failureThreshold = 10 s x 180 = 30 minutes.
 STARTUP_PERIOD_SECONDS = 10
@@ -363,10 +367,11 @@ def _worker_env(svc: LLMService, role: str) -> list[dict]:
 
 
 def worker_launch(svc: LLMService, role: str) -> launch.WorkerLaunch:
-    """The launch contract of a worker pod: listens on the pod IP, serves `spec.model.name`."""
+    """The launch contract of a worker pod: listens on the pod IP, serves `spec.model.name`; a Baton worker gets
+    its drain budget (KV lease, --drain-timeout) rendered, the one its grace period is sized from."""
     spec = svc.spec
     r = _role(svc, role)
-    return launch.WorkerLaunch(
+    return launch.with_drain(launch.WorkerLaunch(
         engine=spec.engine.kind,
         role=role,
         model_path=model_dir(svc),
@@ -378,7 +383,7 @@ def worker_launch(svc: LLMService, role: str) -> launch.WorkerLaunch:
         max_model_len=spec.model.max_model_len,
         kv_buffer_device="cpu" if spec.effective_accelerator() == ACCELERATOR_CPU else None,
         extra_args=(*spec.engine.args, *r.extra_args),
-    )
+    ))
 
 
 def worker_command(svc: LLMService, role: str) -> tuple[list[str], list[str]]:
@@ -441,10 +446,19 @@ def _worker_pod_annotations(svc: LLMService) -> dict:
     return {ANNOTATION_ROTATE_KV_SECRET: rotation} if rotation else {}
 
 
+def _vllm_pre_stop() -> dict:
+    """vLLM stops serving as soon as it gets SIGTERM; the preStop sleep keeps it serving while the endpoint
+    removal reaches the routers. A Baton worker needs none: on SIGTERM it answers /ready 503 at once and still
+    serves, KV pulls included, until every lease it holds is pulled or expired (launch.DRAIN_ACCEPT_SECONDS,
+    with_drain)."""
+    return {"preStop": {"exec": {"command": ["sleep", f"{launch.DRAIN_ACCEPT_SECONDS:g}"]}}}
+
+
 def _worker_deployment(svc: LLMService, role: str) -> dict:
     r = _role(svc, role)
     vllm = svc.spec.engine.kind == "vllm"
     command, args = worker_command(svc, role)
+    grace = launch.termination_grace_seconds(worker_launch(svc, role))
     paths = launch.probes(svc.spec.engine.kind)
     kv_port = svc.spec.kv_transfer.port
     mounts = [
@@ -472,11 +486,13 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
         "livenessProbe": _probe(paths.liveness, 10, 3),
         "securityContext": _container_security(non_root=not vllm),
     }
+    if vllm:
+        container["lifecycle"] = _vllm_pre_stop()
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(svc.name),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": WORKER_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": grace,
         "securityContext": _pod_security(non_root=not vllm),
     }
     if svc.spec.model.source.uri is not None:
@@ -521,7 +537,8 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
 # ---------------------------------------------------------------------------------------------- router
 def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
     """(command, args) of the router container: workers discovered from the role Services; health checks on
-    the engine's readiness path."""
+    the engine's readiness path; the prefill-failure policy and the TPOT SLO its `whenHeadroom` protects."""
+    failure = svc.spec.router.prefill_failure
     return launch.split_command(launch.router_argv(launch.RouterLaunch(
         engine=svc.spec.engine.kind,
         policy=svc.spec.router.policy,
@@ -530,6 +547,10 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
         prefill_service=role_name(svc.name, ROLE_PREFILL),
         decode_service=role_name(svc.name, ROLE_DECODE),
         namespace=svc.namespace,
+        prefill_retries=failure.retries,
+        prefill_recompute=failure.recompute,
+        prefill_retry_after=int(failure.retry_after.seconds),
+        tpot_slo=svc.spec.slo.tpot.seconds,
     )))
 
 

@@ -22,7 +22,10 @@ Serving approximations (documented so results are read for what they are):
 - Metrics the controller sees every `interval_s` (as the router/Prometheus would): TTFT p90 over requests
   whose first token came within the window, TPOT p90 over requests finished within it (requests still queued
   are invisible to latency, as in production), instantaneous queue and KV usage (reserved share), the arrival
-  rate of prompt tokens, and the measured prefill throughput per busy second.
+  rate of prompt tokens and their mean length, the measured prefill throughput per busy second, the decode
+  output-token rate, and the router's TTFT stages (`SimConfig.ttft_stages`): p90 of the prefill queue wait and
+  of the prefill compute (here TTFT is exactly their sum: no hand-off or first-decode stage is modelled).
+- Floors: `BatonController(config, floors=...)` raises minReplicas over time, as an applied plan does.
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ import heapq
 import math
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from baton.operator.autoscale_policy import (
@@ -53,15 +56,33 @@ from baton.workload import Request, percentile
 Controller = Callable[[Observations], dict[str, tuple[int, str]]]
 
 
-class BatonController:
-    """The SLO policy (`decide`), keeping its history between calls."""
+#: Replica floors over time (simulated seconds -> role -> minimum), as a planner's `status.plan.applied` sets them.
+Floors = Callable[[float], Mapping[str, int]]
 
-    def __init__(self, config: PolicyConfig) -> None:
+
+class BatonController:
+    """The SLO policy (`decide`), keeping its history between calls. `floors`, when given, raises each role's
+    `minReplicas` at each evaluation (never above `maxReplicas`), as operator/planner/overlay.py does with an
+    applied plan: the planner sizes for the measured load, the policy reacts above it."""
+
+    def __init__(self, config: PolicyConfig, floors: Floors | None = None) -> None:
         self.config = config
+        self.floors = floors
         self.history = History()
 
+    def config_at(self, now_s: float) -> PolicyConfig:
+        if self.floors is None:
+            return self.config
+        floors = self.floors(now_s)
+        bounds = {}
+        for role in ROLES:
+            b = self.config.bounds(role)
+            low = min(max(b.min_replicas, int(floors.get(role, 0))), b.max_replicas)
+            bounds[role] = replace(b, min_replicas=low)
+        return replace(self.config, **bounds)
+
     def __call__(self, obs: Observations) -> dict[str, tuple[int, str]]:
-        decisions, self.history = decide(obs, self.config, self.history)
+        decisions, self.history = decide(obs, self.config_at(obs.now_s), self.history)
         return {r: (d.desired, d.reason) for r, d in decisions.items()}
 
 
@@ -77,6 +98,7 @@ class _Req:
     r: Request
     idx: int
     first_token_s: float | None = None
+    prefill_start_s: float | None = None
     finish_s: float | None = None
     finish_step: int = 0
 
@@ -182,6 +204,8 @@ class SimConfig:
     initial_decode: int = 1
     #: keep simulating after the last arrival until everything finished, at most this long
     drain_limit_s: float = 600.0
+    #: report the router's TTFT stages (prefill queue wait and compute p90) to the controller
+    ttft_stages: bool = True
 
 
 _ARRIVAL, _PREFILL_DONE, _DECODE_EVENT, _READY, _TICK = range(5)
@@ -208,6 +232,9 @@ class Simulator:
         # measurement logs, appended in time order
         self.ttft_t: list[float] = []
         self.ttft_v: list[float] = []
+        self.ttft_queue_v: list[float] = []      # TTFT stages, aligned with ttft_t
+        self.ttft_compute_v: list[float] = []
+        self.generated: deque[tuple[float, int]] = deque()             # (time, output tokens produced)
         self.tpot_t: list[float] = []
         self.tpot_v: list[float] = []
         self.arr_t: list[float] = []
@@ -248,6 +275,7 @@ class Simulator:
                 while self.prefill_queue and (not batch or tokens + self.prefill_queue[0].r.prompt_tokens
                                               <= self.c.max_batch_tokens):
                     q = self.prefill_queue.popleft()
+                    q.prefill_start_s = self.now
                     batch.append(q)
                     tokens += q.r.prompt_tokens
                 self.queue_tokens -= tokens
@@ -262,6 +290,8 @@ class Simulator:
             q.first_token_s = self.now
             self.ttft_t.append(self.now)
             self.ttft_v.append(self.now - q.r.arrival_s)
+            self.ttft_queue_v.append(q.prefill_start_s - q.r.arrival_s)
+            self.ttft_compute_v.append(dur)
             if q.r.output_tokens <= 1:
                 self._finish(q)
             elif self.c.kv_transfer_s > 0:
@@ -318,6 +348,7 @@ class Simulator:
         bs = len(rep.running)
         if bs:
             self.decode_busy.append((self.now, self.now - rep.seg_start_s))
+            self.generated.append((self.now, bs * k))
         rep.steps += k
         rep.ctx += bs * k
         done = set()
@@ -404,10 +435,17 @@ class Simulator:
             self.prefill_batches.popleft()
         while self.decode_busy and self.decode_busy[0][0] < now - w:
             self.decode_busy.popleft()
+        while self.generated and self.generated[0][0] < now - w:
+            self.generated.popleft()
         busy_s = sum(min(d, w) for _, d, _ in self.prefill_batches)
         done_tokens = sum(n for _, _, n in self.prefill_batches)
         i = bisect_left(self.arr_t, now - w)
         arrived_tokens = self.arr_tokens_cum[-1] - self.arr_tokens_cum[i]
+        arrived = len(self.arr_t) - i
+        stages: dict[str, float | None] = {}
+        if self.c.ttft_stages:
+            stages = {"prefill_queue_p90_s": percentile(self._window(self.ttft_t, self.ttft_queue_v), 90),
+                      "prefill_compute_p90_s": percentile(self._window(self.ttft_t, self.ttft_compute_v), 90)}
         p_active = self._active("prefill")
         d_active = self._active("decode")
         p_ready = [r for r in p_active if r.ready]
@@ -419,16 +457,18 @@ class Simulator:
             queue_tokens=float(self.queue_tokens),
             num_waiting=float(len(self.prefill_queue)),
             prompt_tokens_per_s=arrived_tokens / w,
+            mean_prompt_tokens=arrived_tokens / arrived if arrived else None,
             prefill_tokens_per_s=done_tokens / busy_s if busy_s > 0 else None,
             busy_fraction=min(1.0, busy_s / (w * len(p_ready))) if p_ready else None,
             num_running=float(sum(r.busy for r in p_active)),
-            current_replicas=len(p_active), ready_replicas=len(p_ready))
+            current_replicas=len(p_active), ready_replicas=len(p_ready), **stages)
         decode = RoleObservation(
             tpot_p90_s=percentile(tpots, 90),
             num_waiting=float(len(self.decode_queue)),
             kv_cache_usage=(sum(r.reserved for r in d_ready) / (cap * len(d_ready))) if d_ready else None,
             num_running=float(sum(len(r.running) for r in d_active)),
             busy_fraction=min(1.0, d_busy / (w * len(d_ready))) if d_ready else None,
+            generation_tokens_per_s=sum(n for _, n in self.generated) / w,
             current_replicas=len(d_active), ready_replicas=len(d_ready))
         return Observations(prefill=prefill, decode=decode, window_s=w, now_s=now)
 

@@ -52,6 +52,9 @@ def add_simulate_command(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--interval", type=float, default=15.0)
     s.add_argument("--scale-down-stabilization", type=float, default=300.0)
     s.add_argument("--fixed", metavar="P,D", help="no autoscaler: a fixed fleet of P prefill and D decode")
+    s.add_argument("--dynamo", action="store_true",
+                   help="the Dynamo-style SLA planner baseline (operator/simulate_baselines.py) instead of Baton's "
+                        "policy, on the same profile")
     p.add_argument("--timeline", action="store_true", help="print the replica timeline")
     p.add_argument("--json", action="store_true", help="print the summary (and timeline) as JSON")
     p.set_defaults(func=run_simulate)
@@ -60,6 +63,7 @@ def add_simulate_command(subparsers: argparse._SubParsersAction) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     from baton.operator.autoscale_policy import PolicyConfig, RoleBounds
     from baton.operator.simulate import BatonController, SimConfig, fixed_controller, simulate
+    from baton.operator.simulate_baselines import DynamoPlannerController
 
     from baton.cli import CommandError
     from baton.profile import ProfileSet
@@ -98,6 +102,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CommandError(f"--fixed: expected P,D, got {args.fixed!r}") from exc
         controller = fixed_controller(np_, nd)
+    elif args.dynamo:
+        controller = DynamoPlannerController(pp, dp, args.ttft, args.tpot, min_replicas=args.min_replicas,
+                                             max_replicas=args.max_replicas, max_batch_tokens=cfg.max_batch_tokens)
     else:
         bounds = RoleBounds(args.min_replicas, args.max_replicas)
         controller = BatonController(PolicyConfig(

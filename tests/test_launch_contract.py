@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from baton.operator.render import render
+from baton.operator.units import Duration
+from baton.worker.router.cli import build_config
 
 from baton import launch
 from baton.cli import build_parser
@@ -68,6 +70,11 @@ def test_rendered_command_lines_parse_with_their_real_parsers(name: str, svc: di
             assert args.health_path == launch.probes(engine).readiness, deployment
             assert args.prefill_service and args.decode_service and args.namespace == svc["metadata"]["namespace"]
             assert c["readinessProbe"]["httpGet"]["path"] == launch.ROUTER_PROBES.readiness
+            failure = spec.get("router", {}).get("prefillFailure", {})
+            assert args.prefill_recompute == failure.get("recompute", launch.RECOMPUTE_WHEN_HEADROOM)
+            assert args.prefill_retries == failure.get("retries", 1) and args.prefill_retry_after >= 1
+            assert args.tpot_slo == pytest.approx(Duration(spec.get("slo", {}).get("tpot", "50ms")).seconds)
+            assert build_config(args).prefill_failure.tpot_slo == args.tpot_slo  # the router accepts them
             continue
         probes = launch.probes(engine)
         assert c["readinessProbe"]["httpGet"]["path"] == probes.readiness

@@ -35,6 +35,8 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableRefresh,
 )
 
+from baton.launch import TTFT_STAGES, Label, Metric
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "charts" / "baton" / "dashboards"
 
@@ -87,6 +89,19 @@ def share_within(metric: str, le_var: str) -> str:
 
 TTFT_SHARE = share_within("baton_router_ttft_seconds", "ttft_slo")
 TPOT_SHARE = share_within("baton_router_tpot_seconds", "tpot_slo")
+STAGE = Metric.ROUTER_TTFT_STAGE
+
+
+def ttft_stages_p90() -> list[Q]:
+    """p90 of each TTFT stage, in time order (stacked: where a slow first token spends its time)."""
+    return [Q(f'histogram_quantile(0.9, sum by (le) (rate({STAGE}_bucket{{{SEL}, {Label.STAGE}="{s}"}}[{RI}])))', s)
+            for s in TTFT_STAGES]
+
+
+def ttft_stages_mean() -> list[Q]:
+    """Mean of each TTFT stage: these stack up to the mean TTFT exactly (quantiles do not add up)."""
+    return [Q(f'sum(rate({STAGE}_sum{{{SEL}, {Label.STAGE}="{s}"}}[{RI}])) / '
+              f'sum(rate({STAGE}_count{{{SEL}, {Label.STAGE}="{s}"}}[{RI}]))', s) for s in TTFT_STAGES]
 
 
 def fleet_overview() -> tuple[str, str, list[P]]:
@@ -108,12 +123,26 @@ def fleet_overview() -> tuple[str, str, list[P]]:
           description="Time to first token as clients see it (router)."),
         P("TPOT at the router (p50 / p90 / p99) vs target",
           quantiles("baton_router_tpot_seconds") + [Q("vector($tpot_slo)", "target")], unit="s"),
+        P("TTFT by stage (p90 of each, stacked)", ttft_stages_p90(), unit="s", stack=True,
+          description="Where the time to first token goes: prefill_queue (router + prefill worker queue; grows "
+                      "when prefill is short of workers), prefill_compute (the prompt's forward), kv_handoff (the "
+                      "decode worker pulling the KV), first_decode (the rest: HTTP, decode queue, router). Each "
+                      "stage's own p90, stacked (p90s do not add up exactly; the mean panel does). Stages a worker "
+                      "does not report (vLLM) are missing."),
+        P("TTFT by stage (mean, stacked)", ttft_stages_mean(), unit="s", stack=True,
+          description="Mean seconds per stage; the stack is the mean TTFT of the requests with a stage breakdown."),
         P("Attainment over time vs objective",
           [Q(f"({TTFT_SHARE}) * ({TPOT_SHARE})", "attainment"), Q(TTFT_SHARE, "ttft share"),
            Q(TPOT_SHARE, "tpot share"), Q("vector($objective)", "objective")], unit="percentunit", min=0, max=1),
         P("Requests by outcome",
           [Q(f"sum by (outcome) (rate(baton_router_requests_total{{{SEL}}}[{RI}]))", "{{outcome}}")],
           unit="reqps", stack=True),
+        P("Prefill failures by what the router did",
+          [Q(f"sum by (outcome) (rate({Metric.ROUTER_PREFILL_FAILURES}{{{SEL}}}[{RI}]))", "{{outcome}}")],
+          unit="reqps", stack=True,
+          description="Requests whose prefill hop failed (or found no healthy prefill worker): retried_ok (another "
+                      "prefill worker served), recomputed (the decode worker ran the prompt), rejected (503 + "
+                      "Retry-After: spec.router.prefillFailure). Rejections mean decode had no TPOT headroom."),
         P("Replicas per role: serving vs desired",
           [Q(f"count by (role) (baton_worker_info{{{SEL}}})", "serving {{role}}"),
            Q(f"max by (role) (baton_autoscaler_desired_replicas{{{SEL}}})", "desired {{role}}")],

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from baton.launch import Metric
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "charts" / "baton" / "files" / "prometheus-rules.yaml"
 
@@ -118,6 +120,8 @@ def slo_alerts() -> list[Alert]:
 def other_alerts() -> list[Alert]:
     fail_rate = f"sum by ({BY}) (rate(baton_kv_transfer_failures_total[10m]))"
     ok_rate = f"sum by ({BY}) (rate(baton_kv_transfer_seconds_count[10m]))"
+    rejected_rate = f'sum by ({BY}) (rate({Metric.ROUTER_PREFILL_FAILURES}{{outcome="rejected"}}[10m]))'
+    requests_rate = f"sum by ({BY}) (rate(baton_router_requests_total[10m]))"
     return [
         Alert(
             name="BatonKVTransferFailing",
@@ -127,6 +131,16 @@ def other_alerts() -> list[Alert]:
             description="More than 5% of KV imports from prefill to decode failed over 10 minutes; requests fall "
                         "back to recomputing the prompt on decode (slower TTFT, more decode load).",
             probes=(fail_rate, ok_rate),
+        ),
+        Alert(
+            name="BatonPrefillFailuresRejected",
+            expr=f"{rejected_rate}\n / clamp_min({requests_rate}, 1e-9) > 0.01",
+            for_="10m", severity="warning",
+            summary="{{ $labels.namespace }}/{{ $labels.llmservice }}: requests rejected after prefill failures",
+            description="More than 1% of requests got 503 over 10 minutes because their prefill failed (retries "
+                        "spent) and the decode workers had no TPOT headroom to recompute the prompt "
+                        "(spec.router.prefillFailure). Check the prefill pool: crashes, readiness, hop timeouts.",
+            probes=(rejected_rate, requests_rate),
         ),
         Alert(
             name="BatonKVTransportDegraded",

@@ -282,14 +282,17 @@ def synthetic_schedule(
     num_requests: int | None,
     duration: float | None,
 ) -> list[WorkItem]:
-    """The same seed gives the same lengths and prompts at every rate (only the arrival times scale)."""
+    """The same seed gives the same lengths at every rate (only the arrival times scale), but other prompt
+    words: a server with prefix caching (vLLM's, Baton's) would otherwise answer every rate after the first
+    from its cache, and a sweep would measure the cache instead of the load."""
     rng_t = random.Random(seed)
     rng_l = random.Random(seed + 1)
+    rng_w = random.Random(f"{seed}:{rate!r}")
     times = poisson_arrivals(rate, rng_t, num_requests=num_requests, duration=duration)
     items = []
     for at in times:
         n_in, n_out = input_len.sample(rng_l), output_len.sample(rng_l)
-        items.append(WorkItem(at, maker.make(n_in, rng_l), n_in, n_out))
+        items.append(WorkItem(at, maker.make(n_in, rng_w), n_in, n_out))
     return items
 
 

@@ -342,6 +342,10 @@ def plan_fleet(
         decode_urls=tuple(urls["decode"]),
         both_urls=tuple(urls["both"]),
         log_level=log_level,
+        prefill_retries=spec.router.prefill_failure.retries,
+        prefill_recompute=spec.router.prefill_failure.recompute,
+        prefill_retry_after=int(spec.router.prefill_failure.retry_after.seconds),
+        tpot_slo=spec.slo.tpot.seconds,
     )))
     procs.append(ProcSpec(name="router", role="router", port=rport, argv=rargv, threads=1))
     return FleetPlan(name=svc.metadata.name, model_name=spec.model.name, model_path=model_path,

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from baton.launch import LEASE_EXPIRED, LEASE_PULLED, Label
 from baton.launch import Metric as MetricName
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -86,8 +87,34 @@ class _EngineStatsCollector(Collector):
         )
         c.add_metric(self._values, float(s.num_preemptions_total))
         out.append(c)
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             s.prefix_cache_queries_total),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+             s.prefix_cache_hits_total),
+        ):
+            c = CounterMetricFamily(name, doc, labels=self._names)
+            c.add_metric(self._values, float(value))
+            out.append(c)
+        out.extend(self._lease_metrics(s))
         out.extend(self._kv_metrics(s))
         return out
+
+    def _lease_metrics(self, s: EngineStats) -> list[Metric]:
+        """KV leases (prefill side): held now, and how they ended -- pulled by their decode worker, or expired
+        (its prompt was recomputed). A drain waits for the gauge to reach 0; expired ones show a lost hand-off."""
+        held = GaugeMetricFamily(
+            MetricName.KV_LEASES, "KV caches held for a decode worker to pull (prefill role).", labels=self._names
+        )
+        held.add_metric(self._values, float(s.num_kv_leases))
+        ended = CounterMetricFamily(
+            MetricName.KV_LEASES_ENDED,
+            "KV leases that ended, by outcome: pulled by the decode worker, or expired unpulled.",
+            labels=self._names + [Label.OUTCOME],
+        )
+        ended.add_metric(self._values + [LEASE_PULLED], float(s.kv_leases_pulled_total))
+        ended.add_metric(self._values + [LEASE_EXPIRED], float(s.kv_leases_expired_total))
+        return [held, ended]
 
     def _kv_metrics(self, s: EngineStats) -> list[Metric]:
         """KV handoff (decode side imports): baton_kv_transfer_*, and the transport actually in use."""

@@ -3,9 +3,12 @@
 Requests are validated here, so every refusal names the request field at fault; responses carry vLLM's
 top-level `kv_transfer_params`, which the router uses to chain the prefill hop to the decode hop.
 
-Supported: one prompt per request (`n=1`), text content only, greedy/sampled decoding with temperature, top_p,
-top_k, seed, stop strings and stop token ids. Refused with HTTP 400 (never silently ignored): batched prompts,
-`n>1`, logprobs, echo, suffix, penalties, logit_bias, tools, non-text content parts, JSON response formats.
+Supported: one prompt per request, `n` choices (up to `MAX_N`; `best_of` only equal to `n`), text content only,
+greedy/sampled decoding with temperature, top_p, top_k, seed, stop strings and stop token ids, presence /
+frequency / repetition penalties, min_tokens, ignore_eos, logprobs (completions: `logprobs: N`; chat:
+`logprobs: true` + `top_logprobs: N`; N <= 20). Refused with HTTP 400 naming the field (never silently
+ignored): batched prompts, `best_of != n`, echo, suffix, logit_bias, tools, non-text content parts, JSON
+response formats, prompt_logprobs.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from baton.worker.engine.types import SamplingParams
+from baton.worker.engine.types import MAX_LOGPROBS, SamplingParams
+from baton.worker.logprobs import ChatLogprobs, CompletionLogprobs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: OpenAI's default for /v1/completions when `max_tokens` is absent.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+#: The most choices (`n`) one request may ask for: each is a sequence of its own in the engine's batch.
+MAX_N = 16
 
 
 class RequestError(Exception):
@@ -69,27 +75,23 @@ class _SamplingFields(BaseModel):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     # vLLM extras
     top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    prompt_logprobs: int | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     kv_transfer_params: dict[str, Any] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -98,11 +100,11 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop strings must not be empty")
         return v
 
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("prompt_logprobs")
     @classmethod
-    def _no_penalties(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported (only 0 is accepted)")
+    def _no_prompt_logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("prompt_logprobs are not supported")
         return v
 
     @field_validator("logit_bias")
@@ -123,6 +125,21 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token the response carries; None: no logprobs (set by each endpoint)."""
+        return None
+
+    def check_min_tokens(self, max_tokens: int, max_param: str) -> None:
+        """min_tokens above the (possibly derived) max_tokens can never be met: 400 naming min_tokens."""
+        if self.min_tokens and self.min_tokens > max_tokens:
+            raise RequestError(f"min_tokens: must be at most {max_param} ({max_tokens}), got {self.min_tokens}",
+                               param="min_tokens")
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         stop: tuple[str, ...]
         if self.stop is None:
@@ -141,6 +158,11 @@ class _SamplingFields(BaseModel):
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if self.repetition_penalty is None else float(self.repetition_penalty),
+            min_tokens=int(self.min_tokens or 0),
+            logprobs=self.num_logprobs,
         )
 
 
@@ -149,7 +171,7 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
@@ -171,12 +193,9 @@ class CompletionRequest(_SamplingFields):
             )
         return _one_prompt_inner(v[0])
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs are not supported")
-        return v
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("echo")
     @classmethod
@@ -192,12 +211,13 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix is not supported")
         return v
 
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only best_of=1 is supported")
-        return v
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        # RequestError, not ValueError: pydantic would report a model-level error without the field's name
+        if self.best_of is not None and self.best_of != self.num_choices:
+            raise RequestError(f"best_of: only best_of == n ({self.num_choices}) is supported (no server-side "
+                               f"ranking of candidates), got {self.best_of}", param="best_of")
+        return self
 
 
 def _one_prompt_inner(v: str | list[int]) -> str | list[int]:
@@ -259,25 +279,21 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True  # vLLM extra
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:  # OpenAI: "logprobs must be set to true if ... used"
+            raise RequestError("top_logprobs: needs logprobs: true", param="top_logprobs")
+        return self
 
     @field_validator("tools")
     @classmethod
@@ -380,7 +396,7 @@ class UsageInfo(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -411,7 +427,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -433,7 +449,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

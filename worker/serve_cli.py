@@ -19,13 +19,17 @@ import os
 import socket
 from pathlib import Path
 
+from baton import launch
+
 ROLES = ("both", "prefill", "decode")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 KV_TRANSPORTS = ("auto", "tcp", "nixl", "inprocess")
 DEFAULT_KV_PORT = 14579
 
-#: How long SIGTERM waits for requests in flight. Below the pods' terminationGracePeriodSeconds (operator/render.py
-#: WORKER_GRACE_SECONDS, 120) so the worker exits on its own, stopping the engine cleanly, before the SIGKILL.
-DEFAULT_DRAIN_TIMEOUT_SECONDS = 110.0
+#: How long SIGTERM waits for requests in flight (and, on prefill, unpulled KV leases): by role, from the launch
+#: contract, which also sizes the pods' terminationGracePeriodSeconds from it (launch.termination_grace_seconds),
+#: so the worker exits on its own, stopping the engine cleanly, before the SIGKILL.
+DEFAULT_DRAIN_TIMEOUT_SECONDS = launch.drain_timeout_seconds("decode")
 #: uvicorn's graceful shutdown on Ctrl-C (SIGTERM drains instead: server.DrainingServer).
 GRACEFUL_SHUTDOWN_SECONDS = 10
 
@@ -64,6 +68,33 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         help="context length (default: the model's max_position_embeddings)",
     )
     p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights, activations and KV cache: auto picks bfloat16 where the CPU computes it natively "
+        "(AVX512-BF16 or AMX), else float32 (default auto)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per engine step: with chunked prefill the step's budget for decode rows and prompt "
+        "chunks (default 512), without it the prompt tokens of one prefill step (default: a whole prompt)",
+    )
+    p.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mix decodes and prompt chunks in every step so a long prompt never stalls running decodes "
+        "(default: on for roles both and decode, off for prefill)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before (default on)",
+    )
+    p.add_argument(
         "--llmservice",
         default=os.environ.get("BATON_LLMSERVICE", ""),
         help="`llmservice` metric label (default: env BATON_LLMSERVICE)",
@@ -100,11 +131,20 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         help="devices per model replica; the Baton engine runs on one (only 1 is accepted)",
     )
     p.add_argument(
-        "--drain-timeout",
+        launch.Flag.KV_LEASE_SECONDS,
         type=float,
-        default=DEFAULT_DRAIN_TIMEOUT_SECONDS,
-        help="on SIGTERM, seconds to wait for requests in flight before stopping (default "
-        f"{DEFAULT_DRAIN_TIMEOUT_SECONDS:.0f}: below the pods' 120 s termination grace period)",
+        default=launch.KV_LEASE_SECONDS,
+        help="prefill: seconds a KV cache waits for its decode worker to pull it (default "
+        f"{launch.KV_LEASE_SECONDS:g})",
+    )
+    p.add_argument(
+        launch.Flag.DRAIN_TIMEOUT,
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds to wait for requests in flight (and unpulled KV caches) before stopping "
+        f"(default: prefill {launch.drain_timeout_seconds('prefill'):g}, accept window + queued prefills + one "
+        f"KV lease; decode and both {DEFAULT_DRAIN_TIMEOUT_SECONDS:g}; pods get {launch.GRACE_SLACK_SECONDS:g} s "
+        "more as their termination grace period)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_worker)
@@ -141,8 +181,8 @@ def build_engine(args: argparse.Namespace):
         raise CommandError(f"--model {model} is not a directory")
     if not (model / "config.json").is_file():
         raise CommandError(f"{model} has no config.json (is it a Hugging Face model directory?)")
-    for flag in ("max_num_seqs", "kv_blocks", "max_model_len"):
-        value = getattr(args, flag)
+    for flag in ("max_num_seqs", "kv_blocks", "max_model_len", "max_num_batched_tokens"):
+        value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} must be at least 1")
     tp = getattr(args, "tensor_parallel_size", 1)
@@ -173,13 +213,20 @@ def build_engine(args: argparse.Namespace):
 def _construct_engine(args: argparse.Namespace):
     from baton.worker.engine.engine import BatonEngine
 
-    kwargs = {"role": args.role, "model_name": served_model_name(args)}
+    kwargs = {"role": args.role, "model_name": served_model_name(args),
+              "kv_lease_seconds": getattr(args, "kv_lease_seconds", launch.KV_LEASE_SECONDS)}
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.kv_blocks is not None:
         kwargs["num_kv_blocks"] = args.kv_blocks
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    if getattr(args, "max_num_batched_tokens", None) is not None:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if getattr(args, "enable_chunked_prefill", None) is not None:
+        kwargs["enable_chunked_prefill"] = args.enable_chunked_prefill
+    kwargs["enable_prefix_caching"] = getattr(args, "enable_prefix_caching", True)
+    kwargs["dtype"] = getattr(args, "dtype", "auto")
     kind = kv_transport_kind(args)
     if kind is None and args.role != "both":
         kind = "auto"
@@ -207,8 +254,16 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from baton.cli import CommandError
 
+    if args.kv_lease_seconds <= 0:
+        raise CommandError(f"{launch.Flag.KV_LEASE_SECONDS} must be more than 0")
+    if args.drain_timeout is None:
+        args.drain_timeout = launch.drain_timeout_seconds(args.role, args.kv_lease_seconds)
     if args.drain_timeout < 0:
         raise CommandError("--drain-timeout must be at least 0")
+    least = launch.DRAIN_ACCEPT_SECONDS + args.kv_lease_seconds
+    if args.role == "prefill" and args.drain_timeout < least:
+        log.warning("--drain-timeout %g is shorter than the accept window plus one KV lease (%g s): a drain may "
+                    "cut KV caches their decode workers have not pulled yet", args.drain_timeout, least)
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import anyio
 import uvicorn
+from baton.worker.choices import choice_requests, merge, with_first_logprob
 from baton.worker.engine.types import (
     Engine,
     EngineError,
@@ -36,7 +37,9 @@ from baton.worker.engine.types import (
     InvalidRequest,
     KVTransferFailed,
     StepOutput,
+    TokenLogprob,
 )
+from baton.worker.logprobs import LogprobRenderer
 from baton.worker.metrics import CONTENT_TYPE, RequestTracker, WorkerMetrics
 from baton.worker.protocol import (
     SSE_DONE,
@@ -63,6 +66,8 @@ from baton.worker.protocol import (
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from baton import launch
 
 log = logging.getLogger("baton.worker.server")
 
@@ -193,6 +198,14 @@ class _Server:
         except Exception:  # noqa: BLE001 - a dead engine has nothing left to hand over
             return 0
 
+    def kv_lease_outcomes(self) -> tuple[int, int]:
+        """(pulled, expired) KV leases since the start: a drain reports how the ones it waited for ended."""
+        try:
+            s = self.engine.stats()
+            return int(getattr(s, "kv_leases_pulled_total", 0) or 0), int(getattr(s, "kv_leases_expired_total", 0) or 0)
+        except Exception:  # noqa: BLE001
+            return 0, 0
+
     async def shutdown(self) -> None:
         self.stopping = True
         self.ready = False
@@ -307,6 +320,7 @@ class _Server:
         else:
             prompt_ids = list(req.prompt)
         max_tokens = self.max_tokens_for(len(prompt_ids), req.max_tokens, "prompt", "max_tokens")
+        req.check_min_tokens(max_tokens, "max_tokens")
         gen = GenerationRequest(
             request_id=rid,
             prompt_token_ids=prompt_ids,
@@ -314,7 +328,7 @@ class _Server:
             kv_transfer_params=req.kv_transfer_params,
         )
         return await self.serve(
-            request, gen, "completion", response_id, bool(req.stream), req.include_usage, arrival
+            request, gen, "completion", response_id, bool(req.stream), req.include_usage, arrival, req.num_choices
         )
 
     async def chat_completions(self, request: Request) -> Response:
@@ -333,6 +347,7 @@ class _Server:
         prompt_ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
         max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens_for(len(prompt_ids), req.requested_max_tokens, "messages", max_param)
+        req.check_min_tokens(max_tokens, max_param)
         gen = GenerationRequest(
             request_id=rid,
             prompt_token_ids=prompt_ids,
@@ -340,7 +355,7 @@ class _Server:
             kv_transfer_params=req.kv_transfer_params,
         )
         return await self.serve(
-            request, gen, "chat", response_id, bool(req.stream), req.include_usage, arrival
+            request, gen, "chat", response_id, bool(req.stream), req.include_usage, arrival, req.num_choices
         )
 
     async def serve(
@@ -352,7 +367,9 @@ class _Server:
         stream: bool,
         include_usage: bool,
         arrival: float,
+        n: int = 1,
     ) -> Response:
+        """Serve `gen` with `n` choices (see `choices.py`): JSON, or SSE with the choices' chunks interleaved."""
         rid = gen.request_id
         if rid in self.inflight:
             raise RequestError(
@@ -365,13 +382,16 @@ class _Server:
         handed_over = False
         try:
             try:
-                it = self.engine.generate(gen)
+                gens = choice_requests(gen, n, getattr(self.engine, "role", "both"))
+                index = {g.request_id: i for i, g in enumerate(gens)}
+                it = self.engine.generate(gen) if len(gens) == 1 else merge([self.engine.generate(g) for g in gens])
                 if stream:
                     first = await _race_disconnect(request, it.__anext__())
                     handed_over = True
-                    body = self._stream(it, first, gen, kind, response_id, created, include_usage, tracker)
-                    return _SSEResponse(body, headers={REQUEST_ID_HEADER: rid, "Cache-Control": "no-cache"})
-                outputs = await _race_disconnect(request, _collect(it, tracker))
+                    body = self._stream(it, first, gen, kind, response_id, created, include_usage, tracker, index)
+                    return _SSEResponse(body, headers={REQUEST_ID_HEADER: rid, "Cache-Control": "no-cache",
+                                                       **_server_timing(first)})
+                outputs = await _race_disconnect(request, _collect(it, tracker, len(gens)))
             except EngineError as exc:
                 raise engine_error_to_request_error(exc) from None
             except StopAsyncIteration:
@@ -383,8 +403,8 @@ class _Server:
                 tracker.on_finish("abort")
                 return Response(status_code=499)
             return JSONResponse(
-                self._full_response(outputs, kind, response_id, created),
-                headers={REQUEST_ID_HEADER: rid},
+                self._full_response(outputs, kind, response_id, created, gen, index),
+                headers={REQUEST_ID_HEADER: rid, **_server_timing(*outputs)},
             )
         finally:
             if not handed_over:
@@ -407,37 +427,47 @@ class _Server:
                     tracker.on_finish("abort")  # went away mid-stream
                 self.inflight.discard(rid)
 
-    def _full_response(self, outputs: list[StepOutput], kind: Kind, response_id: str, created: int) -> dict:
-        last = outputs[-1]
-        text = "".join(o.text for o in outputs)
-        n_gen = last.num_generated_tokens or sum(len(o.token_ids) for o in outputs)
-        n_prompt = last.num_prompt_tokens or next(
-            (o.num_prompt_tokens for o in outputs if o.num_prompt_tokens), 0
-        )
+    def _full_response(self, outputs: list[StepOutput], kind: Kind, response_id: str, created: int,
+                       gen: GenerationRequest | None = None, index: dict[str, int] | None = None) -> dict:
+        index = index or {}
+        per: list[list[StepOutput]] = [[] for _ in range(max(1, len(index)))]
+        for o in outputs:
+            per[index.get(o.request_id, 0)].append(o)
+        render = self._renderer(gen)
+        n_prompt = next((o.num_prompt_tokens for o in reversed(outputs) if o.num_prompt_tokens), 0)
+        n_gen = 0
+        choices: list[Any] = []
+        for i, outs in enumerate(per):
+            last = outs[-1]
+            text = "".join(o.text for o in outs)
+            n_gen += last.num_generated_tokens or sum(len(o.token_ids) for o in outs)
+            lps = [lp for o in outs for lp in (o.logprobs or ())]
+            if kind == "completion":
+                logprobs = render.completion(lps)[0] if render else None
+                choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=last.finish_reason))
+            else:
+                logprobs = render.chat(lps) if render else None
+                choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=text), logprobs=logprobs,
+                                          finish_reason=last.finish_reason))
         usage = UsageInfo.of(n_prompt, n_gen)
-        kv = next((o.kv_transfer_params for o in reversed(outputs) if o.kv_transfer_params is not None), None)
+        kv = next((o.kv_transfer_params for o in reversed(per[0]) if o.kv_transfer_params is not None), None)
+        kv = with_first_logprob(kv, next((o.logprobs[0] for o in per[0] if o.logprobs), None))
         model = self.served_model_name
         if kind == "completion":
             resp: Any = CompletionResponse(
-                id=response_id,
-                created=created,
-                model=model,
-                usage=usage,
-                kv_transfer_params=kv,
-                choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+                id=response_id, created=created, model=model, usage=usage, kv_transfer_params=kv, choices=choices
             )
         else:
             resp = ChatCompletionResponse(
-                id=response_id,
-                created=created,
-                model=model,
-                usage=usage,
-                kv_transfer_params=kv,
-                choices=[
-                    ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason)
-                ],
+                id=response_id, created=created, model=model, usage=usage, kv_transfer_params=kv, choices=choices
             )
         return resp.model_dump(mode="json")
+
+    def _renderer(self, gen: GenerationRequest | None) -> LogprobRenderer | None:
+        """Logprob rendering for this response; None when the request asked for none."""
+        if gen is None or gen.sampling.logprobs is None:
+            return None
+        return LogprobRenderer(self.engine.tokenizer)
 
     async def _stream(
         self,
@@ -449,19 +479,35 @@ class _Server:
         created: int,
         include_usage: bool,
         tracker: RequestTracker,
+        index: dict[str, int] | None = None,
     ) -> AsyncIterator[str]:
+        """SSE chunks; with n > 1 each choice's chunks carry its `index`, interleaved as the tokens come (the
+        chat role chunk is sent for every index first, as OpenAI does). Logprobs of tokens whose text is held
+        back (incremental detokenization, possible stop strings) travel with the next chunk that has text."""
         model = self.served_model_name
         rid = gen.request_id
+        index = index or {rid: 0}
+        n = len(index)
+        render = self._renderer(gen)
         n_prompt = 0
-        n_gen = 0
+        n_gen = [0] * n
+        offsets = [0] * n  # completions text_offset per choice
+        pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        first_lp: TokenLogprob | None = None  # choice 0's first token (a prefill hop hands it on)
+        finished = 0
 
-        def chunk(text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+        def chunk(i: int, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+            lps, pending[i] = pending[i], []
             if kind == "completion":
+                logprobs = None
+                if render is not None:
+                    logprobs, offsets[i] = render.completion(lps, offsets[i])
                 c: Any = CompletionStreamResponse(
                     id=response_id,
                     created=created,
                     model=model,
-                    choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)],
+                    choices=[CompletionChoice(index=i, text=text or "", logprobs=logprobs,
+                                              finish_reason=finish_reason)],
                 )
             else:
                 delta = DeltaMessage(role="assistant", content="") if role else DeltaMessage(content=text)
@@ -469,7 +515,8 @@ class _Server:
                     id=response_id,
                     created=created,
                     model=model,
-                    choices=[ChatStreamChoice(delta=delta, finish_reason=finish_reason)],
+                    choices=[ChatStreamChoice(index=i, delta=delta, finish_reason=finish_reason,
+                                              logprobs=render.chat(lps) if render is not None and not role else None)],
                 )
             d = c.model_dump(mode="json")
             if not include_usage:
@@ -483,21 +530,33 @@ class _Server:
 
         try:
             if kind == "chat":
-                yield sse_event(chunk(None, None, role=True))
+                for i in range(n):
+                    yield sse_event(chunk(i, None, None, role=True))
             out: StepOutput | None = first
             while out is not None:
+                i = index.get(out.request_id, 0)
                 tracker.on_output(len(out.token_ids), out.num_prompt_tokens)
                 n_prompt = out.num_prompt_tokens or n_prompt
-                n_gen = out.num_generated_tokens or (n_gen + len(out.token_ids))
+                n_gen[i] = out.num_generated_tokens or (n_gen[i] + len(out.token_ids))
+                if out.logprobs:
+                    pending[i].extend(out.logprobs)
+                    if i == 0 and first_lp is None:
+                        first_lp = out.logprobs[0]
                 if out.finished:
-                    d = chunk(out.text if (out.text or kind == "completion") else None, out.finish_reason)
+                    d = chunk(i, out.text if (out.text or kind == "completion") else None, out.finish_reason)
                     if out.kv_transfer_params is not None:
-                        d["kv_transfer_params"] = out.kv_transfer_params
+                        d["kv_transfer_params"] = with_first_logprob(out.kv_transfer_params, first_lp)
                     yield sse_event(d)
-                    tracker.on_finish(out.finish_reason)
-                    break
-                if out.text:
-                    yield sse_event(chunk(out.text, None))
+                    finished += 1
+                    if finished == n:
+                        tracker.on_finish(out.finish_reason)
+                        break
+                elif out.kv_transfer_params is not None:  # a prefill hop's early announcement (KV_ANNOUNCE)
+                    yield sse_event({"id": response_id, "object": "text_completion" if kind == "completion" else
+                                     "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                                     "kv_transfer_params": out.kv_transfer_params})
+                elif out.text:
+                    yield sse_event(chunk(i, out.text, None))
                 try:
                     out = await it.__anext__()
                 except StopAsyncIteration:
@@ -512,7 +571,7 @@ class _Server:
                         created=created,
                         model=model,
                         choices=[],
-                        usage=UsageInfo.of(n_prompt, n_gen),
+                        usage=UsageInfo.of(n_prompt, sum(n_gen)),
                     )
                 else:
                     u = ChatCompletionStreamResponse(
@@ -520,7 +579,7 @@ class _Server:
                         created=created,
                         model=model,
                         choices=[],
-                        usage=UsageInfo.of(n_prompt, n_gen),
+                        usage=UsageInfo.of(n_prompt, sum(n_gen)),
                     )
                 yield sse_event(u.model_dump(mode="json"))
             yield SSE_DONE
@@ -537,14 +596,25 @@ class _Server:
             await self._cleanup(it, rid, tracker)
 
 
-async def _collect(it: AsyncIterator[StepOutput], tracker: RequestTracker) -> list[StepOutput]:
+def _server_timing(*outputs: StepOutput) -> dict[str, str]:
+    """The `Server-Timing` header of the first output that carries the engine's first-token timings (queue,
+    prefill or kv_import): the router splits its TTFT into stages with it. Engines without them: no header."""
+    timings = next((o.timings for o in outputs if getattr(o, "timings", None)), None)
+    return {launch.Header.SERVER_TIMING: launch.format_server_timing(timings)} if timings else {}
+
+
+async def _collect(it: AsyncIterator[StepOutput], tracker: RequestTracker, n: int = 1) -> list[StepOutput]:
+    """Every output until all `n` choices have finished."""
     outputs: list[StepOutput] = []
+    finished = 0
     async for out in it:
         outputs.append(out)
         tracker.on_output(len(out.token_ids), out.num_prompt_tokens)
         if out.finished:
-            tracker.on_finish(out.finish_reason)
-            break
+            finished += 1
+            if finished == n:
+                tracker.on_finish(out.finish_reason)
+                break
     if not outputs:
         raise RequestError(
             "the engine ended the request without output", status=500, type="internal_server_error"
@@ -693,7 +763,8 @@ def create_app(
 
 #: A drain lasts at least this long even when idle: Kubernetes removes a terminating pod's endpoint while the
 #: SIGTERM is sent, and routers and kube-proxy learn of it a few seconds later; requests sent meanwhile are served.
-DRAIN_ACCEPT_SECONDS = 5.0
+#: From the launch contract, which sizes the pods' grace period from the same budget.
+DRAIN_ACCEPT_SECONDS = launch.DRAIN_ACCEPT_SECONDS
 #: When a drain times out, the streams still running get this long before they are cut.
 DRAIN_CUT_SECONDS = 1
 #: How often a drain logs the number of requests in flight.
@@ -720,6 +791,7 @@ class DrainingServer(uvicorn.Server):
         self.cut_requests = 0
         self.clock: Callable[[], float] = time.monotonic  # tests step it by hand
         self._announced = False
+        self._leases_at_start = (0, 0)  # (pulled, expired) when the drain began
         self._last_report = 0.0
 
     def in_flight(self) -> int:
@@ -750,17 +822,26 @@ class DrainingServer(uvicorn.Server):
         if not self._announced:
             self._announced = True
             self._last_report = now
+            self._leases_at_start = self.app_state.kv_lease_outcomes()
             log.info(
                 "SIGTERM: draining; /ready answers 503, %s; exiting when none are left (after at least %.0fs) or "
                 "after %.0fs; a second signal exits now", pending, least, self.drain_timeout,
             )
         if in_flight == 0 and leases == 0 and elapsed >= least:
-            log.info("drained in %.1fs: no request in flight; exiting", elapsed)
+            log.info("drained in %.1fs: no request in flight%s; exiting", elapsed, self._lease_report())
             self.should_exit = True
         elif elapsed >= self.drain_timeout:
-            log.warning("drain timeout (%.0fs): cutting what is left (%s); exiting", self.drain_timeout, pending)
+            log.warning("drain timeout (%.0fs): cutting what is left (%s)%s; exiting", self.drain_timeout, pending,
+                        self._lease_report())
             self.config.timeout_graceful_shutdown = DRAIN_CUT_SECONDS
             self.should_exit = True
         elif now - self._last_report >= DRAIN_REPORT_SECONDS:
             self._last_report = now
             log.info("draining: %s after %.0fs", pending, elapsed)
+
+    def _lease_report(self) -> str:
+        """How the KV leases of the drain ended: pulled by their decode worker, or expired (the prompt is then
+        recomputed)."""
+        pulled, expired = self.app_state.kv_lease_outcomes()
+        pulled, expired = pulled - self._leases_at_start[0], expired - self._leases_at_start[1]
+        return f"; KV leases during the drain: {pulled} pulled, {expired} expired" if pulled or expired else ""

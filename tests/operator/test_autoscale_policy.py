@@ -1,8 +1,11 @@
 """Unit tests of the pure SLO autoscaling policy (operator/autoscale_policy.py), one per rule."""
 import itertools
+import json
 import math
 
+import pytest
 from baton.operator.api import LLMServiceSpec
+from baton.operator.autoscale_forecast import ArrivalModel
 from baton.operator.autoscale_policy import (
     History,
     Observations,
@@ -17,8 +20,10 @@ CAP = 8000.0  # prefill tokens/s per replica
 
 
 def cfg(**kw) -> PolicyConfig:
+    # rules in isolation: no stabilization, no warm-up, no arrival band (scale-down sizes for the current rate)
     base = {"ttft_slo_s": SLO_TTFT, "tpot_slo_s": SLO_TPOT, "prefill": RoleBounds(1, 8),
-            "decode": RoleBounds(1, 8), "scale_down_stabilization_s": 0.0, "warmup_s": 0.0}
+            "decode": RoleBounds(1, 8), "scale_down_stabilization_s": 0.0, "warmup_s": 0.0,
+            "headroom_k": 0.0, "headroom_memory_s": 0.0}
     base.update(kw)
     return PolicyConfig(**base)
 
@@ -248,8 +253,146 @@ def test_flapping_latency_does_not_oscillate():
 def test_history_round_trips_and_prunes():
     _, h = run(pre(ttft_p90_s=1.0), dec(tpot_p90_s=0.1))
     assert History.from_dict(h.to_dict()) == h
+    # every field, the arrival model and the pending scale-up included, survives a round trip through JSON
+    h = rising_history([0.5 * CAP, 0.8 * CAP, 1.1 * CAP])
+    _, h = run(pre(n=4, ready=2, queue_tokens=4 * CAP), dec(num_waiting=2.0), history=h, now=1045.0)
+    assert h.prefill.pending_target and h.prefill.pending_signal and h.decode.last_backlog_s
+    assert h.arrivals.time_s == 1045.0
+    assert History.from_dict(json.loads(json.dumps(h.to_dict()))) == h
     assert History.from_dict(None) == History()
     c = cfg(scale_down_stabilization_s=60.0)
     for t in range(0, 3000, 15):
         _, h = run(pre(), dec(), config=c, history=h, now=2000.0 + t)
     assert len(h.prefill.recommendations) <= (60 + 15) // 15 + 1
+
+
+# ------------------------------------------------------------------ arrival forecast, guard, TTFT stages
+
+
+def feed(rates, dt=15.0, t0=1000.0, **kw) -> ArrivalModel:
+    m = ArrivalModel()
+    for i, r in enumerate(rates):
+        m = m.update(r, t0 + i * dt, kw.get("alpha", 0.7), kw.get("beta", 0.5), kw.get("memory_s", 1800.0),
+                     kw.get("reset_after_s", 60.0))
+    return m
+
+
+def test_arrival_forecast_extrapolates_a_ramp_and_resets_after_a_gap():
+    flat = feed([1000.0] * 10)
+    assert flat.forecast(30.0) == pytest.approx(1000.0) and flat.trend == pytest.approx(0.0)
+    ramp = feed([1000.0 + 100.0 * i for i in range(12)])          # +100 tok/s every 15 s
+    assert ramp.trend == pytest.approx(100.0 / 15, rel=0.05)
+    assert ramp.forecast(30.0) == pytest.approx(1000.0 + 1100.0 + 200.0, rel=0.02)
+    falling = feed([5000.0 - 400.0 * i for i in range(12)])
+    assert falling.forecast(600.0) == 0.0                           # never negative
+    gap = ramp.update(3000.0, ramp.time_s + 3600.0, 0.7, 0.5, 1800.0, 60.0)
+    assert (gap.level, gap.trend) == (3000.0, 0.0)                 # a slope across a gap means nothing
+    assert ArrivalModel().forecast(30.0) is None and ArrivalModel().band(2.0) is None
+
+
+def test_arrival_band_remembers_bursts_and_forgets_steady_traffic():
+    steady = feed([2000.0] * 200)
+    assert steady.band(2.0) == pytest.approx(2000.0)
+    bursty = feed(([1000.0] * 36 + [8000.0] * 12) * 4)             # 9 min quiet, 3 min burst, 4 times
+    assert bursty.band(2.0) > 6000.0
+    assert feed(([1000.0] * 36 + [8000.0] * 12) * 4 + [1000.0] * 600).band(2.0) < 1200.0   # 150 min later
+    assert ArrivalModel.from_dict(bursty.to_dict()) == bursty and ArrivalModel.from_dict(None) == ArrivalModel()
+
+
+def rising_history(rates, t0=1000.0) -> History:
+    h = History.from_dict({r: {"started": 0.0} for r in ("prefill", "decode")})
+    for i, r in enumerate(rates):
+        _, h = decide(Observations(pre(prompt_tokens_per_s=r), dec(), 30.0, t0 + 15.0 * i), cfg(), h)
+    return h
+
+
+def test_rising_arrivals_scale_prefill_and_decode_before_latency_moves():
+    # 0.5, 1.0, 1.5 x capacity over three evaluations: the current rate needs 2 replicas, the forecast
+    # (level 1.36, trend 0.023/s, 30 s ahead: 2.04 x capacity) needs 3
+    h = rising_history([0.5 * CAP, 1.0 * CAP])
+    ds, h2 = run(pre(prompt_tokens_per_s=1.5 * CAP), dec(kv_cache_usage=0.5), history=h, now=1030.0)
+    p, d = ds["prefill"], ds["decode"]
+    assert (p.desired, p.reason) == (3, "ArrivalRateRising") and "16320 tok/s forecast 30s ahead" in p.message
+    assert (d.desired, d.reason) == (3, "ArrivalRateRising")     # KV 2 x 0.5 x 2.04/1.5 / 0.6 = 2.3
+    assert h2.arrivals.trend > 0 and h2.prefill.pending_target == p.desired
+    # the same observation without the rising history: within SLO, nothing to do
+    ds, _ = run(pre(prompt_tokens_per_s=1.5 * CAP), dec(kv_cache_usage=0.5), history=rising_history([1.5 * CAP]),
+                now=1015.0)
+    assert ds["prefill"].reason == "WithinSLO" and ds["decode"].reason == "WithinSLO"
+
+
+def test_pending_scale_guard_does_not_stack_scale_ups_unless_load_got_worse():
+    h = History.from_dict({"prefill": {"started": 0.0}, "decode": {"started": 0.0, "pendingTarget": 5,
+                                                                    "pendingSignal": 1.4 * CAP},
+                           "arrivals": {"time": 985.0, "level": 1.4 * CAP, "mean": 1.4 * CAP}})
+    waiting = {"kv_cache_usage": 0.95, "num_waiting": 60.0, "num_running": 40.0}   # wants ceil(6.6) = 7
+    p = pre(prompt_tokens_per_s=1.4 * CAP)
+    # 3 of 5 replicas still starting, load as when the scale-up to 5 was decided: hold (the backlog grows
+    # because the capacity is not there yet, not because there is more load)
+    ds, h2 = run(p, dec(n=5, ready=3, **waiting), config=cfg(), history=h)
+    assert (ds["decode"].desired, ds["decode"].reason) == (5, "WarmingUp") and "not worse" in ds["decode"].message
+    # arrivals rose by more than pending_tolerance: the signal got worse, stack the scale-up
+    ds, _ = run(pre(prompt_tokens_per_s=2.0 * CAP), dec(n=5, ready=3, **waiting), config=cfg(), history=h)
+    assert ds["decode"].desired == 8 and "KV cache 95% used" in ds["decode"].message   # AtMax
+    # once every replica is ready, the pending scale-up is over
+    ds, _ = run(p, dec(n=5, ready=5, **waiting), config=cfg(), history=h)
+    assert ds["decode"].desired > 5 and h2.decode.pending_target == 5
+
+
+def staged(queue, compute, handoff=None, first=None, ttft=None, **kw) -> RoleObservation:
+    return pre(ttft_p90_s=ttft, prefill_queue_p90_s=queue, prefill_compute_p90_s=compute,
+               kv_handoff_p90_s=handoff, first_decode_p90_s=first, **kw)
+
+
+def test_prefill_scales_on_its_own_ttft_stages():
+    # TTFT 0.9s over a 0.5s SLO, but it is the hand-off and first decode: not prefill's to fix
+    ds, _ = run(staged(0.05, 0.08, handoff=0.5, first=0.27, ttft=0.9), dec())
+    assert ds["prefill"].desired == 2 and ds["prefill"].reason == "WithinSLO"
+    # queue + compute over prefill's share (SLO - hand-off - first decode = 0.3s): scale on that ratio
+    ds, _ = run(staged(0.4, 0.05, handoff=0.1, first=0.1, ttft=0.65), dec())
+    p = ds["prefill"]
+    assert (p.desired, p.reason) == (3, "PrefillAboveBudget") and "budget 300ms" in p.message   # 2 x 0.45/0.3
+    # the other stages eat the whole SLO: prefill's budget never drops below min_prefill_ttft_share of it
+    ds, _ = run(staged(0.2, 0.04, handoff=0.6, first=0.1, ttft=0.94), dec())
+    assert ds["prefill"].desired == 2
+    ds, _ = run(staged(0.3, 0.1, handoff=0.6, first=0.1, ttft=1.1), dec())
+    assert (ds["prefill"].desired, ds["prefill"].reason) == (4, "PrefillAboveBudget")          # 2 x 0.4/0.25
+    # no stage data: whole TTFT against the SLO, as before
+    ds, _ = run(pre(ttft_p90_s=0.9), dec())
+    assert (ds["prefill"].desired, ds["prefill"].reason) == (4, "TTFTAboveSLO")
+    # low stages allow a scale-down even when TTFT as a whole is not low
+    ds, _ = run(staged(0.01, 0.05, handoff=0.2, first=0.1, ttft=0.36, n=4, prompt_tokens_per_s=0.0), dec(n=4))
+    assert ds["prefill"].reason == "BelowSLOScaleDown"
+
+
+def test_stale_latency_after_a_drained_backlog_does_not_scale_up():
+    h = History.from_dict({"prefill": {"started": 0.0, "lastBacklog": 990.0},
+                           "decode": {"started": 0.0, "lastBacklog": 990.0}})
+    ds, _ = run(pre(ttft_p90_s=2.0), dec(tpot_p90_s=0.3), history=h)
+    assert ds["prefill"].desired == 2 and "backlog drained" in ds["prefill"].message
+    assert ds["decode"].desired == 2 and "backlog drained" in ds["decode"].message
+    # without a recent backlog the same latency is believed
+    ds, _ = run(pre(ttft_p90_s=2.0), dec(tpot_p90_s=0.3))
+    assert ds["prefill"].desired > 2 and ds["decode"].desired > 2
+    # a backlog now is recorded
+    _, h3 = run(pre(queue_tokens=4 * CAP), dec(num_waiting=3.0))
+    assert h3.prefill.last_backlog_s == h3.decode.last_backlog_s == 1000.0
+
+
+def test_band_keeps_capacity_for_recent_bursts():
+    c = cfg(headroom_k=2.0, headroom_memory_s=1800.0)
+    h = History.from_dict({r: {"started": 0.0} for r in ("prefill", "decode")})
+    quiet = {"ttft_p90_s": 0.1, "prompt_tokens_per_s": 0.2 * CAP}
+    for i in range(4):                            # four bursts of 3 x capacity
+        for j in range(48):
+            burst = j >= 36
+            rate = 3 * CAP if burst else 0.2 * CAP
+            _, h = decide(Observations(pre(n=4, ttft_p90_s=0.1, prompt_tokens_per_s=rate),
+                                       dec(n=4, tpot_p90_s=0.01, kv_cache_usage=0.5 if burst else 0.05),
+                                       30.0, 15.0 * (48 * i + j)), c, h)
+    ds, _ = decide(Observations(pre(n=4, **quiet), dec(n=4, tpot_p90_s=0.01, kv_cache_usage=0.05), 30.0,
+                                15.0 * 48 * 4), c, h)
+    assert ds["prefill"].desired == 4 and "swinging" in ds["prefill"].message
+    assert ds["decode"].desired == 4 and "arrival swings" in ds["decode"].message
+    ds, _ = run(pre(n=4, **quiet), dec(n=4, tpot_p90_s=0.01, kv_cache_usage=0.05), config=c)   # no history
+    assert ds["prefill"].desired < 4 and ds["decode"].desired < 4

@@ -15,11 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from baton.e2e.prometheus import free_port
+from baton.operator.autoscaler import role_observations
 from baton.operator.prometheus import (
+    LatencySignal,
     PrometheusClient,
     PrometheusQueryError,
     PrometheusSource,
     PrometheusUnavailable,
+    ServiceMetrics,
     prom_duration,
     selector,
     within_bound,
@@ -33,6 +36,8 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+
+from baton.launch import TTFT_STAGES, Label, Metric
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25)
@@ -69,6 +74,8 @@ class Exporter:
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("baton_router_tpot_seconds", "TPOT at the router", ["llmservice", "namespace"],
                               buckets=TPOT_BUCKETS, registry=r)
+        self.stage = Histogram(Metric.ROUTER_TTFT_STAGE, "TTFT by stage at the router",
+                               ["llmservice", "namespace", Label.STAGE], buckets=TTFT_BUCKETS, registry=r)
         labels = ["llmservice", "namespace", "role", "pod"]
         self.w_ttft = Histogram("vllm:time_to_first_token_seconds", "worker TTFT", labels, buckets=TTFT_BUCKETS,
                                 registry=r)
@@ -121,6 +128,7 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
     # The router's own series for another namespace must not leak into "chat" in NS.
     other = e.ttft.labels("chat", "team-b")
     prompt = e.prompt.labels("chat", NS, "prefill", "p-0")
+    stages = {st: e.stage.labels("chat", NS, st) for st in TTFT_STAGES[:3]}   # no first_decode samples at all
     local_prometheus.set_targets([e.target])
     local_prometheus.wait_for_targets(scrapes=1)
 
@@ -139,6 +147,10 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
     e.kv.labels("chat", NS, "decode", "d-0").set(0.2)
     e.kv.labels("chat", NS, "decode", "d-1").set(0.6)
     prompt.inc(600)
+    queue, compute, handoff = (stages[st] for st in TTFT_STAGES[:3])
+    observe(queue, [(0.04, 85), (0.3, 10), (3.0, 5)])  # p90 = 0.375, as TTFT above
+    observe(compute, [(0.07, 100)])  # p90 = 0.05 + 0.05 * 0.9 = 0.095
+    observe(handoff, [(0.02, 100)])  # p90 = 0.05 * 0.9 = 0.045
     local_prometheus.wait_for_targets(scrapes=2)
 
     async with PrometheusClient(local_prometheus.url) as client:
@@ -155,6 +167,10 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
         assert m.roles["decode"].running == 11
         assert m.roles["decode"].kv_cache_usage == pytest.approx(0.4)
         assert m.roles["prefill"].running is None and m.roles["prefill"].kv_cache_usage is None
+        # TTFT stages: p90 per stage; a stage without samples (first_decode here) is absent, not zero
+        assert m.ttft_stages == {TTFT_STAGES[0]: pytest.approx(0.375, rel=1e-6),
+                                 TTFT_STAGES[1]: pytest.approx(0.095, rel=1e-6),
+                                 TTFT_STAGES[2]: pytest.approx(0.045, rel=1e-6)}
         # 600 tokens over a few seconds of samples, extrapolated and divided by the 60s window.
         assert 600 / 60 <= m.roles["prefill"].prompt_tokens_per_second <= 3 * 600 / 60
 
@@ -175,10 +191,25 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
         # Nothing at all: every number is None, nothing is zero.
         none = await source.observe("absent", NS, ttft_slo=0.5, tpot_slo=0.05)
         assert none.ttft.source == "none" and none.ttft.p90 is None and none.attainment is None
-        assert none.roles == {}
+        assert none.roles == {} and none.ttft_stages == {}
 
         assert source.queries("chat", NS)["waiting"] == (
             'sum by (role) ({__name__=~"vllm[:_]num_requests_waiting",llmservice="chat",namespace="team-a"})')
+
+
+def test_stage_query_and_role_observations_pass_stages_to_prefill():
+    q = PrometheusSource(None, window="1m").queries("chat", NS)["ttft_stages_p90"]   # type: ignore[arg-type]
+    assert q == ('histogram_quantile(0.9, sum by (le, stage) (rate(baton_router_ttft_stage_seconds_bucket'
+                 '{llmservice="chat",namespace="team-a"}[1m])))')
+    metrics = ServiceMetrics(window=60.0, ttft=LatencySignal(p90=0.9),
+                             ttft_stages={"prefill_queue": 0.2, "prefill_compute": 0.1, "kv_handoff": 0.4})
+    deployments = {r: {"spec": {"replicas": 2}, "status": {"readyReplicas": 2}} for r in ("prefill", "decode")}
+    p = role_observations(metrics, deployments, 100.0).prefill
+    assert (p.prefill_queue_p90_s, p.prefill_compute_p90_s, p.kv_handoff_p90_s, p.first_decode_p90_s) == (
+        0.2, 0.1, 0.4, None)
+    assert p.ttft_p90_s == 0.9
+    bare = role_observations(ServiceMetrics(window=60.0), deployments, 100.0).prefill
+    assert bare.prefill_queue_p90_s is None and bare.prefill_compute_p90_s is None
 
 
 @pytest.mark.integration

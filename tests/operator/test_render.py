@@ -449,6 +449,46 @@ def test_vllm_worker_command() -> None:
     assert names.index("POD_IP") < names.index("VLLM_NIXL_SIDE_CHANNEL_HOST")  # $(POD_IP) expands
 
 
+def test_grace_period_is_the_workers_own_drain_budget() -> None:
+    """terminationGracePeriodSeconds is the rendered --drain-timeout plus slack, per role; a prefill drain covers one
+    KV lease after the accept window and queued prefills; a longer lease in the args moves both."""
+    from baton import launch
+    from baton.cli import build_parser
+
+    def drain(manifests: list[dict], role: str) -> tuple[object, int]:
+        p = pod(manifests, role)
+        c = p["containers"][0]
+        return build_parser().parse_args([*c["command"][1:], *c["args"]]), p["terminationGracePeriodSeconds"]
+
+    plain = render(base())
+    args, grace = drain(plain, "prefill")
+    assert args.kv_lease_seconds == launch.KV_LEASE_SECONDS == 30
+    assert args.drain_timeout == launch.DRAIN_ACCEPT_SECONDS + launch.PREFILL_DRAIN_QUEUE_SECONDS + 30 == 60
+    assert grace == 70
+    args, grace = drain(plain, "decode")
+    assert (args.drain_timeout, grace) == (launch.STREAM_DRAIN_SECONDS, 120)
+    assert "lifecycle" not in pod(plain, "prefill")["containers"][0]  # a Baton worker drains by itself
+
+    longer = render(base(engine={"kind": "baton", "args": ["--kv-lease-seconds", "100"]},
+                         decode={"extraArgs": ["--drain-timeout=300"]}))
+    args, grace = drain(longer, "prefill")
+    assert (args.kv_lease_seconds, args.drain_timeout, grace) == (100, 130, 140)
+    args, grace = drain(longer, "decode")
+    assert (args.drain_timeout, grace) == (300, 310)
+
+
+def test_vllm_workers_wait_for_the_endpoint_removal_in_a_pre_stop_hook() -> None:
+    from baton import launch
+
+    manifests = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}))
+    for role in ("prefill", "decode"):
+        p = pod(manifests, role)
+        assert p["containers"][0]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+        assert p["terminationGracePeriodSeconds"] == launch.VLLM_GRACE_SECONDS
+        assert "--drain-timeout" not in p["containers"][0]["args"]  # not vLLM's flag
+    assert "lifecycle" not in pod(manifests, "router")["containers"][0]
+
+
 def test_router_may_read_exactly_its_two_endpoints() -> None:
     m = render(base())
     role = next(x for x in m if x["kind"] == "Role")
@@ -521,10 +561,12 @@ def test_a_pod_template_changes_exactly_when_the_pod_would_run_differently() -> 
         for role in ("prefill", "decode", "router"):
             same = _template(plain, role) == _template(changed, role)
             assert same is (role not in rolled), (change, role)
-    # The SLO is read by the operator's autoscaler only: no pod rolls for it (the router used to).
-    slo = render(base(slo={"ttft": "200ms", "tpot": "20ms"}))
-    for role in ("prefill", "decode", "router"):
-        assert _template(plain, role) == _template(slo, role), role
+    # The SLO is read by the operator's autoscaler, and its TPOT by the router's prefill-failure policy
+    # (--tpot-slo, what whenHeadroom protects): the router rolls for the TPOT, no worker for either.
+    for slo_change, rolled in (({"ttft": "200ms"}, ()), ({"tpot": "20ms"}, ("router",))):
+        slo = render(base(slo=slo_change))
+        for role in ("prefill", "decode", "router"):
+            assert (_template(plain, role) == _template(slo, role)) is (role not in rolled), (slo_change, role)
     # Nothing a pod would read lives in a ConfigMap.
     assert "ConfigMap" not in {m["kind"] for m in plain}
     for role in ("prefill", "decode", "router"):

@@ -52,15 +52,22 @@ def test_parse_rates():
             parse_rates(bad)
 
 
-def test_same_seed_same_workload_at_every_rate():
+def test_same_seed_same_lengths_other_words_at_every_rate():
     maker = PromptMaker(1.0)
     a = synthetic_schedule(1.0, LengthDist.parse("uniform:4:8"), LengthDist.parse("3"), maker, 7,
                            num_requests=10, duration=None)
     b = synthetic_schedule(5.0, LengthDist.parse("uniform:4:8"), LengthDist.parse("3"), maker, 7,
                            num_requests=10, duration=None)
-    assert [(x.prompt, x.input_len, x.output_len) for x in a] == [(x.prompt, x.input_len, x.output_len) for x in b]
+    assert [(x.input_len, x.output_len) for x in a] == [(x.input_len, x.output_len) for x in b]
+    assert [len(x.prompt.split()) for x in a] == [len(x.prompt.split()) for x in b]
     assert [x.at for x in a] == pytest.approx([5 * x.at for x in b])
     assert all(4 <= len(x.prompt.split()) <= 8 for x in a)
+    # other words at each rate (a prefix-caching server must not answer a later rate from its cache), the same
+    # words for the same rate and seed
+    assert all(x.prompt != y.prompt for x, y in zip(a, b))
+    again = synthetic_schedule(1.0, LengthDist.parse("uniform:4:8"), LengthDist.parse("3"), maker, 7,
+                               num_requests=10, duration=None)
+    assert [x.prompt for x in again] == [x.prompt for x in a]
 
 
 def test_prompt_maker_uses_tokens_per_word():

@@ -127,6 +127,7 @@ async def test_leases_hold_blocks_and_queue_new_prefills(tiny_model_dir):
         assert pre.stats().num_blocks_free == 1
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        _, _, outs = await collect(pre, req("b", ids, max_tokens=1, **GREEDY))  # waits for "a" to expire
+        other = list(range(43, 80))  # another prompt (the same one would share a's cached blocks)
+        _, _, outs = await collect(pre, req("b", other, max_tokens=1, **GREEDY))  # waits for "a" to expire
         assert loop.time() - t0 >= 0.2
         assert outs[-1].kv_transfer_params is not None

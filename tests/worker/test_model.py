@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from baton.worker.engine.batch import build_decode, build_prefill
+from baton.worker.engine.batch import build_decode, build_prefill, build_step
 from baton.worker.engine.config import (
     ModelLoadError,
     UnsupportedModel,
@@ -175,3 +175,56 @@ def test_rope_scaling_matches_transformers(scaling):
            "rope_theta": 500000.0, "rope_scaling": {**scaling, "type": scaling["rope_type"]}}
     cfg = parse_model_config(raw)
     torch.testing.assert_close(inv_frequencies(cfg), ref)
+
+
+def _last_logits_whole(model, prompts):
+    cfg = model.cfg
+    cache = PagedKVCache(cfg.num_layers, 64, 16, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+    tables = [cache.allocator.allocate(cache.blocks_for(len(p) + 1)) for p in prompts]
+    return model.forward(build_prefill(prompts, tables, 16), cache.layers)
+
+
+@pytest.mark.parametrize("cuts", [(16,), (5, 23), (1, 2, 40)])
+def test_chunked_prefill_matches_whole_prompt(tiny_model_dir, cuts):
+    """A prompt fed in chunks (each chunk attending to the keys earlier chunks left in the paged cache) gives
+    the logits of the whole prompt, for one sequence and for several of different lengths in one step."""
+    model = LlamaModel.from_pretrained(tiny_model_dir)
+    cfg = model.cfg
+    prompts = [list(range(3, 45)), [0] + list(range(200, 250)), [7, 8, 9] * 11]
+    whole = _last_logits_whole(model, prompts)
+    cache = PagedKVCache(cfg.num_layers, 64, 16, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+    tables = [cache.allocator.allocate(cache.blocks_for(len(p) + 1)) for p in prompts]
+    bounds = [0, *cuts]
+    last = [None] * len(prompts)
+    for a, b in zip(bounds, [*bounds[1:], 10 ** 9]):
+        chunks = [(p[a:b], a, t) for p, t in zip(prompts, tables) if a < len(p)]
+        owners = [i for i, p in enumerate(prompts) if a < len(p)]
+        logits = model.forward(build_step([], chunks, 16, model.dtype), cache.layers)
+        for i, row in zip(owners, logits):
+            last[i] = row
+    torch.testing.assert_close(torch.stack(last), whole, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_mixed_step_matches_separate_steps(tiny_model_dir):
+    """Decode rows and a prefill chunk with context in ONE forward give what they give apart."""
+    model = LlamaModel.from_pretrained(tiny_model_dir)
+    outs, _ = _engine_greedy(model, PROMPTS[:2], 4)  # reference: prefill + 3 separate decode steps
+    cfg = model.cfg
+    cache = PagedKVCache(cfg.num_layers, 64, 16, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+    tables = [cache.allocator.allocate(cache.blocks_for(len(p) + 4)) for p in PROMPTS[:2]]
+    a, b = PROMPTS[0], PROMPTS[1]
+    # step 1: all of A, first 20 tokens of B
+    lg = model.forward(build_step([], [(a, 0, tables[0]), (b[:20], 0, tables[1])], 16, model.dtype), cache.layers)
+    seq_a = a + [int(lg[0].argmax())]
+    # step 2: A decodes while B's second chunk (with 20 tokens of context) completes its prompt
+    lg = model.forward(build_step([(seq_a[-1], len(seq_a), tables[0])], [(b[20:], 20, tables[1])], 16,
+                                  model.dtype), cache.layers)
+    seq_a.append(int(lg[0].argmax()))
+    seq_b = b + [int(lg[1].argmax())]
+    # step 3: both decode
+    lg = model.forward(build_step([(seq_a[-1], len(seq_a), tables[0]), (seq_b[-1], len(seq_b), tables[1])], [],
+                                  16, model.dtype), cache.layers)
+    seq_a.append(int(lg[0].argmax()))
+    seq_b.append(int(lg[1].argmax()))
+    assert seq_a[len(a):] == outs[0][:3]
+    assert seq_b[len(b):] == outs[1][:2]

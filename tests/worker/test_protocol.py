@@ -109,14 +109,48 @@ def test_accepts_explicit_openai_defaults():
     chat(n=1, logprobs=False, response_format={"type": "text"}, tools=[], logit_bias={})
 
 
+def test_sampling_api_parity_fields_map_to_engine_params():
+    req = completion(n=3, best_of=3, logprobs=4, presence_penalty=0.5, frequency_penalty=-0.25,
+                     repetition_penalty=1.3, min_tokens=2, ignore_eos=True, seed=9)
+    assert req.num_choices == 3
+    assert req.sampling_params(8) == SamplingParams(
+        max_tokens=8, seed=9, ignore_eos=True, presence_penalty=0.5, frequency_penalty=-0.25,
+        repetition_penalty=1.3, min_tokens=2, logprobs=4)
+    assert completion(logprobs=0).sampling_params(8).logprobs == 0  # the sampled token only
+    assert completion().sampling_params(8).logprobs is None
+    # chat: logprobs is a switch, top_logprobs the count
+    assert chat(logprobs=True, top_logprobs=5).sampling_params(8).logprobs == 5
+    assert chat(logprobs=True).sampling_params(8).logprobs == 0
+    assert chat(logprobs=False, top_logprobs=0).sampling_params(8).logprobs is None
+    assert chat(n=2).num_choices == 2
+
+
+def test_min_tokens_above_max_tokens_names_min_tokens():
+    req = completion(min_tokens=9, max_tokens=4)
+    with pytest.raises(RequestError) as info:
+        req.check_min_tokens(4, "max_tokens")
+    assert info.value.param == "min_tokens" and "at most max_tokens (4)" in info.value.message
+    completion(min_tokens=4).check_min_tokens(4, "max_tokens")  # equal is fine
+
+
 # ------------------------------------------------------------------------------------------------ refused
 
 
 @pytest.mark.parametrize(
     ("fields", "param", "words"),
     [
-        ({"n": 2}, "n", "only n=1"),
-        ({"logprobs": 1}, "logprobs", "not supported"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"n": 17}, "n", "less than or equal to 16"),
+        ({"n": 2, "best_of": 3}, "best_of", "only best_of == n (2)"),
+        ({"best_of": 2}, "best_of", "only best_of == n (1)"),
+        ({"logprobs": -1}, "logprobs", "greater than or equal to 0"),
+        ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"prompt_logprobs": 1}, "prompt_logprobs", "not supported"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
         ({"echo": True}, "echo", "not supported"),
         ({"suffix": "x"}, "suffix", "not supported"),
         ({"prompt": ["a", "b"]}, "prompt", "batched prompts are not supported (got 2 prompts)"),
@@ -131,7 +165,6 @@ def test_accepts_explicit_openai_defaults():
         ({"max_tokens": "many"}, "max_tokens", "valid integer"),
         ({"top_k": -5}, "top_k", None),
         ({"stop": ["a", ""]}, "stop", "must not be empty"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
         ({"stream": "yes please"}, "stream", "valid boolean"),
         ({"stream_options": {"include_usage": "x"}}, "stream_options.include_usage", None),
     ],
@@ -170,12 +203,12 @@ def test_missing_prompt():
             "'text' field",
         ),
         ({"messages": [{"content": "x"}]}, "messages[0].role", "field required"),
-        ({"logprobs": True}, "logprobs", "not supported"),
-        ({"top_logprobs": 2}, "top_logprobs", "not supported"),
+        ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"tools": [{"type": "function"}]}, "tools", "not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format.type", "not supported"),
         ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
-        ({"n": 3}, "n", "only n=1"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
     ],
 )
 def test_chat_refusals_name_the_field(fields, param, words):

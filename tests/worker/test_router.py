@@ -328,8 +328,8 @@ def test_bad_json_is_a_400(router):
 
 def test_worker_4xx_is_returned_as_is(router):
     with pytest.raises(openai.BadRequestError) as err:
-        router.client().completions.create(model=SERVED, prompt="x", max_tokens=2, n=3)
-    assert "only n=1" in str(err.value)
+        router.client().completions.create(model=SERVED, prompt="x", max_tokens=2, n=3, best_of=4)
+    assert "best_of" in str(err.value)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])

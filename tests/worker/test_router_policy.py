@@ -191,7 +191,8 @@ def _args(**kw):
                 "discovery_interval": 2.0, "health_interval": 2.0, "health_path": "/ready",
                 "connect_timeout": 5.0, "max_attempts": 3,
                 "hop_timeout": 60.0, "stream_idle_timeout": 60.0, "worker_wait": 60.0,
-                "prefix_chars": 256, "llmservice": "", "log_level": "info"}
+                "prefix_chars": 256, "llmservice": "", "log_level": "info",
+                "prefill_retries": 1, "prefill_recompute": "whenHeadroom", "prefill_retry_after": 5, "tpot_slo": None, "kv_announce": False}
     base.update(kw)
     return argparse.Namespace(**base)
 

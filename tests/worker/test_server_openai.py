@@ -308,9 +308,9 @@ def test_metrics_move(server):
 def test_bad_requests_are_400_with_openai_bodies(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=SERVED, prompt="hi", n=2)
+        client.completions.create(model=SERVED, prompt="hi", n=2, best_of=3)
     assert info.value.status_code == 400
-    assert info.value.body["param"] == "n"
+    assert info.value.body["param"] == "best_of"
     assert info.value.body["type"] == "invalid_request_error"
 
     with pytest.raises(openai.BadRequestError) as info:

@@ -5,23 +5,51 @@ finished KV imports over through thread-safe deques, and `step()` drains them fi
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from baton.launch import KV_ANNOUNCE
+
 from ..kv.base import KVLayout, KVLease
-from .batch import build_decode, build_prefill
+from .batch import build_step
 from .kv_cache import PagedKVCache
 from .leases import LeaseTable
 from .model import LlamaModel
 from .sampling import Sampler, advance_generator
-from .scheduler import Scheduler
+from .scheduler import ScheduledStep, Scheduler
 from .sequence import Mode, Sequence, Status
 from .types import EngineStats, StepOutput
+
+
+class LayerProgress:
+    """Wakes the coroutines waiting for KV layers (`EngineCore.wait_layer`) from the engine thread: `notify`
+    after every layer written resolves the future they wait on and arms a new one (loop thread only)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._next: asyncio.Future = loop.create_future()
+
+    def notify(self) -> None:
+        """Any thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._tick)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+    def _tick(self) -> None:
+        fut, self._next = self._next, self._loop.create_future()
+        if not fut.done():
+            fut.set_result(None)
+
+    async def wait_next(self) -> None:
+        await asyncio.shield(self._next)
 
 
 @dataclass
@@ -35,17 +63,18 @@ class StepResult:
 class EngineCore:
     def __init__(self, model: LlamaModel, *, role: str, engine_id: str, max_model_len: int, block_size: int,
                  num_blocks: int, max_num_seqs: int, max_num_batched_tokens: int, lease_seconds: float,
-                 seed: int | None = None, kv_address: tuple[str, int] = ("", 0)) -> None:
+                 seed: int | None = None, kv_address: tuple[str, int] = ("", 0), chunked_prefill: bool = False,
+                 prefix_caching: bool = True) -> None:
         cfg = model.cfg
         self.model = model
         self.role = role
         self.engine_id = engine_id
         self.max_model_len = max_model_len
         self.cache = PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                  model.dtype)
+                                  model.dtype, prefix_caching=prefix_caching)
         self.layout = KVLayout(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim,
                                str(model.dtype).removeprefix("torch."))
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, chunked=chunked_prefill)
         self.sampler = Sampler(seed)
         self.leases = LeaseTable(lease_seconds)
         self.kv_address = kv_address
@@ -56,13 +85,28 @@ class EngineCore:
         # counters
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.layers_ready: dict[str, int] = {}  # lease -> layers written, while its final prefill step runs
+        self.progress: LayerProgress | None = None  # set by the asyncio side: wakes wait_layer
+        self.emit: Callable[[StepOutput], None] | None = None  # set by the asyncio side: an output, right now
+        self.steps_total = 0
+        self.step_tokens_total = 0  # tokens computed over all steps (decode rows + prompt chunks)
 
     # -- KVSource (export side; called by transports from any thread) -----------------------------------------
     def acquire(self, lease_id: str) -> KVLease:
         return self.leases.acquire(lease_id)
 
     async def wait_layer(self, lease_id: str, layer: int) -> None:
-        return None  # leases are created after the whole prefill ran
+        """Return once `layer` of the lease's KV is written. A lease is created when the step that computes the
+        end of its prompt starts (layer-wise export): its layers become readable one by one while that forward
+        runs, and a transport ships layer i while later layers compute."""
+        while True:
+            done = self.layers_ready.get(lease_id)
+            if done is None or done > layer:
+                return
+            if self.progress is None:  # no event loop to wake us (tests driving step() by hand)
+                await asyncio.sleep(0.001)
+            else:
+                await self.progress.wait_next()
 
     def read_layer(self, lease: KVLease, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.read_blocks(layer, lease.block_ids)
@@ -78,15 +122,19 @@ class EngineCore:
     def stats(self) -> EngineStats:
         alloc = self.cache.allocator
         return EngineStats(
-            num_running=len(self.scheduler.running) + len(self.scheduler.importing),
+            num_running=len(self.scheduler.running) + len(self.scheduler.prefilling) + len(self.scheduler.importing),
             num_waiting=len(self.scheduler.waiting) + len(self.incoming),
             kv_cache_usage=alloc.num_used / alloc.num_blocks,
             num_blocks_total=alloc.num_blocks,
             num_blocks_free=alloc.num_free,
             num_kv_leases=len(self.leases),
+            kv_leases_pulled_total=self.leases.released_total,
+            kv_leases_expired_total=self.leases.expired_total,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=self.scheduler.prefix_queries,
+            prefix_cache_hits_total=self.scheduler.prefix_hits,
         )
 
     # -- one step ---------------------------------------------------------------------------------------------
@@ -105,54 +153,111 @@ class EngineCore:
 
         plan = sched.schedule()
         res.start_imports = plan.start_imports
-        if plan.prefill:
-            self._run_prefill(plan.prefill, res)
-        elif plan.decode:
-            self._run_decode(plan.decode, res)
+        if plan.prefill or plan.decode:
+            self._run(plan, res)
         return res
 
-    def _run_prefill(self, seqs: list[Sequence], res: StepResult) -> None:
-        tokens = [s.all_tokens() for s in seqs]
-        fb = build_prefill(tokens, [s.block_ids for s in seqs], self.cache.block_size)
-        logits = self.model.forward(fb, self.cache.layers)
-        next_tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def _run(self, plan: ScheduledStep, res: StepResult) -> None:
+        """One forward over the step's decode rows and prompt chunks, then the new tokens."""
+        decode, chunks = plan.decode, plan.prefill
+        bs = self.cache.block_size
+        fb = build_step([(s.output_ids[-1], s.num_tokens, s.block_ids) for s in decode],
+                        [(c.tokens, c.start, c.seq.block_ids) for c in chunks], bs, self.model.dtype)
+        early = [c.seq for c in chunks if c.completes and c.seq.mode is Mode.PREFILL_HOP and not c.seq.output_ids]
+        on_layer = None
+        if early:  # layer-wise export: lease (and announce) now, mark layers as the forward writes them
+            streaming = [self._open_lease(seq, res) for seq in early]
+            ready, progress = self.layers_ready, self.progress
+
+            def on_layer(i: int) -> None:
+                for lid in streaming:
+                    ready[lid] = i + 1
+                if progress is not None:
+                    progress.notify()
+        try:
+            logits = self.model.forward(fb, self.cache.layers, on_layer=on_layer)
+        finally:
+            if early:
+                for lid in streaming:
+                    self.layers_ready.pop(lid, None)
+                if self.progress is not None:
+                    self.progress.notify()
         res.ran_forward = True
-        for seq, tok in zip(seqs, next_tokens):
+        self.steps_total += 1
+        self.step_tokens_total += plan.num_tokens
+        sched = self.scheduler
+        done = [c.seq for c in chunks if c.completes]
+        seqs = decode + done
+        if not seqs:  # prompt chunks only, none finished
+            for c in chunks:
+                c.seq.num_computed += len(c.tokens)
+                sched.register_computed(c.seq)
+            return
+        rows = logits
+        if len(done) < len(chunks):  # rows of chunks that did not reach their prompt's end give no token
+            keep = list(range(len(decode))) + [len(decode) + i for i, c in enumerate(chunks) if c.completes]
+            rows = logits[keep]
+        if all(s.greedy for s in seqs):
+            next_tokens = rows.argmax(dim=-1).tolist()
+        else:
+            next_tokens = self.sampler.sample_sequences(rows, seqs)
+        for c in chunks:
+            c.seq.num_computed += len(c.tokens)
+            sched.register_computed(c.seq)
+        outputs = res.outputs
+        nd = len(decode)
+        for seq, tok in zip(decode, next_tokens[:nd]):
+            seq.num_computed += 1
+            if seq.num_computed % bs == 0:
+                sched.register_computed(seq)
+            out = seq.append_token(tok)
+            self.generation_tokens_total += 1
+            if out.finished:
+                sched.remove(seq)
+            outputs.append(out)
+        for seq, tok in zip(done, next_tokens[nd:]):
             if not seq.output_ids:  # first time (not a recompute after preemption)
                 self.prompt_tokens_total += len(seq.prompt_ids)
             out = seq.append_token(tok)
             self.generation_tokens_total += 1
             if out.finished:
+                if seq in sched.prefilling:
+                    sched.prefilling.remove(seq)
                 if seq.mode is Mode.PREFILL_HOP:
-                    out.kv_transfer_params = self._lease(seq)
+                    out.kv_transfer_params = self._lease_params(seq)
                     seq.block_ids = []
                 else:
-                    self.scheduler.free(seq)
+                    sched.free(seq)
                 seq.status = Status.FINISHED
             else:
-                self.scheduler.running.append(seq)
-            res.outputs.append(out)
-
-    def _run_decode(self, seqs: list[Sequence], res: StepResult) -> None:
-        fb = build_decode([s.output_ids[-1] for s in seqs], [s.num_tokens for s in seqs],
-                          [s.block_ids for s in seqs], self.cache.block_size, self.model.dtype)
-        logits = self.model.forward(fb, self.cache.layers)
-        if all(s.greedy for s in seqs):
-            next_tokens = logits.argmax(dim=-1).tolist()
-        else:
-            next_tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        res.ran_forward = True
-        self.generation_tokens_total += len(seqs)
-        outputs = res.outputs
-        for seq, tok in zip(seqs, next_tokens):
-            out = seq.append_token(tok)
-            if out.finished:
-                self.scheduler.remove(seq)
+                sched.prefill_done(seq)
             outputs.append(out)
 
-    def _lease(self, seq: Sequence) -> dict:
+    def _open_lease(self, seq: Sequence, res: StepResult) -> str:
+        """Lease `seq`'s blocks before the forward that writes the end of its prompt (layer-wise export). A prefill
+        hop that asked for it (`KV_ANNOUNCE` in its kv_transfer_params) gets the transfer parameters at once, in
+        an output of its own without a token, so the decode hop can start pulling while this forward runs; the
+        first token then comes from the decode worker, which computes the prompt's last position itself."""
         lease_id = new_lease_id()
         self.leases.create(lease_id, seq.block_ids, len(seq.prompt_ids))
+        self.layers_ready[lease_id] = 0
+        seq.lease_id = lease_id
+        if (seq.kv_params or {}).get(KV_ANNOUNCE):
+            params = self._lease_params(seq)
+            del params["first_token_ids"]
+            out = StepOutput(seq.request_id, [], "", False, None, len(seq.prompt_ids), 0, kv_transfer_params=params)
+            if self.emit is not None:  # now, not after this step: the point is to start before the forward ends
+                self.emit(out)
+            else:
+                res.outputs.append(out)
+        return lease_id
+
+    def _lease_params(self, seq: Sequence) -> dict:
+        """`kv_transfer_params` of a finished prefill hop (vLLM's protocol): where the decode hop pulls its KV."""
+        lease_id = seq.lease_id
+        if lease_id is None:  # (a recompute after preemption: no early lease)
+            lease_id = new_lease_id()
+            self.leases.create(lease_id, seq.block_ids, len(seq.prompt_ids))
         host, port = self.kv_address
         return {
             "do_remote_prefill": True,
@@ -189,10 +294,15 @@ class EngineCore:
             res.failures.append((seq.request_id, err))
             return
         params = seq.kv_params or {}
+        if not params.get("first_token_ids"):  # announced before the prefill ended (layer-wise export): the
+            seq.num_computed = len(seq.prompt_ids) - 1  # prompt's last position is computed here for its logits
+            self.scheduler.import_done(seq, last_position=True)
+            return
         first = int(params["first_token_ids"][0])
         self.prompt_tokens_total += len(seq.prompt_ids)
         if seq.generator is not None:  # the prefill worker drew the first token from the same seed
             advance_generator(seq.generator, self.model.cfg.vocab_size)
+        seq.num_computed = len(seq.prompt_ids)
         out = seq.append_token(first)
         self.generation_tokens_total += 1
         res.outputs.append(out)

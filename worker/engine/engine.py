@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,7 @@ import torch
 
 from ..kv.base import FAILURE_REASONS, KVLayout, KVTransport, TransferHistogram, failure_reason
 from .config import ModelLoadError
-from .core import EngineCore, new_engine_id
+from .core import EngineCore, LayerProgress, new_engine_id
 from .kv_cache import PagedKVCache
 from .model import LlamaModel
 from .sequence import Mode, Sequence
@@ -50,7 +51,51 @@ from .types import (
 log = logging.getLogger("baton.worker.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """The CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16): bf16 matmuls then run at about twice
+    fp32's speed and the weights and KV cache take half the memory. Without it torch emulates bf16, slower
+    than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype a Hugging Face checkpoint declares in config.json (`dtype`, or `torch_dtype` before
+    transformers 5), or None."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint: str | None = None) -> torch.dtype:
+    """Names -> torch dtypes. `auto`: bfloat16 when the checkpoint is 16-bit (bfloat16/float16: nearly every
+    published model) and the CPU computes bf16 natively; float32 otherwise -- a float32 checkpoint (Baton's
+    tiny test models) stays float32, so its outputs do not depend on the machine it runs on."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        half = checkpoint in ("bfloat16", "float16")
+        return torch.bfloat16 if half and cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+#: The chunked-prefill step budget (tokens): small enough that a step with a prompt chunk stays within a few
+#: decode steps' time on a CPU, large enough that prompts still go through in a handful of steps.
+DEFAULT_CHUNKED_BUDGET = 512
 
 
 class _Sink:
@@ -82,7 +127,14 @@ class BatonEngine:
     - num_kv_blocks: size of the KV cache in blocks (default: from kv_cache_bytes, capped at what
       max_num_seqs full-length sequences need)
     - kv_cache_bytes: memory for the KV cache when num_kv_blocks is not given (1 GiB)
-    - max_num_seqs: sequences decoded together (64); max_num_batched_tokens: prompt tokens per prefill step
+    - max_num_seqs: sequences decoded together (64)
+    - enable_chunked_prefill: token-budget steps mixing decodes and prompt chunks (Sarathi-Serve; see
+      scheduler.py). Default: on for `both` and `decode` (they have decodes a long prompt would stall), off
+      for `prefill` (whole prompts batch best and nothing decodes there)
+    - max_num_batched_tokens: tokens per step: with chunked prefill the step budget (decode rows + prompt
+      chunks; default 512, at least max_num_seqs); without, prompt tokens per prefill step (at least one
+      whole prompt: max_model_len, and 2048)
+    - enable_prefix_caching: share the KV of full blocks of prompt prefixes seen before (True)
     - max_waiting: queued requests beyond which `generate` raises EngineOverloaded (256)
     - kv_transport: a `KVTransport` (default: the in-process one for prefill/decode roles)
     - kv_lease_seconds: how long a prefill worker keeps KV for the decode worker (30)
@@ -96,7 +148,8 @@ class BatonEngine:
                  max_num_batched_tokens: int | None = None, max_waiting: int = 256,
                  kv_transport: KVTransport | None = None, kv_lease_seconds: float = 30.0,
                  engine_id: str | None = None, seed: int | None = None,
-                 on_kv_transfer: Callable[[float, int], None] | None = None, overlap_steps: bool = True) -> None:
+                 on_kv_transfer: Callable[[float, int], None] | None = None, overlap_steps: bool = True,
+                 enable_chunked_prefill: bool | None = None, enable_prefix_caching: bool = True) -> None:
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, not {role!r}")
         cfg = model.cfg
@@ -114,7 +167,14 @@ class BatonEngine:
             num_kv_blocks = int(max(1, min(by_memory, needed)))
         self.max_model_len = min(self.max_model_len, num_kv_blocks * block_size)  # one sequence must always fit
         self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max(max_num_batched_tokens or 0, self.max_model_len, 2048)
+        self.chunked_prefill = role != "prefill" if enable_chunked_prefill is None else enable_chunked_prefill
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, not {max_num_batched_tokens}")
+        if self.chunked_prefill:  # every running sequence's decode row must fit in a step
+            self.max_num_batched_tokens = max(max_num_batched_tokens or DEFAULT_CHUNKED_BUDGET, max_num_seqs)
+        else:  # a whole prompt must fit in one step
+            self.max_num_batched_tokens = max(max_num_batched_tokens or 0, self.max_model_len, 2048)
+        self.prefix_caching = enable_prefix_caching
         self.max_waiting = max_waiting
         self.engine_id = engine_id or new_engine_id()
         if kv_transport is None and role != "both":
@@ -129,6 +189,7 @@ class BatonEngine:
             num_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, lease_seconds=kv_lease_seconds, seed=seed,
             kv_address=kv_transport.address() if kv_transport else ("", 0),
+            chunked_prefill=self.chunked_prefill, prefix_caching=enable_prefix_caching,
         )
         self.eos_token_ids = tuple(dict.fromkeys((*tokenizer.eos_token_ids, *cfg.eos_token_ids)))
         self._streams: dict[str, asyncio.Queue] = {}
@@ -152,11 +213,9 @@ class BatonEngine:
         """Load config, weights and tokenizer from a Hugging Face model directory; keyword arguments go to
         the constructor. Synchronous; `await BatonEngine.from_pretrained(...)` works too (an engine is
         awaitable and returns itself), and `from_pretrained_async` loads in a worker thread."""
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-            dtype = DTYPES[dtype]
         path = Path(path)
+        dtype = resolve_dtype(dtype, checkpoint_dtype(path))
+        log.info("loading %s in %s", path, str(dtype).removeprefix("torch."))
         model = LlamaModel.from_pretrained(path, dtype=dtype, max_len=kwargs.get("max_model_len"))
         tokenizer = HFTokenizer(path)
         return cls(model, tokenizer, model_name=model_name or path.name, **kwargs)
@@ -182,6 +241,8 @@ class BatonEngine:
         self._stopping = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-engine")
         self.core.leases._on_release = self._wake_threadsafe
+        self.core.progress = LayerProgress(self._loop)
+        self.core.emit = self._emit_threadsafe
         if self.kv_transport is not None:
             await self.kv_transport.start(self.core if self.role in ("prefill", "both") else None)
         self._loop_task = asyncio.create_task(self._run(), name=f"baton-engine-{self.engine_id}")
@@ -210,6 +271,17 @@ class BatonEngine:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+    def _emit_threadsafe(self, out: StepOutput) -> None:
+        """Engine thread: hand one output to its stream now (not at the end of the step)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver_one, out)
+
+    def _deliver_one(self, out: StepOutput) -> None:
+        q = self._streams.get(out.request_id)
+        if q is not None:
+            q.put_nowait(out)
 
     def _wake_threadsafe(self) -> None:
         loop, wake = self._loop, self._wake
@@ -261,8 +333,8 @@ class BatonEngine:
             if self.kv_transport is None:
                 raise InvalidRequest("this worker has no KV transport for do_remote_prefill",
                                      param="kv_transfer_params")
-            first = kv.get("first_token_ids") or []
-            if not first or not all(isinstance(t, int) and 0 <= t < vocab for t in first):
+            first = kv.get("first_token_ids")  # absent: announced early; this worker computes the first token
+            if first is not None and (not first or not all(isinstance(t, int) and 0 <= t < vocab for t in first)):
                 raise InvalidRequest("kv_transfer_params.first_token_ids must hold the first token",
                                      param="kv_transfer_params")
             n = kv.get("num_prompt_tokens")

@@ -7,6 +7,7 @@ handful of large matmuls.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,13 @@ class ForwardBatch:
     kv_gather: torch.Tensor | None = None  # [B * nb] block ids (block tables padded to nb blocks)
     kv_len: int = 0  # Lmax
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] additive (0 = attend, -inf = not)
+    num_decode: int = 0  # the first num_decode tokens are decode rows (one per sequence); the rest prefill
+    # prefill with context (chunks past position 0, prefix-cache hits): keys gathered from the paged cache
+    ctx_gather: torch.Tensor | None = None  # [Bp * nb] block ids of the Bp chunks (padded to nb blocks)
+    ctx_len: int = 0  # nb * block_size
+    ctx_pad: torch.Tensor | None = None  # [Bp, Lq] indices into the chunk tokens; None: one chunk
+    ctx_unpad: torch.Tensor | None = None  # [T - num_decode] indices into Bp*Lq
+    ctx_mask: torch.Tensor | None = None  # [Bp, 1, Lq, nb*block_size] additive (causal by position)
 
 
 def _rotate_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -135,20 +143,50 @@ class LlamaModel:
             out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=fb.prefill_mask, enable_gqa=KV != H,
                                                  scale=self.scale)
             return out.transpose(1, 2).reshape(B * Lp, H * D)[fb.unpad_index]
-        # decode: one query per sequence; the G query heads sharing a KV head act as G query rows.
-        B, L = fb.num_seqs, fb.kv_len
+        nd = fb.num_decode
+        if nd == T:
+            return self._decode_attention(q, k_cache, v_cache, fb)
+        if nd == 0:
+            return self._context_attention(q, k_cache, v_cache, fb)
+        return torch.cat((self._decode_attention(q[:nd], k_cache, v_cache, fb),
+                          self._context_attention(q[nd:], k_cache, v_cache, fb)))
+
+    def _decode_attention(self, q, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
+        """One query per sequence; the G query heads sharing a KV head act as G query rows."""
+        cfg = self.cfg
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        B, L = fb.num_decode, fb.kv_len
         keys = k_cache.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)  # [B, KV, L, D]
         vals = v_cache.index_select(0, fb.kv_gather).view(B, L, KV, D).transpose(1, 2)
         qd = q.view(B, KV, H // KV, D)
         out = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=fb.decode_mask, scale=self.scale)
         return out.reshape(B, H * D)
 
+    def _context_attention(self, q, k_cache, v_cache, fb: ForwardBatch) -> torch.Tensor:
+        """Prefill chunks that attend to keys already in the cache (their own were written just before)."""
+        cfg = self.cfg
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n = q.shape[0]
+        L = fb.ctx_len
+        B = fb.ctx_mask.shape[0]
+        keys = k_cache.index_select(0, fb.ctx_gather).view(B, L, KV, D).transpose(1, 2)  # [Bp, KV, L, D]
+        vals = v_cache.index_select(0, fb.ctx_gather).view(B, L, KV, D).transpose(1, 2)
+        if fb.ctx_pad is None:
+            qp = q.view(1, n, H, D).transpose(1, 2)  # [1, H, n, D]
+        else:
+            qp = q[fb.ctx_pad].transpose(1, 2)  # [Bp, H, Lq, D]
+        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=fb.ctx_mask, enable_gqa=KV != H,
+                                             scale=self.scale)
+        out = out.transpose(1, 2).reshape(-1, H * D)
+        return out if fb.ctx_unpad is None else out[fb.ctx_unpad]
+
     # -- forward --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run the batch, write its K/V into the cache, return float32 logits [N, vocab] for `logits_index`
-        (or for every token with `all_logits`)."""
+        (or for every token with `all_logits`). `on_layer(i)` is called as soon as layer i's K/V is in the cache
+        (layer-wise KV export: a transport may read that layer while later layers compute)."""
         cfg = self.cfg
         T = fb.input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -161,7 +199,7 @@ class LlamaModel:
         qk_end, v_end = qs + kvs, qs + 2 * kvs
         nqk = H + KV
         fold, half = self.fold_rope, D // 2
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
             qkv = linear(rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)  # [T, q | k | v (| rot(q) | rot(k))]
             # RoPE: x*cos + rotate_half(x)*sin
             qk = qkv[:, :qk_end].view(T, nqk, D)
@@ -171,6 +209,8 @@ class LlamaModel:
                 qk_rot = torch.cat((qk[..., half:].neg(), qk[..., :half]), dim=-1)
             qk = addcmul(qk * cos, qk_rot, sin)
             attn = attention(qk[:, :H], qk[:, H:], qkv[:, qk_end:v_end].view(T, KV, D), k_cache, v_cache, fb)
+            if on_layer is not None:
+                on_layer(i)
             x = addmm(x, attn, layer.w_o.t())
             gate, up = linear(rms(x, layer.ln2), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
             act = silu(gate).mul_(up)

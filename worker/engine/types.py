@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Role = Literal["both", "prefill", "decode"]
+#: kv_transfer_params key: the first token's logprobs, computed by the prefill hop, for the decode hop to emit.
+FIRST_TOKEN_LOGPROBS = "first_token_logprobs"
 FinishReason = Literal["stop", "length", "abort"]
+#: The most top logprobs a request may ask for (vLLM's default --max-logprobs; OpenAI's chat API allows 20).
+MAX_LOGPROBS = 20
 
 
 class EngineError(Exception):
@@ -48,6 +52,38 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Penalties, as vLLM applies them (all off by default): repetition (HF/vLLM) over prompt + generated tokens,
+    # divides a positive logit by it and multiplies a negative one; frequency/presence (OpenAI) over the
+    # generated tokens only: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids are masked (and stop strings not matched) before this many
+    logprobs: int | None = None  # None: no logprobs; N >= 0: the sampled token's logprob + the N most likely
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of one generated token, and of the `top` most likely tokens at that step.
+
+    Raw logprobs (vLLM's default `logprobs_mode="raw_logprobs"`): log_softmax of the model's logits, before
+    penalties, min_tokens, temperature and top-k/top-p, so they describe the model, not the sampling settings.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+    def to_dict(self) -> dict:
+        """JSON form, carried from the prefill hop to the decode hop in `kv_transfer_params`."""
+        return {"token_id": self.token_id, "logprob": self.logprob, "rank": self.rank,
+                "top": [[t, lp] for t, lp in self.top]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenLogprob:
+        return cls(int(d["token_id"]), float(d["logprob"]), int(d["rank"]),
+                   tuple((int(t), float(lp)) for t, lp in d.get("top") or ()))
 
 
 @dataclass
@@ -58,7 +94,9 @@ class GenerationRequest:
     - prefill hop (to a `prefill` worker): `{"do_remote_decode": True}`; the engine runs the prompt, samples
       the first token, keeps the request's KV blocks under a lease and returns, on its final output, the params
       that the decode hop needs (`do_remote_prefill`, `remote_engine_id`, `remote_request_id`,
-      `remote_block_ids`, `remote_host`, `remote_port`, `first_token_ids`, ...).
+      `remote_block_ids`, `remote_host`, `remote_port`, `first_token_ids`, ...). With logprobs asked for, the
+      HTTP server adds `first_token_logprobs` (`[TokenLogprob.to_dict()]`, key `FIRST_TOKEN_LOGPROBS`): the
+      decode worker never sees the first token's logits.
     - decode hop (to a `decode` worker): those returned params; the engine imports the KV blocks through the
       KV transport and continues decoding. Its stream starts with the first token, so the decode hop's response
       is the whole completion and equals what a `both` worker would produce (greedy).
@@ -82,6 +120,10 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     kv_transfer_params: dict | None = None  # set on the final output of a prefill hop
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids when SamplingParams.logprobs is set
+    #: on the output carrying the first token: seconds by `baton.launch.Timing` name (queue, then prefill or
+    #: kv_import), what the HTTP server reports as Server-Timing (the router's TTFT stages)
+    timings: dict[str, float] | None = None
 
 
 @dataclass
@@ -94,9 +136,13 @@ class EngineStats:
     num_blocks_total: int = 0
     num_blocks_free: int = 0
     num_kv_leases: int = 0  # prefill role: requests whose KV waits to be pulled
+    kv_leases_pulled_total: int = 0  # prefill role: leases their decode worker pulled
+    kv_leases_expired_total: int = 0  # prefill role: leases that expired unpulled (the prompt was recomputed)
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache (vllm:prefix_cache_queries)
+    prefix_cache_hits_total: int = 0  # of which were cached (vllm:prefix_cache_hits)
     # KV handoff (decode side: imports done through the transport), for baton_kv_transfer_* metrics
     kv_transport: str | None = None  # backend in use (baton_kv_transport_info{transport}); None: no transport
     kv_transfers_total: int = 0

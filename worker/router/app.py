@@ -16,18 +16,22 @@ only ever pulls the KV the router's own prefill hop produced:
    (same body, `stream: false`, `max_tokens: 1`, `kv_transfer_params: {"do_remote_decode": true}`), then pick
    a decode worker and send the original body plus the returned `kv_transfer_params`; its response (JSON or
    SSE bytes) goes back unchanged. Both hops carry the same `X-Request-Id` (the client's, or a new one).
-   If the prefill hop fails (connection error, timeout, 5xx, or no params back) the decode worker gets the
-   request without params and recomputes the prompt: a correct answer, outcome `fallback_recompute`. A 4xx
-   from the prefill hop is the client's error and is returned as is.
+   If the prefill hop fails (connection error, timeout, 5xx, or no params back) the prefill-failure policy
+   (`prefill_failure.py`, `--prefill-retries/--prefill-recompute/--prefill-retry-after`) decides: another
+   prefill worker, then the decode worker recomputing the prompt (outcome `fallback_recompute`) while decode
+   has TPOT headroom, else 503 + Retry-After (outcome `rejected`). A 4xx from the prefill hop is the client's
+   error and is returned as is.
 2. Colocated (only `both` workers): one hop to a `both` worker, outcome `ok`.
-3. Decode workers only (no prefill worker is healthy, or none exists): one hop to a decode worker without
-   params (recompute), outcome `fallback_recompute`. The router stays Ready in this state (`Pool.ready`).
+3. Decode workers only: with no prefill worker at all (a decode-only fleet) one hop to a decode worker without
+   params (recompute), outcome `fallback_recompute`; with prefill workers but none healthy, the same policy as a
+   failed prefill hop (recompute or 503). The router stays Ready in this state (`Pool.ready`).
 4. No decode (or both) worker: 503 with Retry-After, and /ready answers 503.
 
 The last hop is retried (same X-Request-Id, other worker where possible) only while no byte has reached the
 client: connection errors and 5xx move to another worker; a 502 `kv_transfer_failed` resends without params
 (recompute), and so does a 500 from a decode worker that got kv_transfer_params (vLLM's answer to a failed KV
-load); when every worker answered 503 the client gets 503 + Retry-After (outcome `overloaded`). Once
+load; the prefill-failure policy does not apply: the KV existed); when every worker answered 503 the client gets
+503 + Retry-After (outcome `overloaded`). Once
 streaming started, an upstream failure ends the stream with an OpenAI error event and `[DONE]` (no hang).
 A client that goes away cancels the handler (aiohttp `handler_cancellation`), which closes the upstream
 connections, so the workers abort the request.
@@ -36,9 +40,12 @@ Timeouts (a worker that accepts the connection but never answers must not hold a
 must return its response headers within `hop_timeout` seconds (time to first byte), and once they are in, no
 more than `stream_idle_timeout` seconds may pass without a byte of the body (SSE or JSON). Either expiry
 closes the upstream connection and counts as a failed hop (`baton_router_hop_errors_total{reason="timeout"}`,
-the endpoint is marked unhealthy until its next passing health check): a prefill hop falls back to recompute,
+the endpoint is marked unhealthy until its next passing health check): a prefill hop is a prefill failure,
 the last hop is retried on another worker while nothing reached the client, and a stream that already
 started ends with an OpenAI error event and `[DONE]`. 0 (or None) disables a timeout.
+
+TTFT stages: the workers' `Server-Timing` headers and the router's own hop times split each request's TTFT
+(`stages.py`, `baton_router_ttft_stage_seconds{stage}`).
 """
 
 from __future__ import annotations
@@ -54,23 +61,41 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from baton.worker.router.announce import SSEEvents, announced_kv
 from baton.worker.router.discovery import KubernetesDiscovery
 from baton.worker.router.metrics import CONTENT_TYPE, RouterMetrics
 from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, PrefixAware, make_policy
 from baton.worker.router.pool import DEFAULT_HEALTH_PATH, Endpoint, HealthChecker, Pool
+from baton.worker.router.prefill_failure import (
+    HEADROOM_WINDOW,
+    RECOMPUTE,
+    RETRY,
+    PrefillFailurePolicy,
+    TPOTWindow,
+    decide,
+    has_headroom,
+)
+from baton.worker.router.request import (
+    KV_PARAMS,
+    SSE_DONE,
+    RequestState,
+    compact_json,
+    routing_key,
+    strip_kv_params,
+)
+from baton.worker.router.stages import Hop, ttft_stages
+
+from baton.launch import KV_ANNOUNCE, RECOMPUTE_NEVER, Header, parse_server_timing
 
 log = logging.getLogger("baton.router")
 
-REQUEST_ID = "X-Request-Id"
+REQUEST_ID = Header.REQUEST_ID
 RETRY_AFTER = "1"
 #: How long a request waits for a serving worker when there is none (`--worker-wait`), and how often it looks.
 #: 60 s covers a decode pod's replacement starting and loading a small model (measured: about 25 s on a busy
 #: 2-core node); a client sees latency, not an error. Larger models: raise it, or run two decode replicas.
 DEFAULT_WORKER_WAIT = 60.0
 WORKER_WAIT_POLL = 0.1
-SSE_DONE = b"data: [DONE]\n\n"
-KV_PARAMS = "kv_transfer_params"  # vLLM's protocol field that chains the prefill hop to the decode hop
-XARGS = "vllm_xargs"  # vLLM copies it into SamplingParams.extra_args, where connectors read KV_PARAMS too
 _UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError)
 
 
@@ -98,6 +123,9 @@ class RouterConfig:
     metrics_namespace: str | None = None
     seed: int | None = None
     kube_api: Any = None  # a CoreV1Api-like object (tests); default: in-cluster config or kubeconfig
+    prefill_failure: PrefillFailurePolicy = field(default_factory=PrefillFailurePolicy)
+    headroom_window: float = HEADROOM_WINDOW  # seconds of TPOTs the `whenHeadroom` decision reads
+    kv_announce: bool = False  # ask Baton prefill workers to announce the KV before the prefill ends (announce.py)
 
     def services(self) -> dict[str, str]:
         return {
@@ -151,58 +179,6 @@ class HopTimeout(asyncio.TimeoutError):
     """One of the router's own hop timeouts expired (a readable message instead of a bare TimeoutError)."""
 
 
-def strip_kv_params(body: dict) -> dict | None:
-    """`body` without the client's KV transfer parameters (top-level and inside `vllm_xargs`); None when it
-    carries none (the raw bytes can then be forwarded as they are).
-
-    Why: those parameters tell a decode worker which host:port to connect to and which lease to pull. A
-    client's own would let it point a worker at any address or read another request's KV, so only the
-    parameters the router got back from its own prefill hop may ever reach a worker.
-    """
-    xargs = body.get(XARGS)
-    nested = isinstance(xargs, dict) and KV_PARAMS in xargs
-    if KV_PARAMS not in body and not nested:
-        return None
-    clean = {k: v for k, v in body.items() if k != KV_PARAMS}
-    if nested:
-        clean[XARGS] = {k: v for k, v in xargs.items() if k != KV_PARAMS}
-    return clean
-
-
-def _dumps(body: dict) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def routing_key(body: dict, limit: int) -> str | None:
-    """The start of the prompt (text) that prefix-aware hashes; None when there is none."""
-    prompt = body.get("prompt")
-    if prompt is not None:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return prompt[:limit]
-        if isinstance(prompt, list):
-            return ",".join(str(t) for t in prompt[: max(1, limit // 4)])
-        return None
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return None
-    parts: list[str] = []
-    size = 0
-    for m in messages:
-        if not isinstance(m, dict):
-            continue
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        piece = f"{m.get('role', '')}:{content or ''}\n"
-        parts.append(piece)
-        size += len(piece)
-        if size >= limit:
-            break
-    return "".join(parts)[:limit] if parts else None
-
-
 class _Hop(Exception):
     """A failed attempt at the last hop that may be retried (no byte reached the client)."""
 
@@ -211,53 +187,6 @@ class _Hop(Exception):
         self.reason = reason
         self.message = message
         self.exclude = exclude
-
-
-class _Request:
-    __slots__ = ("arrival", "done", "error", "finished", "first_at", "outcome", "recorded", "tokens",
-                 "usage_tokens")
-
-    def __init__(self) -> None:
-        self.arrival = time.monotonic()
-        self.outcome = "error"
-        self.first_at: float | None = None
-        self.tokens = 0
-        self.usage_tokens: int | None = None
-        self.done = False
-        self.error = False
-        self.finished = False
-        self.recorded = False
-
-    def scan(self, data: bytes) -> None:
-        """Look at complete SSE events (for TTFT/TPOT and the outcome); never changes them."""
-        for event in data.split(b"\n\n"):
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    self.done = True
-                    continue
-                try:
-                    obj = json.loads(payload)
-                except ValueError:
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                if "error" in obj:
-                    self.error = True
-                    continue
-                usage = obj.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    self.usage_tokens = usage["completion_tokens"]
-                for choice in obj.get("choices") or ():
-                    text = choice.get("text")
-                    if text is None:
-                        text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        self.tokens += 1
-                        if self.first_at is None:
-                            self.first_at = -1.0  # set to the write's time by the caller
 
 
 class Router:
@@ -274,9 +203,11 @@ class Router:
             ),
         }
         self.prefix_aware = isinstance(self.policy["prefill"], PrefixAware)
+        self.tpot_window = TPOTWindow(config.headroom_window)  # the `whenHeadroom` evidence
         self.session: aiohttp.ClientSession | None = None
         self.checker: HealthChecker | None = None
         self.discovery: KubernetesDiscovery | None = None
+        self._drains: set[asyncio.Task] = set()  # announced prefill streams still being read to their end
 
     # --------------------------------------------------------------------------------------- lifecycle
 
@@ -316,6 +247,8 @@ class Router:
             self.discovery.start()
 
     async def stop(self) -> None:
+        for task in list(self._drains):
+            task.cancel()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.checker is not None:
@@ -360,7 +293,7 @@ class Router:
         return await self.handle(request, "/v1/chat/completions")
 
     async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
-        req = _Request()
+        req = RequestState()
         try:
             return await self._handle(request, path, req)
         except asyncio.CancelledError:
@@ -374,12 +307,12 @@ class Router:
         finally:
             self._record(req)
 
-    def _record(self, req: _Request) -> None:
+    def _record(self, req: RequestState) -> None:
         if not req.recorded:
             req.recorded = True
             self.metrics.outcome(req.outcome)
 
-    async def _handle(self, request: web.Request, path: str, req: _Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, path: str, req: RequestState) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -392,7 +325,7 @@ class Router:
         clean = strip_kv_params(body)
         if clean is not None:  # every hop below is built from `body` or `raw`: both are clean from here
             log.debug("dropped client-supplied KV transfer parameters on %s", path)
-            body, raw = clean, _dumps(clean)
+            body, raw = clean, compact_json(clean)
         rid = (request.headers.get(REQUEST_ID) or "").strip() or uuid.uuid4().hex
         headers = {"Content-Type": "application/json", REQUEST_ID: rid}
         auth = request.headers.get("Authorization")
@@ -404,11 +337,11 @@ class Router:
             await self._wait_for_healthy("decode", "both")  # prefill is optional: decode can recompute
 
         if pool.healthy("prefill") and pool.healthy("decode"):
-            kv, early = await self._prefill(path, body, headers, key)
+            kv, early = await self._prefill_tier(path, body, headers, key, req)
             if early is not None:
-                return early  # the prefill worker refused the request (4xx): the client's error
+                return early  # the prefill worker refused the request (4xx), or the policy's 503
             if kv is not None:
-                data = _dumps({**body, KV_PARAMS: kv})
+                data = compact_json({**body, KV_PARAMS: kv})
                 return await self._last_hop(request, "decode", path, data, raw, headers, body, key, req,
                                             recompute=False)
             return await self._last_hop(request, "decode", path, raw, raw, headers, body, key, req,
@@ -417,6 +350,10 @@ class Router:
             return await self._last_hop(request, "both", path, raw, raw, headers, body, key, req,
                                         recompute=False)
         if pool.healthy("decode"):
+            if pool.endpoints["prefill"]:  # a prefill tier exists, none of it healthy: a prefill failure
+                early = self._prefill_failed(req, headers)
+                if early is not None:
+                    return early
             return await self._last_hop(request, "decode", path, raw, raw, headers, body, key, req,
                                         recompute=True)
         _, why = pool.ready()
@@ -434,51 +371,135 @@ class Router:
             if any(self.pool.healthy(role) for role in roles):
                 return
 
-    async def _prefill(self, path: str, body: dict, headers: dict, key: str | None
-                       ) -> tuple[dict | None, web.Response | None]:
-        """The prefill hop: (kv_transfer_params or None to recompute, a response to return as is)."""
-        hop = {**body, "stream": False, "max_tokens": 1, KV_PARAMS: {"do_remote_decode": True}}
+    async def _prefill_tier(self, path: str, body: dict, headers: dict, key: str | None, req: RequestState
+                            ) -> tuple[dict | None, web.Response | None]:
+        """The prefill hop under the prefill-failure policy: (kv_transfer_params, None) when a prefill worker
+        produced the KV; (None, None) to recompute on the decode worker; (None, response) to answer as is (the
+        prefill worker's 4xx, or the policy's 503). Each attempt goes to a prefill worker not tried yet."""
+        announce = self.config.kv_announce  # stream the hop: the KV is announced before the prefill ends
+        hop = {**body, "stream": announce, "max_tokens": 1,
+               KV_PARAMS: {"do_remote_decode": True, **({KV_ANNOUNCE: True} if announce else {})}}
         hop.pop("stream_options", None)
         hop.pop("min_tokens", None)
         if "max_completion_tokens" in hop:
             hop["max_completion_tokens"] = 1
-        data = _dumps(hop)
-        ep = self.policy["prefill"].choose(self.pool.healthy("prefill"), key)
+        data = compact_json(hop)
+        tried: list[Endpoint] = []
+        while candidates := self.pool.healthy("prefill", exclude=tried):
+            if tried:
+                if decide(self.config.prefill_failure, len(tried), other_prefill=True, headroom=True) != RETRY:
+                    break
+                self.metrics.retry("prefill")
+            ep = self.policy["prefill"].choose(candidates, key)
+            sent = time.monotonic()
+            kv, early, timings = await self._prefill(ep, path, data, headers)
+            if early is not None:
+                return None, early
+            if kv is not None:
+                req.prefill_hop = Hop(sent - req.arrival, timings)
+                if tried:
+                    self.metrics.prefill_failure("retried_ok")
+                return kv, None
+            tried.append(ep)
+        return None, self._prefill_failed(req, headers)
+
+    def _prefill_failed(self, req: RequestState, headers: dict) -> web.Response | None:
+        """The prefill tier failed this request (retries spent, or no healthy prefill worker): None to recompute
+        on the decode worker, or the 503 + Retry-After to answer (`prefill_failure.decide`)."""
+        policy = self.config.prefill_failure
+        headroom = has_headroom(self.tpot_window.values(), policy.tpot_slo)
+        if decide(policy, 0, other_prefill=False, headroom=headroom) == RECOMPUTE:
+            self.metrics.prefill_failure("recomputed")
+            log.info("prefill failed for %s; recomputing on a decode worker", headers[REQUEST_ID])
+            return None
+        self.metrics.prefill_failure("rejected")
+        req.outcome = "rejected"
+        why = ("the decode workers have no TPOT headroom to recompute the prompt" if policy.recompute != RECOMPUTE_NEVER
+               else "recompute is off (prefillFailure.recompute: never)")
+        log.warning("prefill failed for %s and %s: 503", headers[REQUEST_ID], why)
+        return error_json(f"no prefill worker could serve this request, and {why}; retry later", status=503,
+                          type="service_unavailable_error", code="prefill_unavailable",
+                          headers={Header.RETRY_AFTER: str(policy.retry_after), REQUEST_ID: headers[REQUEST_ID]})
+
+    async def _prefill(self, ep: Endpoint, path: str, data: bytes, headers: dict
+                       ) -> tuple[dict | None, web.Response | None, dict[str, float]]:
+        """One prefill hop: (kv_transfer_params or None when it failed, a response to return as is, the
+        worker's Server-Timing)."""
         ep.acquire()
         resp: aiohttp.ClientResponse | None = None
+        handed_off = False
         try:
             resp = await self._post(ep.url + path, data, headers)
+            if resp.status == 200 and resp.content_type == "text/event-stream":
+                timings = parse_server_timing(resp.headers.get(Header.SERVER_TIMING))
+                kv = await self._announced(ep, resp)
+                if kv is not None:
+                    resp, handed_off = None, True  # _announced drains and closes it, and releases the endpoint
+                    return kv, None, timings
+                return None, None, {}
             payload = await self._read(resp)
             status = resp.status
             ctype = resp.headers.get("Content-Type", "application/json")
+            timings = parse_server_timing(resp.headers.get(Header.SERVER_TIMING))
         except _UPSTREAM_ERRORS as exc:
             ep.mark(False, _describe(exc))
             self.metrics.hop_error("prefill", _reason(exc))
-            log.warning("prefill hop to %s failed (%s); recomputing on a decode worker", ep.url, _describe(exc))
-            return None, None
+            log.warning("prefill hop to %s failed (%s)", ep.url, _describe(exc))
+            return None, None, {}
         finally:
             if resp is not None:
                 resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
-            ep.release()
+            if not handed_off:
+                ep.release()
         if status == 200:
             try:
                 kv = json.loads(payload).get(KV_PARAMS)
             except (ValueError, AttributeError):
                 kv = None
             if isinstance(kv, dict) and kv:
-                return kv, None
+                return kv, None, timings
             self.metrics.hop_error("prefill", "no_kv_transfer_params")
-            log.warning("prefill worker %s returned no kv_transfer_params; recomputing", ep.url)
-            return None, None
+            log.warning("prefill worker %s returned no kv_transfer_params", ep.url)
+            return None, None, {}
         if status >= 500:
             self.metrics.hop_error("prefill", str(status))
-            log.warning("prefill hop to %s answered %d; recomputing on a decode worker", ep.url, status)
-            return None, None
+            log.warning("prefill hop to %s answered %d", ep.url, status)
+            return None, None, {}
         return None, web.Response(body=payload, status=status, headers={"Content-Type": ctype,
-                                                                        REQUEST_ID: headers[REQUEST_ID]})
+                                                                        REQUEST_ID: headers[REQUEST_ID]}), {}
+
+    async def _announced(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> dict | None:
+        """A streamed prefill hop (`--kv-announce`): the kv_transfer_params of its announcing event, or None
+        when it ended or failed without one. Once they are in, the rest of the stream is drained by a background
+        task that then closes the response and releases `ep`."""
+        events = SSEEvents()
+        while chunk := await self._chunk(resp):
+            for payload in events.feed(chunk):
+                kv, error = announced_kv(payload, KV_PARAMS)
+                if kv is not None:
+                    task = asyncio.create_task(self._drain(ep, resp))
+                    self._drains.add(task)
+                    task.add_done_callback(self._drains.discard)
+                    return kv
+                if error is not None:
+                    self.metrics.hop_error("prefill", "no_kv_transfer_params")
+                    log.warning("prefill hop to %s: %s", ep.url, error)
+                    return None
+        self.metrics.hop_error("prefill", "no_kv_transfer_params")
+        return None
+
+    async def _drain(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> None:
+        try:
+            while await self._chunk(resp):
+                pass
+        except (*_UPSTREAM_ERRORS, asyncio.CancelledError):
+            pass
+        finally:
+            resp.close()
+            ep.release()
 
     async def _last_hop(self, request: web.Request, role: str, path: str, data: bytes, raw: bytes,
-                        headers: dict, body: dict, key: str | None, req: _Request, *, recompute: bool
+                        headers: dict, body: dict, key: str | None, req: RequestState, *, recompute: bool
                         ) -> web.StreamResponse:
         stream = bool(body.get("stream"))
         tried: list[Endpoint] = []
@@ -523,17 +544,19 @@ class Router:
                           code="upstream_failed")
 
     async def _send(self, request: web.Request, ep: Endpoint, role: str, path: str, data: bytes,
-                    headers: dict, stream: bool, req: _Request, recompute: bool) -> web.StreamResponse:
+                    headers: dict, stream: bool, req: RequestState, recompute: bool) -> web.StreamResponse:
         """One attempt at the last hop. Raises _Hop while nothing reached the client."""
         ep.acquire()
         resp: aiohttp.ClientResponse | None = None
         try:
+            sent = time.monotonic()
             try:
                 resp = await self._post(ep.url + path, data, headers)
             except _UPSTREAM_ERRORS as exc:
                 ep.mark(False, _describe(exc))
                 raise _Hop(_reason(exc), _describe(exc)) from None
             rid = resp.headers.get(REQUEST_ID, headers[REQUEST_ID])
+            req.decode_hop = Hop(sent - req.arrival, parse_server_timing(resp.headers.get(Header.SERVER_TIMING)))
             if resp.status != 200:
                 try:
                     payload = await self._read(resp)
@@ -548,7 +571,7 @@ class Router:
                     ep.mark(False, _describe(exc))
                     raise _Hop(_reason(exc), _describe(exc)) from None
                 now = time.monotonic()
-                self.metrics.ttft.observe(now - req.arrival)
+                self._first_token(req, now - req.arrival)
                 self.metrics.e2e.observe(now - req.arrival)
                 req.outcome = "fallback_recompute" if recompute else "ok"
                 return web.Response(body=payload, status=200, headers={
@@ -592,7 +615,7 @@ class Router:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _refused(self, resp: aiohttp.ClientResponse, payload: bytes, rid: str, req: _Request
+    def _refused(self, resp: aiohttp.ClientResponse, payload: bytes, rid: str, req: RequestState
                  ) -> web.Response:
         status = resp.status
         code = None
@@ -609,7 +632,7 @@ class Router:
             "Content-Type": resp.headers.get("Content-Type", "application/json"), REQUEST_ID: rid})
 
     async def _pipe(self, request: web.Request, resp: aiohttp.ClientResponse, ep: Endpoint, rid: str,
-                    req: _Request, recompute: bool) -> web.StreamResponse:
+                    req: RequestState, recompute: bool) -> web.StreamResponse:
         """Stream the worker's SSE bytes to the client, whole events at a time."""
         out: web.StreamResponse | None = None
         buf = b""
@@ -645,7 +668,7 @@ class Router:
                 return out
             if not had_first and req.first_at is not None:
                 req.first_at = time.monotonic()
-                self.metrics.ttft.observe(req.first_at - req.arrival)
+                self._first_token(req, req.first_at - req.arrival)
             if req.done and not req.finished:
                 self._finished(req, recompute)  # before EOF: the client may hang up right after [DONE]
         if req.done:
@@ -667,7 +690,12 @@ class Router:
             await out.write_eof()
         return out
 
-    def _finished(self, req: _Request, recompute: bool) -> None:
+    def _first_token(self, req: RequestState, ttft: float) -> None:
+        """TTFT, and its stages from the hops' Server-Timing (`stages.py`)."""
+        self.metrics.ttft.observe(ttft)
+        self.metrics.observe_stages(ttft_stages(ttft, req.prefill_hop, req.decode_hop))
+
+    def _finished(self, req: RequestState, recompute: bool) -> None:
         req.finished = True
         req.outcome = "error" if req.error else ("fallback_recompute" if recompute else "ok")
         self._record(req)  # now: the client may read [DONE] (and scrape) before this handler ends
@@ -677,7 +705,9 @@ class Router:
         self.metrics.e2e.observe(now - req.arrival)
         tokens = req.usage_tokens if req.usage_tokens is not None else req.tokens
         if req.first_at is not None and tokens >= 2:
-            self.metrics.tpot.observe((now - req.first_at) / (tokens - 1))
+            tpot = (now - req.first_at) / (tokens - 1)
+            self.metrics.tpot.observe(tpot)
+            self.tpot_window.observe(tpot)
 
 
 ROUTER_KEY = web.AppKey("baton_router", Router)

@@ -21,6 +21,15 @@ from pathlib import Path
 from baton.worker.router.app import DEFAULT_WORKER_WAIT
 from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, POLICIES
 from baton.worker.router.pool import DEFAULT_HEALTH_PATH, validate_health_path
+from baton.worker.router.prefill_failure import (
+    DEFAULT_RECOMPUTE,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_AFTER,
+    HEADROOM_FRACTION,
+    HEADROOM_WINDOW,
+)
+
+from baton.launch import RECOMPUTE_MODES, Flag
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -70,6 +79,23 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    f"fail at once (default {DEFAULT_WORKER_WAIT:g})")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="attempts at the decode hop before any byte reached the client (default 3)")
+    f = p.add_argument_group("prefill failures (a failed prefill hop: connection error, 5xx, timeout, no "
+                             "kv_transfer_params; or no healthy prefill worker)")
+    f.add_argument(Flag.PREFILL_RETRIES, type=int, default=DEFAULT_RETRIES, metavar="N",
+                   help=f"other prefill workers to try, each once, before recompute or 503 (default {DEFAULT_RETRIES})")
+    f.add_argument(Flag.PREFILL_RECOMPUTE, choices=RECOMPUTE_MODES, default=DEFAULT_RECOMPUTE,
+                   help="then recompute the prompt on the decode worker: whenHeadroom (while the router's TPOT p90 "
+                   f"over the last {HEADROOM_WINDOW:g}s is within {HEADROOM_FRACTION * 100:g}%% of --tpot-slo), always, "
+                   f"or never; otherwise 503 + Retry-After (default {DEFAULT_RECOMPUTE})")
+    f.add_argument(Flag.PREFILL_RETRY_AFTER, type=int, default=DEFAULT_RETRY_AFTER, metavar="SECONDS",
+                   help=f"Retry-After of that 503, whole seconds (default {DEFAULT_RETRY_AFTER})")
+    f.add_argument(Flag.TPOT_SLO, type=float, default=None, metavar="SECONDS",
+                   help="the TPOT SLO (p90) whenHeadroom protects, e.g. 0.05 (default: none, so whenHeadroom "
+                   "always recomputes)")
+    p.add_argument(Flag.KV_ANNOUNCE, action="store_true",
+                   help="layer-wise KV hand-off (Baton prefill workers only): stream the prefill hop and start the "
+                   "decode hop as soon as the prefill worker announces its KV, before its forward ends; the decode "
+                   "worker pulls the layers as they are written and computes the first token itself")
     p.add_argument("--prefix-chars", type=int, default=DEFAULT_PREFIX_CHARS,
                    help=f"prompt characters hashed by prefix-aware (default {DEFAULT_PREFIX_CHARS})")
     p.add_argument("--llmservice", default=os.environ.get("BATON_LLMSERVICE", ""),
@@ -127,6 +153,16 @@ def build_config(args: argparse.Namespace):
         raise CommandError("--max-attempts must be at least 1")
     if args.prefix_chars < 1:
         raise CommandError("--prefix-chars must be at least 1")
+    from baton.worker.router.prefill_failure import PrefillFailurePolicy
+
+    if args.prefill_retries < 0:
+        raise CommandError(f"{Flag.PREFILL_RETRIES} must be 0 or more")
+    if args.prefill_retry_after < 1:
+        raise CommandError(f"{Flag.PREFILL_RETRY_AFTER} must be at least 1 (seconds)")
+    if args.tpot_slo is not None and not args.tpot_slo > 0:
+        raise CommandError(f"{Flag.TPOT_SLO} must be positive (seconds)")
+    prefill_failure = PrefillFailurePolicy(retries=args.prefill_retries, recompute=args.prefill_recompute,
+                                           retry_after=args.prefill_retry_after, tpot_slo=args.tpot_slo)
     namespace = args.namespace
     if namespace is None:
         namespace = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.is_file() else "default"
@@ -138,6 +174,7 @@ def build_config(args: argparse.Namespace):
         hop_timeout=args.hop_timeout, stream_idle_timeout=args.stream_idle_timeout, worker_wait=args.worker_wait,
         max_attempts=args.max_attempts, prefix_chars=args.prefix_chars, llmservice=args.llmservice,
         metrics_namespace=os.environ.get("BATON_NAMESPACE") or (namespace if any(services) else ""),
+        prefill_failure=prefill_failure, kv_announce=args.kv_announce,
     )
 
 

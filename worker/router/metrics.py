@@ -6,6 +6,10 @@ TTFT and TPOT are measured as the client sees them, which makes them the SLO sig
   is observed (SLO tracking expects streaming clients, as chat front-ends are).
 - TPOT: (e2e - TTFT) / (tokens - 1), observed when a streamed request generated at least 2 tokens; tokens
   come from the stream's usage chunk when the client asked for it, else from the content events.
+- TTFT stages (`stages.py`): each request's TTFT split into prefill_queue, prefill_compute, kv_handoff and
+  first_decode from the workers' Server-Timing; one observation per reported stage, adding up to the TTFT.
+- Prefill failures (`prefill_failure.py`): one count per request whose prefill failed, by what followed
+  (retried_ok, recomputed, rejected).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from baton.launch import Metric
+from baton.launch import PREFILL_FAILURE_OUTCOMES, TTFT_STAGES, Label, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-OUTCOMES = ("ok", "fallback_recompute", "error", "cancelled", "overloaded")
+#: rejected: a prefill failure answered 503 + Retry-After by the prefill-failure policy
+OUTCOMES = ("ok", "fallback_recompute", "error", "cancelled", "overloaded", "rejected")
 
 # fmt: off
 #: From a few ms (cached prefixes, tiny prompts) to tens of seconds (long prompts under load).
@@ -25,6 +30,8 @@ TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
     10.0, 20.0, 30.0, 60.0,
 )
+#: A stage can be far below a millisecond (an idle queue), or most of a slow TTFT.
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025) + TTFT_BUCKETS
 #: From 1 ms to seconds per token; dense around typical 20-100 ms SLOs.
 TPOT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125,
@@ -78,6 +85,21 @@ class RouterMetrics:
             "baton_router_hop_errors", "Failed hops to workers, by role and reason.",
             base + ["role", "reason"], registry=r,
         )
+        stage = Histogram(
+            Metric.ROUTER_TTFT_STAGE,
+            "TTFT split into stages (prefill_queue, prefill_compute, kv_handoff, first_decode) from the workers' "
+            "Server-Timing; the stages of one request add up to its TTFT. Stages a worker does not report (vLLM) "
+            "are not observed.",
+            base + [Label.STAGE], buckets=STAGE_BUCKETS, registry=r,
+        )
+        self.stages = {s: stage.labels(**self.labels, stage=s) for s in TTFT_STAGES}
+        failures = Counter(
+            Metric.ROUTER_PREFILL_FAILURES,
+            "Requests whose prefill hop failed (or found no healthy prefill worker), by what the router did: "
+            "retried_ok (another prefill worker), recomputed (on the decode worker), rejected (503).",
+            base + [Label.OUTCOME], registry=r,
+        )
+        self.prefill_failures = {o: failures.labels(**self.labels, outcome=o) for o in PREFILL_FAILURE_OUTCOMES}
         self._gauges: dict[tuple[str, str], object] = {}
 
     def outcome(self, outcome: str) -> None:
@@ -97,6 +119,13 @@ class RouterMetrics:
                 self._inflight.remove(self.labels["llmservice"], self.labels["namespace"], role, endpoint)
             except KeyError:
                 pass
+
+    def observe_stages(self, stages: dict[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.stages[stage].observe(seconds)
+
+    def prefill_failure(self, outcome: str) -> None:
+        self.prefill_failures[outcome].inc()
 
     def retry(self, role: str) -> None:
         self.retries.labels(**self.labels, role=role).inc()

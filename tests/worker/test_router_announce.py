@@ -3,17 +3,15 @@ announcement (before the prefill's forward ends), and the client gets what a col
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import httpx
 import pytest
-from baton.e2e.processes import wait_until_ready
 from baton.worker.router.announce import SSEEvents, announced_kv
 
 from baton.launch import KV_ANNOUNCE
 
-from .test_router_processes import BATON, SERVED, ask, free_port, metric
+from .test_router_processes import SERVED, ask, metric, start_fleet
 
 openai = pytest.importorskip("openai")
 
@@ -36,28 +34,9 @@ def test_router_starts_decode_on_the_announcement(tmp_path):
     from baton.worker.tiny import create_tiny_model
 
     model = create_tiny_model(tmp_path / "tiny", size="tiny", arch="llama", seed=0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs: dict[str, subprocess.Popen] = {}
-    urls: dict[str, str] = {}
     try:
-        for role in ("prefill", "decode", "both"):
-            port = free_port()
-            extra = ["--kv-transport", "tcp", "--kv-port", "0"] if role != "both" else []
-            procs[role] = subprocess.Popen(
-                BATON + ["worker", "--role", role, "--model", str(model), "--port", str(port),
-                         "--served-model-name", SERVED, "--log-level", "warning", *extra],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            urls[role] = f"http://127.0.0.1:{port}"
-        rport = free_port()
-        router = f"http://127.0.0.1:{rport}"
-        procs["router"] = subprocess.Popen(
-            BATON + ["router", "--policy", "least-loaded", "--host", "127.0.0.1", "--port", str(rport),
-                     "--prefill", urls["prefill"], "--decode", urls["decode"], "--health-interval", "0.5",
-                     "--kv-announce", "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for role in ("prefill", "decode", "both"):
-            wait_until_ready(urls[role], procs[role])
-        wait_until_ready(router, procs["router"], timeout=30)
+        urls, router = start_fleet(model, procs, "--kv-announce")
         direct = openai.OpenAI(base_url=urls["both"] + "/v1", api_key="x", max_retries=0, timeout=60)
         routed = openai.OpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=60)
         prompt = "The relay passes the baton from the prefill runner to the decode runner " * 4

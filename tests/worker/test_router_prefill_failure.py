@@ -283,3 +283,33 @@ def test_no_healthy_prefill_worker_is_a_prefill_failure_unless_there_is_no_prefi
         r.stop()
         sick.stop()
         decode.stop()
+
+
+def test_a_prefill_service_with_no_ready_pods_is_a_prefill_failure():
+    """Kubernetes: the prefill Service's Endpoints list no ready address (every prefill pod crashed): that is the
+    prefill tier down, so the policy applies (here `never`: 503), not the decode-only fleet's recompute."""
+    from kubernetes import client as k8s
+
+    from .test_router_policy import FakeCoreV1
+
+    port_cls = getattr(k8s, "CoreV1EndpointPort", None) or k8s.V1EndpointPort
+    decode = Worker(answer).start()
+    host, port = decode.base_url.removeprefix("http://").split(":")
+    api = FakeCoreV1({
+        "chat-prefill": k8s.V1Endpoints(subsets=[k8s.V1EndpointSubset(
+            not_ready_addresses=[k8s.V1EndpointAddress(ip="10.0.0.9")], ports=[port_cls(name="http", port=8000)])]),
+        "chat-decode": k8s.V1Endpoints(subsets=[k8s.V1EndpointSubset(
+            addresses=[k8s.V1EndpointAddress(ip=host)], ports=[port_cls(name="http", port=int(port))])]),
+    })
+    r = RunningRouter(prefill_service="chat-prefill", decode_service="chat-decode", namespace="ml", kube_api=api,
+                      discovery_interval=0.2, prefill_failure=_policy(recompute="never")).start(ready=False)
+    try:
+        _h.wait_ready(r)
+        assert r.router.pool.endpoints["prefill"] == {}
+        resp = httpx.post(r.base_url + "/v1/completions", json=BODY, timeout=30)
+        m = settled(r)
+        assert resp.status_code == 503 and resp.headers.get("Retry-After") and failures(m, "rejected") == 1
+        assert decode.bodies == []
+    finally:
+        r.stop()
+        decode.stop()

@@ -59,6 +59,33 @@ def ask(client, chat: bool, prompt: str, stream: bool):
     return r.choices[0].text
 
 
+def start_fleet(model, procs: dict[str, subprocess.Popen], *router_args: str) -> tuple[dict[str, str], str]:
+    """Real processes: a prefill and a decode worker (TCP KV transport), a colocated `both` worker for the
+    expected answers, and a router over prefill + decode (`router_args` added); all Ready. The caller kills
+    `procs` (filled as they start) in a `finally`. Returns (worker URLs by role, router URL)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    urls: dict[str, str] = {}
+    for role in ("prefill", "decode", "both"):
+        port = free_port()
+        extra = ["--kv-transport", "tcp", "--kv-port", "0"] if role != "both" else []
+        procs[role] = subprocess.Popen(
+            BATON + ["worker", "--role", role, "--model", str(model), "--port", str(port),
+                     "--served-model-name", SERVED, "--log-level", "warning", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        urls[role] = f"http://127.0.0.1:{port}"
+    rport = free_port()
+    router = f"http://127.0.0.1:{rport}"
+    procs["router"] = subprocess.Popen(
+        BATON + ["router", "--policy", "least-loaded", "--host", "127.0.0.1", "--port", str(rport),
+                 "--prefill", urls["prefill"], "--decode", urls["decode"], "--health-interval", "0.5",
+                 "--log-level", "warning", *router_args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for role in ("prefill", "decode", "both"):
+        wait_until_ready(urls[role], procs[role])
+    wait_until_ready(router, procs["router"], timeout=30)
+    return urls, router
+
+
 @pytest.mark.slow
 def test_router_over_processes_with_tcp_kv(tmp_path):
     if not has_kv_transport():
@@ -66,28 +93,9 @@ def test_router_over_processes_with_tcp_kv(tmp_path):
     from baton.worker.tiny import create_tiny_model
 
     model = create_tiny_model(tmp_path / "tiny", size="tiny", arch="llama", seed=0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs: dict[str, subprocess.Popen] = {}
-    urls: dict[str, str] = {}
     try:
-        for role in ("prefill", "decode", "both"):
-            port = free_port()
-            extra = ["--kv-transport", "tcp", "--kv-port", "0"] if role != "both" else []
-            procs[role] = subprocess.Popen(
-                BATON + ["worker", "--role", role, "--model", str(model), "--port", str(port),
-                         "--served-model-name", SERVED, "--log-level", "warning", *extra],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            urls[role] = f"http://127.0.0.1:{port}"
-        rport = free_port()
-        router = f"http://127.0.0.1:{rport}"
-        procs["router"] = subprocess.Popen(
-            BATON + ["router", "--policy", "least-loaded", "--host", "127.0.0.1", "--port", str(rport),
-                     "--prefill", urls["prefill"], "--decode", urls["decode"], "--health-interval", "0.5",
-                     "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for role in ("prefill", "decode", "both"):
-            wait_until_ready(urls[role], procs[role])
-        wait_until_ready(router, procs["router"], timeout=30)
+        urls, router = start_fleet(model, procs)
 
         direct = openai.OpenAI(base_url=urls["both"] + "/v1", api_key="x", max_retries=0, timeout=60)
         routed = openai.OpenAI(base_url=router + "/v1", api_key="x", max_retries=0, timeout=60)

@@ -350,7 +350,7 @@ class Router:
             return await self._last_hop(request, "both", path, raw, raw, headers, body, key, req,
                                         recompute=False)
         if pool.healthy("decode"):
-            if pool.endpoints["prefill"]:  # a prefill tier exists, none of it healthy: a prefill failure
+            if self._has_prefill_tier():  # a prefill tier exists, none of it healthy: a prefill failure
                 early = self._prefill_failed(req, headers)
                 if early is not None:
                     return early
@@ -360,6 +360,13 @@ class Router:
         return error_json(f"no decode worker is available: {why}", status=503,
                           type="service_unavailable_error", code="no_workers",
                           headers={"Retry-After": RETRY_AFTER})
+
+    def _has_prefill_tier(self) -> bool:
+        """A prefill tier was configured (URLs or a Service), whether or not any of its workers is up now. The
+        Endpoints of a Service drop crashed pods, so an empty prefill pool there means "prefill is down" (the
+        prefill-failure policy decides), not a decode-only fleet (which recomputes by design)."""
+        c = self.config
+        return bool(c.prefill or c.prefill_service or self.pool.endpoints["prefill"])
 
     async def _wait_for_healthy(self, *roles: str) -> None:
         """Hold a request while no worker of `roles` is healthy -- a sole decode pod being replaced, a fleet

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baton.worker.tiny import create_tiny_model
+    from baton.worker.tiny import ensure_tiny_model
 
     max_tokens = args.max_tokens or (32 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.model_dir) if args.model_dir else Path(tmp := tempfile.mkdtemp(prefix="baton-bench-"))
     rows = []
     for size in models:
-        path = base / size
-        if not (path / "config.json").is_file():
-            print(f"creating the {size} model in {path} ...", file=sys.stderr, flush=True)
-            create_tiny_model(path, size=size)
+        path = ensure_tiny_model(base / size, size)
         for dt in dtypes:
             rows += _bench_model(path, size, batches, max_tokens, repeats, dt)
     if tmp:

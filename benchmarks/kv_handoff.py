@@ -109,13 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from baton.worker.tiny import create_tiny_model
+    from baton.worker.tiny import ensure_tiny_model
 
-    path = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="baton-handoff-")) / args.size
-    if not (path / "config.json").is_file():
-        print(f"creating the {args.size} model in {path} ...", file=sys.stderr, flush=True)
-        create_tiny_model(path, size=args.size)
-    res = asyncio.run(_run(path, args.prompt, args.repeats, args.seed))
+    with tempfile.TemporaryDirectory(prefix="baton-handoff-") as tmp:  # the model goes here without --model-dir
+        path = ensure_tiny_model(args.model_dir or Path(tmp) / args.size, args.size)
+        res = asyncio.run(_run(path, args.prompt, args.repeats, args.seed))
     nbytes = res.pop("bytes")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in res.items()}
     print(f"\nKV hand-off, {path.name} model, {args.prompt}-token prompts ({nbytes / 2**20:.1f} MiB of KV), TCP over "

@@ -72,19 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baton.worker.tiny import create_tiny_model
+    from baton.worker.tiny import ensure_tiny_model
 
-    base = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="baton-prefix-"))
     rows = []
-    for size in [m.strip() for m in args.models.split(",") if m.strip()]:
-        path = base / size
-        if not (path / "config.json").is_file():
-            print(f"creating the {size} model in {path} ...", file=sys.stderr, flush=True)
-            create_tiny_model(path, size=size)
-        r = asyncio.run(_measure(path, args.prefix, args.suffix, args.pairs, args.seed))
-        rows.append((size, r))
-        print(f"  {size}: cold {1000 * r['cold']:.1f} ms, warm {1000 * r['warm']:.1f} ms", file=sys.stderr,
-              flush=True)
+    with tempfile.TemporaryDirectory(prefix="baton-prefix-") as tmp:  # models go here without --model-dir
+        base = Path(args.model_dir or tmp)
+        for size in [m.strip() for m in args.models.split(",") if m.strip()]:
+            path = ensure_tiny_model(base / size, size)
+            r = asyncio.run(_measure(path, args.prefix, args.suffix, args.pairs, args.seed))
+            rows.append((size, r))
+            print(f"  {size}: cold {1000 * r['cold']:.1f} ms, warm {1000 * r['warm']:.1f} ms", file=sys.stderr,
+                  flush=True)
     print(f"\nPrefix cache: TTFT of a {args.prefix}-token cached prefix + {args.suffix} new tokens vs "
           f"{args.prefix + args.suffix} cold tokens (median of {args.pairs}, {args.threads} thread(s), float32)")
     header = (f"{'model':<6} {'cold ms':>8} {'warm ms':>8} {'cold/warm':>10} {'warm, cache off ms':>19} "

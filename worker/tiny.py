@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 #: tiny: head_dim 16 (Baton's tests); small: head_dim 64, the smallest shape vLLM's CPU attention accepts
@@ -94,6 +95,16 @@ def _model_config(arch: str, size: str, vocab_size: int, bos_id: int, eos_id: in
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def ensure_tiny_model(path: str | os.PathLike, size: str = "tiny") -> Path:
+    """`path` when it already holds a model (its config.json), else a new random `size` model created there
+    (saying so on stderr: the 100m one takes a while). For benchmarks that reuse a --model-dir."""
+    out = Path(path)
+    if not (out / "config.json").is_file():
+        print(f"creating the {size} model in {out} ...", file=sys.stderr, flush=True)
+        create_tiny_model(out, size=size)
+    return out
 
 
 def create_tiny_model(path: str | os.PathLike, *, size: str = "tiny", arch: str = "llama", seed: int = 0,

@@ -56,3 +56,14 @@ def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
             pad_token_id=hf.config.pad_token_id,
         )
     return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture
+async def engine(tiny_model_dir):
+    """A started Baton engine (role both, 8 sequences) on the tiny model."""
+    from baton.worker.engine.engine import BatonEngine
+
+    eng = BatonEngine.load(tiny_model_dir, max_num_seqs=8)
+    await eng.start()
+    yield eng
+    await eng.stop()

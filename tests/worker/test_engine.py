@@ -34,14 +34,6 @@ def req(rid, ids, **sampling):
     return GenerationRequest(rid, ids, SamplingParams(**sampling))
 
 
-@pytest.fixture
-async def engine(tiny_model_dir):
-    eng = BatonEngine.load(tiny_model_dir, max_num_seqs=8)
-    await eng.start()
-    yield eng
-    await eng.stop()
-
-
 def assert_all_free(eng):
     s = eng.stats()
     assert s.num_blocks_free == s.num_blocks_total, s

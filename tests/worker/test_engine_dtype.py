@@ -1,12 +1,11 @@
 """bfloat16: `--dtype auto` picks it only where it pays, and bf16 greedy decoding agrees with HF in bf16."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from baton.worker.engine import engine as engine_module
-from baton.worker.engine.engine import BatonEngine, checkpoint_dtype, cpu_has_bf16, resolve_dtype
+from baton.worker.engine.config import parse_model_config
+from baton.worker.engine.engine import BatonEngine, cpu_has_bf16, resolve_dtype
 
 from .test_engine import GREEDY, collect, req
 
@@ -15,7 +14,7 @@ AMD = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
-def test_auto_dtype_needs_native_bf16_and_a_16_bit_checkpoint(monkeypatch, tmp_path):
+def test_auto_dtype_needs_native_bf16_and_a_16_bit_checkpoint(monkeypatch):
     assert not cpu_has_bf16(AMD) and cpu_has_bf16(SAPPHIRE) and not cpu_has_bf16("")
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: True)
     assert resolve_dtype("auto", "bfloat16") is torch.bfloat16
@@ -27,11 +26,11 @@ def test_auto_dtype_needs_native_bf16_and_a_16_bit_checkpoint(monkeypatch, tmp_p
     assert resolve_dtype("auto", "bfloat16") is torch.float32  # emulated bf16 is slower than fp32
     with pytest.raises(Exception, match="dtype must be auto or one of"):
         resolve_dtype("int8")
-    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
-    assert checkpoint_dtype(tmp_path) == "bfloat16"
-    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "torch_dtype": "bfloat16"}))
-    assert checkpoint_dtype(tmp_path) == "float32"
-    assert checkpoint_dtype(tmp_path / "missing") is None
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    assert parse_model_config({**base, "torch_dtype": "bfloat16"}).checkpoint_dtype == "bfloat16"
+    assert parse_model_config({**base, "dtype": "float32", "torch_dtype": "bfloat16"}).checkpoint_dtype == "float32"
+    assert parse_model_config(base).checkpoint_dtype is None
 
 
 @pytest.mark.parametrize("dtype,ulps", [(torch.float32, 0), (torch.bfloat16, 3)])

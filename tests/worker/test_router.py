@@ -36,8 +36,8 @@ _spec = importlib.util.spec_from_file_location(
 )
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
-RunningServer, make_engine, wait_idle, free_port = (
-    _helpers.RunningServer, _helpers.make_engine, _helpers.wait_idle, _helpers.free_port
+RunningServer, make_engine, wait_idle, free_port, serve_roles = (
+    _helpers.RunningServer, _helpers.make_engine, _helpers.wait_idle, _helpers.free_port, _helpers.serve_roles
 )
 
 SERVED = "tiny"
@@ -230,17 +230,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def workers(model):
-    from baton.worker.server import create_app
-
-    running = {}
-    for role in ("both", "prefill", "decode"):
-        engine = make_engine(model, role=role)
-        srv = RunningServer(create_app(engine, served_model_name=SERVED, labels={"role": role}), engine)
-        srv.start()
-        running[role] = srv
-    yield running
-    for srv in running.values():
-        srv.stop()
+    yield from serve_roles(model, SERVED)
 
 
 @pytest.fixture(scope="module")

@@ -40,17 +40,8 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def workers(model):
-    from baton.worker.server import create_app
-
-    running = {}
-    for name, role in (("both", "both"), ("prefill", "prefill"), ("prefill2", "prefill"), ("decode", "decode")):
-        engine = make_engine(model, role=role)
-        srv = RunningServer(create_app(engine, served_model_name=SERVED), engine)
-        srv.start()
-        running[name] = srv
-    yield running
-    for srv in running.values():
-        srv.stop()
+    roles = {"both": "both", "prefill": "prefill", "prefill2": "prefill", "decode": "decode"}
+    yield from _r.serve_roles(model, SERVED, roles, labelled=False)
 
 
 def stage_sums(m: dict) -> dict[str, tuple[float, float]]:

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from baton.worker.engine.engine import BatonEngine
 from baton.worker.engine.sampling import apply_penalties
 from baton.worker.engine.types import InvalidRequest, SamplingParams
 
 from .test_engine import collect, req
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
-
-
-@pytest.fixture
-async def engine(tiny_model_dir):
-    eng = BatonEngine.load(tiny_model_dir, max_num_seqs=8)
-    await eng.start()
-    yield eng
-    await eng.stop()
 
 
 def hf_next_logits(hf, ids: list[int]) -> torch.Tensor:

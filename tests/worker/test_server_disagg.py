@@ -25,19 +25,10 @@ SERVED = "tiny"
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    from baton.worker.server import create_app
     from baton.worker.tiny import create_tiny_model
 
     model = create_tiny_model(tmp_path_factory.mktemp("tiny-disagg"), size="tiny", arch="llama", seed=0)
-    running = {}
-    for role in ("both", "prefill", "decode"):
-        engine = make_engine(model, role=role)
-        srv = RunningServer(create_app(engine, served_model_name=SERVED, labels={"role": role}), engine)
-        srv.start()
-        running[role] = srv
-    yield running
-    for srv in running.values():
-        srv.stop()
+    yield from _helpers.serve_roles(model, SERVED)
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

@@ -35,6 +35,25 @@ def make_engine(model_dir: Path, role: str = "both", **kwargs):
     return BatonEngine.from_pretrained(str(model_dir), role=role, **kwargs)
 
 
+def serve_roles(model_dir: Path, served: str, roles: dict[str, str] | None = None, labelled: bool = True):
+    """Real engines behind in-process servers, one per `{name: role}` (default both, prefill, decode), each
+    Ready; yields them by name and stops them all afterwards -- a module fixture's `yield from`."""
+    from baton.worker.server import create_app
+
+    running: dict[str, RunningServer] = {}
+    try:
+        for name, role in (roles or {r: r for r in ("both", "prefill", "decode")}).items():
+            engine = make_engine(model_dir, role=role)
+            labels = {"labels": {"role": role}} if labelled else {}
+            srv = RunningServer(create_app(engine, served_model_name=served, **labels), engine)
+            srv.start()
+            running[name] = srv
+        yield running
+    finally:
+        for srv in running.values():
+            srv.stop()
+
+
 class RunningServer:
     """uvicorn in a background thread, so tests can also look at the engine object directly."""
 

@@ -36,17 +36,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(model_dir):
-    from baton.worker.server import create_app
-
-    running = {}
-    for role in ("both", "prefill", "decode"):
-        engine = make_engine(model_dir, role=role)
-        srv = RunningServer(create_app(engine, served_model_name=SERVED, labels={"role": role}), engine)
-        srv.start()
-        running[role] = srv
-    yield running
-    for srv in running.values():
-        srv.stop()
+    yield from _helpers.serve_roles(model_dir, SERVED)
 
 
 @pytest.fixture(scope="module")

@@ -44,10 +44,16 @@ class ModelConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    checkpoint_dtype: str | None = None  # what the weights are stored in (`dtype`; `torch_dtype` before transformers 5)
 
     @property
     def rope_type(self) -> str:
         return self.rope_scaling.get("rope_type", "default") if self.rope_scaling else "default"
+
+
+def _checkpoint_dtype(raw: dict) -> str | None:
+    value = raw.get("dtype") or raw.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -147,6 +153,7 @@ def parse_model_config(raw: dict, source: str = "config.json") -> ModelConfig:
         mlp_bias=bool(raw.get("mlp_bias", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        checkpoint_dtype=_checkpoint_dtype(raw),
         **cfg_kwargs,
     )
 

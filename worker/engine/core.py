@@ -88,8 +88,6 @@ class EngineCore:
         self.layers_ready: dict[str, int] = {}  # lease -> layers written, while its final prefill step runs
         self.progress: LayerProgress | None = None  # set by the asyncio side: wakes wait_layer
         self.emit: Callable[[StepOutput], None] | None = None  # set by the asyncio side: an output, right now
-        self.steps_total = 0
-        self.step_tokens_total = 0  # tokens computed over all steps (decode rows + prompt chunks)
 
     # -- KVSource (export side; called by transports from any thread) -----------------------------------------
     def acquire(self, lease_id: str) -> KVLease:
@@ -163,7 +161,7 @@ class EngineCore:
         bs = self.cache.block_size
         fb = build_step([(s.output_ids[-1], s.num_tokens, s.block_ids) for s in decode],
                         [(c.tokens, c.start, c.seq.block_ids) for c in chunks], bs, self.model.dtype)
-        early = [c.seq for c in chunks if c.completes and c.seq.mode is Mode.PREFILL_HOP and not c.seq.output_ids]
+        early = [c.seq for c in chunks if c.completes and c.seq.mode is Mode.PREFILL_HOP]
         on_layer = None
         if early:  # layer-wise export: lease (and announce) now, mark layers as the forward writes them
             streaming = [self._open_lease(seq, res) for seq in early]
@@ -183,15 +181,13 @@ class EngineCore:
                 if self.progress is not None:
                     self.progress.notify()
         res.ran_forward = True
-        self.steps_total += 1
-        self.step_tokens_total += plan.num_tokens
         sched = self.scheduler
+        for c in chunks:
+            c.seq.num_computed += len(c.tokens)
+            sched.register_computed(c.seq)
         done = [c.seq for c in chunks if c.completes]
         seqs = decode + done
         if not seqs:  # prompt chunks only, none finished
-            for c in chunks:
-                c.seq.num_computed += len(c.tokens)
-                sched.register_computed(c.seq)
             return
         rows = logits
         if len(done) < len(chunks):  # rows of chunks that did not reach their prompt's end give no token
@@ -201,9 +197,6 @@ class EngineCore:
             next_tokens = rows.argmax(dim=-1).tolist()
         else:
             next_tokens = self.sampler.sample_sequences(rows, seqs)
-        for c in chunks:
-            c.seq.num_computed += len(c.tokens)
-            sched.register_computed(c.seq)
         outputs = res.outputs
         nd = len(decode)
         for seq, tok in zip(decode, next_tokens[:nd]):
@@ -221,14 +214,11 @@ class EngineCore:
             out = seq.append_token(tok)
             self.generation_tokens_total += 1
             if out.finished:
-                if seq in sched.prefilling:
-                    sched.prefilling.remove(seq)
-                if seq.mode is Mode.PREFILL_HOP:
+                hop = seq.mode is Mode.PREFILL_HOP  # its blocks now belong to the lease
+                if hop:
                     out.kv_transfer_params = self._lease_params(seq)
-                    seq.block_ids = []
-                else:
-                    sched.free(seq)
-                seq.status = Status.FINISHED
+                sched.remove(seq, free_blocks=not hop)
+                seq.block_ids = []
             else:
                 sched.prefill_done(seq)
             outputs.append(out)
@@ -253,11 +243,9 @@ class EngineCore:
         return lease_id
 
     def _lease_params(self, seq: Sequence) -> dict:
-        """`kv_transfer_params` of a finished prefill hop (vLLM's protocol): where the decode hop pulls its KV."""
+        """`kv_transfer_params` of a prefill hop (vLLM's protocol): where the decode hop pulls its KV (the lease
+        `_open_lease` made when the step that ends the prompt started)."""
         lease_id = seq.lease_id
-        if lease_id is None:  # (a recompute after preemption: no early lease)
-            lease_id = new_lease_id()
-            self.leases.create(lease_id, seq.block_ids, len(seq.prompt_ids))
         host, port = self.kv_address
         return {
             "do_remote_prefill": True,

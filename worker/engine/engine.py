@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,7 @@ from typing import Self
 import torch
 
 from ..kv.base import FAILURE_REASONS, KVLayout, KVTransport, TransferHistogram, failure_reason
-from .config import ModelLoadError
+from .config import ModelLoadError, load_model_config
 from .core import EngineCore, LayerProgress, new_engine_id
 from .kv_cache import PagedKVCache
 from .model import LlamaModel
@@ -47,6 +46,7 @@ from .types import (
     Role,
     StepOutput,
 )
+from .weights import load_weights
 
 log = logging.getLogger("baton.worker.engine")
 
@@ -67,17 +67,6 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
             flags = set(line.split(":", 1)[1].split())
             return bool(flags & {"avx512_bf16", "amx_bf16"})
     return False
-
-
-def checkpoint_dtype(path: str | Path) -> str | None:
-    """The dtype a Hugging Face checkpoint declares in config.json (`dtype`, or `torch_dtype` before
-    transformers 5), or None."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    value = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint: str | None = None) -> torch.dtype:
@@ -214,9 +203,10 @@ class BatonEngine:
         the constructor. Synchronous; `await BatonEngine.from_pretrained(...)` works too (an engine is
         awaitable and returns itself), and `from_pretrained_async` loads in a worker thread."""
         path = Path(path)
-        dtype = resolve_dtype(dtype, checkpoint_dtype(path))
+        cfg = load_model_config(path)
+        dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
         log.info("loading %s in %s", path, str(dtype).removeprefix("torch."))
-        model = LlamaModel.from_pretrained(path, dtype=dtype, max_len=kwargs.get("max_model_len"))
+        model = LlamaModel(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=kwargs.get("max_model_len"))
         tokenizer = HFTokenizer(path)
         return cls(model, tokenizer, model_name=model_name or path.name, **kwargs)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from baton.worker.router.request import sse_payloads
+
 
 class SSEEvents:
     """Incremental `data:` payloads of a server-sent-events byte stream (events end with a blank line)."""
@@ -20,13 +22,8 @@ class SSEEvents:
 
     def feed(self, chunk: bytes) -> list[str]:
         self._buf += chunk.replace(b"\r\n", b"\n")
-        *events, self._buf = self._buf.split(b"\n\n")
-        out = []
-        for event in events:
-            data = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-            if data:
-                out.append(b"\n".join(data).decode("utf-8", "replace"))
-        return out
+        complete, sep, self._buf = self._buf.rpartition(b"\n\n")
+        return [p.decode("utf-8", "replace") for p in sse_payloads(complete + sep)]
 
 
 def announced_kv(payload: str, key: str = "kv_transfer_params") -> tuple[dict | None, str | None]:

@@ -441,7 +441,7 @@ class Router:
                 timings = parse_server_timing(resp.headers.get(Header.SERVER_TIMING))
                 kv = await self._announced(ep, resp)
                 if kv is not None:
-                    resp, handed_off = None, True  # _announced drains and closes it, and releases the endpoint
+                    handed_off = True  # _announced's drain task closes `resp` and releases `ep`
                     return kv, None, timings
                 return None, None, {}
             payload = await self._read(resp)
@@ -454,9 +454,9 @@ class Router:
             log.warning("prefill hop to %s failed (%s)", ep.url, _describe(exc))
             return None, None, {}
         finally:
-            if resp is not None:
-                resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
             if not handed_off:
+                if resp is not None:
+                    resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
                 ep.release()
         if status == 200:
             try:

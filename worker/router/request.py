@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 from baton.worker.router.stages import Hop
 
@@ -66,6 +67,14 @@ def routing_key(body: dict, limit: int) -> str | None:
     return "".join(parts)[:limit] if parts else None
 
 
+def sse_payloads(events: bytes) -> Iterator[bytes]:
+    """The `data:` payloads of complete server-sent events, line by line (an OpenAI-style stream puts one JSON
+    object, or `[DONE]`, on each data line)."""
+    for line in events.split(b"\n"):
+        if line.startswith(b"data:"):
+            yield line[5:].strip()
+
+
 class RequestState:
     __slots__ = ("arrival", "decode_hop", "done", "error", "finished", "first_at", "outcome", "prefill_hop",
                  "recorded", "tokens", "usage_tokens")
@@ -85,31 +94,27 @@ class RequestState:
 
     def scan(self, data: bytes) -> None:
         """Look at complete SSE events (for TTFT/TPOT and the outcome); never changes them."""
-        for event in data.split(b"\n\n"):
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    self.done = True
-                    continue
-                try:
-                    obj = json.loads(payload)
-                except ValueError:
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                if "error" in obj:
-                    self.error = True
-                    continue
-                usage = obj.get("usage")
-                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                    self.usage_tokens = usage["completion_tokens"]
-                for choice in obj.get("choices") or ():
-                    text = choice.get("text")
-                    if text is None:
-                        text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        self.tokens += 1
-                        if self.first_at is None:
-                            self.first_at = -1.0  # set to the write's time by the caller
+        for payload in sse_payloads(data):
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if "error" in obj:
+                self.error = True
+                continue
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                self.usage_tokens = usage["completion_tokens"]
+            for choice in obj.get("choices") or ():
+                text = choice.get("text")
+                if text is None:
+                    text = (choice.get("delta") or {}).get("content")
+                if text:
+                    self.tokens += 1
+                    if self.first_at is None:
+                        self.first_at = -1.0  # set to the write's time by the caller

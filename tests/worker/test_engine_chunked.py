@@ -171,3 +171,18 @@ async def test_prefix_hit_on_the_prefill_worker_hands_off_correct_kv(tiny_model_
         assert_all_free(pre)
         assert_all_free(dec)
     assert outs[0] == outs[1] == hf_greedy(hf_model, p, 10)
+
+
+def test_whole_prompt_admission_counts_an_imported_prompt_once(tiny_model_dir):
+    """Without chunking, an imported prompt computing its last position is already active: it must not count
+    twice against max_num_seqs, or a waiting prompt that fits is held back a step."""
+    eng = BatonEngine.load(tiny_model_dir, role="decode", max_num_seqs=2, enable_chunked_prefill=False,
+                           enable_prefix_caching=False)
+    sched = eng.core.scheduler
+    imported = _sequence(eng, "imp", list(range(3, 40)), 4)
+    imported.block_ids = eng.core.cache.allocator.allocate(3)
+    imported.num_computed = 36
+    sched.import_done(imported, last_position=True)
+    sched.add(_sequence(eng, "new", [1, 2, 3], 4))
+    step = sched.schedule()
+    assert [c.seq.request_id for c in step.prefill] == ["imp", "new"]

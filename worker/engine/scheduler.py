@@ -151,8 +151,9 @@ class Scheduler:
         return n
 
     def _admit_waiting(self, step: ScheduledStep, budget: int, whole: bool) -> None:
+        admitted = 0  # whole prompts admitted this step (they join `running` only after it)
         while self.waiting:
-            if self.num_active + (len(step.prefill) if whole else 0) >= self.max_num_seqs:
+            if self.num_active + admitted >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
             if seq.mode is Mode.IMPORT and not seq.output_ids:  # KV comes from the prefill worker
@@ -176,6 +177,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             if whole:  # joins `running` after its prefill step
+                admitted += 1
                 budget -= self._chunk(step, seq, seq.num_tokens - seq.num_computed)
             else:
                 self.prefilling.append(seq)

@@ -6,6 +6,7 @@ restarts are covered too; this module keeps the one way of doing it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.e2e.cluster import free_port
+from baton.worker.router.pool import all_workers_seen
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3,
@@ -85,8 +87,14 @@ class OperatorProcess:
         return "operator log:\n" + "\n".join(lines[-n:])
 
 
+def _is_router(ready_body: Any) -> bool:
+    return isinstance(ready_body, dict) and "workers" in ready_body
+
+
 def wait_until_ready(base: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Poll `base`/ready until it answers 200; fail at once, with the process's output, if it exits."""
+    """Poll `base`/ready until it answers 200 -- for a router: and reports every worker healthy
+    (`all_workers_seen`), so no first request is recomputed on decode because the router had not yet checked
+    the prefill workers; fail at once, with the process's output, if it exits."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -95,9 +103,10 @@ def wait_until_ready(base: str, proc: subprocess.Popen, timeout: float = 120.0) 
             raise AssertionError(f"{base}: process exited with {proc.returncode}: {output}")
         try:
             with urllib.request.urlopen(base + "/ready", timeout=2) as response:
-                if response.status == 200:
+                body = json.loads(response.read() or b"null") if response.status == 200 else None
+                if response.status == 200 and (not _is_router(body) or all_workers_seen(body)):
                     return
-        except OSError:
+        except (OSError, ValueError):
             pass
         if time.monotonic() > deadline:
             raise AssertionError(f"{base} never became ready within {timeout:.0f}s")

@@ -497,8 +497,11 @@ class LocalFleet:
 
     def wait_ready(self, timeout: float = 300.0, *, progress: bool = True) -> None:
         """Poll the readiness path of every process (`/ready`; vLLM workers: `/health`), workers first, then the
-        router; FleetError when one exits or the time is up (with the tail of its log)."""
+        router, until the router has seen every worker healthy (else the first requests would be recomputed on
+        decode); FleetError when one exits or the time is up (with the tail of its log)."""
         import httpx
+
+        from baton.worker.router.pool import all_workers_seen
 
         t0 = time.monotonic()
         pending = [p for p in self.plan.workers] + [self.plan.router]
@@ -513,8 +516,11 @@ class LocalFleet:
                     if proc.poll() is not None:
                         raise FleetError(self._exit_message(spec, proc.returncode, during="startup"))
                     try:
-                        ok = client.get(spec.url + spec.ready_path).status_code == 200
-                    except httpx.HTTPError:
+                        r = client.get(spec.url + spec.ready_path)
+                        ok = r.status_code == 200
+                        if ok and spec is self.plan.router:  # Ready with one decode worker; wait for them all
+                            ok = all_workers_seen(r.json())
+                    except (httpx.HTTPError, ValueError):
                         ok = False
                     if ok:
                         pending.remove(spec)

@@ -27,6 +27,7 @@ from typing import Self
 import httpx
 import pytest
 from baton.e2e.processes import wait_until_ready
+from baton.worker.router.pool import all_workers_seen
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -88,7 +89,8 @@ class RunningRouter:
         while time.monotonic() < deadline:
             try:
                 r = httpx.get(self.base_url + "/ready", timeout=2)
-                if r.status_code == 200 or not ready:
+                # Ready, and every worker checked once (a dead one too): no request races the first checks
+                if not ready or (r.status_code == 200 and all_workers_seen(r.json(), healthy=False)):
                     return self
             except httpx.TransportError:
                 pass
@@ -291,7 +293,9 @@ def test_models_health_ready(router, colocated):
     assert [m.id for m in router.client().models.list().data] == [SERVED]
     assert [m.id for m in colocated.client().models.list().data] == [SERVED]
     assert httpx.get(router.base_url + "/health").json() == {"status": "ok"}
-    assert httpx.get(router.base_url + "/ready").json() == {"status": "ready"}
+    ready = httpx.get(router.base_url + "/ready").json()
+    assert ready["status"] == "ready" and all_workers_seen(ready)  # every worker counted, checked and healthy
+    assert sum(c["total"] for c in ready["workers"].values()) >= 2
 
 
 def test_not_ready_and_503_without_workers():

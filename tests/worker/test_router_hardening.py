@@ -318,6 +318,29 @@ def test_pool_ready_needs_a_decode_or_both_worker_only():
     assert not pool().ready()[0]
 
 
+def test_ready_reports_which_workers_the_router_has_seen():
+    """A starting fleet waits for every worker to be healthy in the router's eyes (`all_workers_seen`), not
+    only for /ready's 200: before its first check of a prefill worker the router recomputes on decode."""
+    from baton.worker.router.pool import Pool, all_workers_seen
+
+    p = Pool()
+    p.set_urls("prefill", ["http://p0:8000", "http://p1:8000"])
+    p.set_urls("decode", ["http://d0:8000"])
+    p.endpoints["decode"]["http://d0:8000"].mark(True)
+    body = {"status": "ready", "workers": p.counts()}
+    assert p.ready()[0]  # one healthy decode worker: Ready ...
+    assert body["workers"]["prefill"] == {"total": 2, "checked": 0, "healthy": 0}
+    assert not all_workers_seen(body) and not all_workers_seen(body, healthy=False)  # ... but not all seen
+    p1 = p.endpoints["prefill"]["http://p1:8000"]
+    p.endpoints["prefill"]["http://p0:8000"].mark(True)
+    p1.mark(False, "connection refused")
+    body = {"status": "ready", "workers": p.counts()}
+    assert all_workers_seen(body, healthy=False) and not all_workers_seen(body)  # all checked, one dead
+    p1.mark(True)
+    assert all_workers_seen({"status": "ready", "workers": p.counts()})
+    assert not all_workers_seen({"status": "ready"}) and not all_workers_seen(None)  # not a router's body
+
+
 @pytest.mark.parametrize("prefill", ["unhealthy", "dead", "none"])
 def test_ready_and_serving_by_recompute_without_a_healthy_prefill_worker(prefill):
     sick = Worker(prefill_ok, health_status=503).start()  # up, but its health check fails

@@ -263,8 +263,8 @@ class Router:
 
     async def ready(self, request: web.Request) -> web.Response:
         ok, why = self.pool.ready()
-        if ok:
-            return web.json_response({"status": "ready"})
+        if ok:  # the counts tell a starting fleet when the router has seen every worker (`all_workers_seen`)
+            return web.json_response({"status": "ready", "workers": self.pool.counts()})
         return error_json(why, status=503, type="service_unavailable_error", code="not_ready",
                           headers={"Retry-After": RETRY_AFTER})
 

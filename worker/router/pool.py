@@ -158,6 +158,12 @@ class Pool:
         skip = {id(e) for e in exclude}
         return [ep for ep in self.endpoints[role].values() if ep.healthy and id(ep) not in skip]
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per role: workers known, checked at least once, and healthy now -- what the router's `/ready`
+        reports (`all_workers_seen`)."""
+        return {role: {"total": len(eps), "checked": sum(ep.checked_at > 0 for ep in eps.values()),
+                       "healthy": len(self.healthy(role))} for role, eps in self.endpoints.items()}
+
     def ready(self) -> tuple[bool, str]:
         """Whether the router can answer a request now. A healthy decode (or both) worker is enough:
         without a healthy prefill worker the decode worker recomputes the prompt (slower, still correct),
@@ -236,3 +242,15 @@ class HealthChecker:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+
+
+def all_workers_seen(ready_body: object, *, healthy: bool = True) -> bool:
+    """Whether a router's `/ready` body says every worker it knows of is healthy (`healthy=False`: has been
+    checked at least once, healthy or not). The router is Ready (200) once one decode worker is healthy --
+    enough to answer -- but until its first check of the prefill workers has passed, requests are recomputed
+    on decode. A fleet that is starting (`baton up`, tests, benchmarks) waits for this before its first
+    request; Kubernetes probes need only the status code."""
+    if not isinstance(ready_body, dict) or not isinstance(ready_body.get("workers"), dict):
+        return False
+    want = "healthy" if healthy else "checked"
+    return all(isinstance(c, dict) and c.get(want) == c.get("total") for c in ready_body["workers"].values())

@@ -8,9 +8,9 @@ import subprocess
 import httpx
 import pytest
 from baton.worker.router.announce import SSEEvents, announced_kv
+from baton.worker.router.metrics import OUTCOMES
 
 from baton.launch import KV_ANNOUNCE
-from baton.worker.router.metrics import OUTCOMES
 
 from .test_router_processes import SERVED, ask, metric, start_fleet
 

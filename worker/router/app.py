@@ -12,15 +12,12 @@ are the router's alone: the client's `kv_transfer_params` (and `vllm_xargs.kv_tr
 reads when the top-level field is absent) are dropped before any hop (`strip_kv_params`), so a decode worker
 only ever pulls the KV the router's own prefill hop produced:
 
-1. Disaggregated (a healthy prefill and decode worker exist): pick a prefill worker, send the prefill hop
-   (same body, `stream: false`, `max_tokens: 1`, `kv_transfer_params: {"do_remote_decode": true}`), then pick
-   a decode worker and send the original body plus the returned `kv_transfer_params`; its response (JSON or
-   SSE bytes) goes back unchanged. Both hops carry the same `X-Request-Id` (the client's, or a new one).
-   If the prefill hop fails (connection error, timeout, 5xx, or no params back) the prefill-failure policy
-   (`prefill_failure.py`, `--prefill-retries/--prefill-recompute/--prefill-retry-after`) decides: another
-   prefill worker, then the decode worker recomputing the prompt (outcome `fallback_recompute`) while decode
-   has TPOT headroom, else 503 + Retry-After (outcome `rejected`). A 4xx from the prefill hop is the client's
-   error and is returned as is.
+1. Disaggregated (a healthy prefill and decode worker exist): the prefill hop (`prefill_tier.py`: a prefill
+   worker computes the prompt and returns `kv_transfer_params`, under the prefill-failure policy: another
+   prefill worker, then recompute on decode while decode has TPOT headroom (outcome `fallback_recompute`), else
+   503 + Retry-After (outcome `rejected`); a 4xx is the client's error, returned as is), then a decode worker
+   gets the original body plus the params; its response (JSON or SSE bytes) goes back unchanged. Both hops
+   carry the same `X-Request-Id` (the client's, or a new one).
 2. Colocated (only `both` workers): one hop to a `both` worker, outcome `ok`.
 3. Decode workers only: with no prefill worker at all (a decode-only fleet) one hop to a decode worker without
    params (recompute), outcome `fallback_recompute`; with prefill workers but none healthy, the same policy as a
@@ -31,18 +28,11 @@ The last hop is retried (same X-Request-Id, other worker where possible) only wh
 client: connection errors and 5xx move to another worker; a 502 `kv_transfer_failed` resends without params
 (recompute), and so does a 500 from a decode worker that got kv_transfer_params (vLLM's answer to a failed KV
 load; the prefill-failure policy does not apply: the KV existed); when every worker answered 503 the client gets
-503 + Retry-After (outcome `overloaded`). Once
-streaming started, an upstream failure ends the stream with an OpenAI error event and `[DONE]` (no hang).
-A client that goes away cancels the handler (aiohttp `handler_cancellation`), which closes the upstream
-connections, so the workers abort the request.
-
-Timeouts (a worker that accepts the connection but never answers must not hold a request forever): every hop
-must return its response headers within `hop_timeout` seconds (time to first byte), and once they are in, no
-more than `stream_idle_timeout` seconds may pass without a byte of the body (SSE or JSON). Either expiry
-closes the upstream connection and counts as a failed hop (`baton_router_hop_errors_total{reason="timeout"}`,
-the endpoint is marked unhealthy until its next passing health check): a prefill hop is a prefill failure,
-the last hop is retried on another worker while nothing reached the client, and a stream that already
-started ends with an OpenAI error event and `[DONE]`. 0 (or None) disables a timeout.
+503 + Retry-After (outcome `overloaded`). Once streaming started, an upstream failure ends the stream with an
+OpenAI error event and `[DONE]` (no hang). A client that goes away cancels the handler (aiohttp
+`handler_cancellation`), which closes the upstream connections, so the workers abort the request. Every hop is
+bounded by the hop timeouts (`hops.py`): a timed-out prefill hop is a prefill failure, a timed-out last hop is
+retried while nothing reached the client, a stream that already started ends with an error event.
 
 TTFT stages: the workers' `Server-Timing` headers and the router's own hop times split each request's TTFT
 (`stages.py`, `baton_router_ttft_stage_seconds{stage}`).
@@ -56,28 +46,28 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
-from baton.worker.router.announce import SSEEvents, announced_kv
+from baton.worker.router.config import DEFAULT_WORKER_WAIT, RouterConfig  # noqa: F401 - re-exported
 from baton.worker.router.discovery import KubernetesDiscovery
-from baton.worker.router.metrics import CONTENT_TYPE, RouterMetrics
-from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, PrefixAware, make_policy
-from baton.worker.router.pool import DEFAULT_HEALTH_PATH, Endpoint, HealthChecker, Pool
-from baton.worker.router.prefill_failure import (
-    HEADROOM_WINDOW,
-    RECOMPUTE,
-    RETRY,
-    PrefillFailurePolicy,
-    TPOTWindow,
-    decide,
-    has_headroom,
+from baton.worker.router.hops import (
+    UPSTREAM_ERRORS,
+    HopFailed,
+    Upstream,
+    describe,
+    error_json,
+    kv_lost,
+    reason_of,
+    sse_error,
 )
+from baton.worker.router.metrics import CONTENT_TYPE, RouterMetrics
+from baton.worker.router.policy import PrefixAware, make_policy
+from baton.worker.router.pool import Endpoint, HealthChecker, Pool
+from baton.worker.router.prefill_failure import TPOTWindow
+from baton.worker.router.prefill_tier import PrefillTier
 from baton.worker.router.request import (
     KV_PARAMS,
-    SSE_DONE,
     RequestState,
     compact_json,
     routing_key,
@@ -85,108 +75,13 @@ from baton.worker.router.request import (
 )
 from baton.worker.router.stages import Hop, ttft_stages
 
-from baton.launch import KV_ANNOUNCE, RECOMPUTE_NEVER, Header, parse_server_timing
+from baton.launch import Header, parse_server_timing
 
 log = logging.getLogger("baton.router")
 
 REQUEST_ID = Header.REQUEST_ID
 RETRY_AFTER = "1"
-#: How long a request waits for a serving worker when there is none (`--worker-wait`), and how often it looks.
-#: 60 s covers a decode pod's replacement starting and loading a small model (measured: about 25 s on a busy
-#: 2-core node); a client sees latency, not an error. Larger models: raise it, or run two decode replicas.
-DEFAULT_WORKER_WAIT = 60.0
-WORKER_WAIT_POLL = 0.1
-_UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError)
-
-
-@dataclass
-class RouterConfig:
-    policy: str = "least-loaded"
-    prefill: list[str] = field(default_factory=list)
-    decode: list[str] = field(default_factory=list)
-    both: list[str] = field(default_factory=list)
-    namespace: str | None = None  # Kubernetes namespace of the Services
-    prefill_service: str | None = None
-    decode_service: str | None = None
-    both_service: str | None = None
-    health_interval: float = 2.0
-    health_timeout: float = 1.0
-    health_path: str = DEFAULT_HEALTH_PATH  # GET on each worker: /ready (Baton), /health (vLLM)
-    discovery_interval: float = 2.0
-    connect_timeout: float = 5.0
-    hop_timeout: float | None = 60.0  # seconds until a worker's response headers (0/None: no limit)
-    stream_idle_timeout: float | None = 60.0  # seconds without a byte of the response body (0/None: no limit)
-    worker_wait: float = DEFAULT_WORKER_WAIT  # seconds a request waits for a serving worker when there is none
-    max_attempts: int = 3
-    prefix_chars: int = DEFAULT_PREFIX_CHARS
-    llmservice: str | None = None  # metric labels (default: env BATON_LLMSERVICE / BATON_NAMESPACE)
-    metrics_namespace: str | None = None
-    seed: int | None = None
-    kube_api: Any = None  # a CoreV1Api-like object (tests); default: in-cluster config or kubeconfig
-    prefill_failure: PrefillFailurePolicy = field(default_factory=PrefillFailurePolicy)
-    headroom_window: float = HEADROOM_WINDOW  # seconds of TPOTs the `whenHeadroom` decision reads
-    kv_announce: bool = False  # ask Baton prefill workers to announce the KV before the prefill ends (announce.py)
-
-    def services(self) -> dict[str, str]:
-        return {
-            role: name
-            for role, name in (
-                ("prefill", self.prefill_service),
-                ("decode", self.decode_service),
-                ("both", self.both_service),
-            )
-            if name
-        }
-
-
-def error_json(message: str, *, status: int, type: str, code: str | None = None,
-               param: str | None = None, headers: dict | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return web.Response(
-        body=json.dumps(body).encode(), status=status, content_type="application/json", headers=headers
-    )
-
-
-def _sse_error(message: str, code: str) -> bytes:
-    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n" + SSE_DONE
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _reason(exc: BaseException) -> str:
-    """The hop-error reason of an upstream exception: `timeout` (--hop-timeout, --stream-idle-timeout) or
-    `connection` (anything else, a connect timeout included)."""
-    return "timeout" if isinstance(exc, HopTimeout) else "connection"
-
-
-def _limit(seconds: float | None) -> float | None:
-    return seconds if seconds else None  # 0 / None: no limit
-
-
-def _kv_lost(role: str, reason: str) -> bool:
-    """Whether a failed decode hop that carried kv_transfer_params should be resent without them (the decode
-    worker recomputes the prompt). Baton's workers say so precisely (502 `kv_transfer_failed`); vLLM's answer a
-    failed KV load (a prefill worker that died after its hop, an expired or foreign lease) with a plain 500
-    under `kv_load_failure_policy: fail`, its default. A 500 from an engine that is really broken fails again
-    without the params and then moves on to another worker, so resending once costs one attempt at most."""
-    return reason == "kv_transfer_failed" or (role == "decode" and reason == "500")
-
-
-class HopTimeout(asyncio.TimeoutError):
-    """One of the router's own hop timeouts expired (a readable message instead of a bare TimeoutError)."""
-
-
-class _Hop(Exception):
-    """A failed attempt at the last hop that may be retried (no byte reached the client)."""
-
-    def __init__(self, reason: str, message: str, *, exclude: bool = True) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.exclude = exclude
+WORKER_WAIT_POLL = 0.1  # how often a request waiting for a serving worker (`RouterConfig.worker_wait`) looks
 
 
 class Router:
@@ -207,7 +102,8 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self.checker: HealthChecker | None = None
         self.discovery: KubernetesDiscovery | None = None
-        self._drains: set[asyncio.Task] = set()  # announced prefill streams still being read to their end
+        self.upstream: Upstream | None = None
+        self.prefill_tier: PrefillTier | None = None
 
     # --------------------------------------------------------------------------------------- lifecycle
 
@@ -227,6 +123,9 @@ class Router:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
+        self.upstream = Upstream(self.session, cfg.hop_timeout, cfg.stream_idle_timeout)
+        self.prefill_tier = PrefillTier(self.pool, self.policy["prefill"], self.upstream, self.metrics,
+                                        self.tpot_window, cfg.prefill_failure, announce=cfg.kv_announce)
         for role in ("prefill", "decode", "both"):
             urls = getattr(cfg, role)
             self.pool.set_urls(role, urls)
@@ -247,8 +146,8 @@ class Router:
             self.discovery.start()
 
     async def stop(self) -> None:
-        for task in list(self._drains):
-            task.cancel()
+        if self.prefill_tier is not None:
+            self.prefill_tier.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.checker is not None:
@@ -280,8 +179,8 @@ class Router:
                         data = await resp.read()
                         if resp.status == 200:
                             return web.Response(body=data, content_type="application/json")
-                except _UPSTREAM_ERRORS as exc:
-                    ep.mark(False, _describe(exc))
+                except UPSTREAM_ERRORS as exc:
+                    ep.mark(False, describe(exc))
         return error_json("no healthy worker to list the models", status=503,
                           type="service_unavailable_error", code="no_workers",
                           headers={"Retry-After": RETRY_AFTER})
@@ -337,7 +236,7 @@ class Router:
             await self._wait_for_healthy("decode", "both")  # prefill is optional: decode can recompute
 
         if pool.healthy("prefill") and pool.healthy("decode"):
-            kv, early = await self._prefill_tier(path, body, headers, key, req)
+            kv, early = await self.prefill_tier.run(path, body, headers, key, req)
             if early is not None:
                 return early  # the prefill worker refused the request (4xx), or the policy's 503
             if kv is not None:
@@ -351,7 +250,7 @@ class Router:
                                         recompute=False)
         if pool.healthy("decode"):
             if self._has_prefill_tier():  # a prefill tier exists, none of it healthy: a prefill failure
-                early = self._prefill_failed(req, headers)
+                early = self.prefill_tier.failed(req, headers)
                 if early is not None:
                     return early
             return await self._last_hop(request, "decode", path, raw, raw, headers, body, key, req,
@@ -378,139 +277,12 @@ class Router:
             if any(self.pool.healthy(role) for role in roles):
                 return
 
-    async def _prefill_tier(self, path: str, body: dict, headers: dict, key: str | None, req: RequestState
-                            ) -> tuple[dict | None, web.Response | None]:
-        """The prefill hop under the prefill-failure policy: (kv_transfer_params, None) when a prefill worker
-        produced the KV; (None, None) to recompute on the decode worker; (None, response) to answer as is (the
-        prefill worker's 4xx, or the policy's 503). Each attempt goes to a prefill worker not tried yet."""
-        announce = self.config.kv_announce  # stream the hop: the KV is announced before the prefill ends
-        hop = {**body, "stream": announce, "max_tokens": 1,
-               KV_PARAMS: {"do_remote_decode": True, **({KV_ANNOUNCE: True} if announce else {})}}
-        hop.pop("stream_options", None)
-        hop.pop("min_tokens", None)
-        if "max_completion_tokens" in hop:
-            hop["max_completion_tokens"] = 1
-        data = compact_json(hop)
-        tried: list[Endpoint] = []
-        while candidates := self.pool.healthy("prefill", exclude=tried):
-            if tried:
-                if decide(self.config.prefill_failure, len(tried), other_prefill=True, headroom=True) != RETRY:
-                    break
-                self.metrics.retry("prefill")
-            ep = self.policy["prefill"].choose(candidates, key)
-            sent = time.monotonic()
-            kv, early, timings = await self._prefill(ep, path, data, headers)
-            if early is not None:
-                return None, early
-            if kv is not None:
-                req.prefill_hop = Hop(sent - req.arrival, timings)
-                if tried:
-                    self.metrics.prefill_failure("retried_ok")
-                return kv, None
-            tried.append(ep)
-        return None, self._prefill_failed(req, headers)
-
-    def _prefill_failed(self, req: RequestState, headers: dict) -> web.Response | None:
-        """The prefill tier failed this request (retries spent, or no healthy prefill worker): None to recompute
-        on the decode worker, or the 503 + Retry-After to answer (`prefill_failure.decide`)."""
-        policy = self.config.prefill_failure
-        headroom = has_headroom(self.tpot_window.values(), policy.tpot_slo)
-        if decide(policy, 0, other_prefill=False, headroom=headroom) == RECOMPUTE:
-            self.metrics.prefill_failure("recomputed")
-            log.info("prefill failed for %s; recomputing on a decode worker", headers[REQUEST_ID])
-            return None
-        self.metrics.prefill_failure("rejected")
-        req.outcome = "rejected"
-        why = ("the decode workers have no TPOT headroom to recompute the prompt" if policy.recompute != RECOMPUTE_NEVER
-               else "recompute is off (prefillFailure.recompute: never)")
-        log.warning("prefill failed for %s and %s: 503", headers[REQUEST_ID], why)
-        return error_json(f"no prefill worker could serve this request, and {why}; retry later", status=503,
-                          type="service_unavailable_error", code="prefill_unavailable",
-                          headers={Header.RETRY_AFTER: str(policy.retry_after), REQUEST_ID: headers[REQUEST_ID]})
-
-    async def _prefill(self, ep: Endpoint, path: str, data: bytes, headers: dict
-                       ) -> tuple[dict | None, web.Response | None, dict[str, float]]:
-        """One prefill hop: (kv_transfer_params or None when it failed, a response to return as is, the
-        worker's Server-Timing)."""
-        ep.acquire()
-        resp: aiohttp.ClientResponse | None = None
-        handed_off = False
-        try:
-            resp = await self._post(ep.url + path, data, headers)
-            if resp.status == 200 and resp.content_type == "text/event-stream":
-                timings = parse_server_timing(resp.headers.get(Header.SERVER_TIMING))
-                kv = await self._announced(ep, resp)
-                if kv is not None:
-                    handed_off = True  # _announced's drain task closes `resp` and releases `ep`
-                    return kv, None, timings
-                return None, None, {}
-            payload = await self._read(resp)
-            status = resp.status
-            ctype = resp.headers.get("Content-Type", "application/json")
-            timings = parse_server_timing(resp.headers.get(Header.SERVER_TIMING))
-        except _UPSTREAM_ERRORS as exc:
-            ep.mark(False, _describe(exc))
-            self.metrics.hop_error("prefill", _reason(exc))
-            log.warning("prefill hop to %s failed (%s)", ep.url, _describe(exc))
-            return None, None, {}
-        finally:
-            if not handed_off:
-                if resp is not None:
-                    resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
-                ep.release()
-        if status == 200:
-            try:
-                kv = json.loads(payload).get(KV_PARAMS)
-            except (ValueError, AttributeError):
-                kv = None
-            if isinstance(kv, dict) and kv:
-                return kv, None, timings
-            self.metrics.hop_error("prefill", "no_kv_transfer_params")
-            log.warning("prefill worker %s returned no kv_transfer_params", ep.url)
-            return None, None, {}
-        if status >= 500:
-            self.metrics.hop_error("prefill", str(status))
-            log.warning("prefill hop to %s answered %d", ep.url, status)
-            return None, None, {}
-        return None, web.Response(body=payload, status=status, headers={"Content-Type": ctype,
-                                                                        REQUEST_ID: headers[REQUEST_ID]}), {}
-
-    async def _announced(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> dict | None:
-        """A streamed prefill hop (`--kv-announce`): the kv_transfer_params of its announcing event, or None
-        when it ended or failed without one. Once they are in, the rest of the stream is drained by a background
-        task that then closes the response and releases `ep`."""
-        events = SSEEvents()
-        while chunk := await self._chunk(resp):
-            for payload in events.feed(chunk):
-                kv, error = announced_kv(payload, KV_PARAMS)
-                if kv is not None:
-                    task = asyncio.create_task(self._drain(ep, resp))
-                    self._drains.add(task)
-                    task.add_done_callback(self._drains.discard)
-                    return kv
-                if error is not None:
-                    self.metrics.hop_error("prefill", "no_kv_transfer_params")
-                    log.warning("prefill hop to %s: %s", ep.url, error)
-                    return None
-        self.metrics.hop_error("prefill", "no_kv_transfer_params")
-        return None
-
-    async def _drain(self, ep: Endpoint, resp: aiohttp.ClientResponse) -> None:
-        try:
-            while await self._chunk(resp):
-                pass
-        except (*_UPSTREAM_ERRORS, asyncio.CancelledError):
-            pass
-        finally:
-            resp.close()
-            ep.release()
-
     async def _last_hop(self, request: web.Request, role: str, path: str, data: bytes, raw: bytes,
                         headers: dict, body: dict, key: str | None, req: RequestState, *, recompute: bool
                         ) -> web.StreamResponse:
         stream = bool(body.get("stream"))
         tried: list[Endpoint] = []
-        last: _Hop | None = None
+        last: HopFailed | None = None
         overloaded = 0
         for attempt in range(max(1, self.config.max_attempts)):
             candidates = self.pool.healthy(role, exclude=tried)
@@ -526,11 +298,11 @@ class Router:
                 self.metrics.retry(role)
             try:
                 return await self._send(request, ep, role, path, data, headers, stream, req, recompute)
-            except _Hop as hop:
+            except HopFailed as hop:
                 last = hop
                 self.metrics.hop_error(role, hop.reason)
                 log.warning("%s hop to %s failed: %s", role, ep.url, hop.message)
-                if not recompute and _kv_lost(role, hop.reason):
+                if not recompute and kv_lost(role, hop.reason):
                     data, recompute = raw, True  # the KV is lost: the decode worker recomputes the prompt
                     continue
                 if hop.reason == "overloaded":
@@ -552,31 +324,31 @@ class Router:
 
     async def _send(self, request: web.Request, ep: Endpoint, role: str, path: str, data: bytes,
                     headers: dict, stream: bool, req: RequestState, recompute: bool) -> web.StreamResponse:
-        """One attempt at the last hop. Raises _Hop while nothing reached the client."""
+        """One attempt at the last hop. Raises HopFailed while nothing reached the client."""
         ep.acquire()
         resp: aiohttp.ClientResponse | None = None
         try:
             sent = time.monotonic()
             try:
-                resp = await self._post(ep.url + path, data, headers)
-            except _UPSTREAM_ERRORS as exc:
-                ep.mark(False, _describe(exc))
-                raise _Hop(_reason(exc), _describe(exc)) from None
+                resp = await self.upstream.post(ep.url + path, data, headers)
+            except UPSTREAM_ERRORS as exc:
+                ep.mark(False, describe(exc))
+                raise HopFailed(reason_of(exc), describe(exc)) from None
             rid = resp.headers.get(REQUEST_ID, headers[REQUEST_ID])
             req.decode_hop = Hop(sent - req.arrival, parse_server_timing(resp.headers.get(Header.SERVER_TIMING)))
             if resp.status != 200:
                 try:
-                    payload = await self._read(resp)
-                except _UPSTREAM_ERRORS as exc:
-                    ep.mark(False, _describe(exc))
-                    raise _Hop(_reason(exc), _describe(exc)) from None
+                    payload = await self.upstream.read(resp)
+                except UPSTREAM_ERRORS as exc:
+                    ep.mark(False, describe(exc))
+                    raise HopFailed(reason_of(exc), describe(exc)) from None
                 return self._refused(resp, payload, rid, req)
             if not stream or not resp.content_type.startswith("text/event-stream"):
                 try:
-                    payload = await self._read(resp)
-                except _UPSTREAM_ERRORS as exc:
-                    ep.mark(False, _describe(exc))
-                    raise _Hop(_reason(exc), _describe(exc)) from None
+                    payload = await self.upstream.read(resp)
+                except UPSTREAM_ERRORS as exc:
+                    ep.mark(False, describe(exc))
+                    raise HopFailed(reason_of(exc), describe(exc)) from None
                 now = time.monotonic()
                 self._first_token(req, now - req.arrival)
                 self.metrics.e2e.observe(now - req.arrival)
@@ -589,39 +361,6 @@ class Router:
                 resp.close()  # a no-op after a complete body; closes (so the worker aborts) otherwise
             ep.release()
 
-    async def _post(self, url: str, data: bytes, headers: dict) -> aiohttp.ClientResponse:
-        """POST and wait for the response headers, at most `hop_timeout` seconds (time to first byte)."""
-        limit = _limit(self.config.hop_timeout)
-        try:
-            async with asyncio.timeout(limit):
-                return await self.session.post(url, data=data, headers=headers)
-        except TimeoutError as exc:
-            if limit is not None and not isinstance(exc, aiohttp.ClientError):  # ours, not aiohttp's connect
-                raise HopTimeout(f"no response within {limit:g}s (--hop-timeout)") from None
-            raise
-
-    async def _chunk(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The next bytes of the body (b"" at its end), waiting at most `stream_idle_timeout` seconds."""
-        limit = _limit(self.config.stream_idle_timeout)
-        if limit is None:
-            return await resp.content.readany()
-        try:
-            async with asyncio.timeout(limit):
-                return await resp.content.readany()
-        except TimeoutError as exc:
-            if not isinstance(exc, aiohttp.ClientError):
-                raise HopTimeout(f"no bytes for {limit:g}s (--stream-idle-timeout)") from None
-            raise
-
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The whole body, with the idle timeout between its chunks."""
-        if _limit(self.config.stream_idle_timeout) is None:
-            return await resp.read()
-        parts = []
-        while chunk := await self._chunk(resp):
-            parts.append(chunk)
-        return b"".join(parts)
-
     def _refused(self, resp: aiohttp.ClientResponse, payload: bytes, rid: str, req: RequestState
                  ) -> web.Response:
         status = resp.status
@@ -629,11 +368,11 @@ class Router:
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             code = json.loads(payload)["error"].get("code")
         if status == 502 and code == "kv_transfer_failed":
-            raise _Hop("kv_transfer_failed", "the KV transfer from the prefill worker failed", exclude=False)
+            raise HopFailed("kv_transfer_failed", "the KV transfer from the prefill worker failed", exclude=False)
         if status == 503:
-            raise _Hop("overloaded", f"answered 503 ({code or 'unavailable'})")
+            raise HopFailed("overloaded", f"answered 503 ({code or 'unavailable'})")
         if status >= 500:
-            raise _Hop(str(status), f"answered {status}: {payload[:200].decode('utf-8', 'replace')}")
+            raise HopFailed(str(status), f"answered {status}: {payload[:200].decode('utf-8', 'replace')}")
         req.outcome = "error"  # the client's error (4xx): returned as the worker said it
         return web.Response(body=payload, status=status, headers={
             "Content-Type": resp.headers.get("Content-Type", "application/json"), REQUEST_ID: rid})
@@ -647,9 +386,9 @@ class Router:
         reason = "connection"
         while True:
             try:
-                chunk = await self._chunk(resp)
-            except _UPSTREAM_ERRORS as exc:
-                failure, reason = _describe(exc), _reason(exc)
+                chunk = await self.upstream.chunk(resp)
+            except UPSTREAM_ERRORS as exc:
+                failure, reason = describe(exc), reason_of(exc)
                 break
             if not chunk:
                 break
@@ -686,14 +425,14 @@ class Router:
             failure = "the worker ended the stream early"
         if out is None:  # nothing reached the client: another worker may answer
             ep.mark(False, failure)
-            raise _Hop(reason, failure)
+            raise HopFailed(reason, failure)
         log.warning("%s worker %s failed mid-stream of %s: %s", ep.role, ep.url, rid, failure)
         if reason == "timeout":
             ep.mark(False, failure)
         self.metrics.hop_error(ep.role, "timeout" if reason == "timeout" else "mid_stream")
         req.outcome = "error"
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await out.write(_sse_error(f"the {ep.role} worker failed mid-stream: {failure}", "upstream_failed"))
+            await out.write(sse_error(f"the {ep.role} worker failed mid-stream: {failure}", "upstream_failed"))
             await out.write_eof()
         return out
 

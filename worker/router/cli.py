@@ -18,7 +18,7 @@ import os
 import signal
 from pathlib import Path
 
-from baton.worker.router.app import DEFAULT_WORKER_WAIT
+from baton.worker.router.config import DEFAULT_WORKER_WAIT
 from baton.worker.router.policy import DEFAULT_PREFIX_CHARS, POLICIES
 from baton.worker.router.pool import DEFAULT_HEALTH_PATH, validate_health_path
 from baton.worker.router.prefill_failure import (
@@ -123,7 +123,7 @@ def _urls(values: list[str], flag: str) -> list[str]:
 
 def build_config(args: argparse.Namespace):
     """The RouterConfig for `args`; CommandError for what the user can fix."""
-    from baton.worker.router.app import RouterConfig
+    from baton.worker.router.config import RouterConfig
 
     from baton.cli import CommandError
 

@@ -132,6 +132,11 @@ class Metric:
     KV_LEASES = "baton_kv_leases"
     #: how leases ended (counter, label `outcome`: pulled | expired; exposed with the `_total` suffix)
     KV_LEASES_ENDED = "baton_kv_leases_ended"
+    #: seconds the engine spent running forward steps (counter, `_total` suffix; Baton workers only): its rate
+    #: is the share of time a worker is busy, and prompt tokens per busy second a prefill replica's capacity
+    ENGINE_BUSY_SECONDS = "baton_engine_busy_seconds"
+    #: the same as `TTFT`..: the KV cache in use (0..1) and the cumulative token counters
+    KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 
 
 class Label:

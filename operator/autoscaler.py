@@ -63,6 +63,7 @@ from baton.operator.prometheus import (
     PrometheusError,
     PrometheusSource,
     PrometheusUnavailable,
+    RoleLoad,
     ServiceMetrics,
 )
 from baton.operator.reconcile import now_rfc3339
@@ -158,6 +159,22 @@ def window_for(interval_s: float) -> float:
 # ------------------------------------------------------------------------------------------ pure parts
 
 
+#: Busy seconds per second (summed over the prefill pods) below which the capacity estimate is mostly noise: a
+#: few short prompts in the window say little about what a replica computes when it is kept busy.
+MIN_BUSY_FOR_CAPACITY = 0.05
+
+
+def prefill_capacity(load: RoleLoad | None) -> float | None:
+    """Prompt tokens one prefill replica computes per second while busy: the role's prompt-token rate over its
+    busy seconds per second (both summed over its pods, over the same window), as the simulator measures it.
+    None without busy data (vLLM workers) or with too little of it (`MIN_BUSY_FOR_CAPACITY`)."""
+    if load is None or not load.prompt_tokens_per_second or load.busy_seconds_per_second is None:
+        return None
+    if load.busy_seconds_per_second < MIN_BUSY_FOR_CAPACITY:
+        return None
+    return load.prompt_tokens_per_second / load.busy_seconds_per_second
+
+
 def role_observations(metrics: ServiceMetrics, deployments: dict[str, dict | None], now_s: float
                       ) -> Observations:
     """The policy's inputs: Prometheus' numbers plus each Deployment's replicas and ready replicas.
@@ -165,8 +182,9 @@ def role_observations(metrics: ServiceMetrics, deployments: dict[str, dict | Non
     Prefill: TTFT p90 (and its router stages: prefill scales on queue wait + compute when they exist), queue
     (requests waiting), prompt-token arrival rate, running. Decode: TPOT p90,
     KV-cache usage, running, waiting. A missing Deployment gives `current_replicas` None (the policy holds).
-    The per-replica prefill capacity (`prefill_tokens_per_s`) is not measured by any exported metric yet, so
-    the policy's capacity-based prefill rules stay off and TTFT drives prefill.
+    Prefill's per-replica capacity (`prefill_tokens_per_s`, `prefill_capacity`) and both roles' busy share come
+    from the Baton workers' busy-time counter; vLLM workers export none, and then the policy's capacity-based
+    prefill rules (load, backlog sizing, arrival forecast, burst band) stay off and TTFT drives prefill.
     """
     def replicas(role: str) -> tuple[int | None, int | None]:
         dep = deployments.get(role)
@@ -181,6 +199,8 @@ def role_observations(metrics: ServiceMetrics, deployments: dict[str, dict | Non
         ttft_p90_s=metrics.ttft.p90,
         num_waiting=p_load.waiting if p_load else None,
         prompt_tokens_per_s=p_load.prompt_tokens_per_second if p_load else None,
+        prefill_tokens_per_s=prefill_capacity(p_load),
+        busy_fraction=p_load.busy_fraction if p_load else None,
         num_running=p_load.running if p_load else None,
         current_replicas=p_cur, ready_replicas=p_ready,
         prefill_queue_p90_s=metrics.ttft_stages.get(PREFILL_QUEUE),
@@ -192,6 +212,7 @@ def role_observations(metrics: ServiceMetrics, deployments: dict[str, dict | Non
         kv_cache_usage=d_load.kv_cache_usage if d_load else None,
         num_running=d_load.running if d_load else None,
         num_waiting=d_load.waiting if d_load else None,
+        busy_fraction=d_load.busy_fraction if d_load else None,
         current_replicas=d_cur, ready_replicas=d_ready)
     return Observations(prefill=prefill, decode=decode, window_s=metrics.window, now_s=now_s)
 

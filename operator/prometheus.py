@@ -33,7 +33,10 @@ The queries, with `S` = `llmservice="<name>",namespace="<namespace>"` and `W` = 
   queue `sum by (role) (vllm:num_requests_waiting{S})`, running `sum by (role) (vllm:num_requests_running{S})`,
   KV cache usage `avg by (role) (vllm:kv_cache_usage_perc{S})`, prompt throughput
   `sum by (role) (rate(vllm:prompt_tokens_total{S}[W]))`, generation throughput
-  `sum by (role) (rate(vllm:generation_tokens_total{S}[W]))`.
+  `sum by (role) (rate(vllm:generation_tokens_total{S}[W]))`, busy time (Baton workers: seconds in forward
+  steps) summed `sum by (role) (rate(baton_engine_busy_seconds_total{S}[W]))` and per pod
+  `avg by (role) (rate(baton_engine_busy_seconds_total{S}[W]))` (the busy share, 0..1). Prompt tokens per busy
+  second is a prefill replica's capacity (`autoscaler.prefill_capacity`); vLLM workers export no busy time.
 
 Metric names with colons (`vllm:...`) are valid PromQL identifiers as they are (`[a-zA-Z_:][a-zA-Z0-9_:]*`;
 colons are reserved for recording rules by convention only). But the name Prometheus *stores* depends on the
@@ -254,6 +257,8 @@ class RoleLoad:
     kv_cache_usage: float | None = None  # mean of vllm:kv_cache_usage_perc (0..1)
     prompt_tokens_per_second: float | None = None
     generation_tokens_per_second: float | None = None
+    busy_seconds_per_second: float | None = None  # sum over the role's pods of busy seconds per second
+    busy_fraction: float | None = None  # mean over the role's pods of the busy share (0..1)
 
 
 @dataclass(frozen=True)
@@ -320,12 +325,15 @@ class PrometheusSource:
                 out[f"{signal}_{source}_buckets"] = buckets
         out["ttft_stages_p90"] = (f"histogram_quantile({QUANTILE}, sum by (le, {Label.STAGE}) "
                                   f"(rate({series(ROUTER_TTFT_STAGE + '_bucket', s)}[{w}])))")
-        out["waiting"] = f"sum by (role) ({series('vllm:num_requests_waiting', s)})"
-        out["running"] = f"sum by (role) ({series('vllm:num_requests_running', s)})"
-        out["kv_cache_usage"] = f"avg by (role) ({series('vllm:kv_cache_usage_perc', s)})"
-        out["prompt_tokens_per_second"] = f"sum by (role) (rate({series('vllm:prompt_tokens_total', s)}[{w}]))"
+        out["waiting"] = f"sum by (role) ({series(Metric.NUM_REQUESTS_WAITING, s)})"
+        out["running"] = f"sum by (role) ({series(Metric.NUM_REQUESTS_RUNNING, s)})"
+        out["kv_cache_usage"] = f"avg by (role) ({series(Metric.KV_CACHE_USAGE, s)})"
+        out["prompt_tokens_per_second"] = f"sum by (role) (rate({series(Metric.PROMPT_TOKENS + '_total', s)}[{w}]))"
         out["generation_tokens_per_second"] = (
-            f"sum by (role) (rate({series('vllm:generation_tokens_total', s)}[{w}]))")
+            f"sum by (role) (rate({series(Metric.GENERATION_TOKENS + '_total', s)}[{w}]))")
+        busy = f"rate({series(Metric.ENGINE_BUSY_SECONDS + '_total', s)}[{w}])"
+        out["busy_seconds_per_second"] = f"sum by (role) ({busy})"
+        out["busy_fraction"] = f"avg by (role) ({busy})"
         return out
 
     def workload_queries(self, name: str, namespace: str, window: float) -> dict[str, str]:
@@ -367,7 +375,7 @@ class PrometheusSource:
         """One consistent read of the service's SLO signals and per-role load; raises `PrometheusError`."""
         q = self.queries(name, namespace)
         load_keys = ("waiting", "running", "kv_cache_usage", "prompt_tokens_per_second",
-                     "generation_tokens_per_second")
+                     "generation_tokens_per_second", "busy_seconds_per_second", "busy_fraction")
         results = await asyncio.gather(self._latency(q, "ttft", ttft_slo), self._latency(q, "tpot", tpot_slo),
                                        self.client.by_label(q["ttft_stages_p90"], Label.STAGE),
                                        *(self.client.by_label(q[k], "role") for k in load_keys),

@@ -38,6 +38,7 @@ from grafana_foundation_sdk.models.dashboard import (
 from baton.launch import TTFT_STAGES, Label, Metric
 
 REPO = Path(__file__).resolve().parents[1]
+BUSY = Metric.ENGINE_BUSY_SECONDS + "_total"
 OUT = REPO / "charts" / "baton" / "dashboards"
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -169,6 +170,16 @@ def role_detail() -> tuple[str, str, list[P]]:
           [Q(f"sum by (role) (rate(vllm:prompt_tokens_total{{{SEL}}}[{RI}]))", "{{role}}")], unit="short"),
         P("Generated tokens / s (decode throughput)",
           [Q(f"sum by (role) (rate(vllm:generation_tokens_total{{{SEL}}}[{RI}]))", "{{role}}")], unit="short"),
+        P("Busy share (forward steps)",
+          [Q(f"avg by (role) (rate({BUSY}{{{SEL}}}[{RI}]))", "avg {{role}}"),
+           Q(f"max by (role) (rate({BUSY}{{{SEL}}}[{RI}]))", "max {{role}}")], unit="percentunit", min=0, max=1,
+          description="Share of time the Baton engine ran forward steps (baton_engine_busy_seconds_total); "
+                      "vLLM workers do not export it."),
+        P("Prefill capacity (prompt tokens per busy second, one replica)",
+          [Q(f"sum by (role) (rate(vllm:prompt_tokens_total{{{SEL}, role=~\"prefill|both\"}}[{RI}])) / "
+             f"sum by (role) (rate({BUSY}{{{SEL}, role=~\"prefill|both\"}}[{RI}]))", "{{role}}")], unit="short",
+          description="What one replica computes while busy: the autoscaler sizes prefill on the prompt-token "
+                      "demand against this (its LoadAboveCapacity, QueueBacklog and ArrivalRateRising reasons)."),
         P("Worker TTFT (p50 / p90 / p99)", quantiles("vllm:time_to_first_token_seconds", by), unit="s"),
         P("Worker inter-token latency (p50 / p90 / p99)", quantiles("vllm:inter_token_latency_seconds", by),
           unit="s"),

@@ -500,7 +500,6 @@ class LocalFleet:
         router, until the router has seen every worker healthy (else the first requests would be recomputed on
         decode); FleetError when one exits or the time is up (with the tail of its log)."""
         import httpx
-
         from baton.worker.router.pool import all_workers_seen
 
         t0 = time.monotonic()

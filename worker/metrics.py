@@ -81,11 +81,18 @@ class _EngineStatsCollector(Collector):
 
         gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
         gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
-        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
+        gauge(MetricName.KV_CACHE_USAGE, "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
         c = CounterMetricFamily(
             "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", labels=self._names
         )
         c.add_metric(self._values, float(s.num_preemptions_total))
+        out.append(c)
+        c = CounterMetricFamily(
+            MetricName.ENGINE_BUSY_SECONDS,
+            "Seconds the engine spent running forward steps (its rate: the share of time the worker is busy).",
+            labels=self._names,
+        )
+        c.add_metric(self._values, float(s.busy_seconds_total))
         out.append(c)
         for name, doc, value in (
             ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",

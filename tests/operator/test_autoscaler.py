@@ -11,6 +11,7 @@ import httpx
 import pytest
 from baton.e2e.prometheus import free_port
 from baton.operator import api, autoscaler
+from baton.operator.autoscale_policy import PolicyConfig, decide
 from baton.operator.autoscaler import AutoscalerState, role_observations, slo_condition, slo_status, tick
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER
 from baton.operator.prometheus import (
@@ -215,6 +216,41 @@ def test_role_observations_map_metrics_and_deployments():
     assert (obs.prefill.current_replicas, obs.prefill.ready_replicas) == (3, 2)
     assert (obs.decode.tpot_p90_s, obs.decode.kv_cache_usage, obs.decode.num_running) == (0.03, 0.5, 12)
     assert obs.decode.current_replicas is None and obs.window_s == 30 and obs.now_s == 123.0
+    assert obs.prefill.prefill_tokens_per_s is None and obs.prefill.busy_fraction is None  # vLLM: no busy time
+
+
+def test_prefill_capacity_is_prompt_tokens_per_busy_second():
+    """Baton workers' busy time turns on the policy's capacity-based prefill rules (load, backlog, forecast)."""
+    def obs(**load):
+        m = ServiceMetrics(window=30, roles={"prefill": RoleLoad(**load), "decode": RoleLoad(busy_fraction=0.6)})
+        return role_observations(m, {}, 0.0)
+
+    o = obs(prompt_tokens_per_second=900, busy_seconds_per_second=0.5, busy_fraction=0.25)
+    assert o.prefill.prefill_tokens_per_s == 1800 and o.prefill.busy_fraction == 0.25
+    assert o.decode.busy_fraction == 0.6
+    assert autoscaler.prefill_capacity(RoleLoad(prompt_tokens_per_second=900)) is None  # no busy series
+    assert autoscaler.prefill_capacity(RoleLoad(prompt_tokens_per_second=5, busy_seconds_per_second=0.01)) is None
+    assert autoscaler.prefill_capacity(RoleLoad(prompt_tokens_per_second=0, busy_seconds_per_second=0.0)) is None
+    assert autoscaler.prefill_capacity(None) is None
+
+
+
+def test_busy_prefill_workers_scale_prefill_on_load():
+    """The wiring end to end (Prometheus numbers -> observations -> policy): one prefill replica busy all the
+    time is at its capacity, above the policy's target utilisation -> LoadAboveCapacity, before TTFT moves.
+    Without the busy series (vLLM workers) the same numbers hold (TTFT within SLO)."""
+    deps = {r: {"spec": {"replicas": 1}, "status": {"readyReplicas": 1}} for r in ("prefill", "decode")}
+
+    def prefill_decision(**load):
+        m = ServiceMetrics(window=30, ttft=LatencySignal(p90=0.1), tpot=LatencySignal(p90=0.01),
+                           roles={"prefill": RoleLoad(prompt_tokens_per_second=3600, waiting=0, **load),
+                                  "decode": RoleLoad(kv_cache_usage=0.1, running=1, waiting=0)})
+        decisions, _ = decide(role_observations(m, deps, 1000.0), PolicyConfig())
+        return decisions["prefill"]
+
+    busy = prefill_decision(busy_seconds_per_second=1.0, busy_fraction=1.0)
+    assert (busy.reason, busy.desired) == ("LoadAboveCapacity", 2), busy
+    assert prefill_decision().desired == 1
 
 
 @pytest.mark.parametrize(("interval", "window"), [(2, 60), (15, 60), (30, 120)])

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from baton.e2e.prometheus import free_port
-from baton.operator.autoscaler import role_observations
+from baton.operator.autoscaler import prefill_capacity, role_observations
 from baton.operator.prometheus import (
     LatencySignal,
     PrometheusClient,
@@ -85,6 +85,7 @@ class Exporter:
         self.running = Gauge("vllm:num_requests_running", "running", labels, registry=r)
         self.kv = Gauge("vllm:kv_cache_usage_perc", "kv", labels, registry=r)
         self.prompt = Counter("vllm:prompt_tokens", "prompt tokens", labels, registry=r)
+        self.busy = Counter(Metric.ENGINE_BUSY_SECONDS, "busy seconds", labels, registry=r)
         if negotiating:
             self.server, _ = start_http_server(0, addr="127.0.0.1", registry=r)
         else:
@@ -128,6 +129,7 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
     # The router's own series for another namespace must not leak into "chat" in NS.
     other = e.ttft.labels("chat", "team-b")
     prompt = e.prompt.labels("chat", NS, "prefill", "p-0")
+    busy = [e.busy.labels("chat", NS, "prefill", f"p-{i}") for i in range(2)]
     stages = {st: e.stage.labels("chat", NS, st) for st in TTFT_STAGES[:3]}   # no first_decode samples at all
     local_prometheus.set_targets([e.target])
     local_prometheus.wait_for_targets(scrapes=1)
@@ -147,6 +149,8 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
     e.kv.labels("chat", NS, "decode", "d-0").set(0.2)
     e.kv.labels("chat", NS, "decode", "d-1").set(0.6)
     prompt.inc(600)
+    busy[0].inc(6.0)  # 600 prompt tokens in 9 busy seconds: 66.7 tokens per busy second per replica
+    busy[1].inc(3.0)
     queue, compute, handoff = (stages[st] for st in TTFT_STAGES[:3])
     observe(queue, [(0.04, 85), (0.3, 10), (3.0, 5)])  # p90 = 0.375, as TTFT above
     observe(compute, [(0.07, 100)])  # p90 = 0.05 + 0.05 * 0.9 = 0.095
@@ -173,6 +177,11 @@ async def test_queries_read_back_p90_attainment_and_load(exporter, local_prometh
                                  TTFT_STAGES[2]: pytest.approx(0.045, rel=1e-6)}
         # 600 tokens over a few seconds of samples, extrapolated and divided by the 60s window.
         assert 600 / 60 <= m.roles["prefill"].prompt_tokens_per_second <= 3 * 600 / 60
+        # busy time: summed for the capacity, averaged per pod for the busy share (same window, same scrapes)
+        p = m.roles["prefill"]
+        assert p.busy_fraction == pytest.approx(p.busy_seconds_per_second / 2, rel=0.02)  # rate() per series
+        assert prefill_capacity(p) == pytest.approx(600 / 9, rel=0.02)
+        assert m.roles["decode"].busy_seconds_per_second is None  # no series: no data, not zero
 
         # An SLO between bucket bounds counts only the requests known to meet it: bound 0.25 -> 85%.
         tighter = await source.observe("chat", NS, ttft_slo=0.4, tpot_slo=0.03)

@@ -195,6 +195,19 @@ async def test_kv_cache_full_queues_then_all_blocks_freed(tiny_model_dir, hf_mod
         assert_all_free(eng)
 
 
+async def test_busy_seconds_count_forward_steps_only(engine):
+    """`baton_engine_busy_seconds_total`: the autoscaler's busy share and prefill capacity (prompt tokens per
+    busy second). Idle time does not count; a request's forward steps do."""
+    assert engine.stats().busy_seconds_total == 0.0
+    await asyncio.sleep(0.2)  # the engine loop runs, with nothing to compute
+    assert engine.stats().busy_seconds_total == 0.0
+    t0 = asyncio.get_running_loop().time()
+    await collect(engine, req("b0", engine.tokenizer.encode(TEXTS[0]), max_tokens=8, **GREEDY))
+    wall = asyncio.get_running_loop().time() - t0
+    busy = engine.stats().busy_seconds_total
+    assert 0.0 < busy <= wall
+
+
 async def test_preemption_by_recompute_keeps_outputs(tiny_model_dir, hf_model):
     # admitted with 1-2 blocks each, then decode growth runs out of blocks -> newest is preempted
     eng = BatonEngine.load(tiny_model_dir, num_kv_blocks=6, max_num_seqs=4)

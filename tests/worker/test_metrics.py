@@ -7,6 +7,8 @@ from baton.worker.engine.types import EngineStats
 from baton.worker.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, WorkerMetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from baton.launch import Metric
+
 LABELS = {"model_name": "tiny", "llmservice": "chat", "namespace": "ml", "role": "prefill"}
 
 
@@ -25,7 +27,8 @@ def value(metrics: WorkerMetrics, name: str, **extra) -> float:
 
 @pytest.fixture
 def metrics() -> WorkerMetrics:
-    stats = EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions_total=4)
+    stats = EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions_total=4,
+                        busy_seconds_total=2.5)
     return WorkerMetrics(
         model_name="tiny",
         role="prefill",
@@ -56,6 +59,7 @@ def test_vllm_names_and_labels(metrics: WorkerMetrics):
     assert value(metrics, "vllm:num_requests_waiting") == 2
     assert value(metrics, "vllm:kv_cache_usage_perc") == 0.25
     assert value(metrics, "vllm:num_preemptions_total") == 4
+    assert value(metrics, Metric.ENGINE_BUSY_SECONDS + "_total") == 2.5  # the autoscaler's prefill capacity
     assert value(metrics, "baton_worker_info", engine="baton") == 1
     for reason in ("stop", "length", "abort"):  # present from the start, so rate() works at once
         assert value(metrics, "vllm:request_success_total", finished_reason=reason) == 0

@@ -85,6 +85,7 @@ class EngineCore:
         # counters
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.busy_seconds_total = 0.0  # forward steps: the autoscaler's busy share and prefill capacity
         self.layers_ready: dict[str, int] = {}  # lease -> layers written, while its final prefill step runs
         self.progress: LayerProgress | None = None  # set by the asyncio side: wakes wait_layer
         self.emit: Callable[[StepOutput], None] | None = None  # set by the asyncio side: an output, right now
@@ -131,6 +132,7 @@ class EngineCore:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions_total=self.scheduler.num_preemptions,
+            busy_seconds_total=self.busy_seconds_total,
             prefix_cache_queries_total=self.scheduler.prefix_queries,
             prefix_cache_hits_total=self.scheduler.prefix_hits,
         )
@@ -152,7 +154,11 @@ class EngineCore:
         plan = sched.schedule()
         res.start_imports = plan.start_imports
         if plan.prefill or plan.decode:
-            self._run(plan, res)
+            started = time.perf_counter()
+            try:
+                self._run(plan, res)
+            finally:
+                self.busy_seconds_total += time.perf_counter() - started
         return res
 
     def _run(self, plan: ScheduledStep, res: StepResult) -> None:

@@ -141,6 +141,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
+    busy_seconds_total: float = 0.0  # time spent in forward steps (baton_engine_busy_seconds)
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache (vllm:prefix_cache_queries)
     prefix_cache_hits_total: int = 0  # of which were cached (vllm:prefix_cache_hits)
     # KV handoff (decode side: imports done through the transport), for baton_kv_transfer_* metrics

@@ -3,6 +3,7 @@
 (`baton up`) under load -- every dashboard query, recording rule and alert signal returning data."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from baton.operator.autoscaler import prefill_capacity
 
 from .conftest import CHART, REPO
 
@@ -171,6 +173,13 @@ def _load(endpoint: str, model: str, seconds: float, concurrency: int = 3) -> in
     return done[0]
 
 
+async def _observe(url: str, name: str, namespace: str):
+    from baton.operator.prometheus import PrometheusClient, PrometheusSource
+
+    async with PrometheusClient(url) as client:
+        return await PrometheusSource(client, window="1m").observe(name, namespace, ttft_slo=0.5, tpot_slo=0.05)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_query_returns_data_from_a_real_fleet(local_prometheus, tmp_path):
@@ -221,6 +230,15 @@ def test_every_query_returns_data_from_a_real_fleet(local_prometheus, tmp_path):
                 if not local_prometheus.query(recorded.get(probe, probe)):
                     empty.append(f"alert {alert.name}: {probe}")
         assert not empty, f"{len(empty)}/{checked} queries returned no data:\n" + "\n".join(empty)
+
+        # The autoscaler's own reading of this fleet: one prefill replica's capacity from the workers' busy time
+        prefill = asyncio.run(_observe(local_prometheus.url, "tiny", "default")).roles["prefill"]
+        assert prefill.prompt_tokens_per_second and prefill.busy_seconds_per_second, prefill
+        capacity = prefill.prompt_tokens_per_second / prefill.busy_seconds_per_second
+        print(f"\nthe autoscaler's view of the fleet under load: prefill {prefill.prompt_tokens_per_second:.0f} "
+              f"prompt tok/s, {prefill.busy_fraction:.1%} busy -> capacity {capacity:.0f} prompt tok/s per "
+              f"replica (used: {prefill_capacity(prefill) is not None})")
+        assert capacity > prefill.prompt_tokens_per_second  # one replica, not saturated: below its capacity
 
         # The PNGs of the dashboards from the same data (kept under $BATON_DASHBOARD_PNG when set).
         out = Path(os.environ.get("BATON_DASHBOARD_PNG") or tmp_path / "png")

@@ -83,6 +83,23 @@ def test_headroom_is_recent_tpot_p90_against_the_slo():
     assert window.values() == [] and has_headroom(window.values(), 0.05)
 
 
+def test_headroom_gate_holds_its_decision_in_a_band():
+    """Damped: lost above 80 % of the SLO, back only under 60 %; a p90 hovering between keeps the last answer."""
+    from baton.worker.router.prefill_failure import MIN_SAMPLES, HeadroomGate
+
+    gate, slo = HeadroomGate(), 0.05
+    at = {f: [f * slo] * 20 for f in (0.5, 0.7, 0.79, 0.85)}
+    assert gate.check(at[0.7], slo) and gate.check(at[0.79], slo)  # open: stays open below 80 %
+    assert not gate.check(at[0.85], slo)  # lost above 80 %
+    assert not gate.check(at[0.79], slo) and not gate.check(at[0.7], slo)  # in the band: still no headroom
+    assert gate.check(at[0.5], slo)  # back under 60 %: recompute again
+    assert gate.check(at[0.7], slo)  # and open again in the band
+    assert not gate.check(at[0.85], slo) and gate.check([1.0] * (MIN_SAMPLES - 1), slo)  # no evidence: open
+    assert gate.check(at[0.85], None)  # no SLO: nothing to protect
+    with pytest.raises(ValueError):
+        HeadroomGate(close_at=0.6, reopen_at=0.8)
+
+
 def test_ttft_stages_add_up_to_the_ttft():
     from baton.worker.router.stages import Hop, ttft_stages
 

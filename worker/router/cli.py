@@ -27,6 +27,7 @@ from baton.worker.router.prefill_failure import (
     DEFAULT_RETRY_AFTER,
     HEADROOM_FRACTION,
     HEADROOM_WINDOW,
+    REOPEN_FRACTION,
 )
 
 from baton.launch import RECOMPUTE_MODES, Flag
@@ -85,7 +86,8 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help=f"other prefill workers to try, each once, before recompute or 503 (default {DEFAULT_RETRIES})")
     f.add_argument(Flag.PREFILL_RECOMPUTE, choices=RECOMPUTE_MODES, default=DEFAULT_RECOMPUTE,
                    help="then recompute the prompt on the decode worker: whenHeadroom (while the router's TPOT p90 "
-                   f"over the last {HEADROOM_WINDOW:g}s is within {HEADROOM_FRACTION * 100:g}%% of --tpot-slo), always, "
+                   f"over the last {HEADROOM_WINDOW:g}s is within {HEADROOM_FRACTION * 100:g}%% of --tpot-slo; once "
+                   f"over, until it is back under {REOPEN_FRACTION * 100:g}%%), always, "
                    f"or never; otherwise 503 + Retry-After (default {DEFAULT_RECOMPUTE})")
     f.add_argument(Flag.PREFILL_RETRY_AFTER, type=int, default=DEFAULT_RETRY_AFTER, metavar="SECONDS",
                    help=f"Retry-After of that 503, whole seconds (default {DEFAULT_RETRY_AFTER})")

@@ -14,7 +14,10 @@ Headroom, measurably: the p90 of the TPOTs the router itself observed over the l
 `HEADROOM_FRACTION` of the TPOT SLO (`--tpot-slo`, the LLMService's `spec.slo.tpot`). A recomputed prompt is a
 prefill on a decode worker, which stalls that worker's running streams for its length; 20 % of the SLO is the
 margin it may eat. With fewer than `MIN_SAMPLES` TPOTs in the window, or no SLO given, there is no evidence of
-pressure and the answer is yes (a quiet fleet recomputes, as before).
+pressure and the answer is yes (a quiet fleet recomputes, as before). The answer is damped (`HeadroomGate`):
+once headroom is gone, recomputing resumes only when the p90 is back under `REOPEN_FRACTION` of the SLO, so a
+p90 hovering at the threshold does not switch recompute on and off with every request (each recompute pushes
+the TPOT it is judged by up; a 20-point band holds the decision still).
 
 Why `whenHeadroom` is the default: with `always`, a prefill-tier outage moves every prompt onto the decode
 workers and breaks the TPOT SLO of every stream at once (the failure DistServe separates the tiers to avoid);
@@ -22,7 +25,7 @@ with `never`, a single failed hop costs the client an error although decode was 
 `always` while decode is comfortable (the common case, and what users had before) and sheds load only when
 recomputing would break the decode SLO.
 
-Pure decisions here (`decide`, `has_headroom`); `TPOTWindow` is the small state they read.
+Pure decisions here (`decide`, `has_headroom`); `TPOTWindow` and `HeadroomGate` are the small state they read.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ DEFAULT_RECOMPUTE = RECOMPUTE_WHEN_HEADROOM
 DEFAULT_RETRY_AFTER = 5  # seconds
 #: recent TPOT p90 <= this share of the TPOT SLO: decode has headroom for a recomputed prompt
 HEADROOM_FRACTION = 0.8
+#: after headroom was lost, recent TPOT p90 <= this share of the SLO before recomputing resumes (hysteresis)
+REOPEN_FRACTION = 0.6
 #: seconds of TPOT observations the headroom looks at
 HEADROOM_WINDOW = 30.0
 #: fewer TPOTs than this in the window: no evidence of pressure (headroom)
@@ -88,6 +93,24 @@ def has_headroom(recent_tpots: list[float], tpot_slo: float | None, *, fraction:
     return percentile(recent_tpots, 90) <= fraction * tpot_slo
 
 
+class HeadroomGate:
+    """`has_headroom` with hysteresis: open (recompute allowed) until the p90 passes `HEADROOM_FRACTION` of the
+    SLO, then closed until it is back under `REOPEN_FRACTION`. Without evidence (no SLO, too few TPOTs) it is
+    open, as `has_headroom` is."""
+
+    def __init__(self, close_at: float = HEADROOM_FRACTION, reopen_at: float = REOPEN_FRACTION) -> None:
+        if not 0 < reopen_at <= close_at:
+            raise ValueError(f"reopen_at ({reopen_at}) must be in (0, close_at={close_at}]")
+        self.close_at = close_at
+        self.reopen_at = reopen_at
+        self.open = True
+
+    def check(self, recent_tpots: list[float], tpot_slo: float | None) -> bool:
+        fraction = self.close_at if self.open else self.reopen_at
+        self.open = has_headroom(recent_tpots, tpot_slo, fraction=fraction)
+        return self.open
+
+
 class TPOTWindow:
     """The TPOTs the router observed over the last `window` seconds (at most MAX_SAMPLES, newest kept)."""
 
@@ -108,6 +131,6 @@ class TPOTWindow:
 
 
 __all__ = [
-    "RECOMPUTE", "RECOMPUTE_ALWAYS", "RECOMPUTE_NEVER", "REJECT", "RETRY", "PrefillFailurePolicy", "TPOTWindow",
-    "decide", "has_headroom",
+    "RECOMPUTE", "RECOMPUTE_ALWAYS", "RECOMPUTE_NEVER", "REJECT", "RETRY", "HeadroomGate", "PrefillFailurePolicy",
+    "TPOTWindow", "decide", "has_headroom",
 ]

@@ -29,10 +29,10 @@ from baton.worker.router.pool import Endpoint, Pool
 from baton.worker.router.prefill_failure import (
     RECOMPUTE,
     RETRY,
+    HeadroomGate,
     PrefillFailurePolicy,
     TPOTWindow,
     decide,
-    has_headroom,
 )
 from baton.worker.router.request import KV_PARAMS, RequestState, compact_json
 from baton.worker.router.stages import Hop
@@ -54,6 +54,7 @@ class PrefillTier:
         self.upstream = upstream
         self.metrics = metrics
         self.tpot_window = tpot_window  # the `whenHeadroom` evidence
+        self.headroom = HeadroomGate()  # ... read with hysteresis
         self.failure_policy = failure_policy
         self.announce = announce  # stream the hop: the KV is announced before the prefill ends
         self._drains: set[asyncio.Task] = set()  # announced prefill streams still being read to their end
@@ -97,7 +98,7 @@ class PrefillTier:
         """The prefill tier failed this request (retries spent, or no healthy prefill worker): None to recompute
         on the decode worker, or the 503 + Retry-After to answer (`prefill_failure.decide`)."""
         policy = self.failure_policy
-        headroom = has_headroom(self.tpot_window.values(), policy.tpot_slo)
+        headroom = self.headroom.check(self.tpot_window.values(), policy.tpot_slo)
         if decide(policy, 0, other_prefill=False, headroom=headroom) == RECOMPUTE:
             self.metrics.prefill_failure("recomputed")
             log.info("prefill failed for %s; recomputing on a decode worker", headers[REQUEST_ID])

@@ -232,7 +232,7 @@ def test_every_query_returns_data_from_a_real_fleet(local_prometheus, tmp_path):
         assert not empty, f"{len(empty)}/{checked} queries returned no data:\n" + "\n".join(empty)
 
         # The autoscaler's own reading of this fleet: one prefill replica's capacity from the workers' busy time
-        prefill = asyncio.run(_observe(local_prometheus.url, "tiny", "default")).roles["prefill"]
+        prefill = asyncio.run(_observe(local_prometheus.url, "tiny", "local")).roles["prefill"]  # baton up: ns local
         assert prefill.prompt_tokens_per_second and prefill.busy_seconds_per_second, prefill
         capacity = prefill.prompt_tokens_per_second / prefill.busy_seconds_per_second
         print(f"\nthe autoscaler's view of the fleet under load: prefill {prefill.prompt_tokens_per_second:.0f} "

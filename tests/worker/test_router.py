@@ -12,7 +12,6 @@ its own loop (as `baton router` does), and one test runs the real `baton router`
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -32,14 +31,7 @@ from baton.worker.router.pool import all_workers_seen
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
 
-_spec = importlib.util.spec_from_file_location(
-    "_baton_server_openai_r", Path(__file__).with_name("test_server_openai.py")
-)
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-RunningServer, make_engine, wait_idle, free_port, serve_roles = (
-    _helpers.RunningServer, _helpers.make_engine, _helpers.wait_idle, _helpers.free_port, _helpers.serve_roles
-)
+from .test_server_openai import RunningServer, free_port, make_engine, serve_roles, wait_idle
 
 SERVED = "tiny"
 

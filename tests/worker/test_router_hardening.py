@@ -9,26 +9,27 @@ worker would get; the lease-id test runs a real prefill worker on the tiny model
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import inspect
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 pytest.importorskip("torch")
 
-_spec = importlib.util.spec_from_file_location(
-    "_baton_router_helpers_h", Path(__file__).with_name("test_router.py")
+from .test_router import (
+    SSE_EVENT,
+    RunningRouter,
+    RunningServer,
+    Stub,
+    dead_url,
+    free_port,
+    hop_errors,
+    make_engine,
+    outcome,
+    settled,
 )
-_r = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_r)
-RunningRouter, settled, outcome, hop_errors, dead_url, free_port, SSE_EVENT = (
-    _r.RunningRouter, _r.settled, _r.outcome, _r.hop_errors, _r.dead_url, _r.free_port, _r.SSE_EVENT
-)
-RunningServer, make_engine = _r.RunningServer, _r.make_engine
 
 SERVED = "tiny"
 PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -43,7 +44,7 @@ ROUTER_KV = {"do_remote_prefill": True, "remote_host": "10.0.0.7", "remote_port"
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-class Worker(_r.Stub):
+class Worker(Stub):
     """A stub worker (test_router.Stub) that records each POSTed JSON body and answers with
     `handler(request, body, n)`; its health path and status are Stub's."""
 

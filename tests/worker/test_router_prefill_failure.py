@@ -8,9 +8,7 @@ Stub workers and the router helpers come from test_router.py / test_router_harde
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,19 +18,9 @@ from baton import launch
 pytest.importorskip("torch")
 
 
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_r = _load("_baton_router_helpers_pf", "test_router.py")
-_h = _load("_baton_router_hardening_pf", "test_router_hardening.py")
-RunningRouter, settled, outcome, hop_errors, dead_url, silent_socket, first = (
-    _r.RunningRouter, _r.settled, _r.outcome, _r.hop_errors, _r.dead_url, _r.silent_socket, _r._first)
-Worker, answer, prefill_ok, prefill_500, ROUTER_KV = (
-    _h.Worker, _h.answer, _h.prefill_ok, _h.prefill_500, _h.ROUTER_KV)
+from .test_router import RunningRouter, dead_url, hop_errors, outcome, settled, silent_socket
+from .test_router import _first as first
+from .test_router_hardening import ROUTER_KV, Worker, answer, prefill_500, prefill_ok, wait_ready
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 
@@ -287,7 +275,7 @@ def test_no_healthy_prefill_worker_is_a_prefill_failure_unless_there_is_no_prefi
     r = RunningRouter(prefill=[sick.base_url] if prefill == "unhealthy" else [], decode=[decode.base_url],
                       prefill_failure=_policy(recompute="never")).start(ready=False)
     try:
-        _h.wait_ready(r)
+        wait_ready(r)
         resp = httpx.post(r.base_url + "/v1/completions", json=BODY, timeout=30)
         m = settled(r)
         if prefill == "unhealthy":  # the prefill tier is down: the policy says no recompute
@@ -321,7 +309,7 @@ def test_a_prefill_service_with_no_ready_pods_is_a_prefill_failure():
     r = RunningRouter(prefill_service="chat-prefill", decode_service="chat-decode", namespace="ml", kube_api=api,
                       discovery_interval=0.2, prefill_failure=_policy(recompute="never")).start(ready=False)
     try:
-        _h.wait_ready(r)
+        wait_ready(r)
         assert r.router.pool.endpoints["prefill"] == {}
         resp = httpx.post(r.base_url + "/v1/completions", json=BODY, timeout=30)
         m = settled(r)

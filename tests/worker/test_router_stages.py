@@ -11,7 +11,6 @@ workers in this process, the router's aiohttp app in a thread; helpers from test
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import httpx
@@ -21,13 +20,22 @@ from baton import launch
 
 pytest.importorskip("torch")
 
-_spec = importlib.util.spec_from_file_location("_baton_router_helpers_st", Path(__file__).with_name("test_router.py"))
-_r = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_r)
-RunningRouter, RunningServer, make_engine, settled, outcome, ask, text_of, stream_text, wait_idle = (
-    _r.RunningRouter, _r.RunningServer, _r.make_engine, _r.settled, _r.outcome, _r.ask, _r.text_of,
-    _r.stream_text, _r.wait_idle)
-SERVED = _r.SERVED
+from .test_router import (
+    SERVED,
+    RunningRouter,
+    RunningServer,
+    ask,
+    dead_url,
+    hop_errors,
+    make_engine,
+    outcome,
+    serve_roles,
+    settled,
+    stream_text,
+    text_of,
+    wait_idle,
+)
+
 STAGE = launch.Metric.ROUTER_TTFT_STAGE
 
 
@@ -41,7 +49,7 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def workers(model):
     roles = {"both": "both", "prefill": "prefill", "prefill2": "prefill", "decode": "decode"}
-    yield from _r.serve_roles(model, SERVED, roles, labelled=False)
+    yield from serve_roles(model, SERVED, roles, labelled=False)
 
 
 def stage_sums(m: dict) -> dict[str, tuple[float, float]]:
@@ -113,7 +121,7 @@ def test_a_dead_prefill_worker_is_retried_on_the_other(workers, model):
 def test_every_prefill_worker_dead(workers, recompute):
     from baton.worker.router.prefill_failure import PrefillFailurePolicy
 
-    dead = [_r.dead_url(), _r.dead_url()]
+    dead = [dead_url(), dead_url()]
     r = RunningRouter(prefill=dead, decode=[workers["decode"].base_url], health_interval=3600,
                       prefill_failure=PrefillFailurePolicy(recompute=recompute)).start(ready=False)
     try:
@@ -128,7 +136,7 @@ def test_every_prefill_worker_dead(workers, recompute):
         m = settled(r)
         outcome_name = {"always": "recomputed", "never": "rejected"}[recompute]
         assert m[(launch.Metric.ROUTER_PREFILL_FAILURES, (("outcome", outcome_name),))] == 1
-        assert _r.hop_errors(m, "prefill", "connection") == 2  # tried both (retries: 1)
+        assert hop_errors(m, "prefill", "connection") == 2  # tried both (retries: 1)
         if recompute == "always":  # the decode worker computed the prompt: its queue + prefill are the stages
             assert outcome(m, "fallback_recompute") == 1
             stages = stage_sums(m)

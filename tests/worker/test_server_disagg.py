@@ -4,21 +4,12 @@ and equals what a `both` worker answers (greedy). Real engines on the tiny model
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import httpx
 import pytest
 
 pytest.importorskip("torch")
 
-# The running-server helper lives next to this file (importlib mode: no package imports between test files).
-_spec = importlib.util.spec_from_file_location(
-    "_baton_server_openai", Path(__file__).with_name("test_server_openai.py")
-)
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-RunningServer, make_engine = _helpers.RunningServer, _helpers.make_engine
+from .test_server_openai import serve_roles, wait_idle
 
 SERVED = "tiny"
 
@@ -28,7 +19,7 @@ def servers(tmp_path_factory):
     from baton.worker.tiny import create_tiny_model
 
     model = create_tiny_model(tmp_path_factory.mktemp("tiny-disagg"), size="tiny", arch="llama", seed=0)
-    yield from _helpers.serve_roles(model, SERVED)
+    yield from serve_roles(model, SERVED)
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -116,4 +107,4 @@ def test_kv_transfer_failure_is_a_502(servers):
         err = r.json()["error"]
         assert err["code"] == "kv_transfer_failed" and err["param"] == "kv_transfer_params"
         assert "no-such-engine" in err["message"]
-    _helpers.wait_idle(servers["decode"].engine)
+    wait_idle(servers["decode"].engine)

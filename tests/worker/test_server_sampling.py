@@ -5,7 +5,6 @@ Real engines on the tiny model, in-process KV transport."""
 
 from __future__ import annotations
 
-import importlib.util
 from itertools import chain
 from pathlib import Path
 
@@ -15,12 +14,8 @@ import pytest
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
 
-_spec = importlib.util.spec_from_file_location(
-    "_baton_server_openai", Path(__file__).with_name("test_server_openai.py")
-)
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-RunningServer, make_engine = _helpers.RunningServer, _helpers.make_engine
+from .test_router import RunningRouter, outcome, settled
+from .test_server_openai import serve_roles, wait_idle
 
 SERVED = "tiny"
 PROMPT = "Where do you live? I live in a small house by the"
@@ -36,7 +31,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(model_dir):
-    yield from _helpers.serve_roles(model_dir, SERVED)
+    yield from serve_roles(model_dir, SERVED)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +203,7 @@ def test_decode_hop_without_first_token_logprobs_is_a_kv_failure(servers):
                    timeout=60)
     assert r.status_code == 502 and r.json()["error"]["code"] == "kv_transfer_failed", r.text
     assert "first_token_logprobs" in r.json()["error"]["message"]
-    _helpers.wait_idle(servers["decode"].engine)
+    wait_idle(servers["decode"].engine)
 
 
 # ------------------------------------------------------------------------------------------------ penalties
@@ -246,7 +241,7 @@ def test_min_tokens_through_two_hops(servers):
     bad = httpx.post(servers["decode"].base_url + "/v1/completions", timeout=60,
                      json={**body, "kv_transfer_params": {**kv, "first_token_ids": [eos]}})
     assert bad.status_code == 502 and bad.json()["error"]["code"] == "kv_transfer_failed", bad.text
-    _helpers.wait_idle(servers["decode"].engine)
+    wait_idle(servers["decode"].engine)
     whole = httpx.post(servers["both"].base_url + "/v1/completions", json=body, timeout=60).json()
     split = two_hops(servers, "/v1/completions", body).json()
     assert split["choices"][0]["text"] == whole["choices"][0]["text"]
@@ -311,7 +306,7 @@ def test_n_choices_through_two_hops_equal_one(servers):
     assert [c["text"] for c in split["choices"]] == [c["text"] for c in whole["choices"]]
     assert [c["logprobs"]["tokens"] for c in split["choices"]] == [c["logprobs"]["tokens"] for c in whole["choices"]]
     assert split["usage"] == whole["usage"]
-    _helpers.wait_idle(servers["decode"].engine)
+    wait_idle(servers["decode"].engine)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
@@ -344,7 +339,7 @@ def test_n_choices_kv_failure_is_a_502_and_the_retry_is_whole(servers, stream):
 
     assert texts(retry) == texts(whole)
     assert all(reason == "length" for _, reason in texts(retry))
-    _helpers.wait_idle(servers["decode"].engine)
+    wait_idle(servers["decode"].engine)
 
 
 def test_client_gone_aborts_every_choice(servers):
@@ -354,7 +349,7 @@ def test_client_gone_aborts_every_choice(servers):
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
-    _helpers.wait_idle(srv.engine)
+    wait_idle(srv.engine)
     s = srv.engine.stats()
     assert s.num_blocks_free == s.num_blocks_total
 
@@ -363,11 +358,7 @@ def test_client_gone_aborts_every_choice(servers):
 def test_through_the_router_equals_a_colocated_worker(servers, stream):
     """The real router (prefill hop with max_tokens 1 and min_tokens dropped, then the decode hop): n choices
     with logprobs, penalties and min_tokens give what one `both` worker gives, with no recompute fallback."""
-    spec = importlib.util.spec_from_file_location("_baton_router_tests", Path(__file__).with_name("test_router.py"))
-    router_tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(router_tests)
-    router = router_tests.RunningRouter(prefill=[servers["prefill"].base_url],
-                                        decode=[servers["decode"].base_url]).start()
+    router = RunningRouter(prefill=[servers["prefill"].base_url], decode=[servers["decode"].base_url]).start()
     try:
         kw = {"model": SERVED, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.8, "seed": 21, "n": 2,
               "logprobs": 2, "presence_penalty": 0.5, "extra_body": {"repetition_penalty": 1.3, "min_tokens": 3}}
@@ -384,13 +375,13 @@ def test_through_the_router_equals_a_colocated_worker(servers, stream):
             return texts, tokens
 
         assert answer(router.client()) == answer(servers["both"].client())
-        after = router_tests.settled(router)
-        assert router_tests.outcome(after, "ok") == 1  # the two hops, no fallback
-        assert router_tests.outcome(after, "fallback_recompute") == 0
+        after = settled(router)
+        assert outcome(after, "ok") == 1  # the two hops, no fallback
+        assert outcome(after, "fallback_recompute") == 0
     finally:
         router.stop()
-    _helpers.wait_idle(servers["decode"].engine)
-    _helpers.wait_idle(servers["prefill"].engine)
+    wait_idle(servers["decode"].engine)
+    wait_idle(servers["prefill"].engine)
 
 
 # ------------------------------------------------------------------------------------------------ refusals

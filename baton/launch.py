@@ -135,7 +135,7 @@ class Metric:
     #: seconds the engine spent running forward steps (counter, `_total` suffix; Baton workers only): its rate
     #: is the share of time a worker is busy, and prompt tokens per busy second a prefill replica's capacity
     ENGINE_BUSY_SECONDS = "baton_engine_busy_seconds"
-    #: the same as `TTFT`..: the KV cache in use (0..1) and the cumulative token counters
+    #: a worker's KV cache in use (gauge, 0..1; the autoscaler's decode KV pressure)
     KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 
 

@@ -79,8 +79,8 @@ class _EngineStatsCollector(Collector):
             g.add_metric(self._values, float(value))
             out.append(g)
 
-        gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
-        gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
+        gauge(MetricName.NUM_REQUESTS_RUNNING, "Number of requests in model execution batches.", s.num_running)
+        gauge(MetricName.NUM_REQUESTS_WAITING, "Number of requests waiting to be processed.", s.num_waiting)
         gauge(MetricName.KV_CACHE_USAGE, "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
         c = CounterMetricFamily(
             "vllm:num_preemptions", "Cumulative number of preemptions from the engine.", labels=self._names

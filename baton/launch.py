@@ -236,6 +236,28 @@ PROBES = {
 ROUTER_PROBES = Probes(startup="/health", readiness="/health", liveness="/health")
 
 
+@dataclasses.dataclass(frozen=True)
+class HealthTiming:
+    """How patiently a worker's readiness is judged. The kubelet (the rendered readinessProbe) and the router's
+    own health checks count with the same numbers, so the router never drops a worker the kubelet keeps Ready:
+    a busy worker on a loaded node can miss one check (a forward step holding the CPU past the timeout) and
+    must not be declared dead for it -- only `failure_threshold` missed checks in a row take it out, and
+    `success_threshold` passing ones bring it back. An explicit "not ready" answer (a draining Baton worker's
+    503) is not a missed check: the router believes it at once (`worker/router/pool.py`)."""
+
+    period_seconds: int
+    timeout_seconds: int
+    failure_threshold: int
+    success_threshold: int = 1
+
+
+#: A worker's readiness: the readinessProbe of every worker pod and the router's health checks.
+WORKER_READINESS = HealthTiming(period_seconds=5, timeout_seconds=5, failure_threshold=3, success_threshold=1)
+#: The router checks each worker more often than the kubelet (a new or recovered worker takes traffic sooner),
+#: with WORKER_READINESS's timeout and thresholds.
+ROUTER_HEALTH_INTERVAL_SECONDS = 2.0
+
+
 def probes(engine: str) -> Probes:
     try:
         return PROBES[engine]

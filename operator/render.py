@@ -400,6 +400,13 @@ def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict:
     }
 
 
+def _readiness_probe(path: str) -> dict:
+    """A worker's readinessProbe: the launch contract's WORKER_READINESS, which the router counts with too."""
+    t = launch.WORKER_READINESS
+    return _probe(path, t.period_seconds, t.failure_threshold, t.timeout_seconds) | {
+        "successThreshold": t.success_threshold}
+
+
 def _container_security(non_root: bool) -> dict:
     ctx: dict[str, Any] = {"allowPrivilegeEscalation": False}
     if non_root:
@@ -482,7 +489,7 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
         "resources": _worker_resources(svc, r),
         "volumeMounts": mounts,
         "startupProbe": _probe(paths.startup, STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD),
-        "readinessProbe": _probe(paths.readiness, 5, 3),
+        "readinessProbe": _readiness_probe(paths.readiness),
         "livenessProbe": _probe(paths.liveness, 10, 3),
         "securityContext": _container_security(non_root=not vllm),
     }

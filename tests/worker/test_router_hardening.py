@@ -183,6 +183,65 @@ def test_health_checker_gets_the_configured_path():
     asyncio.run(go())
 
 
+def test_a_busy_worker_that_misses_checks_keeps_its_traffic_until_the_threshold():
+    """The router judges health with the kubelet's readiness numbers (launch.WORKER_READINESS): a check that
+    gets no answer in time is a missed check, and only `failure_threshold` in a row take a worker out -- a busy
+    prefill worker on a loaded node that misses one check must not be declared dead (every request would
+    then fail or be recomputed). A 503 ("not ready": draining) or a refused connection drops it at once;
+    `success_threshold` passing checks bring it back."""
+    import aiohttp
+    from aiohttp import web
+    from baton import launch
+    from baton.worker.router.pool import HealthChecker, Pool
+
+    state = {"delay": 0.0, "status": 200}
+
+    async def ready(request):
+        await asyncio.sleep(state["delay"])
+        return web.Response(status=state["status"], text="")
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        threshold = launch.WORKER_READINESS.failure_threshold
+        assert threshold >= 2 and launch.WORKER_READINESS.timeout_seconds >= 5  # a kubelet's patience
+        try:
+            async with aiohttp.ClientSession() as session:
+                pool = Pool()
+                pool.set_urls("prefill", [f"http://127.0.0.1:{port}"])
+                (ep,) = pool.all()
+                checker = HealthChecker(pool, session, timeout=0.2, load_metrics=False)
+                await checker.check_all()
+                assert ep.healthy
+                state["delay"] = 0.5  # busy: the answer comes after the check's timeout
+                for missed in range(1, threshold):
+                    await checker.check_all()
+                    assert ep.healthy and ep.missed == missed, (missed, ep.last_error)
+                    assert pool.healthy("prefill") == [ep]  # still takes traffic
+                await checker.check_all()
+                assert not ep.healthy and f"{threshold} checks in a row" in ep.last_error
+                state["delay"] = 0.0
+                await checker.check_all()
+                assert ep.healthy and ep.missed == 0  # one passing check: back (success_threshold 1)
+                state["status"] = 503  # draining: the worker says so, believed at once
+                await checker.check_all()
+                assert not ep.healthy and ep.last_error == "/ready answered 503"
+                state["status"] = 200
+                await checker.check_all()
+                assert ep.healthy
+        finally:
+            await runner.cleanup()
+        async with aiohttp.ClientSession() as session:  # nothing listens any more: refused, dropped at once
+            await HealthChecker(pool, session, timeout=0.2, load_metrics=False).check_all()
+            assert not ep.healthy and ep.missed == 0, ep.last_error
+
+    asyncio.run(go())
+
+
 def test_router_with_health_path_is_ready_on_a_vllm_fleet():
     workers = [Worker(prefill_ok, health_path="/health").start(), Worker(answer, health_path="/health").start()]
     vllm = RunningRouter(prefill=[workers[0].base_url], decode=[workers[1].base_url],

@@ -88,7 +88,7 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.metrics = RouterMetrics(config.llmservice, config.metrics_namespace)
-        self.pool = Pool(on_change=self._on_change, on_remove=self._on_remove)
+        self.pool = Pool(on_change=self._on_change, on_remove=self._on_remove, timing=config.health)
         self.policy = {
             "prefill": make_policy(config.policy, prefix_chars=config.prefix_chars, seed=config.seed),
             "both": make_policy(config.policy, prefix_chars=config.prefix_chars, seed=config.seed),
@@ -131,10 +131,10 @@ class Router:
             self.pool.set_urls(role, urls)
             for ep in self.pool.endpoints[role].values():
                 self.metrics.set_inflight(role, ep.url, 0)
-        self.checker = HealthChecker(self.pool, self.session, cfg.health_interval, cfg.health_timeout,
+        self.checker = HealthChecker(self.pool, self.session, cfg.health_interval, cfg.health.timeout_seconds,
                                      path=cfg.health_path)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.checker.check_all(), cfg.health_timeout + 0.5)
+            await asyncio.wait_for(self.checker.check_all(), cfg.health.timeout_seconds + 0.5)
         self.checker.start()
         if cfg.services():
             self.discovery = KubernetesDiscovery(
@@ -180,7 +180,7 @@ class Router:
                         if resp.status == 200:
                             return web.Response(body=data, content_type="application/json")
                 except UPSTREAM_ERRORS as exc:
-                    ep.mark(False, describe(exc))
+                    ep.fail(exc, describe(exc))
         return error_json("no healthy worker to list the models", status=503,
                           type="service_unavailable_error", code="no_workers",
                           headers={"Retry-After": RETRY_AFTER})
@@ -332,7 +332,7 @@ class Router:
             try:
                 resp = await self.upstream.post(ep.url + path, data, headers)
             except UPSTREAM_ERRORS as exc:
-                ep.mark(False, describe(exc))
+                ep.fail(exc, describe(exc))
                 raise HopFailed(reason_of(exc), describe(exc)) from None
             rid = resp.headers.get(REQUEST_ID, headers[REQUEST_ID])
             req.decode_hop = Hop(sent - req.arrival, parse_server_timing(resp.headers.get(Header.SERVER_TIMING)))
@@ -340,14 +340,14 @@ class Router:
                 try:
                     payload = await self.upstream.read(resp)
                 except UPSTREAM_ERRORS as exc:
-                    ep.mark(False, describe(exc))
+                    ep.fail(exc, describe(exc))
                     raise HopFailed(reason_of(exc), describe(exc)) from None
                 return self._refused(resp, payload, rid, req)
             if not stream or not resp.content_type.startswith("text/event-stream"):
                 try:
                     payload = await self.upstream.read(resp)
                 except UPSTREAM_ERRORS as exc:
-                    ep.mark(False, describe(exc))
+                    ep.fail(exc, describe(exc))
                     raise HopFailed(reason_of(exc), describe(exc)) from None
                 now = time.monotonic()
                 self._first_token(req, now - req.arrival)
@@ -424,11 +424,11 @@ class Router:
         if failure is None:
             failure = "the worker ended the stream early"
         if out is None:  # nothing reached the client: another worker may answer
-            ep.mark(False, failure)
+            ep.miss(failure)
             raise HopFailed(reason, failure)
         log.warning("%s worker %s failed mid-stream of %s: %s", ep.role, ep.url, rid, failure)
         if reason == "timeout":
-            ep.mark(False, failure)
+            ep.miss(failure)
         self.metrics.hop_error(ep.role, "timeout" if reason == "timeout" else "mid_stream")
         req.outcome = "error"
         with contextlib.suppress(ConnectionError, RuntimeError):

@@ -30,6 +30,7 @@ from baton.worker.router.prefill_failure import (
     REOPEN_FRACTION,
 )
 
+from baton import launch
 from baton.launch import RECOMPUTE_MODES, Flag
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -60,8 +61,10 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help="namespace of the Services (default: the pod's namespace, else 'default')")
     k.add_argument("--discovery-interval", type=float, default=2.0,
                    help="seconds between Endpoints reads (default 2)")
-    p.add_argument("--health-interval", type=float, default=2.0,
-                   help="seconds between health checks of each worker (default 2)")
+    p.add_argument("--health-interval", type=float, default=launch.ROUTER_HEALTH_INTERVAL_SECONDS,
+                   help="seconds between health checks of each worker (default %(default)g); each check waits "
+                   f"{launch.WORKER_READINESS.timeout_seconds} s, and {launch.WORKER_READINESS.failure_threshold} "
+                   "checks in a row without an answer take a worker out (a 503 or a refused connection at once)")
     p.add_argument("--health-path", default=DEFAULT_HEALTH_PATH, metavar="PATH",
                    help="path the health checks GET on each worker; 200 means healthy (default "
                    f"{DEFAULT_HEALTH_PATH}, Baton's workers; use /health for vLLM workers, which serve no "

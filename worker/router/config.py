@@ -9,6 +9,8 @@ from baton.worker.router.policy import DEFAULT_PREFIX_CHARS
 from baton.worker.router.pool import DEFAULT_HEALTH_PATH
 from baton.worker.router.prefill_failure import HEADROOM_WINDOW, PrefillFailurePolicy
 
+from baton import launch
+
 #: How long a request waits for a serving worker when there is none (`--worker-wait`).
 #: 60 s covers a decode pod's replacement starting and loading a small model (measured: about 25 s on a busy
 #: 2-core node); a client sees latency, not an error. Larger models: raise it, or run two decode replicas.
@@ -25,8 +27,9 @@ class RouterConfig:
     prefill_service: str | None = None
     decode_service: str | None = None
     both_service: str | None = None
-    health_interval: float = 2.0
-    health_timeout: float = 1.0
+    health_interval: float = launch.ROUTER_HEALTH_INTERVAL_SECONDS
+    # timeout and failure/success thresholds of the health checks: the kubelet's readiness numbers
+    health: launch.HealthTiming = launch.WORKER_READINESS
     health_path: str = DEFAULT_HEALTH_PATH  # GET on each worker: /ready (Baton), /health (vLLM)
     discovery_interval: float = 2.0
     connect_timeout: float = 5.0

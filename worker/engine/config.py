@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,19 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 class ModelLoadError(EngineError):
     """The model directory cannot be loaded (missing/corrupt files, shape mismatch)."""
+
+
+def unreadable(path: Path, exc: OSError) -> ModelLoadError:
+    """The error for a model file that cannot be opened; for permissions, who the process is and who may read."""
+    if isinstance(exc, PermissionError):
+        try:
+            st = path.stat()
+            owner = f"; the file is owned by uid {st.st_uid}, gid {st.st_gid}, mode {st.st_mode & 0o777:04o}"
+        except OSError:
+            owner = ""
+        return ModelLoadError(f"cannot read {path}: permission denied (this process runs as uid {os.getuid()}, "
+                              f"gid {os.getgid()}{owner})")
+    return ModelLoadError(f"cannot read {path}: {exc.strerror or exc}")
 
 
 class UnsupportedModel(ModelLoadError):
@@ -169,6 +183,8 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise unreadable(cfg_path, exc) from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{cfg_path} must hold a JSON object")
     return parse_model_config(raw, source=str(cfg_path))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, ModelLoadError
+from .config import ModelConfig, ModelLoadError, unreadable
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -73,6 +73,10 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype = t
     want = expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
+        try:  # safetensors reports any failure to open as "No such file or directory": ask the OS first
+            open(path, "rb").close()
+        except OSError as exc:
+            raise unreadable(path, exc) from None
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict

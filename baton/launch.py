@@ -106,6 +106,8 @@ class Flag:
     KV_ANNOUNCE = "--kv-announce"
     # vLLM
     KV_TRANSFER_CONFIG = "--kv-transfer-config"
+    #: vLLM drains in-flight requests for up to N seconds on SIGTERM (int; 0, its default, aborts them)
+    SHUTDOWN_TIMEOUT = "--shutdown-timeout"
 
 
 class Metric:
@@ -137,6 +139,8 @@ class Metric:
     ENGINE_BUSY_SECONDS = "baton_engine_busy_seconds"
     #: a worker's KV cache in use (gauge, 0..1; the autoscaler's decode KV pressure)
     KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+    #: what moves a Baton worker's KV bytes (gauge, always 1; label `transport`: KV_TRANSPORTS_REPORTED)
+    KV_TRANSPORT_INFO = "baton_kv_transport_info"
 
 
 class Label:
@@ -149,7 +153,15 @@ class Label:
     #: how a request or a KV lease ended (router requests, worker KV leases)
     OUTCOME = "outcome"
     STAGE = "stage"
+    TRANSPORT = "transport"
 
+
+#: values of `Label.TRANSPORT` on `Metric.KV_TRANSPORT_INFO`: ucx-tcp is NIXL without RDMA (no RDMA device, or
+#: UCX_TLS excludes it): slower than Baton's own tcp transport
+KV_TRANSPORT_TCP = "tcp"
+KV_TRANSPORT_UCX_TCP = "ucx-tcp"
+KV_TRANSPORT_RDMA = "rdma"
+KV_TRANSPORTS_REPORTED = (KV_TRANSPORT_TCP, KV_TRANSPORT_UCX_TCP, KV_TRANSPORT_RDMA, "inprocess")
 
 #: values of `Label.OUTCOME` on `Metric.KV_LEASES_ENDED`
 LEASE_PULLED = "pulled"
@@ -284,9 +296,10 @@ PREFILL_DRAIN_QUEUE_SECONDS = 25.0
 STREAM_DRAIN_SECONDS = 110.0
 #: Between the worker's own drain timeout and the kubelet's SIGKILL: the engine stops, the process exits 0.
 GRACE_SLACK_SECONDS = 10.0
-#: vLLM pods: vLLM does not drain on SIGTERM; a preStop hook sleeps DRAIN_ACCEPT_SECONDS first (endpoint removal
-#: propagates while it still serves), then vLLM shuts down on its own terms within this grace period.
-VLLM_GRACE_SECONDS = 120
+#: vLLM pods: vLLM aborts in-flight requests on SIGTERM unless started with --shutdown-timeout N (then it drains
+#: them for up to N seconds); the operator renders N from the same budget as a Baton worker's --drain-timeout
+#: (`drain_timeout_seconds`). vLLM keeps /health 200 while it drains, so a preStop hook sleeps
+#: DRAIN_ACCEPT_SECONDS first: the endpoint removal reaches the routers while it still takes requests.
 
 
 def drain_timeout_seconds(role: str, kv_lease_seconds: float = KV_LEASE_SECONDS) -> float:
@@ -332,13 +345,18 @@ class WorkerLaunch:
     kv_buffer_device: str | None = None  # vLLM: "cpu" for CPU-only workers
     extra_args: tuple[str, ...] = ()  # engine args, then the role's extra args: last, so they win
     kv_lease_seconds: float | None = None  # Baton prefill: rendered when set (`with_drain` sets it)
-    drain_timeout: float | None = None  # Baton engine: rendered when set (`with_drain` sets it)
+    drain_timeout: float | None = None  # --drain-timeout / vLLM --shutdown-timeout: rendered when set (`with_drain`)
 
 
 def with_drain(w: WorkerLaunch) -> WorkerLaunch:
-    """`w` with its drain budget filled in (Baton engine; vLLM's launch is returned as is): the KV lease (prefill)
-    and --drain-timeout the user put in the extra args, else the ones already set, else the defaults -- and the
-    default drain timeout follows the lease."""
+    """`w` with its drain budget filled in: the KV lease (Baton prefill) and --drain-timeout (Baton) or
+    --shutdown-timeout (vLLM, whole seconds) the user put in the extra args, else the ones already set, else the
+    defaults -- and the default drain timeout follows the lease."""
+    if w.engine == ENGINE_VLLM:
+        drain = _flag_float(w.extra_args, Flag.SHUTDOWN_TIMEOUT)
+        if drain is None:
+            drain = w.drain_timeout if w.drain_timeout is not None else drain_timeout_seconds(w.role)
+        return dataclasses.replace(w, kv_lease_seconds=None, drain_timeout=float(math.ceil(max(drain, 0))))
     if w.engine != ENGINE_BATON:
         return w
     lease = _flag_float(w.extra_args, Flag.KV_LEASE_SECONDS)
@@ -352,10 +370,10 @@ def with_drain(w: WorkerLaunch) -> WorkerLaunch:
 
 def termination_grace_seconds(w: WorkerLaunch) -> int:
     """terminationGracePeriodSeconds of a worker pod launched as `w`: the worker's own drain timeout plus the
-    slack to stop the engine, so the kubelet's SIGKILL never cuts a drain the worker would have finished."""
-    if w.engine == ENGINE_VLLM:
-        return VLLM_GRACE_SECONDS
-    return math.ceil(with_drain(w).drain_timeout + GRACE_SLACK_SECONDS)
+    slack to stop the engine, so the kubelet's SIGKILL never cuts a drain the worker would have finished. A vLLM
+    pod's preStop sleep (DRAIN_ACCEPT_SECONDS) runs before its SIGTERM, inside the same grace period."""
+    pre_stop = DRAIN_ACCEPT_SECONDS if w.engine == ENGINE_VLLM else 0.0
+    return math.ceil(pre_stop + with_drain(w).drain_timeout + GRACE_SLACK_SECONDS)
 
 
 def _seconds(value: float) -> str:
@@ -378,6 +396,8 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
         if w.role != "both":
             argv += [Flag.KV_TRANSFER_CONFIG,
                      json.dumps(vllm_kv_transfer_config(w.role, w.kv_buffer_device), separators=(",", ":"))]
+        if w.drain_timeout is not None:
+            argv += [Flag.SHUTDOWN_TIMEOUT, str(math.ceil(w.drain_timeout))]
         return argv + list(w.extra_args)
     if w.engine != ENGINE_BATON:
         raise ValueError(f"unknown engine {w.engine!r}; expected one of {', '.join(ENGINES)}")
@@ -408,6 +428,50 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
     if w.log_level is not None:
         argv += [Flag.LOG_LEVEL, w.log_level]
     return argv + list(w.extra_args)
+
+
+#: Flags the contract renders that a user may still set in engine.args or a role's extraArgs: the drain budget
+#: (the last value wins, and `with_drain` sizes the grace period from it). --log-level is the user's too.
+TUNABLE_FLAGS = {
+    ENGINE_BATON: (Flag.KV_LEASE_SECONDS, Flag.DRAIN_TIMEOUT),
+    ENGINE_VLLM: (Flag.SHUTDOWN_TIMEOUT,),
+}
+#: Other spellings the engine's own parser accepts for a managed flag (vLLM's short aliases; its model is also
+#: the positional argument `vllm serve MODEL`, so `--model` would be a second one).
+FLAG_ALIASES = {
+    ENGINE_BATON: {},
+    ENGINE_VLLM: {Flag.TENSOR_PARALLEL_SIZE: ("-tp",), Flag.MODEL: ()},
+}
+
+
+def managed_flags(engine: str) -> dict[str, tuple[str, ...]]:
+    """{flag: its spellings} of every option `worker_argv` renders for a pod of `engine`, but TUNABLE_FLAGS:
+    what a user must not set in engine.args or extraArgs (it would silently override the contract, or make
+    vLLM exit on a duplicated JSON config). Derived from `worker_argv` itself, so a flag the contract starts
+    to render is managed from then on."""
+    sample = with_drain(WorkerLaunch(
+        engine=engine, role="prefill", model_path="/m", served_model_name="m", kv_transport="auto",
+        tensor_parallel=2, max_model_len=1, llmservice="s", namespace="n", kv_buffer_device="cpu"))
+    rendered = [a for a in worker_argv(sample) if a.startswith("-")]
+    aliases = FLAG_ALIASES[engine]
+    flags = dict.fromkeys([*rendered, *aliases])
+    return {f: (f, *aliases.get(f, ())) for f in flags if f not in TUNABLE_FLAGS[engine]}
+
+
+def managed_flag_in(engine: str, arg: str) -> str | None:
+    """The managed flag `arg` (one command-line token) sets, in any spelling the engine's parser takes
+    (`--flag`, `--flag=value`; vLLM also `--flag_name`, `--json-flag.key=value` and its short aliases)."""
+    if not arg.startswith("-") or arg == "-" or arg.lstrip("-").replace(".", "", 1).isdigit():
+        return None
+    name = arg.split("=", 1)[0]
+    if engine == ENGINE_VLLM:
+        name = name.split(".", 1)[0]
+        if name.startswith("--"):
+            name = "--" + name[2:].replace("_", "-")
+    for flag, spellings in managed_flags(engine).items():
+        if name in spellings:
+            return flag
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

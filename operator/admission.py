@@ -3,8 +3,9 @@
 The kopf validating webhook calls `review` and refuses the request when it returns problems. The schema in
 the CRD already enforces types, enums and ranges; this adds what needs code (no CEL before 1.25): powers of
 two, min <= max, exactly one model source, durations, `prometheusURL` when autoscaling is on, requests <=
-limits, names short enough for their children. All of it lives in the pydantic validators of `api.py`, so
-the operator, `baton` and the webhook agree on one definition; this module adds the rules about *changes*.
+limits, names short enough for their children, engine args that collide with the launch contract. All of it lives in the pydantic validators of `api.py`, so
+the operator, `baton` and the webhook agree on one definition; this module adds the rules about *changes*, and
+one about pods only (`baton up` runs processes): a vLLM service names its image.
 
 Pure: no I/O, never raises (an exception in a webhook becomes an opaque 500 for the user).
 """
@@ -14,6 +15,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from baton.operator.api import validation_errors
+
+#: What `baton up` (local processes) does not need but a pod does: an image that has the engine.
+VLLM_IMAGE_REQUIRED = ("spec.engine.image: is required with engine.kind vllm (Baton's worker image has no vLLM): "
+                       "e.g. a vllm/vllm-openai tag")
 
 
 def review(body: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> list[str]:
@@ -39,6 +44,9 @@ def _review(body: Mapping[str, Any], old: Mapping[str, Any] | None) -> list[str]
     if isinstance(metadata, Mapping) and metadata.get("deletionTimestamp"):
         return []
     problems = validation_errors(body)
+    engine = (body.get("spec") or {}).get("engine") if isinstance(body.get("spec"), Mapping) else None
+    if isinstance(engine, Mapping) and engine.get("kind") == "vllm" and not engine.get("image"):
+        problems.append(VLLM_IMAGE_REQUIRED)
     if old is not None and isinstance(old, Mapping) and old.get("spec") == body.get("spec"):
         problems = [p for p in problems if not p.startswith("spec.") and not p.startswith("spec:")]
     return problems

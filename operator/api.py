@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from baton.operator.managed_flags import spec_problems as managed_flag_problems
 from baton.operator.units import Duration, Quantity
 from pydantic import (
     AfterValidator,
@@ -50,8 +51,6 @@ CATEGORIES = ("baton",)
 #: keeps the readable `<name>-<role>` form instead of a hashed, truncated one.
 LONGEST_CHILD_SUFFIX = "-prefill"
 MAX_NAME_LENGTH = 63 - len(LONGEST_CHILD_SUFFIX)
-
-DEFAULT_IMAGE = "baton/worker:0.1.0"
 
 #: DNS-1123 subdomain, capped at 63 so it also fits a label value (the model name becomes a label).
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -211,7 +210,9 @@ class EngineSpec(_Model):
     kind: Literal["vllm", "baton"] = Field(
         default="baton", description="vllm (production, GPUs) or baton (Baton's own engine, runs anywhere)."
     )
-    image: Annotated[str, Field(min_length=1)] = Field(default=DEFAULT_IMAGE, description="Worker image.")
+    image: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None, description="Worker image. Default for the Baton engine: the operator's worker image (Helm "
+        "value workerImage); required for vllm (e.g. a vllm/vllm-openai tag).")
     args: list[str] = Field(default_factory=list, description="Extra engine arguments for every worker.")
     env: list[EnvVar] = Field(default_factory=list)
 
@@ -355,6 +356,9 @@ class PrefillFailureSpec(_Model):
 
 
 class RouterSpec(_Model):
+    image: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None, description="Image of the router and of the model-fetch init container (`baton router`, "
+        "`baton model fetch`). Default: the operator's worker image (Helm value workerImage).")
     replicas: Annotated[int, Field(ge=0)] = 2
     policy: Literal["least-loaded", "prefix-aware", "round-robin"] = "least-loaded"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -362,6 +366,18 @@ class RouterSpec(_Model):
     node_selector: dict[str, str] = Field(default_factory=dict)
     prefill_failure: PrefillFailureSpec = Field(default_factory=PrefillFailureSpec,
                                                 json_schema_extra=_object_default())
+
+
+class RDMASpec(_Model):
+    """What vLLM workers get for RDMA (transport rdma, or auto): see docs/vllm.md."""
+
+    resource: Annotated[str, Field(min_length=1)] = Field(
+        default="rdma/ib", description="Extended resource of the cluster's RDMA device plugin, requested by "
+        "each worker pod with transport rdma (rdma/ib, rdma/roce, rdma/hca_shared_devices_a, ...).")
+    count: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="RDMA devices per worker pod (the HCAs next to its GPUs).")
+    net_devices: Annotated[str, Field(min_length=1)] = Field(
+        default="all", description="UCX_NET_DEVICES: the NIC ports UCX may use, e.g. mlx5_0:1,mlx5_1:1.")
 
 
 class KVTransferSpec(_Model):
@@ -372,6 +388,7 @@ class KVTransferSpec(_Model):
         default="any", description="Keep prefill and decode pods in the same zone or node (pod affinity)."
     )
     port: Annotated[int, Field(ge=1, le=65535)] = 14579
+    rdma: RDMASpec = Field(default_factory=RDMASpec, json_schema_extra=_object_default())
 
 
 class AutoscalingSpec(_Model):
@@ -440,6 +457,9 @@ class LLMServiceSpec(_Model):
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, json_schema_extra=_object_default())
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
     planner: PlannerSpec = Field(default_factory=PlannerSpec, json_schema_extra=_object_default())
+    image_pull_secrets: list[SecretRef] = Field(
+        default_factory=list, description="Secrets (in this namespace) for pulling the images of every pod, "
+        "before the operator's own (Helm value workerImage.pullSecrets).")
     accelerator: Literal["gpu", "cpu"] | None = Field(
         default=None,
         description="What the workers run on. gpu: each worker pod requests nvidia.com/gpu = tensorParallel. "
@@ -490,6 +510,7 @@ class LLMServiceSpec(_Model):
         if baton and self.accelerator == ACCELERATOR_GPU:
             problems.append(("accelerator", ("the Baton engine runs on CPUs only: use cpu, or engine.kind vllm "
                              "for GPUs")))
+        problems += managed_flag_problems(self)  # engine args that would override the launch contract
         cpu = self.effective_accelerator() == ACCELERATOR_CPU
         for role_name in ("prefill", "decode"):
             role: RoleSpec = getattr(self, role_name)

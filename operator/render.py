@@ -36,7 +36,12 @@ Decisions worth knowing:
   `terminationGracePeriodSeconds` is that drain timeout plus slack, all from one budget in the launch contract
   (`launch.with_drain`, `termination_grace_seconds`): prefill 60 s + 10, decode 110 s + 10 by default; a
   `--drain-timeout` or `--kv-lease-seconds` in the engine or role args moves the grace period with it. vLLM
-  pods sleep in a preStop hook so the endpoint removal reaches the routers before vLLM stops.
+  pods get the same budget as `--shutdown-timeout` (vLLM drains in-flight requests instead of aborting them) and
+  sleep in a preStop hook first so the endpoint removal reaches the routers; their grace period covers both.
+* Images: the router and the model-fetch init container run `spec.router.image`, else the operator's worker
+  image (`--worker-image`, Helm value `workerImage`), as do Baton workers without `spec.engine.image`; every pod
+  gets `spec.imagePullSecrets` plus the operator's (`images.py`). vLLM with kvTransfer rdma/auto: UCX env,
+  RDMA device and IPC_LOCK (`render_vllm.py`).
 * Baton pods run as uid 1000 (non-root, all capabilities dropped); vLLM pods keep the image's user (the
   upstream image runs as root and writes caches under /root), still without privilege escalation.
 * `enableServiceLinks: false`: a Service named e.g. `vllm` in the namespace would otherwise inject
@@ -54,11 +59,11 @@ from typing import Any
 from baton import launch
 from baton.launch import Env
 
+from . import images, render_vllm
 from .api import (
     ACCELERATOR_CPU,
     ACCELERATOR_GPU,
     API_VERSION,
-    DEFAULT_IMAGE,
     GPU_RESOURCE,
     KIND,
     InvalidLLMService,
@@ -66,6 +71,7 @@ from .api import (
     RoleSpec,
     parse_llmservice,
 )
+from .images import ImageOptions
 from .labels import (
     ANNOTATION_ROTATE_KV_SECRET,
     COMPONENT_CONFIG,
@@ -142,9 +148,23 @@ def model_dir(svc: LLMService) -> str:
     return f"{MODEL_MOUNT}/{path}" if path else MODEL_MOUNT
 
 
-def router_image(svc: LLMService) -> str:
-    """The router always runs Baton's image: the engine's when it is Baton's, else the default."""
-    return svc.spec.engine.image if svc.spec.engine.kind == "baton" else DEFAULT_IMAGE
+def router_image(svc: LLMService, opts: ImageOptions | None = None) -> str:
+    """The router (and model-fetch) image: spec.router.image, else the operator's worker image (`images`)."""
+    return images.router_image(svc.spec, opts or images.OPTIONS)
+
+
+def _engine_image(svc: LLMService, opts: ImageOptions) -> str:
+    image = images.engine_image(svc.spec, opts)
+    if image is None:
+        from .admission import VLLM_IMAGE_REQUIRED  # the webhook refuses it; an object admitted without it
+        raise InvalidLLMService([VLLM_IMAGE_REQUIRED])
+    return image
+
+
+def _pull_secrets(svc: LLMService, opts: ImageOptions, pod_spec: dict) -> None:
+    secrets = images.pull_secrets(svc.spec, opts)
+    if secrets:
+        pod_spec["imagePullSecrets"] = secrets
 
 
 def _metadata(svc: LLMService, name: str, labels: dict[str, str],
@@ -430,12 +450,12 @@ def _model_volume(svc: LLMService) -> dict:
     return {"name": "model", "emptyDir": {}}
 
 
-def _fetch_model_container(svc: LLMService) -> dict:
+def _fetch_model_container(svc: LLMService, opts: ImageOptions) -> dict:
     """initContainer that downloads `source.uri` into the emptyDir; credentials from `source.secretRef`."""
     source = svc.spec.model.source
     container: dict[str, Any] = {
         "name": "fetch-model",
-        "image": router_image(svc),
+        "image": router_image(svc, opts),
         "command": ["baton", "model", "fetch"],
         "args": ["--uri", str(source.uri), "--dest", model_dir(svc)],
     }
@@ -461,7 +481,7 @@ def _vllm_pre_stop() -> dict:
     return {"preStop": {"exec": {"command": ["sleep", f"{launch.DRAIN_ACCEPT_SECONDS:g}"]}}}
 
 
-def _worker_deployment(svc: LLMService, role: str) -> dict:
+def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
     r = _role(svc, role)
     vllm = svc.spec.engine.kind == "vllm"
     command, args = worker_command(svc, role)
@@ -478,7 +498,7 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     container = {
         "name": "worker",
-        "image": svc.spec.engine.image,
+        "image": _engine_image(svc, opts),
         "command": command,
         "args": args,
         "ports": [
@@ -495,6 +515,7 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
     }
     if vllm:
         container["lifecycle"] = _vllm_pre_stop()
+    container = render_vllm.with_rdma(svc, container)  # vLLM with kvTransfer rdma/auto: UCX env, device, IPC_LOCK
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(svc.name),
         "automountServiceAccountToken": False,
@@ -502,8 +523,9 @@ def _worker_deployment(svc: LLMService, role: str) -> dict:
         "terminationGracePeriodSeconds": grace,
         "securityContext": _pod_security(non_root=not vllm),
     }
+    _pull_secrets(svc, opts, pod_spec)
     if svc.spec.model.source.uri is not None:
-        pod_spec["initContainers"] = [_fetch_model_container(svc)]
+        pod_spec["initContainers"] = [_fetch_model_container(svc, opts)]
     pod_spec["containers"] = [container]
     pod_spec["volumes"] = volumes
     if r.node_selector:
@@ -561,12 +583,12 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
     )))
 
 
-def _router_deployment(svc: LLMService) -> dict:
+def _router_deployment(svc: LLMService, opts: ImageOptions) -> dict:
     command, args = router_command(svc)
     router = svc.spec.router
     container = {
         "name": "router",
-        "image": router_image(svc),
+        "image": router_image(svc, opts),
         "command": command,
         "args": args,
         "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
@@ -583,6 +605,7 @@ def _router_deployment(svc: LLMService) -> dict:
         "securityContext": _pod_security(non_root=True),
         "containers": [container],
     }
+    _pull_secrets(svc, opts, pod_spec)
     if router.node_selector:
         pod_spec["nodeSelector"] = dict(sorted(router.node_selector.items()))
     return {
@@ -604,8 +627,9 @@ def _router_deployment(svc: LLMService) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- API
-def render_parsed(svc: LLMService) -> list[dict]:
+def render_parsed(svc: LLMService, opts: ImageOptions | None = None) -> list[dict]:
     """`render` for an already parsed LLMService."""
+    opts = opts or images.OPTIONS
     return [
         _service_account(svc),
         _router_role(svc),
@@ -613,22 +637,23 @@ def render_parsed(svc: LLMService) -> list[dict]:
         _headless_service(svc, ROLE_PREFILL),
         _headless_service(svc, ROLE_DECODE),
         _router_service(svc),
-        _worker_deployment(svc, ROLE_PREFILL),
-        _worker_deployment(svc, ROLE_DECODE),
-        _router_deployment(svc),
+        _worker_deployment(svc, ROLE_PREFILL, opts),
+        _worker_deployment(svc, ROLE_DECODE, opts),
+        _router_deployment(svc, opts),
     ]
 
 
-def render(llmservice: dict) -> list[dict]:
+def render(llmservice: dict, opts: ImageOptions | None = None) -> list[dict]:
     """The child manifests of `llmservice` (the full object as the apiserver returns it), in a fixed order.
 
     Raises `InvalidLLMService` (a ValueError whose `problems` are `field.path: message` lines) when the
     object does not validate. Objects carry an ownerReference to the LLMService when `metadata.uid` is set
     (always, for objects from the apiserver; a local preview without uid gets none). The input is not
     modified, and no two returned manifests share mutable parts. With `spec.planner.mode: apply`, the applied
-    `status.plan` is laid over the spec first (`planner.overlay.effective`).
+    `status.plan` is laid over the spec first (`planner.overlay.effective`). Images and pull secrets the spec
+    leaves open come from `opts`, default the operator's configuration (`images.OPTIONS`).
     """
-    return render_parsed(parse_llmservice(effective(llmservice)))
+    return render_parsed(parse_llmservice(effective(llmservice)), opts)
 
 
 def child_keys(llmservice: dict) -> list[tuple[str, str, str]]:

@@ -31,6 +31,12 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--autoscaler-window", default=None, metavar="DURATION",
                      help="rate() window of the autoscaler's Prometheus queries, e.g. 1m "
                           "(default: 4x each LLMService's autoscaling.interval, at least 1m)")
+    run.add_argument("--worker-image", default=None, metavar="IMAGE",
+                     help="image of the routers, model-fetch init containers and Baton-engine workers of LLMServices "
+                          "that name none (default: $BATON_WORKER_IMAGE, else baton/worker:<version>)")
+    run.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET",
+                     help="imagePullSecret for every pod the operator renders, by name in the LLMService's namespace "
+                          "(repeatable; default: $BATON_IMAGE_PULL_SECRETS, comma-separated)")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=_run)
 
@@ -43,8 +49,9 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
 
     import kopf
-    from baton.operator import autoscaler, webhook
+    from baton.operator import autoscaler, images, webhook
     from baton.operator.units import parse_duration
+    images.configure(args.worker_image, args.image_pull_secret)
     webhook.OPTIONS.enabled = not args.no_webhook
     webhook.OPTIONS.listen, webhook.OPTIONS.port, webhook.OPTIONS.host = (args.webhook_listen, args.webhook_port,
                                                                             args.webhook_host)

@@ -44,7 +44,7 @@ def test_defaults() -> None:
     svc = parse_llmservice(MINIMAL)
     s = svc.spec
     assert (svc.name, svc.namespace) == ("llama", "ml")
-    assert s.engine.kind == "baton" and s.engine.image == "baton/worker:0.1.0"
+    assert s.engine.kind == "baton" and s.engine.image is None  # the operator's worker image (render)
     assert s.slo.ttft.seconds == 0.5 and s.slo.tpot.seconds == 0.05 and s.slo.attainment == 0.9
     assert s.prefill.replicas == 1 and s.prefill.tensor_parallel == 1 and s.prefill.port == 8000
     assert s.prefill.autoscaling.min_replicas == 1 and s.prefill.autoscaling.max_replicas == 8
@@ -123,7 +123,7 @@ def test_tensor_parallel_refused(tp: object, fragment: str) -> None:
 
 def test_unknown_field_lists_allowed_names_without_close_match() -> None:
     (problem,) = validation_errors(body(router={"zzz": 1}))
-    assert problem.startswith("spec.router.zzz: unknown field (allowed: replicas, policy, port")
+    assert problem.startswith("spec.router.zzz: unknown field (allowed: image, replicas, policy, port")
 
 
 def test_unknown_top_level_spec_field_suggests() -> None:

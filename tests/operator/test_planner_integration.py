@@ -99,7 +99,7 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "model": {"name": "opt-13b", "source": {"hostPath": {"path": "/models/opt-13b"}}},
-            "engine": {"kind": "vllm"},
+            "engine": {"kind": "vllm", "image": "vllm/vllm-openai:v0.10.1"},
             "slo": {"ttft": "200ms", "tpot": "100ms", "attainment": 0.9},
             "prefill": {"replicas": 1, "tensorParallel": 1},
             "decode": {"replicas": 1, "tensorParallel": 1},

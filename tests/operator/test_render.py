@@ -330,7 +330,7 @@ def test_user_affinity_is_merged_not_replaced() -> None:
 # ------------------------------------------------------------------------------------ GPUs, scheduling
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_gpu_count_is_tensor_parallel(tp: int) -> None:
-    m = render(base(engine={"kind": "vllm"}, prefill={"tensorParallel": tp}))
+    m = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}, prefill={"tensorParallel": tp}))
     res = pod(m, "prefill")["containers"][0]["resources"]
     assert res["limits"][GPU_RESOURCE] == str(tp)
     assert res["requests"][GPU_RESOURCE] == str(tp)
@@ -339,7 +339,7 @@ def test_gpu_count_is_tensor_parallel(tp: int) -> None:
 
 
 def test_user_resources_kept_and_larger_gpu_limit_honoured() -> None:
-    m = render(base(engine={"kind": "vllm"}, decode={"tensorParallel": 2,
+    m = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}, decode={"tensorParallel": 2,
                             "resources": {"requests": {"cpu": 4, "memory": "32Gi"},
                                           "limits": {"memory": "64Gi", GPU_RESOURCE: 4}}}))
     res = pod(m, "decode")["containers"][0]["resources"]
@@ -356,14 +356,14 @@ def test_cpu_service_requests_no_gpu_and_sizes_threads_from_its_limit() -> None:
         env = {e["name"]: e for e in c["env"]}
         assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"] == {
             "containerName": "worker", "resource": "limits.cpu", "divisor": "1"}
-    gpu = render(base(engine={"kind": "vllm"}))
+    gpu = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}))
     c = pod(gpu, "prefill")["containers"][0]
     assert c["resources"]["limits"][GPU_RESOURCE] == "1"
     assert "OMP_NUM_THREADS" not in {e["name"] for e in c["env"]}
 
 
 def test_dev_shm_only_for_tensor_parallel() -> None:
-    m = render(base(engine={"kind": "vllm"}, prefill={"tensorParallel": 2}))
+    m = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}, prefill={"tensorParallel": 2}))
     shm = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
     assert shm in pod(m, "prefill")["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in pod(m, "prefill")["containers"][0]["volumeMounts"]
@@ -484,8 +484,12 @@ def test_vllm_workers_wait_for_the_endpoint_removal_in_a_pre_stop_hook() -> None
     for role in ("prefill", "decode"):
         p = pod(manifests, role)
         assert p["containers"][0]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
-        assert p["terminationGracePeriodSeconds"] == launch.VLLM_GRACE_SECONDS
-        assert "--drain-timeout" not in p["containers"][0]["args"]  # not vLLM's flag
+        args = p["containers"][0]["args"]
+        # vLLM drains (instead of aborting) for --shutdown-timeout seconds after the preStop sleep, in the grace
+        drain = int(args[args.index("--shutdown-timeout") + 1])
+        assert drain == launch.drain_timeout_seconds(role)
+        assert p["terminationGracePeriodSeconds"] == 5 + drain + launch.GRACE_SLACK_SECONDS
+        assert "--drain-timeout" not in args  # not vLLM's flag
     assert "lifecycle" not in pod(manifests, "router")["containers"][0]
 
 
@@ -539,7 +543,7 @@ def test_security_context() -> None:
     assert baton["automountServiceAccountToken"] is False
     assert baton["serviceAccountName"] == "svc"
     assert baton["terminationGracePeriodSeconds"] >= 60
-    vllm = pod(render(base(engine={"kind": "vllm"})), "prefill")
+    vllm = pod(render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"})), "prefill")
     assert "runAsNonRoot" not in vllm["securityContext"]
     assert vllm["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
 

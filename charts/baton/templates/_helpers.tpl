@@ -58,6 +58,17 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
+{{/* The LLMServices' router / model-fetch / Baton worker image (the operator's --worker-image). */}}
+{{- define "baton.workerImage" -}}
+{{- $repo := .Values.workerImage.repository -}}
+{{- if .Values.workerImage.registry -}}{{- $repo = printf "%s/%s" .Values.workerImage.registry $repo -}}{{- end -}}
+{{- if .Values.workerImage.digest -}}
+{{- printf "%s@%s" $repo .Values.workerImage.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.workerImage.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Whether the cluster serves the Prometheus Operator's kinds. */}}
 {{- define "baton.hasMonitoring" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}

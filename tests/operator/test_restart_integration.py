@@ -108,8 +108,11 @@ def _diff(got: dict, want: dict) -> str:
 
 
 def settled(kubectl, ns: str, name: str) -> dict | None:
-    """The LLMService's status once it has caught up with its spec and is Ready and every Deployment has
-    finished rolling out (no pods of an earlier template left); else None."""
+    """The LLMService's status once it has caught up with its spec and is Ready, every Deployment has
+    finished rolling out (no pods of an earlier template left), AND the LLMService's status has caught up with
+    those Deployments (its per-role replicas/readyReplicas are theirs now); else None. Without the last part a
+    status written while a rollout's surge pod still ran (prefill 4/4 of 3) was compared: it follows the
+    Deployments' events a moment later."""
     obj = get_json(kubectl, "llmservice", name, "-n", ns)
     status = obj.get("status") or {}
     if status.get("observedGeneration") != obj["metadata"]["generation"] or status.get("phase") != "Ready":
@@ -118,6 +121,10 @@ def settled(kubectl, ns: str, name: str) -> dict | None:
         st, want = dep.get("status") or {}, dep["spec"]["replicas"]
         if (st.get("observedGeneration", 0) < dep["metadata"]["generation"]
                 or not st.get("replicas", 0) == st.get("updatedReplicas", 0) == st.get("readyReplicas", 0) == want):
+            return None
+        role = dep["metadata"]["name"].removeprefix(f"{name}-")
+        mine = status.get(role) or {}
+        if (mine.get("replicas", 0), mine.get("readyReplicas", 0)) != (want, want):
             return None
     return status
 

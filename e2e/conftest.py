@@ -1,0 +1,108 @@
+"""Fixtures of the real-node tests (`test_realnodes*.py`): ONE real-node cluster per test run, shared by every
+module that asks for it, and torn down -- with a check that the host is left clean -- after the last of them.
+
+A cluster start (two kubelets, containerd, CNI, image imports) and the chart's install cost about a minute
+each on a loaded 2-core machine; per module they were paid twice. Tests that deploy something into the shared
+cluster remove it again (or leave it the way the next user's fixture re-applies it), so no test depends on
+the order the modules or their tests run in.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from baton.e2e import build as k8sbuild
+from baton.e2e import hostclean, images
+from baton.e2e.cluster import LocalCluster
+from baton.e2e.fixtures import PHASE_TIMINGS
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_NAME = "tiny-llama"
+#: the test that stops the shared cluster and checks the host; moved after every other real-node test
+LAST = "test_cluster_down_leaves_nothing"
+
+
+def _log(msg: str) -> None:
+    print(f"[real nodes] {msg}", file=sys.stderr, flush=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The clean-up check stops the shared cluster: it must run after every test that uses the cluster,
+    whatever module and order they were collected in."""
+    last = [i for i in items if i.name == LAST]
+    if last:
+        items[:] = [i for i in items if i.name != LAST] + last
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from baton.worker.tiny import create_tiny_model
+
+    path = tmp_path_factory.mktemp("models") / MODEL_NAME
+    create_tiny_model(path)
+    path.parent.chmod(0o755)
+    for p in [path, *path.rglob("*")]:  # the worker runs as uid 1000 in its pod
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory):
+    """Two real nodes (real-0: pool prefill, real-1: pool decode) with the worker and operator images built
+    from this tree (cached by content hash: `scripts/test` builds them while the unit tests run)."""
+    if os.environ.get("BATON_SKIP_INTEGRATION") == "1":
+        pytest.skip("BATON_SKIP_INTEGRATION=1: the local Kubernetes is disabled")
+    timings = PHASE_TIMINGS  # printed in pytest's terminal summary
+    t0 = time.monotonic()
+    k8sbuild.ensure_binaries(log=_log, names=k8sbuild.ALL_BINARIES)
+    timings["kubelet/kube-proxy build (0 = cached)"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    images.base_image(log=_log)
+    timings["base image (0 = cached)"] = time.monotonic() - t0
+    worker = images.build_image("worker", log=_log)
+    timings["worker image (0 = cached)"] = worker.seconds
+    operator = images.build_image("operator", log=_log)
+    timings["operator image (0 = cached)"] = operator.seconds
+    cluster = LocalCluster(real_nodes=2, images=[worker.path, operator.path], log=_log)
+    t0 = time.monotonic()
+    cluster.start()
+    timings["cluster + 2 real nodes start"] = time.monotonic() - t0
+    timings.update({f"  of which {k}": v for k, v in cluster.real.timings.items()})
+    record = hostclean.read_record()
+    assert record is not None and record.root == str(cluster.real.root)
+    cluster.worker_ref = worker.ref
+    cluster.operator_ref = operator.ref
+    cluster.record = record
+    cluster.timings = timings
+    try:
+        yield cluster
+    finally:
+        cluster.stop()  # a no-op after test_cluster_down_leaves_nothing
+
+
+def helm_binary() -> str:
+    out = subprocess.run([str(REPO / "tools" / "install-helm.sh")], capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def release(real_cluster):
+    """`helm install` of charts/baton with the locally built operator image: a real pod, the chart's RBAC."""
+    helm = helm_binary()
+    repo, tag = real_cluster.operator_ref.rsplit(":", 1)
+    t0 = time.monotonic()
+    argv = [helm, "--kubeconfig", str(real_cluster.kubeconfig), "install", "baton", str(REPO / "charts" / "baton"),
+            "-n", "baton-system", "--create-namespace", "--wait", "--timeout", "240s",
+            "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    if out.returncode != 0:
+        raise AssertionError(f"helm install failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    real_cluster.timings["helm install (operator pod Ready)"] = time.monotonic() - t0
+    yield helm

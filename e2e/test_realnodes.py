@@ -22,6 +22,8 @@ from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
 from baton.e2e.pki import self_signed_cert
 from baton.e2e.processes import https_server, wait_for
 
+from baton import launch
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 def _log(msg: str) -> None:
@@ -619,10 +621,23 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, fleet_ns,
         ok, failed = load.counts()
         REPORT_LINES.append(f"autoscaling under load: {ok} ok, {failed} failed; decode 1 -> 2 "
                             f"({status['decode'].get('lastScaleReason', '')})")
-        assert failed == 0, load.failed[:5]
+        assert failed == 0, (load.failed[:5], _router_evidence(c, "auto"))
     finally:
         prom.stop()
         _k(c, "delete", "llmservice", "auto", "-n", FLEET_NS, "--wait=false", check=False)
+
+
+def _router_evidence(c, instance: str) -> str:
+    """What the router of `instance` says about its hops (failures by reason, prefill-failure outcomes) and the
+    end of its log: read when a load test counted failures, so the cause is in the CI log."""
+    lines = []
+    for p in _pods(c, f"app.kubernetes.io/instance={instance},baton.dev/role=router", FLEET_NS):
+        _, body = _get(f"http://{p['status'].get('podIP')}:{launch.DEFAULT_ROUTER_PORT}/metrics")
+        lines += [x for x in body.decode(errors="replace").splitlines()
+                  if x.startswith(("baton_router_hop_errors_total", "baton_router_prefill_failures_total",
+                                   "baton_router_requests_total"))]
+        lines.append(_k(c, "logs", "-n", FLEET_NS, p["metadata"]["name"], "--tail", "40", check=False).stdout)
+    return "\n".join(lines)
 
 
 MODEL_TOKEN = "model-server-token"

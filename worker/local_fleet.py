@@ -718,8 +718,12 @@ def run_up(args: argparse.Namespace) -> int:
         fleet.start()
         fleet.wait_ready(args.ready_timeout)
         print(f"OpenAI endpoint: {plan.endpoint}  model: {plan.model_name}", flush=True)
-        print("try:\n  curl -s " + plan.endpoint + "/completions -H 'Content-Type: application/json' \\\n"
-              f"    -d '{{\"model\": \"{plan.model_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+        json_header = "-H 'Content-Type: application/json' \\\n"
+        print("try:\n  curl -s " + plan.endpoint + "/chat/completions " + json_header
+              + f"    -d '{{\"model\": \"{plan.model_name}\", \"max_tokens\": 40, \"messages\": [{{\"role\": "
+              "\"user\", \"content\": \"What is the capital of France?\"}]}'\n"
+              "  curl -s " + plan.endpoint + "/completions " + json_header
+              + f"    -d '{{\"model\": \"{plan.model_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
               flush=True)
         print(f"logs: {run_dir}  (Ctrl-C stops everything)", flush=True)
         while True:

@@ -14,8 +14,10 @@ Pure data and pure functions: no I/O, no imports from ``baton.operator`` or ``ba
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import urllib.parse
 from collections.abc import Sequence
 
 ENGINE_BATON = "baton"
@@ -104,10 +106,48 @@ class Flag:
     PREFILL_RETRY_AFTER = "--prefill-retry-after"
     TPOT_SLO = "--tpot-slo"
     KV_ANNOUNCE = "--kv-announce"
+    #: tokens per KV block (Baton workers; vLLM spells it the same): part of the KV-layout fingerprint
+    BLOCK_SIZE = "--block-size"
     # vLLM
     KV_TRANSFER_CONFIG = "--kv-transfer-config"
     #: vLLM drains in-flight requests for up to N seconds on SIGTERM (int; 0, its default, aborts them)
     SHUTDOWN_TIMEOUT = "--shutdown-timeout"
+    # `baton model fetch` (the worker pods' fetch-model init container): `model_fetch_argv`
+    URI = "--uri"
+    DEST = "--dest"
+    CACHE_DIR = "--cache-dir"
+
+
+# ---------------------------------------------------------------------------------------------- model fetch
+# A `uri` model source: the fetch-model init container runs `baton model fetch` (`model_fetch_argv`). With the
+# node cache (the default) it mounts the cache at MODEL_CACHE_MOUNT and fills the entry `model_cache_key(uri)`;
+# the worker container mounts that entry (a subPath of the same volume, read-only) where its --model points.
+
+#: where the fetch container mounts the model cache (a hostPath or a PVC)
+MODEL_CACHE_MOUNT = "/model-cache"
+FETCH_SUBCOMMAND = ("model", "fetch")
+
+
+def model_cache_key(uri: str, variant: str = "") -> str:
+    """The cache entry's folder name of a `uri` model: a digest of what decides its files -- the URI as written
+    (hf://ORG/MODEL@REVISION, or the URL with its path and query) and `variant` (a .gguf's target dtype when
+    not float32) -- and never of its credentials (user:password@ is dropped; tokens are env vars). Both sides
+    compute it: `baton model fetch --cache-dir` fills the entry, the operator mounts it into the worker."""
+    parts = urllib.parse.urlsplit(uri.strip())
+    scheme = parts.scheme.lower()
+    host = parts.netloc.rpartition("@")[2]
+    if scheme in ("http", "https"):
+        host = host.lower()
+    identity = urllib.parse.urlunsplit((scheme, host, parts.path, parts.query, ""))
+    return "m-" + hashlib.sha256(f"{identity}\0{variant}".encode()).hexdigest()[:40]
+
+
+def model_fetch_argv(uri: str, *, dest: str | None = None, cache_dir: str | None = None) -> list[str]:
+    """`baton model fetch` into `dest` (the pod's own folder) or into the cache folder `cache_dir`."""
+    if (dest is None) == (cache_dir is None):
+        raise ValueError("give exactly one of dest and cache_dir")
+    where = [Flag.CACHE_DIR, cache_dir] if cache_dir is not None else [Flag.DEST, dest]
+    return [*BATON_COMMAND, *FETCH_SUBCOMMAND, Flag.URI, uri, *where]
 
 
 class Metric:
@@ -141,6 +181,11 @@ class Metric:
     KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
     #: what moves a Baton worker's KV bytes (gauge, always 1; label `transport`: KV_TRANSPORTS_REPORTED)
     KV_TRANSPORT_INFO = "baton_kv_transport_info"
+    #: decode hops the router sent with a prefill worker's kv_transfer_params, by how the two workers' KV-layout
+    #: fingerprints compared (label `match`: KV_HANDOFF_MATCHES); `cross` stays 0 (`worker/router/pairing.py`)
+    ROUTER_KV_HANDOFFS = "baton_router_kv_handoffs_total"
+    #: requests recomputed on a decode worker because no decode worker's KV layout matched a prefill worker's
+    ROUTER_LAYOUT_MISMATCH = "baton_router_layout_mismatch_total"
 
 
 class Label:
@@ -154,6 +199,7 @@ class Label:
     OUTCOME = "outcome"
     STAGE = "stage"
     TRANSPORT = "transport"
+    MATCH = "match"
 
 
 #: values of `Label.TRANSPORT` on `Metric.KV_TRANSPORT_INFO`: ucx-tcp is NIXL without RDMA (no RDMA device, or
@@ -162,6 +208,14 @@ KV_TRANSPORT_TCP = "tcp"
 KV_TRANSPORT_UCX_TCP = "ucx-tcp"
 KV_TRANSPORT_RDMA = "rdma"
 KV_TRANSPORTS_REPORTED = (KV_TRANSPORT_TCP, KV_TRANSPORT_UCX_TCP, KV_TRANSPORT_RDMA, "inprocess")
+
+#: Values of `Label.MATCH` on `Metric.ROUTER_KV_HANDOFFS`: equal KV-layout fingerprints / one side reports none
+#: (a vLLM worker: it is trusted to match) / different fingerprints (never sent while pairing works).
+KV_HANDOFF_MATCHES = ("same", "unknown", "cross")
+#: The keys of a Baton worker's /ready body (200) that carry its KV-layout fingerprint and the parts it digests
+#: (`worker/engine/fingerprint.py`); the router's health checks read the first.
+READY_KV_FINGERPRINT = "kv_fingerprint"
+READY_KV_LAYOUT = "kv_layout"
 
 #: values of `Label.OUTCOME` on `Metric.KV_LEASES_ENDED`
 LEASE_PULLED = "pulled"
@@ -191,6 +245,8 @@ class Header:
     #: a worker's own timings of a request, W3C Server-Timing (`queue;dur=1.2, prefill;dur=30.5`, milliseconds),
     #: sent with the response headers (for a stream: with the first chunk, once the first token exists)
     SERVER_TIMING = "Server-Timing"
+    #: a Baton worker's KV-layout fingerprint, on its /ready answers (as `READY_KV_FINGERPRINT` in the body)
+    KV_FINGERPRINT = "X-Baton-KV-Fingerprint"
 
 
 class Timing:

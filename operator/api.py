@@ -189,11 +189,34 @@ class ModelSource(_Model):
         return "uri"
 
 
+class ModelCache(_Model):
+    """Where a `uri` model is kept: a node cache shared by the pods on a node (fetched once per node), a PVC, or
+    `mode: none` for a download per pod into the pod's own emptyDir."""
+
+    mode: Literal["node", "none"] = Field(
+        default="node", description="node: the operator's node cache folder (a hostPath; operator flag "
+        "--model-cache-path, Helm value modelCache.hostPath) or `pvc`; none: every pod downloads for itself.")
+    pvc: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = Field(
+        default=None, description="A PersistentVolumeClaim in the namespace that holds the cache instead of the "
+        "node's folder (ReadWriteMany to share it across nodes).")
+    size: Quantity | None = Field(
+        default=None, description="The model's size on disk: the fetch container's ephemeral-storage request "
+        "with the node cache (default 1Gi), so the scheduler accounts for the download.")
+
+    @model_validator(mode="after")
+    def _mode(self) -> ModelCache:
+        if self.mode == "none" and self.pvc is not None:
+            raise field_problems([("pvc", "is not used with mode none")])
+        return self
+
+
 class ModelSpec(_Model):
     name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123_SUBDOMAIN)] = Field(
         description="Model name served through the OpenAPI-compatible API (the `model` field of requests)."
     )
     source: ModelSource
+    cache: ModelCache = Field(default_factory=ModelCache, json_schema_extra=_object_default(),
+                              description="How a `uri` source is kept (ignored for pvc and hostPath sources).")
     max_model_len: Annotated[int, Field(gt=0)] | None = Field(
         default=None, description="Context length limit; the engine's default when unset."
     )

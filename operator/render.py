@@ -42,6 +42,8 @@ Decisions worth knowing:
   image (`--worker-image`, Helm value `workerImage`), as do Baton workers without `spec.engine.image`; every pod
   gets `spec.imagePullSecrets` plus the operator's (`images.py`). vLLM with kvTransfer rdma/auto: UCX env,
   RDMA device and IPC_LOCK (`render_vllm.py`).
+* `uri` models: fetched once per node into the node model cache (hostPath --model-cache-path; or a PVC, or
+  an emptyDir per pod with `cache.mode: none`); the worker mounts its entry read-only (`model_cache.py`).
 * Baton pods run as uid 1000 (non-root, all capabilities dropped); vLLM pods keep the image's user (the
   upstream image runs as root and writes caches under /root), still without privilege escalation.
 * `enableServiceLinks: false`: a Service named e.g. `vllm` in the namespace would otherwise inject
@@ -59,7 +61,7 @@ from typing import Any
 from baton import launch
 from baton.launch import Env
 
-from . import images, render_vllm
+from . import images, model_cache, render_vllm
 from .api import (
     ACCELERATOR_CPU,
     ACCELERATOR_GPU,
@@ -447,23 +449,12 @@ def _model_volume(svc: LLMService) -> dict:
         return {"name": "model", "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
     if source.host_path is not None:
         return {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
-    return {"name": "model", "emptyDir": {}}
+    return model_cache.volume(svc)  # uri: the node cache, a PVC cache or an emptyDir
 
 
 def _fetch_model_container(svc: LLMService, opts: ImageOptions) -> dict:
-    """initContainer that downloads `source.uri` into the emptyDir; credentials from `source.secretRef`."""
-    source = svc.spec.model.source
-    container: dict[str, Any] = {
-        "name": "fetch-model",
-        "image": router_image(svc, opts),
-        "command": ["baton", "model", "fetch"],
-        "args": ["--uri", str(source.uri), "--dest", model_dir(svc)],
-    }
-    if source.secret_ref is not None:
-        container["envFrom"] = [{"secretRef": {"name": source.secret_ref.name}}]
-    container["volumeMounts"] = [{"name": "model", "mountPath": MODEL_MOUNT}]
-    container["securityContext"] = _container_security(non_root=True)
-    return container
+    """initContainer that downloads `source.uri` (into the model cache, else the emptyDir: `model_cache`)."""
+    return model_cache.fetch_container(svc, router_image(svc, opts), MODEL_MOUNT, _container_security(non_root=True))
 
 
 def _worker_pod_annotations(svc: LLMService) -> dict:
@@ -488,9 +479,7 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
     grace = launch.termination_grace_seconds(worker_launch(svc, role))
     paths = launch.probes(svc.spec.engine.kind)
     kv_port = svc.spec.kv_transfer.port
-    mounts = [
-        {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
-    ]
+    mounts = [model_cache.worker_mount(svc, MODEL_MOUNT)]
     volumes = [_model_volume(svc)]
     if r.tensor_parallel > 1:
         # NCCL between the TP ranks needs far more shared memory than the runtime's 64 MiB default.

@@ -37,6 +37,9 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET",
                      help="imagePullSecret for every pod the operator renders, by name in the LLMService's namespace "
                           "(repeatable; default: $BATON_IMAGE_PULL_SECRETS, comma-separated)")
+    run.add_argument("--model-cache-path", default=None, metavar="DIR",
+                     help="node folder (hostPath) of the model cache of `uri` model sources, shared by the pods "
+                          "on a node (default: $BATON_MODEL_CACHE_PATH, else /var/lib/baton/model-cache)")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=_run)
 
@@ -49,9 +52,13 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
 
     import kopf
-    from baton.operator import autoscaler, images, webhook
+    from baton.operator import autoscaler, images, model_cache, webhook
     from baton.operator.units import parse_duration
     images.configure(args.worker_image, args.image_pull_secret)
+    try:
+        model_cache.configure(args.model_cache_path)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     webhook.OPTIONS.enabled = not args.no_webhook
     webhook.OPTIONS.listen, webhook.OPTIONS.port, webhook.OPTIONS.host = (args.webhook_listen, args.webhook_port,
                                                                             args.webhook_host)

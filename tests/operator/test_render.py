@@ -397,15 +397,18 @@ def test_host_path_volume() -> None:
 
 
 def test_uri_volume_and_fetch_init_container() -> None:
+    """`cache: {mode: none}`: the download per pod into its emptyDir (the node cache: test_model_cache.py)."""
     p = pod(render(base(model={"name": "m", "source": {"uri": "https://models.example/m.tar.gz",
-                                                       "secretRef": {"name": "creds"}}})),
+                                                       "secretRef": {"name": "creds"}},
+                               "cache": {"mode": "none"}})),
             "prefill")
     assert p["volumes"][0] == {"name": "model", "emptyDir": {}}
     (init,) = p["initContainers"]
     assert init["args"] == ["--uri", "https://models.example/m.tar.gz", "--dest", "/models"]
     assert init["envFrom"] == [{"secretRef": {"name": "creds"}}]
     assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]
-    no_secret = pod(render(base(model={"name": "m", "source": {"uri": "hf://org/m"}})), "prefill")
+    no_secret = pod(render(base(model={"name": "m", "source": {"uri": "hf://org/m"}, "cache": {"mode": "none"}})),
+                    "prefill")
     assert "envFrom" not in no_secret["initContainers"][0]
 
 

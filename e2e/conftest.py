@@ -100,7 +100,9 @@ def release(real_cluster):
     t0 = time.monotonic()
     argv = [helm, "--kubeconfig", str(real_cluster.kubeconfig), "install", "baton", str(REPO / "charts" / "baton"),
             "-n", "baton-system", "--create-namespace", "--wait", "--timeout", "240s",
-            "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never"]
+            "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+            # the node model cache (uri sources) under the cluster's root: the teardown removes it with the rest
+            "--set", f"modelCache.hostPath={real_cluster.real.root}/model-cache"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if out.returncode != 0:
         raise AssertionError(f"helm install failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

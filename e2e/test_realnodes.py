@@ -679,8 +679,10 @@ def _condition(c, name: str, type_: str) -> dict:
 
 def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, fleet_ns, model_server):
     """`uri` + `secretRef`: the init container (`baton model fetch`, in the worker image) downloads the model
-    over https with a bearer token and a private CA; a 404 and a refused token become ModelReady=False with
-    the fetcher's own message and phase Failed -- never a silent crash loop."""
+    over https with a bearer token and a private CA into the node model cache; a 404 and a refused token become
+    ModelReady=False with the fetcher's own message and phase Failed -- never a silent crash loop ('refused' names
+    the same URI: a cached entry is no way around its Secret). Then a second decode pod on the same node reuses
+    the cache entry without downloading (`_node_cache_is_reused_by_a_second_pod`)."""
     import yaml
 
     c = real_cluster
@@ -695,6 +697,7 @@ def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, fleet_ns, 
         body = _fleet_manifest(c.worker_ref, Path("/unused"))
         body["metadata"]["name"] = name
         body["spec"]["model"]["source"] = {"uri": f"{model_server['base']}{path}", "secretRef": {"name": creds}}
+        body["spec"]["model"]["cache"] = {"size": "64Mi"}  # the node cache (default mode): a small disk request
         if not serving:  # only a decode pod: enough to see the download fail
             body["spec"]["prefill"]["replicas"] = 0
             body["spec"]["router"]["replicas"] = 0
@@ -723,8 +726,53 @@ def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, fleet_ns, 
         r = openai.OpenAI(base_url=f"http://{router_ip}:80/v1", api_key="unused", max_retries=0).completions.create(
             model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert r.choices[0].text and r.usage.completion_tokens == 8
+        _node_cache_is_reused_by_a_second_pod(c)
     finally:
         _k(c, "delete", "llmservice", "fetched", "missing", "refused", "-n", FLEET_NS, "--wait=false", check=False)
+
+
+def _fetch_seconds(pod: dict) -> float:
+    """How long the pod's fetch-model init container ran (its terminated state's timestamps, whole seconds)."""
+    from datetime import datetime
+
+    from baton.operator.model_fetch_status import FETCH_CONTAINER
+
+    (status,) = [s for s in pod["status"].get("initContainerStatuses", []) if s["name"] == FETCH_CONTAINER]
+    done = status["state"]["terminated"]
+    return (datetime.fromisoformat(done["finishedAt"])
+            - datetime.fromisoformat(done["startedAt"])).total_seconds()
+
+
+def _node_cache_is_reused_by_a_second_pod(c) -> None:
+    """'fetched' scaled to 2 decode pods, both on real-1 (the decode pool's nodeSelector): the second pod's
+    fetch-model init container finds the node cache's complete entry and downloads nothing (its log says so)."""
+    from baton.operator.model_fetch_status import FETCH_CONTAINER
+    from baton.worker.model_cache import HIT, MISS
+
+    _k(c, "delete", "llmservice", "missing", "refused", "-n", FLEET_NS, "--wait=false", check=False)  # their CPU
+    selector = "app.kubernetes.io/instance=fetched,baton.dev/role=decode"
+    (first,) = [p for p in _pods(c, selector, FLEET_NS) if not p["metadata"].get("deletionTimestamp")]
+    t0 = time.monotonic()
+    _k(c, "patch", "llmservice", "fetched", "-n", FLEET_NS, "--type=merge", "-p",
+       json.dumps({"spec": {"decode": {"replicas": 2}}}))
+    second = wait_for("a second Ready decode pod of 'fetched'", lambda: [
+        p for p in _pods(c, selector, FLEET_NS)
+        if p["metadata"]["name"] != first["metadata"]["name"] and _ready(p)
+        and not p["metadata"].get("deletionTimestamp")], timeout=240, interval=2)[0]
+    PHASE_TIMINGS["uri: decode 1 -> 2, second pod Ready (node cache)"] = time.monotonic() - t0
+    pods = {p["metadata"]["name"]: p for p in _pods(c, selector, FLEET_NS)}
+    first, second = pods[first["metadata"]["name"]], pods[second["metadata"]["name"]]
+    assert first["spec"]["nodeName"] == second["spec"]["nodeName"] == "real-1", (
+        first["spec"]["nodeName"], second["spec"]["nodeName"])
+    said = {}
+    for which, p in (("first", first), ("second", second)):
+        log = _k(c, "logs", "-n", FLEET_NS, p["metadata"]["name"], "-c", FETCH_CONTAINER).stdout
+        said[which] = next((ln for ln in reversed(log.splitlines()) if ln.startswith((HIT, MISS))), log[-500:])
+        seconds = _fetch_seconds(p)
+        PHASE_TIMINGS[f"uri: {which} decode pod's fetch-model init container"] = seconds
+        REPORT_LINES.append(f"node model cache, {which} decode pod on real-1: fetch-model ran {seconds:.0f}s: "
+                            f"{said[which]}")
+    assert said["second"].startswith(f"{HIT}: reused") and "no download" in said["second"], said
 
 
 def test_cluster_down_leaves_nothing(real_cluster):

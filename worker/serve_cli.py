@@ -62,6 +62,13 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running in one batch")
     p.add_argument("--kv-blocks", type=int, default=None, help="number of KV-cache blocks")
     p.add_argument(
+        launch.Flag.BLOCK_SIZE,
+        type=int,
+        default=None,
+        help="tokens per KV-cache block (default 16); part of the KV-layout fingerprint, so the router hands KV "
+        "only between prefill and decode workers with the same block size",
+    )
+    p.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -181,7 +188,7 @@ def build_engine(args: argparse.Namespace):
         raise CommandError(f"--model {model} is not a directory")
     if not (model / "config.json").is_file():
         raise CommandError(f"{model} has no config.json (is it a Hugging Face model directory?)")
-    for flag in ("max_num_seqs", "kv_blocks", "max_model_len", "max_num_batched_tokens"):
+    for flag in ("max_num_seqs", "kv_blocks", "block_size", "max_model_len", "max_num_batched_tokens"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -219,6 +226,8 @@ def _construct_engine(args: argparse.Namespace):
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.kv_blocks is not None:
         kwargs["num_kv_blocks"] = args.kv_blocks
+    if getattr(args, "block_size", None) is not None:
+        kwargs["block_size"] = args.block_size
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     if getattr(args, "max_num_batched_tokens", None) is not None:

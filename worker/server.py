@@ -5,7 +5,9 @@
 
 The app starts the engine in the background when it starts (so /health answers while a model loads) and stops
 it on shutdown. Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON or SSE), GET /v1/models,
-GET /health (liveness), GET /ready (readiness), GET /metrics (Prometheus, vLLM names).
+GET /health (liveness), GET /ready (readiness; its body and `X-Baton-KV-Fingerprint` header carry the engine's
+KV-layout fingerprint, by which the router pairs prefill and decode workers), GET /metrics (Prometheus, vLLM
+names).
 
 Request ids: an `X-Request-Id` header, when given, is the engine's request id as is (the router relies on it
 to correlate the prefill and decode hops and to abort); the response's `id` is that id with a `cmpl-` /
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -158,6 +161,11 @@ class _Server:
             engine_kind=engine_kind,
         )
         self.ready = not manage_engine
+        # the engine's KV-layout fingerprint (`engine/fingerprint.py`), computed once when it was built: /ready
+        # reports it, and the router hands KV only between workers that report the same one
+        self.kv_fingerprint: str | None = getattr(engine, "kv_fingerprint", None)
+        layout = getattr(engine, "kv_layout", None)
+        self.kv_layout: dict | None = dataclasses.asdict(layout) if dataclasses.is_dataclass(layout) else None
         self.start_error: str | None = None
         self.stopping = False
         # SIGTERM (see DrainingServer below): /ready answers 503 so probes and the router stop sending
@@ -736,8 +744,14 @@ def create_app(
     @app.get("/ready")
     async def ready() -> JSONResponse:
         alive, why = server.alive()
+        fp = server.kv_fingerprint
+        fp_header = {launch.Header.KV_FINGERPRINT: fp} if fp else {}
         if server.ready and alive and not server.stopping and not server.draining:
-            return JSONResponse({"status": "ready"})
+            body: dict = {"status": "ready"}
+            if fp:
+                body[launch.READY_KV_FINGERPRINT] = fp
+                body[launch.READY_KV_LAYOUT] = server.kv_layout
+            return JSONResponse(body, headers=fp_header)
         if not alive:
             reason = why
         elif server.stopping:
@@ -749,7 +763,7 @@ def create_app(
         return JSONResponse(
             error_body(reason, type="service_unavailable_error", code="not_ready"),
             status_code=503,
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
+            headers={"Retry-After": RETRY_AFTER_SECONDS, **fp_header},
         )
 
     @app.get("/metrics")

@@ -29,7 +29,10 @@ from typing import Self
 
 import torch
 
+from baton import __version__ as baton_version
+
 from ..kv.base import FAILURE_REASONS, KVLayout, KVTransport, TransferHistogram, failure_reason
+from . import fingerprint
 from .config import ModelLoadError, load_model_config
 from .core import EngineCore, LayerProgress, new_engine_id
 from .kv_cache import PagedKVCache
@@ -129,6 +132,8 @@ class BatonEngine:
     - kv_lease_seconds: how long a prefill worker keeps KV for the decode worker (30)
     - on_kv_transfer: callback(seconds, bytes) per completed import (for baton_kv_transfer_* metrics)
     - overlap_steps: start the next step before handing out this step's outputs to the streams (True)
+    - model_identity: the model's identity in the KV-layout fingerprint (`fingerprint.model_identity` of its
+      folder; `from_pretrained` passes it; default: a digest of the parsed config)
     """
 
     def __init__(self, model: LlamaModel, tokenizer: HFTokenizer, *, role: Role = "both",
@@ -138,7 +143,8 @@ class BatonEngine:
                  kv_transport: KVTransport | None = None, kv_lease_seconds: float = 30.0,
                  engine_id: str | None = None, seed: int | None = None,
                  on_kv_transfer: Callable[[float, int], None] | None = None, overlap_steps: bool = True,
-                 enable_chunked_prefill: bool | None = None, enable_prefix_caching: bool = True) -> None:
+                 enable_chunked_prefill: bool | None = None, enable_prefix_caching: bool = True,
+                 model_identity: str | None = None) -> None:
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, not {role!r}")
         cfg = model.cfg
@@ -181,6 +187,12 @@ class BatonEngine:
             chunked_prefill=self.chunked_prefill, prefix_caching=enable_prefix_caching,
         )
         self.eos_token_ids = tuple(dict.fromkeys((*tokenizer.eos_token_ids, *cfg.eos_token_ids)))
+        # what a peer's KV must match to be used here (the router pairs prefill and decode workers by it)
+        self.kv_layout = fingerprint.KVLayout(
+            engine="baton", engine_version=baton_version, model=model_identity or fingerprint.config_identity(cfg),
+            dtype=fingerprint.dtype_name(model.dtype), block_size=block_size, tensor_parallel=1,
+            num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+        self.kv_fingerprint = fingerprint.fingerprint(self.kv_layout)
         self._streams: dict[str, asyncio.Queue] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task | None = None
@@ -208,6 +220,7 @@ class BatonEngine:
         log.info("loading %s in %s", path, str(dtype).removeprefix("torch."))
         model = LlamaModel(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=kwargs.get("max_model_len"))
         tokenizer = HFTokenizer(path)
+        kwargs.setdefault("model_identity", fingerprint.model_identity(path))
         return cls(model, tokenizer, model_name=model_name or path.name, **kwargs)
 
     load = from_pretrained

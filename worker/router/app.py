@@ -17,7 +17,7 @@ only ever pulls the KV the router's own prefill hop produced:
    prefill worker, then recompute on decode while decode has TPOT headroom (outcome `fallback_recompute`), else
    503 + Retry-After (outcome `rejected`); a 4xx is the client's error, returned as is), then a decode worker
    gets the original body plus the params; its response (JSON or SSE bytes) goes back unchanged. Both hops
-   carry the same `X-Request-Id` (the client's, or a new one).
+   carry the same `X-Request-Id` (the client's, or a new one). KV moves only between equal KV layouts (`pairing.py`).
 2. Colocated (only `both` workers): one hop to a `both` worker, outcome `ok`.
 3. Decode workers only: with no prefill worker at all (a decode-only fleet) one hop to a decode worker without
    params (recompute), outcome `fallback_recompute`; with prefill workers but none healthy, the same policy as a
@@ -62,6 +62,7 @@ from baton.worker.router.hops import (
     sse_error,
 )
 from baton.worker.router.metrics import CONTENT_TYPE, RouterMetrics
+from baton.worker.router.pairing import for_kv, match
 from baton.worker.router.policy import PrefixAware, make_policy
 from baton.worker.router.pool import Endpoint, HealthChecker, Pool
 from baton.worker.router.prefill_failure import TPOTWindow
@@ -293,7 +294,14 @@ class Router:
                 candidates = self.pool.healthy(role, exclude=tried)
             if not candidates:
                 break
+            if role == "decode" and not recompute:  # the KV fits only decode workers of its layout (pairing.py)
+                candidates, recompute = for_kv(req.kv_from, candidates)
+                if recompute:  # none left: recompute rather than hand the KV across layouts
+                    data = raw
+                    self.metrics.layout_mismatch.inc()
             ep = self.policy[role].choose(candidates, key)
+            if role == "decode" and not recompute:
+                self.metrics.kv_handoff(match(req.kv_from, ep.fingerprint))
             if attempt:
                 self.metrics.retry(role)
             try:

@@ -10,6 +10,9 @@ TTFT and TPOT are measured as the client sees them, which makes them the SLO sig
   first_decode from the workers' Server-Timing; one observation per reported stage, adding up to the TTFT.
 - Prefill failures (`prefill_failure.py`): one count per request whose prefill failed, by what followed
   (retried_ok, recomputed, rejected).
+- KV pairing (`pairing.py`): decode hops sent with a prefill worker's KV, by how the two workers' KV-layout
+  fingerprints compared (`match`: same, unknown, cross -- cross stays 0), and requests recomputed on a decode
+  worker because no decode worker's layout matched a prefill worker's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from baton.launch import PREFILL_FAILURE_OUTCOMES, TTFT_STAGES, Label, Metric
+from baton.launch import KV_HANDOFF_MATCHES, PREFILL_FAILURE_OUTCOMES, TTFT_STAGES, Label, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: rejected: a prefill failure answered 503 + Retry-After by the prefill-failure policy
@@ -100,6 +103,20 @@ class RouterMetrics:
             base + [Label.OUTCOME], registry=r,
         )
         self.prefill_failures = {o: failures.labels(**self.labels, outcome=o) for o in PREFILL_FAILURE_OUTCOMES}
+        handoffs = Counter(
+            Metric.ROUTER_KV_HANDOFFS,
+            "Decode hops sent with a prefill worker's kv_transfer_params, by how the two workers' KV-layout "
+            "fingerprints compared: same, unknown (a worker reports none, e.g. vLLM), cross (never, while pairing "
+            "works).",
+            base + [Label.MATCH], registry=r,
+        )
+        self.kv_handoffs = {m: handoffs.labels(**self.labels, match=m) for m in KV_HANDOFF_MATCHES}
+        self.layout_mismatch = Counter(
+            Metric.ROUTER_LAYOUT_MISMATCH,
+            "Requests recomputed on a decode worker because no healthy decode worker's KV layout matched the "
+            "prefill workers' (a rollout that changes the layout, caught between old and new workers).",
+            base, registry=r,
+        ).labels(**self.labels)
         self._gauges: dict[tuple[str, str], object] = {}
 
     def outcome(self, outcome: str) -> None:
@@ -126,6 +143,9 @@ class RouterMetrics:
 
     def prefill_failure(self, outcome: str) -> None:
         self.prefill_failures[outcome].inc()
+
+    def kv_handoff(self, match: str) -> None:
+        self.kv_handoffs[match].inc()
 
     def retry(self, role: str) -> None:
         self.retries.labels(**self.labels, role=role).inc()

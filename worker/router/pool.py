@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import re
@@ -60,6 +61,21 @@ def parse_load(text: bytes) -> int | None:
     return int(total) if seen else None
 
 
+def parse_fingerprint(body: bytes, header: str | None = None) -> str | None:
+    """A worker's KV-layout fingerprint from its readiness answer: `launch.READY_KV_FINGERPRINT` of a JSON body
+    (Baton's /ready), else the `launch.Header.KV_FINGERPRINT` header; None when neither says (vLLM's /health
+    answers 200 with an empty body): unknown."""
+    value = None
+    if body[:1] == b"{":
+        try:
+            value = json.loads(body).get(launch.READY_KV_FINGERPRINT)
+        except (ValueError, AttributeError):
+            value = None
+    if not isinstance(value, str) or not value.strip():
+        value = header
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
 def validate_health_path(path: str) -> str:
     """`path` if it can be appended to a worker URL; ValueError otherwise. A path without its leading
     slash would be glued to the port (`http://w:8000ready`) and every worker would look dead."""
@@ -87,8 +103,8 @@ DEFAULT_HEALTH = launch.WORKER_READINESS
 
 
 class Endpoint:
-    __slots__ = ("_on_change", "checked_at", "engine_load", "healthy", "inflight", "last_error", "missed",
-                 "passed", "role", "scrape_load", "timing", "url")
+    __slots__ = ("_on_change", "checked_at", "engine_load", "fingerprint", "healthy", "inflight", "last_error",
+                 "missed", "passed", "role", "scrape_load", "timing", "url")
 
     def __init__(self, url: str, role: str, on_change: Callable[[Endpoint], None] | None = None,
                  timing: launch.HealthTiming = DEFAULT_HEALTH) -> None:
@@ -103,6 +119,9 @@ class Endpoint:
         self.timing = timing
         self.engine_load: int | None = None  # running + waiting as the worker last reported it
         self.scrape_load = True  # False once the worker showed it exports no load series
+        #: its KV-layout fingerprint from its last passing check (`parse_fingerprint`); None: unknown (a vLLM
+        #: worker, whose /health has no body), which pairs with any (`pairing.py`)
+        self.fingerprint: str | None = None
         self._on_change = on_change
 
     @property
@@ -245,8 +264,12 @@ class HealthChecker:
     async def check(self, ep: Endpoint) -> None:
         try:
             async with self.session.get(ep.url + self.path, timeout=self.timeout) as resp:
-                await resp.read()
+                body = await resp.read()
                 if resp.status == 200:
+                    fingerprint = parse_fingerprint(body, resp.headers.get(launch.Header.KV_FINGERPRINT))
+                    if fingerprint != ep.fingerprint:
+                        log.info("%s worker %s reports KV-layout fingerprint %s", ep.role, ep.url, fingerprint)
+                    ep.fingerprint = fingerprint
                     ep.mark(True)
                 else:
                     ep.mark(False, f"{self.path} answered {resp.status}")

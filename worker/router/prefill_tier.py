@@ -5,7 +5,9 @@ The hop sends the request to a prefill worker with `stream: false` (or `stream: 
 `kv_transfer_params` for the decode hop. When it fails (connection error, timeout, 5xx, or no params back) the
 prefill-failure policy (`prefill_failure.py`, `--prefill-retries/--prefill-recompute/--prefill-retry-after`)
 decides: another prefill worker, then the decode worker recomputing the prompt while decode has TPOT headroom,
-else 503 + Retry-After. A 4xx from the prefill hop is the client's error and is returned as is.
+else 503 + Retry-After. A 4xx from the prefill hop is the client's error and is returned as is. Only prefill
+workers whose KV layout a healthy decode worker shares are chosen (`pairing.py`); when there is none, the
+prompt is recomputed on a decode worker without a prefill hop (`baton_router_layout_mismatch_total`).
 
 With `--kv-announce` (Baton prefill workers) the hop is streamed: the worker's first event announces the KV
 (`announce.py`) while the prefill still computes, the decode hop starts on it, and the rest of the prefill
@@ -24,6 +26,7 @@ from aiohttp import web
 from baton.worker.router.announce import SSEEvents, announced_kv
 from baton.worker.router.hops import UPSTREAM_ERRORS, Upstream, describe, error_json, reason_of
 from baton.worker.router.metrics import RouterMetrics
+from baton.worker.router.pairing import with_partner
 from baton.worker.router.policy import Policy
 from baton.worker.router.pool import Endpoint, Pool
 from baton.worker.router.prefill_failure import (
@@ -77,6 +80,15 @@ class PrefillTier:
         data = compact_json(hop)
         tried: list[Endpoint] = []
         while candidates := self.pool.healthy("prefill", exclude=tried):
+            # only a prefill worker whose KV layout some healthy decode worker shares (pairing.py)
+            candidates = with_partner(candidates, self.pool.healthy("decode"))
+            if not candidates:
+                if tried:  # the untried ones' KV would fit no decode worker: a prefill failure
+                    break
+                self.metrics.layout_mismatch.inc()
+                log.info("no decode worker shares a prefill worker's KV layout; %s is recomputed on decode",
+                         headers[REQUEST_ID])
+                return None, None
             if tried:
                 if decide(self.failure_policy, len(tried), other_prefill=True, headroom=True) != RETRY:
                     break
@@ -88,6 +100,7 @@ class PrefillTier:
                 return None, early
             if kv is not None:
                 req.prefill_hop = Hop(sent - req.arrival, timings)
+                req.kv_from = ep.fingerprint
                 if tried:
                     self.metrics.prefill_failure("retried_ok")
                 return kv, None

@@ -76,8 +76,8 @@ def sse_payloads(events: bytes) -> Iterator[bytes]:
 
 
 class RequestState:
-    __slots__ = ("arrival", "decode_hop", "done", "error", "finished", "first_at", "outcome", "prefill_hop",
-                 "recorded", "tokens", "usage_tokens")
+    __slots__ = ("arrival", "decode_hop", "done", "error", "finished", "first_at", "kv_from", "outcome",
+                 "prefill_hop", "recorded", "tokens", "usage_tokens")
 
     def __init__(self) -> None:
         self.arrival = time.monotonic()
@@ -90,6 +90,7 @@ class RequestState:
         self.finished = False
         self.recorded = False
         self.prefill_hop: Hop | None = None  # the prefill hop that produced the KV (TTFT stages)
+        self.kv_from: str | None = None  # that prefill worker's KV-layout fingerprint (None: unknown; pairing.py)
         self.decode_hop: Hop | None = None  # the last hop's attempt that answered 200
 
     def scan(self, data: bytes) -> None:

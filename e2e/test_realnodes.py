@@ -21,6 +21,7 @@ from baton.e2e.conftest import MODEL_NAME
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
 from baton.e2e.pki import self_signed_cert
 from baton.e2e.processes import https_server, wait_for
+from baton.worker import smollm2
 
 from baton import launch
 
@@ -642,12 +643,13 @@ def _router_evidence(c, instance: str) -> str:
 
 
 MODEL_TOKEN = "model-server-token"
+SMOLLM2 = smollm2.NAME  # the served name and the folder the model server serves
 
 
 @pytest.fixture
-def model_server(tiny_model, tmp_path):
-    """An https server on the host's address (what pods reach), serving the tiny model's folder under /models/
-    and, behind a bearer token, under /private/models/."""
+def model_server(tiny_model, smollm2_model, tmp_path):
+    """An https server on the host's address (what pods reach), serving the tiny model's and SmolLM2's folders
+    under /models/NAME/ and, behind a bearer token, under /private/models/NAME/."""
     from baton.e2e.realnode import host_ip
 
     ip = host_ip()
@@ -659,10 +661,11 @@ def model_server(tiny_model, tmp_path):
             if authorization != f"Bearer {MODEL_TOKEN}":
                 return 401, b"unauthorized"
             path = path.removeprefix("/private")
-        prefix = "/models/tiny-llama/"
-        f = tiny_model / path.removeprefix(prefix)
-        if path.startswith(prefix) and "/" not in path.removeprefix(prefix) and f.is_file():
-            return 200, f.read_bytes()
+        for folder in (tiny_model, smollm2_model):
+            prefix = f"/models/{folder.name}/"
+            f = folder / path.removeprefix(prefix)
+            if path.startswith(prefix) and "/" not in path.removeprefix(prefix) and f.is_file():
+                return 200, f.read_bytes()
         return 404, b"not found"
 
     with https_server(ip, answer, cert, key) as base:
@@ -696,16 +699,20 @@ def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, fleet_ns, 
     def service(name: str, path: str, creds: str, serving: bool) -> dict:
         body = _fleet_manifest(c.worker_ref, Path("/unused"))
         body["metadata"]["name"] = name
+        body["spec"]["model"]["name"] = SMOLLM2
         body["spec"]["model"]["source"] = {"uri": f"{model_server['base']}{path}", "secretRef": {"name": creds}}
-        body["spec"]["model"]["cache"] = {"size": "64Mi"}  # the node cache (default mode): a small disk request
+        body["spec"]["model"]["cache"] = {"size": "1Gi"}  # the node cache (default mode): SmolLM2 is 517 MiB
+        for role in ("prefill", "decode"):  # the real model's weights: 540 MB in float32
+            body["spec"][role]["resources"]["limits"]["memory"] = "2Gi"
+            body["spec"][role]["resources"]["requests"]["memory"] = "1Gi"
         if not serving:  # only a decode pod: enough to see the download fail
             body["spec"]["prefill"]["replicas"] = 0
             body["spec"]["router"]["replicas"] = 0
         return body
 
-    services = [service("fetched", "/private/models/tiny-llama/", "model-creds", True),
+    services = [service("fetched", f"/private/models/{SMOLLM2}/", "model-creds", True),
                 service("missing", "/private/models/no-such-model/", "model-creds", False),
-                service("refused", "/private/models/tiny-llama/", "wrong-creds", False)]
+                service("refused", f"/private/models/{SMOLLM2}/", "wrong-creds", False)]
     _k(c, "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(b) for b in services))
     try:
         missing = wait_for("ModelReady=False on 'missing'",
@@ -723,9 +730,13 @@ def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, fleet_ns, 
         router_ip = _k(c, "get", "svc", "fetched", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
         import openai
 
-        r = openai.OpenAI(base_url=f"http://{router_ip}:80/v1", api_key="unused", max_retries=0).completions.create(
-            model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0)
-        assert r.choices[0].text and r.usage.completion_tokens == 8
+        r = openai.OpenAI(base_url=f"http://{router_ip}:80/v1", api_key="unused", max_retries=0,
+                          timeout=120).chat.completions.create(
+            model=SMOLLM2, max_tokens=40, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+        answer = r.choices[0].message.content
+        REPORT_LINES.append(f"SmolLM2 fetched over https into the node cache, served by real pods: {answer!r}")
+        assert "Paris" in answer, answer
         _node_cache_is_reused_by_a_second_pod(c)
     finally:
         _k(c, "delete", "llmservice", "fetched", "missing", "refused", "-n", FLEET_NS, "--wait=false", check=False)

@@ -106,10 +106,13 @@ def release(real_cluster):
     """`helm install` of charts/baton with the locally built operator image: a real pod, the chart's RBAC."""
     helm = helm_binary()
     repo, tag = real_cluster.operator_ref.rsplit(":", 1)
+    worker_repo, worker_tag = real_cluster.worker_ref.rsplit(":", 1)
     t0 = time.monotonic()
     argv = [helm, "--kubeconfig", str(real_cluster.kubeconfig), "install", "baton", str(REPO / "charts" / "baton"),
             "-n", "baton-system", "--create-namespace", "--wait", "--timeout", "240s",
             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+            # the worker image the operator renders for routers, fetch containers and Baton workers by default
+            "--set", f"workerImage.repository={worker_repo}", "--set", f"workerImage.tag={worker_tag}",
             # the node model cache (uri sources) under the cluster's root: the teardown removes it with the rest
             "--set", f"modelCache.hostPath={real_cluster.real.root}/model-cache"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)

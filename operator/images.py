@@ -60,8 +60,14 @@ def configure(worker_image: str | None = None, pull_secrets: list[str] | tuple[s
 
 
 def router_image(spec, options: ImageOptions) -> str:
-    """The router's and the fetch container's image: spec.router.image, else the operator's worker image."""
-    return spec.router.image or options.worker_image
+    """The router's and the fetch container's image: spec.router.image; else, for a Baton-engine service that
+    names its workers' image, that image (a Baton worker image: it has `baton router` and `baton model fetch`,
+    and it is the one the service is known to pull); else the operator's worker image."""
+    if spec.router.image:
+        return spec.router.image
+    if spec.engine.kind == "baton" and spec.engine.image:
+        return spec.engine.image
+    return options.worker_image
 
 
 def engine_image(spec, options: ImageOptions) -> str | None:

@@ -526,6 +526,17 @@ def test_router_command_and_image() -> None:
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
 
 
+def test_a_baton_service_that_names_its_worker_image_runs_its_router_on_it() -> None:
+    """The router is `baton router`: for a Baton-engine service whose engine.image is set, that Baton worker image
+    (the one the service is known to pull) rather than the operator's default, which the nodes may not have;
+    spec.router.image still wins."""
+    m = render(base(engine={"kind": "baton", "image": "registry.local/baton/worker:abc"}))
+    assert pod(m, "router")["containers"][0]["image"] == "registry.local/baton/worker:abc"
+    m = render(base(engine={"kind": "baton", "image": "registry.local/baton/worker:abc"},
+                    router={"image": "registry.local/baton/router:1"}))
+    assert pod(m, "router")["containers"][0]["image"] == "registry.local/baton/router:1"
+
+
 def test_env_contract() -> None:
     m = render(base(engine={"kind": "baton", "env": [{"name": "EXTRA", "value": "1"}]}))
     for role in ("prefill", "decode", "router"):

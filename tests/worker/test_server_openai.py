@@ -149,7 +149,9 @@ def test_models_health_ready(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [SERVED]
     assert httpx.get(server.base_url + "/health").status_code == 200
-    assert httpx.get(server.base_url + "/ready").json() == {"status": "ready"}
+    ready = httpx.get(server.base_url + "/ready").json()
+    assert ready["status"] == "ready"
+    assert ready["kv_fingerprint"] == server.engine.kv_fingerprint  # the router pairs workers by it
 
 
 def test_completion_non_streaming_and_streaming(server):

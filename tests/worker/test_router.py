@@ -133,12 +133,17 @@ def settled(front: RunningRouter, timeout: float = 5.0) -> dict:
 
 class Stub:
     """A minimal aiohttp worker whose answers a test decides (`handler(request) -> web.Response`); GET
-    `health_path` answers `health_status`, which a test may change while it runs (a worker turning healthy)."""
+    `health_path` answers `health_status`, which a test may change while it runs (a worker turning healthy),
+    with a JSON body holding `health_extra` too (a Baton worker's /ready), or none at all with
+    `health_body=False` (vLLM's /health)."""
 
-    def __init__(self, handler, *, health_path: str = "/ready", health_status: int = 200) -> None:
+    def __init__(self, handler, *, health_path: str = "/ready", health_status: int = 200,
+                 health_extra: dict | None = None, health_body: bool = True) -> None:
         self.handler = handler
         self.health_path = health_path
         self.health_status = health_status
+        self.health_extra = health_extra or {}
+        self.health_body = health_body
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -155,8 +160,11 @@ class Stub:
             return await self.handler(request)
 
         async def health(request):
+            if not self.health_body:
+                return web.Response(status=self.health_status)
             ok = self.health_status == 200
-            return web.json_response({"status": "ready" if ok else "unavailable"}, status=self.health_status)
+            return web.json_response({"status": "ready" if ok else "unavailable", **self.health_extra},
+                                     status=self.health_status)
 
         async def main():
             self._stop = asyncio.Event()

@@ -191,8 +191,9 @@ def test_a_busy_worker_that_misses_checks_keeps_its_traffic_until_the_threshold(
     `success_threshold` passing checks bring it back."""
     import aiohttp
     from aiohttp import web
-    from baton import launch
     from baton.worker.router.pool import HealthChecker, Pool
+
+    from baton import launch
 
     state = {"delay": 0.0, "status": 200}
 

@@ -6,12 +6,8 @@ and whose decode stubs record which prefill worker's kv_transfer_params they got
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-import time
 from dataclasses import dataclass
-from typing import Self
 
 import httpx
 import pytest
@@ -20,7 +16,7 @@ from baton.worker.router.pool import parse_fingerprint
 
 from baton import launch
 
-from .test_router import RunningRouter, free_port
+from .test_router import RunningRouter, Stub
 
 HANDOFFS = launch.Metric.ROUTER_KV_HANDOFFS
 MISMATCH = launch.Metric.ROUTER_LAYOUT_MISMATCH
@@ -73,75 +69,33 @@ def test_parse_fingerprint_from_the_ready_body_or_header():
 # ---------------------------------------------------------------------------------------------- stub workers
 
 
-class StubWorker:
-    """An aiohttp worker of one role whose GET /ready reports `fingerprint` (None: an empty body, as vLLM's
-    /health). A prefill stub answers the prefill hop with kv_transfer_params naming itself; a decode stub
-    records the kv_transfer_params of every request it gets (None when the router sent none: a recompute)
-    and answers a one-token completion; `status` (a decode stub) makes it refuse with that status instead."""
+class StubWorker(Stub):
+    """A worker of one role whose GET /ready reports `fingerprint` (None: an empty body, as vLLM's /health). A
+    prefill stub answers the prefill hop with kv_transfer_params naming itself; a decode stub records the
+    kv_transfer_params of every request it gets (None when the router sent none: a recompute) and answers a
+    one-token completion; `status` (a decode stub) makes it refuse with that status instead."""
 
     def __init__(self, name: str, fingerprint: str | None) -> None:
         self.name = name
         self.fingerprint = fingerprint
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
         self.received: list[dict | None] = []
-        self.calls = 0
         self.status = 200
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"stub-{name}")
+        super().__init__(self.answer, health_body=fingerprint is not None,
+                         health_extra={launch.READY_KV_FINGERPRINT: fingerprint} if fingerprint else None)
 
-    def _run(self) -> None:
+    async def answer(self, request):
         from aiohttp import web
 
-        asyncio.set_event_loop(self.loop)
-
-        async def post(request):
-            self.calls += 1
-            body = await request.json()
-            kv = body.get("kv_transfer_params")
-            if isinstance(kv, dict) and kv.get("do_remote_decode"):  # the prefill hop
-                return web.json_response({"choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
-                                          "kv_transfer_params": {"from": self.name, "fp": self.fingerprint}})
-            if self.status != 200:
-                return web.json_response({"error": {"message": "busy", "code": "busy"}}, status=self.status)
-            self.received.append(kv)
-            return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": "m",
-                                      "choices": [{"index": 0, "text": self.name, "finish_reason": "length"}]})
-
-        async def ready(request):
-            if self.fingerprint is None:
-                return web.Response(status=200)  # vLLM's /health: 200, no body
-            return web.json_response({"status": "ready", launch.READY_KV_FINGERPRINT: self.fingerprint})
-
-        async def main():
-            self._stop = asyncio.Event()
-            app = web.Application()
-            app.router.add_post("/v1/completions", post)
-            app.router.add_get("/ready", ready)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            try:
-                await self._stop.wait()
-            finally:
-                await runner.cleanup()
-
-        self.loop.run_until_complete(main())
-
-    def start(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(self.base_url + "/ready", timeout=1)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise TimeoutError("stub never started")
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(timeout=10)
+        body = await request.json()
+        kv = body.get("kv_transfer_params")
+        if isinstance(kv, dict) and kv.get("do_remote_decode"):  # the prefill hop
+            return web.json_response({"choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                                      "kv_transfer_params": {"from": self.name, "fp": self.fingerprint}})
+        if self.status != 200:
+            return web.json_response({"error": {"message": "busy", "code": "busy"}}, status=self.status)
+        self.received.append(kv)
+        return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": "m",
+                                  "choices": [{"index": 0, "text": self.name, "finish_reason": "length"}]})
 
 
 @pytest.fixture

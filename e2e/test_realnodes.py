@@ -758,7 +758,7 @@ def _node_cache_is_reused_by_a_second_pod(c) -> None:
     """'fetched' scaled to 2 decode pods, both on real-1 (the decode pool's nodeSelector): the second pod's
     fetch-model init container finds the node cache's complete entry and downloads nothing (its log says so)."""
     from baton.operator.model_fetch_status import FETCH_CONTAINER
-    from baton.worker.model_cache import HIT, MISS
+    from baton.worker.model_cache import HIT
 
     _k(c, "delete", "llmservice", "missing", "refused", "-n", FLEET_NS, "--wait=false", check=False)  # their CPU
     selector = "app.kubernetes.io/instance=fetched,baton.dev/role=decode"
@@ -777,8 +777,10 @@ def _node_cache_is_reused_by_a_second_pod(c) -> None:
         first["spec"]["nodeName"], second["spec"]["nodeName"])
     said = {}
     for which, p in (("first", first), ("second", second)):
-        log = _k(c, "logs", "-n", FLEET_NS, p["metadata"]["name"], "-c", FETCH_CONTAINER).stdout
-        said[which] = next((ln for ln in reversed(log.splitlines()) if ln.startswith((HIT, MISS))), log[-500:])
+        # the fetch leaves its outcome line in its termination message (the pod's status): this kubelet keeps
+        # no log of a finished init container to read with `kubectl logs -c`
+        (status,) = [s for s in p["status"].get("initContainerStatuses", []) if s["name"] == FETCH_CONTAINER]
+        said[which] = (status["state"].get("terminated") or {}).get("message", "").strip() or str(status)
         seconds = _fetch_seconds(p)
         PHASE_TIMINGS[f"uri: {which} decode pod's fetch-model init container"] = seconds
         REPORT_LINES.append(f"node model cache, {which} decode pod on real-1: fetch-model ran {seconds:.0f}s: "

@@ -99,17 +99,21 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 
     from baton.cli import CommandError
 
+    log = DEFAULT_TERMINATION_LOG if args.termination_log is None else args.termination_log
     try:
         if args.cache_dir is not None:
             from baton.worker.model_cache import fetch_cached
 
-            print(fetch_cached(args.uri, Path(args.cache_dir), ca_file=args.ca_file, dtype=args.dtype)[1])
+            outcome = fetch_cached(args.uri, Path(args.cache_dir), ca_file=args.ca_file, dtype=args.dtype)[1]
+            print(outcome)
+            # ... and in the container's termination message: whether this pod downloaded or reused the node's
+            # copy is then in the pod's status (a kubelet may not keep a finished init container's log)
+            write_termination_log(log, " ".join(outcome.split()))
         else:
             print(fetch_model(args.uri, Path(args.dest), ca_file=args.ca_file, dtype=args.dtype))
     except FetchError as exc:
         # The operator shows the termination message in the LLMService's status: the same one line.
         message = " ".join(str(exc).split())
-        log = DEFAULT_TERMINATION_LOG if args.termination_log is None else args.termination_log
         write_termination_log(log, message)
         raise CommandError(message) from None
     return 0

@@ -136,13 +136,17 @@ def test_concurrent_cli_processes_download_once(server, tmp_path):
     cache = tmp_path / "cache"
     uri = f"{server.base}/models/tiny/"
     before = server.weight_gets()
-    procs = [subprocess.Popen([BATON, "model", "fetch", "--uri", uri, "--cache-dir", str(cache)],
+    logs = [tmp_path / f"termination-log-{i}" for i in range(2)]
+    procs = [subprocess.Popen([BATON, "model", "fetch", "--uri", uri, "--cache-dir", str(cache),
+                               "--termination-log", str(log)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **env(ca=server.ca)}) for _ in range(2)]
+                              env={**os.environ, **env(ca=server.ca)}) for log in logs]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert server.weight_gets() - before == 1, server.hits
     assert sorted(o[0].split(":")[0] for o in outs) == [HIT, MISS], outs
+    # the same outcome in each pod's termination message: its status says whether it downloaded
+    assert sorted(log.read_text() for log in logs) == sorted(" ".join(o[0].split()) for o in outs)
 
 
 def test_a_partial_entry_of_a_killed_fetch_is_never_used(server, tmp_path):

@@ -638,7 +638,10 @@ def _router_evidence(c, instance: str) -> str:
         lines += [x for x in body.decode(errors="replace").splitlines()
                   if x.startswith(("baton_router_hop_errors_total", "baton_router_prefill_failures_total",
                                    "baton_router_requests_total"))]
-        lines.append(_k(c, "logs", "-n", FLEET_NS, p["metadata"]["name"], "--tail", "40", check=False).stdout)
+        log = _k(c, "logs", "-n", FLEET_NS, p["metadata"]["name"], check=False).stdout.splitlines()
+        # what the router thought of its workers and hops (health changes, missed checks, failed hops)
+        lines += [x for x in log if any(w in x for w in ("unhealthy", "missed a check", "is healthy", "failed",
+                                                            "recomput", "503", "gone"))][-80:]
     return "\n".join(lines)
 
 

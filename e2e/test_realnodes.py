@@ -297,6 +297,22 @@ def test_operator_runs_as_a_pod_and_its_webhook_refuses_bad_llmservices(real_clu
     assert "denied the request" in out.stderr, out.stderr  # the operator pod's webhook said no
 
 
+def router_sees(c, name: str, ns: str = FLEET_NS, *, prefill: int = 1, decode: int = 1) -> bool:
+    """Whether LLMService `name`'s router (its /ready through the ClusterIP) counts at least `prefill` and
+    `decode` healthy workers. An LLMService turns Ready when its pods are, but its router finds a prefill pod
+    that turned Ready last only on its next Endpoints read and health check (seconds later on a loaded
+    machine); a load started before that meets a prefill tier it has not seen yet -- with a strict TPOT SLO,
+    503s by the prefill-failure policy. A client that needs every request served waits for this."""
+    ip = _k(c, "get", "svc", name, "-n", ns, "-o", "jsonpath={.spec.clusterIP}", check=False).stdout.strip()
+    status, body = _get(f"http://{ip}:80/ready") if ip else (0, b"")
+    try:
+        workers = json.loads(body).get("workers", {}) if status == 200 else {}
+    except ValueError:
+        return False
+    return (workers.get("prefill", {}).get("healthy", 0) >= prefill
+            and workers.get("decode", {}).get("healthy", 0) >= decode)
+
+
 def deploy_tiny(c, model_dir: Path) -> float:
     """Apply LLMService `tiny` (examples/tiny-local.yaml on this tree's image: 1 prefill, 1 decode, 1 router)
     in FLEET_NS -- creating the namespace, resetting any change an earlier test made -- and wait until the
@@ -316,7 +332,7 @@ def deploy_tiny(c, model_dir: Path) -> float:
         obj = json.loads(out.stdout)
         status = obj.get("status") or {}
         return (status.get("observedGeneration") == obj["metadata"]["generation"] and status.get("phase") == "Ready"
-                and _settled(c, "prefill", 1) and _settled(c, "decode", 1))
+                and _settled(c, "prefill", 1) and _settled(c, "decode", 1) and router_sees(c, "tiny"))
 
     try:
         wait_for("LLMService tiny Ready", ready, timeout=300, interval=1)
@@ -597,8 +613,9 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, fleet_ns,
         body["spec"]["prefill"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 1}
         body["spec"]["autoscaling"] = {"enabled": True, "prometheusURL": prom.url, "interval": "3s"}
         _k(c, "apply", "-f", "-", input=yaml.safe_dump(body))
-        wait_for("LLMService auto Ready", lambda: _condition(c, "auto", "Ready").get("phase") == "Ready",
-              timeout=300, interval=2)
+        wait_for("LLMService auto Ready, its router seeing its prefill and decode workers",
+                 lambda: _condition(c, "auto", "Ready").get("phase") == "Ready" and router_sees(c, "auto"),
+                 timeout=300, interval=2)
         router_ip = _k(c, "get", "svc", "auto", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
         (first,) = _pods(c, "app.kubernetes.io/instance=auto,baton.dev/role=decode", FLEET_NS)
         t0 = time.monotonic()

@@ -37,6 +37,7 @@ from baton.e2e.test_realnodes import (
     _k,
     _pods,
     _ready,
+    router_sees,
 )
 
 from baton import launch
@@ -173,9 +174,10 @@ def fleet(real_cluster, release, tiny_model):
                                             "limits": {"cpu": "1", "memory": "1Gi"}}
     _k(c, "apply", "-f", "-", input=yaml.safe_dump(body))
     try:
-        wait_for("LLMService drain Ready with 3 prefill pods", lambda: len([p for p in _live(c, "prefill") if _ready(p)])
+        wait_for("LLMService drain Ready with 3 prefill pods, all seen by its router",
+                 lambda: len([p for p in _live(c, "prefill") if _ready(p)])
                  == 3 and _live(c, "router") and _ready(_live(c, "router")[0]) and _live(c, "decode")
-                 and _ready(_live(c, "decode")[0]), timeout=360, interval=2)
+                 and _ready(_live(c, "decode")[0]) and router_sees(c, NAME, NS, prefill=3), timeout=360, interval=2)
     except AssertionError:
         print(_k(c, "get", "pods,events", "-n", NS, "-o", "wide", check=False).stdout, file=sys.stderr)
         raise

@@ -9,18 +9,16 @@ pods of two LLMService revisions -- is not covered here.)"""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 
 import httpx
 import pytest
-from baton.e2e.processes import wait_until_ready
 
 from baton import launch
 
-from .test_router_processes import BATON, SERVED, ask, free_port, has_kv_transport, metric
+from .test_router_processes import ask, has_kv_transport, metric, start_fleet
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -32,35 +30,15 @@ PROMPT = "Where do the rivers go?"
 def test_prefill_and_decode_pair_only_by_kv_layout(tiny_model_dir):
     if not has_kv_transport():
         pytest.skip("baton worker has no --kv-transport (TCP KV transport not available)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = {  # name: (role, extra args)
-        "prefill_old": ("prefill", [launch.Flag.BLOCK_SIZE, "8"]),
-        "prefill_new": ("prefill", []),
-        "decode": ("decode", []),
-        "both": ("both", []),
+        "prefill_old": ("prefill", [launch.Flag.BLOCK_SIZE, "8", "--dtype", "float32"]),
+        "prefill_new": ("prefill", ["--dtype", "float32"]),
+        "decode": ("decode", ["--dtype", "float32"]),
+        "both": ("both", ["--dtype", "float32"]),
     }
     procs: dict[str, subprocess.Popen] = {}
-    urls: dict[str, str] = {}
     try:
-        for name, (role, extra) in workers.items():
-            port = free_port()
-            kv = ["--kv-transport", "tcp", "--kv-port", "0"] if role != "both" else []
-            procs[name] = subprocess.Popen(
-                BATON + ["worker", "--role", role, "--model", str(tiny_model_dir), "--port", str(port),
-                         "--served-model-name", SERVED, "--dtype", "float32", "--log-level", "warning",
-                         *kv, *extra],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            urls[name] = f"http://127.0.0.1:{port}"
-        rport = free_port()
-        router = f"http://127.0.0.1:{rport}"
-        procs["router"] = subprocess.Popen(
-            BATON + ["router", "--policy", "round-robin", "--host", "127.0.0.1", "--port", str(rport),
-                     "--prefill", f"{urls['prefill_old']},{urls['prefill_new']}", "--decode", urls["decode"],
-                     "--health-interval", "0.5", "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name in workers:
-            wait_until_ready(urls[name], procs[name])
-        wait_until_ready(router, procs["router"], timeout=30)
+        urls, router = start_fleet(tiny_model_dir, procs, workers=workers, policy="round-robin")
 
         fingerprints = {n: httpx.get(urls[n] + "/ready").json()[launch.READY_KV_FINGERPRINT] for n in workers}
         assert fingerprints["prefill_new"] == fingerprints["decode"] == fingerprints["both"]

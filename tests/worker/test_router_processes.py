@@ -59,29 +59,37 @@ def ask(client, chat: bool, prompt: str, stream: bool):
     return r.choices[0].text
 
 
-def start_fleet(model, procs: dict[str, subprocess.Popen], *router_args: str) -> tuple[dict[str, str], str]:
-    """Real processes: a prefill and a decode worker (TCP KV transport), a colocated `both` worker for the
-    expected answers, and a router over prefill + decode (`router_args` added); all Ready. The caller kills
-    `procs` (filled as they start) in a `finally`. Returns (worker URLs by role, router URL)."""
+def start_fleet(model, procs: dict[str, subprocess.Popen], *router_args: str,
+                workers: dict[str, tuple[str, list[str]]] | None = None,
+                policy: str = "least-loaded") -> tuple[dict[str, str], str]:
+    """Real processes: `workers` ({name: (role, extra worker args)}; default a prefill and a decode worker with
+    the TCP KV transport and a colocated `both` worker for the expected answers, each named by its role) and a
+    router over the prefill and decode ones (`router_args` added); all Ready. The caller kills `procs` (filled as
+    they start) in a `finally`. Returns (worker URLs by name, router URL)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = workers or {role: (role, []) for role in ("prefill", "decode", "both")}
     urls: dict[str, str] = {}
-    for role in ("prefill", "decode", "both"):
+    for name, (role, extra) in workers.items():
         port = free_port()
-        extra = ["--kv-transport", "tcp", "--kv-port", "0"] if role != "both" else []
-        procs[role] = subprocess.Popen(
+        kv = ["--kv-transport", "tcp", "--kv-port", "0"] if role != "both" else []
+        procs[name] = subprocess.Popen(
             BATON + ["worker", "--role", role, "--model", str(model), "--port", str(port),
-                     "--served-model-name", SERVED, "--log-level", "warning", *extra],
+                     "--served-model-name", SERVED, "--log-level", "warning", *kv, *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        urls[role] = f"http://127.0.0.1:{port}"
+        urls[name] = f"http://127.0.0.1:{port}"
+
+    def of(role: str) -> str:
+        return ",".join(urls[name] for name, (r, _) in workers.items() if r == role)
+
     rport = free_port()
     router = f"http://127.0.0.1:{rport}"
     procs["router"] = subprocess.Popen(
-        BATON + ["router", "--policy", "least-loaded", "--host", "127.0.0.1", "--port", str(rport),
-                 "--prefill", urls["prefill"], "--decode", urls["decode"], "--health-interval", "0.5",
+        BATON + ["router", "--policy", policy, "--host", "127.0.0.1", "--port", str(rport),
+                 "--prefill", of("prefill"), "--decode", of("decode"), "--health-interval", "0.5",
                  "--log-level", "warning", *router_args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for role in ("prefill", "decode", "both"):
-        wait_until_ready(urls[role], procs[role])
+    for name in workers:
+        wait_until_ready(urls[name], procs[name])
     wait_until_ready(router, procs["router"], timeout=30)
     return urls, router
 

@@ -181,7 +181,7 @@ class Router:
                         if resp.status == 200:
                             return web.Response(body=data, content_type="application/json")
                 except UPSTREAM_ERRORS as exc:
-                    ep.fail(exc, describe(exc))
+                    ep.fail(exc)
         return error_json("no healthy worker to list the models", status=503,
                           type="service_unavailable_error", code="no_workers",
                           headers={"Retry-After": RETRY_AFTER})
@@ -340,7 +340,7 @@ class Router:
             try:
                 resp = await self.upstream.post(ep.url + path, data, headers)
             except UPSTREAM_ERRORS as exc:
-                ep.fail(exc, describe(exc))
+                ep.fail(exc)
                 raise HopFailed(reason_of(exc), describe(exc)) from None
             rid = resp.headers.get(REQUEST_ID, headers[REQUEST_ID])
             req.decode_hop = Hop(sent - req.arrival, parse_server_timing(resp.headers.get(Header.SERVER_TIMING)))
@@ -348,14 +348,14 @@ class Router:
                 try:
                     payload = await self.upstream.read(resp)
                 except UPSTREAM_ERRORS as exc:
-                    ep.fail(exc, describe(exc))
+                    ep.fail(exc)
                     raise HopFailed(reason_of(exc), describe(exc)) from None
                 return self._refused(resp, payload, rid, req)
             if not stream or not resp.content_type.startswith("text/event-stream"):
                 try:
                     payload = await self.upstream.read(resp)
                 except UPSTREAM_ERRORS as exc:
-                    ep.fail(exc, describe(exc))
+                    ep.fail(exc)
                     raise HopFailed(reason_of(exc), describe(exc)) from None
                 now = time.monotonic()
                 self._first_token(req, now - req.arrival)

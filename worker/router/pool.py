@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import aiohttp
+from baton.worker.router.hops import describe
 
 from baton import launch
 
@@ -169,13 +170,13 @@ class Endpoint:
             log.info("%s worker %s missed a check (%d of %d before it is dropped): %s", self.role, self.url,
                      self.missed, self.timing.failure_threshold, error)
 
-    def fail(self, exc: BaseException, error: str) -> None:
+    def fail(self, exc: BaseException) -> None:
         """A hop or check that failed with `exc`: a refused or unreachable connection is a definite answer
         (`mark`), anything else (a timeout, a connection cut while the worker computes) a missed answer."""
         if isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
-            self.mark(False, error)
+            self.mark(False, describe(exc))
         else:
-            self.miss(error)
+            self.miss(describe(exc))
 
     def _set(self, healthy: bool, error: str | None) -> None:
         if healthy != self.healthy:
@@ -276,7 +277,7 @@ class HealthChecker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure counts against the worker
-            ep.fail(exc, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            ep.fail(exc)
         if self.load_metrics and ep.scrape_load:
             if ep.healthy:
                 await self.read_load(ep)

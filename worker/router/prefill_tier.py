@@ -146,7 +146,7 @@ class PrefillTier:
             ctype = resp.headers.get("Content-Type", "application/json")
             timings = parse_server_timing(resp.headers.get(Header.SERVER_TIMING))
         except UPSTREAM_ERRORS as exc:
-            ep.fail(exc, describe(exc))
+            ep.fail(exc)
             self.metrics.hop_error("prefill", reason_of(exc))
             log.warning("prefill hop to %s failed (%s)", ep.url, describe(exc))
             return None, None, {}

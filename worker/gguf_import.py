@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from baton.worker.model_fetch import PROGRESS_INTERVAL_SECONDS, FetchError, human
+from baton.worker.model_fetch import PROGRESS_INTERVAL_SECONDS, FetchError, human, make_readable_by_all
 
 GGUF_SUFFIX = ".gguf"
 DTYPES = ("float32", "bfloat16")
@@ -283,15 +283,8 @@ def convert_gguf(gguf_path: Path, out: Path, *, dtype: str = "float32",
     started = time.monotonic()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     say(f"wrote {WEIGHTS_FILE} in {time.monotonic() - started:.1f}s")
-    _readable_by_all(out)
+    make_readable_by_all(out)
     return out
-
-
-def _readable_by_all(folder: Path) -> None:
-    """safetensors writes its file 0600: a pod that runs as another uid than the converter could not read it."""
-    for p in folder.iterdir():
-        if p.is_file():
-            p.chmod(p.stat().st_mode | 0o444)
 
 
 def fetch_gguf(downloader, source, staging: Path, dtype: str) -> Path:

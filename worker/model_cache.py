@@ -51,6 +51,7 @@ from baton.worker.model_fetch import (
     Source,
     fetch_model,
     human,
+    make_readable_by_all,
     redact,
     ssl_context,
 )
@@ -101,14 +102,6 @@ def _clean_leftovers(cache: Path, key: str, say: Callable[[str], None]) -> None:
     for tmp in cache.glob(f".{key}{TMP_INFIX}*"):
         say(f"removing {tmp} (a fetch was interrupted)")
         _remove(tmp)
-
-
-def _world_readable(folder: Path) -> None:
-    """Folders 0755, files 0644: the worker (uid 1000, read-only mount) reads what root wrote."""
-    for p in [folder, *folder.rglob("*")]:
-        if p.is_symlink():
-            continue
-        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def check_access(downloader: Downloader, source: Source) -> None:
@@ -193,7 +186,7 @@ def fetch_cached(uri: str, cache_dir: Path, *, ca_file: str | None = None, env: 
                 "authenticated": credentials.header is not None,
                 "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }, indent=1) + "\n")
-            _world_readable(model)
+            make_readable_by_all(model)
             os.replace(model, entry)
         except OSError as exc:
             raise FetchError(f"cannot write the model into the cache {cache}: {exc.strerror or exc}") from None

@@ -636,6 +636,15 @@ def _fetch_folder(downloader: Downloader, source: Source, staging: Path) -> Path
     return root
 
 
+def make_readable_by_all(folder: Path) -> None:
+    """Folders 0755, files 0644, all the way down: a worker running as another uid (1000 in its pod, with a
+    read-only mount) reads what the fetch or a converter wrote -- safetensors itself writes its file 0600."""
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
 def write_termination_log(path: str | None, message: str) -> None:
     """Leave `message` where Kubernetes picks up a container's termination message (best effort).
 

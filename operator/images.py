@@ -4,7 +4,8 @@ name in the code.
 The router and the model-fetch init container always run Baton's worker image (they are `baton router` and
 `baton model fetch`); Baton-engine workers run it too unless `spec.engine.image` names another. That image is
 the operator's `--worker-image` (env `BATON_WORKER_IMAGE`; the Helm chart sets it from its `workerImage`
-values, next to the operator's own image), overridden per LLMService by `spec.router.image`. Pull secrets are
+values, next to the operator's own image), overridden per LLMService by `spec.router.image` -- and, for a
+Baton-engine service that names `spec.engine.image`, by that image (`router_image`). Pull secrets are
 the operator's `--image-pull-secret` (env `BATON_IMAGE_PULL_SECRETS`, comma-separated; chart value
 `workerImage.pullSecrets`) plus `spec.imagePullSecrets`, on every pod the operator renders; they name Secrets in
 the LLMService's namespace.

@@ -38,8 +38,9 @@ Decisions worth knowing:
   `--drain-timeout` or `--kv-lease-seconds` in the engine or role args moves the grace period with it. vLLM
   pods get the same budget as `--shutdown-timeout` (vLLM drains in-flight requests instead of aborting them) and
   sleep in a preStop hook first so the endpoint removal reaches the routers; their grace period covers both.
-* Images: the router and the model-fetch init container run `spec.router.image`, else the operator's worker
-  image (`--worker-image`, Helm value `workerImage`), as do Baton workers without `spec.engine.image`; every pod
+* Images: the router and the model-fetch init container run `spec.router.image`, else (Baton engine) the
+  workers' `spec.engine.image`, else the operator's worker image (`--worker-image`, Helm value `workerImage`),
+  as do Baton workers without `spec.engine.image`; every pod
   gets `spec.imagePullSecrets` plus the operator's (`images.py`). vLLM with kvTransfer rdma/auto: UCX env,
   RDMA device and IPC_LOCK (`render_vllm.py`).
 * `uri` models: fetched once per node into the node model cache (hostPath --model-cache-path; or a PVC, or
@@ -151,7 +152,8 @@ def model_dir(svc: LLMService) -> str:
 
 
 def router_image(svc: LLMService, opts: ImageOptions | None = None) -> str:
-    """The router (and model-fetch) image: spec.router.image, else the operator's worker image (`images`)."""
+    """The router (and model-fetch) image: `images.router_image` (spec.router.image, else a Baton service's
+    engine.image, else the operator's worker image)."""
     return images.router_image(svc.spec, opts or images.OPTIONS)
 
 

@@ -14,6 +14,7 @@ Pure data and pure functions: no I/O, no imports from ``baton.operator`` or ``ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -524,10 +525,13 @@ def managed_flag_in(engine: str, arg: str) -> str | None:
         name = name.split(".", 1)[0]
         if name.startswith("--"):
             name = "--" + name[2:].replace("_", "-")
-    for flag, spellings in managed_flags(engine).items():
-        if name in spellings:
-            return flag
-    return None
+    return _managed_spellings(engine).get(name)
+
+
+@functools.cache
+def _managed_spellings(engine: str) -> dict[str, str]:
+    """{spelling: managed flag} of `engine`: `managed_flags` renders a sample command line, once per engine."""
+    return {spelling: flag for flag, spellings in managed_flags(engine).items() for spelling in spellings}
 
 
 @dataclasses.dataclass(frozen=True)

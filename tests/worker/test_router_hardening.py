@@ -9,6 +9,7 @@ worker would get; the lease-id test runs a real prefill worker on the tiny model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
@@ -152,6 +153,23 @@ def test_health_path_flag_default_and_validation():
         assert message.startswith("--health-path ") and why in message and "\n" not in message, message
 
 
+@contextlib.asynccontextmanager
+async def serving(path: str, handler):
+    """An in-process aiohttp worker answering GET `path` with `handler`; yields its base URL, stopped on exit."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 def test_health_checker_gets_the_configured_path():
     """A vLLM-like worker (only /health): healthy with path /health, unhealthy with the default /ready."""
     import aiohttp
@@ -162,23 +180,14 @@ def test_health_checker_gets_the_configured_path():
         return web.Response(text="")
 
     async def go() -> None:
-        app = web.Application()
-        app.router.add_get("/health", health)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            async with aiohttp.ClientSession() as session:
-                pool = Pool()
-                pool.set_urls("decode", [f"http://127.0.0.1:{port}"])
-                (ep,) = pool.all()
-                await HealthChecker(pool, session, path="/health").check_all()
-                assert ep.healthy, ep.last_error
-                await HealthChecker(pool, session).check_all()
-                assert not ep.healthy and ep.last_error == "/ready answered 404"
-        finally:
-            await runner.cleanup()
+        async with serving("/health", health) as url, aiohttp.ClientSession() as session:
+            pool = Pool()
+            pool.set_urls("decode", [url])
+            (ep,) = pool.all()
+            await HealthChecker(pool, session, path="/health").check_all()
+            assert ep.healthy, ep.last_error
+            await HealthChecker(pool, session).check_all()
+            assert not ep.healthy and ep.last_error == "/ready answered 404"
 
     asyncio.run(go())
 
@@ -202,40 +211,31 @@ def test_a_busy_worker_that_misses_checks_keeps_its_traffic_until_the_threshold(
         return web.Response(status=state["status"], text="")
 
     async def go() -> None:
-        app = web.Application()
-        app.router.add_get("/ready", ready)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
         threshold = launch.WORKER_READINESS.failure_threshold
         assert threshold >= 2 and launch.WORKER_READINESS.timeout_seconds >= 5  # a kubelet's patience
-        try:
-            async with aiohttp.ClientSession() as session:
-                pool = Pool()
-                pool.set_urls("prefill", [f"http://127.0.0.1:{port}"])
-                (ep,) = pool.all()
-                checker = HealthChecker(pool, session, timeout=0.2, load_metrics=False)
+        async with serving("/ready", ready) as url, aiohttp.ClientSession() as session:
+            pool = Pool()
+            pool.set_urls("prefill", [url])
+            (ep,) = pool.all()
+            checker = HealthChecker(pool, session, timeout=0.2, load_metrics=False)
+            await checker.check_all()
+            assert ep.healthy
+            state["delay"] = 0.5  # busy: the answer comes after the check's timeout
+            for missed in range(1, threshold):
                 await checker.check_all()
-                assert ep.healthy
-                state["delay"] = 0.5  # busy: the answer comes after the check's timeout
-                for missed in range(1, threshold):
-                    await checker.check_all()
-                    assert ep.healthy and ep.missed == missed, (missed, ep.last_error)
-                    assert pool.healthy("prefill") == [ep]  # still takes traffic
-                await checker.check_all()
-                assert not ep.healthy and f"{threshold} checks in a row" in ep.last_error
-                state["delay"] = 0.0
-                await checker.check_all()
-                assert ep.healthy and ep.missed == 0  # one passing check: back (success_threshold 1)
-                state["status"] = 503  # draining: the worker says so, believed at once
-                await checker.check_all()
-                assert not ep.healthy and ep.last_error == "/ready answered 503"
-                state["status"] = 200
-                await checker.check_all()
-                assert ep.healthy
-        finally:
-            await runner.cleanup()
+                assert ep.healthy and ep.missed == missed, (missed, ep.last_error)
+                assert pool.healthy("prefill") == [ep]  # still takes traffic
+            await checker.check_all()
+            assert not ep.healthy and f"{threshold} checks in a row" in ep.last_error
+            state["delay"] = 0.0
+            await checker.check_all()
+            assert ep.healthy and ep.missed == 0  # one passing check: back (success_threshold 1)
+            state["status"] = 503  # draining: the worker says so, believed at once
+            await checker.check_all()
+            assert not ep.healthy and ep.last_error == "/ready answered 503"
+            state["status"] = 200
+            await checker.check_all()
+            assert ep.healthy
         async with aiohttp.ClientSession() as session:  # nothing listens any more: refused, dropped at once
             await HealthChecker(pool, session, timeout=0.2, load_metrics=False).check_all()
             assert not ep.healthy and ep.missed == 0, ep.last_error

@@ -332,10 +332,7 @@ class RealNodes:
         self._start_kube_proxy()
         for spec in self.specs:
             self._start_containerd(spec)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(self.specs)) as pool:  # every node at once: I/O bound
-            list(pool.map(self._import_images, self.specs))
+        self.import_images(self.images)
         self.timings["image import"] = time.monotonic() - t0
         for spec in self.specs:
             self._start_kubelet(spec)
@@ -404,9 +401,17 @@ class RealNodes:
             30,
         )
 
-    def _import_images(self, spec: NodeSpec) -> None:
+    def import_images(self, archives: Sequence[Path]) -> None:
+        """Load image archives into every node's containerd (all nodes at once: I/O bound). Also for an image
+        only some tests need (the vLLM image, GBs), imported when they first ask for it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(self.specs)) as pool:
+            list(pool.map(lambda spec: self._import_into(spec, archives), self.specs))
+
+    def _import_into(self, spec: NodeSpec, archives: Sequence[Path]) -> None:
         sock = str(self.paths(spec.name).socket)
-        for image in self.images:
+        for image in archives:
             proc = subprocess.run(
                 ["ctr", "-a", sock, "-n", "k8s.io", "images", "import", str(image)],
                 text=True,

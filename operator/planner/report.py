@@ -13,9 +13,11 @@ def spec_fragment(plan: Plan) -> dict[str, Any]:
     if c is None:
         return {}
     if c.kind == COLOCATED:
-        # Baton serves colocated as a decode-only fleet (the router recomputes the prefill on decode)
+        # Baton serves colocated as a decode-only fleet (the router recomputes the prefill on decode); locality
+        # any, because `zone`/`node` make decode pods require a prefill pod nearby, and there is none
         return {"prefill": {"replicas": 0, "tensorParallel": c.prefill_tp},
-                "decode": {"replicas": c.decode_replicas, "tensorParallel": c.decode_tp}}
+                "decode": {"replicas": c.decode_replicas, "tensorParallel": c.decode_tp},
+                "kvTransfer": {"locality": "any"}}
     return {"prefill": {"replicas": c.prefill_replicas, "tensorParallel": c.prefill_tp},
             "decode": {"replicas": c.decode_replicas, "tensorParallel": c.decode_tp},
             "kvTransfer": {"locality": plan.locality}}

@@ -2,6 +2,9 @@
 
 Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
 
+0. Tensor-parallel degrees: those of the profile that fit a node, that the model splits into (its attention
+   heads, when known) and that the service's webhook admits (`admissible.py`: one validation path, the
+   API's own rules, not a copy); each one left out is a note.
 1. Per phase and tensor-parallel degree, the most requests/s one instance carries within its own SLO
    (`instance.max_goodput`: prefill against TTFT, decode against TPOT, bisection on the rate of the same
    requests), as DistServe does. The prefill instance's TTFT includes the KV hand-off to its decode instance
@@ -9,7 +12,9 @@ Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
 2. Locality: a request's KV cache is `prompt tokens x kv bytes per token`. When its p90 hand-off over the
    inter-node link takes more than `handoff_budget` of the TTFT target, the plan keeps each prefill next to a
    decode instance in one node (`kvTransfer.locality: node`, DistServe's low node-affinity case); else the
-   phases go wherever there are GPUs (`any`).
+   phases go wherever there are GPUs (`any`). When the service's pools cannot share a node
+   (`node_locality_blocked`), the plan is `any` with the hand-off over the inter-node link, and says why.
+   A colocated choice is `any`: it hands no KV across.
 3. Layouts: for each (prefill TP, decode TP) the fewest instances that carry the target rate (or, with no
    target, the mix that carries the most per GPU within the cluster). Capacity = min(n_p x g_p, n_d x g_d);
    the smaller side is the SLO that binds. The colocated rival: n instances of one TP, prefill and decode in
@@ -24,6 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from baton.operator.planner.admissible import TensorParallelRule, heads_problem, role_tensor_parallel_problem
 from baton.operator.planner.instance import (
     Latencies,
     Targets,
@@ -114,6 +120,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     #: per-instance goodput (req/s) by phase ("prefill", "decode", "colocated") and tensor-parallel degree
     instance_rps: dict[str, dict[int, float]] = field(default_factory=dict)
+    #: why the locality is `any` although the hand-off wanted `node` (the pools cannot share a node); else ""
+    locality_note: str = ""
 
     @property
     def gain_over_colocated(self) -> float | None:
@@ -137,6 +145,9 @@ class Plan:
         loc = (f"locality node: a p90 KV hand-off across nodes takes {cross * 1000:.0f} ms of the "
                f"{self.slo.ttft_s * 1000:g} ms TTFT budget" if self.locality == "node" else
                f"locality any: a p90 KV hand-off across nodes takes {cross * 1000:.1f} ms")
+        if self.locality_note:
+            loc += (f" of the {self.slo.ttft_s * 1000:g} ms TTFT budget, enough to keep the phases in one node, "
+                    f"but {self.locality_note}")
         return f"{side}; {loc}"
 
 
@@ -169,26 +180,50 @@ def _best_mix(tp_p: int, tp_d: int, g_p: float, g_d: float, gpus: int) -> Layout
     return best
 
 
+def searchable_degrees(degrees: Sequence[int], gpus_per_node: int, rule: TensorParallelRule,
+                       attention_heads: int | None, notes: list[str]) -> list[int]:
+    """The degrees that fit a node and that the model and `rule` accept; a note for each one refused."""
+    out = []
+    for tp in degrees:
+        if tp > gpus_per_node:
+            continue
+        why = heads_problem(tp, attention_heads) or rule(tp)
+        if why is None:
+            out.append(tp)
+        elif (note := f"TP{tp} not searched: {why}") not in notes:
+            notes.append(note)
+    return out
+
+
 def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster, *,
          target_rps: float | None = None, kv_bytes_per_token: float | None = None, handoff_budget: float = 0.1,
          colocated_profiles: ModelProfiles | None = None, num_requests: int = 1000, seed: int = 0,
-         check: bool = True, progress: Callable[[str], None] | None = None) -> Plan:
+         check: bool = True, progress: Callable[[str], None] | None = None,
+         tensor_parallel_rule: TensorParallelRule = role_tensor_parallel_problem,
+         attention_heads: int | None = None, node_locality_blocked: str | None = None) -> Plan:
     """Search the layouts for `workload` (lengths; its rate is the target unless `target_rps` is given, and
     0 means "no target: the most per GPU the cluster allows"). See the module docstring.
 
     `colocated_profiles`: the engine the colocated rival runs (default: the same profiles; DistServe compared
-    against vLLM's own fits). `kv_bytes_per_token` defaults to the profile's."""
+    against vLLM's own fits). `kv_bytes_per_token` defaults to the profile's. `tensor_parallel_rule`: why a
+    degree may not be offered (default the API's rule for a role; the operator passes its service's webhook
+    review, `admissible.tensor_parallel_rule`); `attention_heads`: the model's, when known.
+    `node_locality_blocked`: why the service's prefill and decode pods can never share a node (see
+    `overlay.node_pairing_problem`), None when they can."""
     if kv_bytes_per_token is None:
         kv_bytes_per_token = profiles.kv_bytes_per_token
     coloc = colocated_profiles or profiles
     target = workload.rate if target_rps is None else target_rps
     target = target if target and target > 0 else None
     reqs = workload.requests(num_requests, seed, rate=1.0)  # lengths and arrival shape; re-timed per rate
-    tps = [tp for tp in profiles.tensor_parallel_degrees if tp <= cluster.gpus_per_node]
     notes: list[str] = []
+    tps = searchable_degrees(profiles.tensor_parallel_degrees, cluster.gpus_per_node, tensor_parallel_rule,
+                             attention_heads, notes)
+    coloc_tps = searchable_degrees(coloc.tensor_parallel_degrees, cluster.gpus_per_node, tensor_parallel_rule,
+                                   attention_heads, notes)
     if not tps:
         notes.append(f"no tensor-parallel degree of the profile ({profiles.tensor_parallel_degrees}) fits a "
-                     f"node of {cluster.gpus_per_node} GPUs")
+                     f"node of {cluster.gpus_per_node} GPUs and is admitted")
 
     handoff_p90 = {}
     links = {"node": cluster.intra_node_gb_s, "cross-node": cluster.inter_node_gb_s}
@@ -196,7 +231,11 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
         fn = _handoff(kv_bytes_per_token, bw)
         handoff_p90[name] = percentile([fn(r) for r in reqs], 90) if fn else 0.0
     locality = "node" if handoff_p90["cross-node"] > handoff_budget * slo.ttft_s else "any"
-    if cluster.nodes == 1:
+    locality_note = ""
+    if locality == "node" and node_locality_blocked:
+        locality, locality_note = "any", node_locality_blocked
+        notes.append(f"locality any, not node: {node_locality_blocked}")
+    if cluster.nodes == 1 and not node_locality_blocked:
         link = "node"  # one node: every hand-off stays inside it
     else:
         link = "node" if locality == "node" else "cross-node"
@@ -212,7 +251,7 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
         prof = profiles.get(tp)
         g_p[tp] = max_goodput(lambda rs, p=prof: prefill_latencies(p, rs, handoff), reqs, ttft_only)
         g_d[tp] = max_goodput(lambda rs, p=prof: decode_latencies(p, rs), reqs, tpot_only)
-    for tp in [tp for tp in coloc.tensor_parallel_degrees if tp <= cluster.gpus_per_node]:
+    for tp in coloc_tps:
         say(f"goodput of one colocated TP{tp} instance")
         prof = coloc.get(tp)
         g_c[tp] = max_goodput(lambda rs, p=prof: colocated_latencies(p, rs), reqs, both)
@@ -249,8 +288,12 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
         notes.append(f"no disaggregated layout carries {target:g} req/s within {cluster.gpus} GPUs")
     # the best layout overall: colocation is chosen when it beats every disaggregated layout
     chosen = min(candidates[:1] + colocated[:1], key=rank, default=None)
+    if chosen is not None and chosen.kind == COLOCATED:
+        # one pool of decode workers that compute their own prompts: no KV hand-off, no prefill pod to be near
+        locality, locality_note = "any", ""
     result = Plan(chosen, colocated[0] if colocated else None, candidates + colocated, locality, handoff_p90,
-                  workload, slo, cluster, target, None, notes, {"prefill": g_p, "decode": g_d, "colocated": g_c})
+                  workload, slo, cluster, target, None, notes, {"prefill": g_p, "decode": g_d, "colocated": g_c},
+                  locality_note)
     if check and chosen:
         say(f"simulating the chosen fleet ({chosen.describe()})")
         rate = min(target, chosen.capacity_rps) if target else chosen.capacity_rps

@@ -328,7 +328,7 @@ def test_online_round_applies_then_keeps_the_applied_layout_when_a_new_plan_is_n
 
     body = svc_dict(mode="apply")
     body["spec"]["model"].update(name="opt-13b", maxModelLen=2048)  # OPT's context
-    body["spec"]["engine"] = {"kind": "vllm"}
+    body["spec"]["engine"] = {"kind": "vllm", "image": "vllm/vllm-openai:v0.10.1"}  # what the webhook admits
     body["spec"]["slo"] = {"ttft": "200ms", "tpot": "100ms", "attainment": 0.9}
     body["spec"]["autoscaling"] = {"prometheusURL": "http://p:9090"}
     body["spec"]["planner"].update({"profileModel": "facebook/opt-13b", "minGain": 5.0,

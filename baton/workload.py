@@ -14,6 +14,11 @@ Trace schema (JSONL, one request per line; `#` lines and blank lines are skipped
 `timestamp` is in seconds (any origin: times are made relative to the first request), `input_len` is the prompt
 length in tokens (optional when `prompt` gives the text), `output_len` the tokens to generate.
 
+Lengths: a trace is replayed (`Workload.from_trace`: its own (input, output) pairs, each request as it was); a
+parametric distribution (fixed, uniform, a lognormal from a mean and a spread) is for when only moments are
+known. Real length distributions are often not lognormal (chat traces are long-tailed and often bimodal), and a
+lognormal fitted to their moments moves the median and the p90 that SLOs are judged on.
+
 Percentiles: linear interpolation between closest ranks (numpy's default, and what vLLM's benchmark reports).
 """
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TRACE_FIELDS = ("timestamp", "input_len", "output_len", "prompt")
@@ -56,14 +61,16 @@ def parse_duration(text: str, *, flag: str = "duration") -> float:
 
 @dataclass(frozen=True)
 class LengthDist:
-    """A token-length distribution: fixed N, uniform [lo, hi] (integers, inclusive) or lognormal with the given
-    mean and standard deviation *of the lengths themselves*, clipped to [minimum, maximum]."""
+    """A token-length distribution: fixed N, uniform [lo, hi] (integers, inclusive), lognormal with the given
+    mean and standard deviation *of the lengths themselves*, clipped to [minimum, maximum], or empirical: the
+    lengths a trace observed, drawn as they are (`a` is their mean, `values` the lengths, sorted)."""
 
     kind: str
     a: float
     b: float = 0.0
     minimum: int = 1
     maximum: int | None = None
+    values: tuple[int, ...] = field(default=(), repr=False)
 
     @classmethod
     def fixed(cls, n: int) -> LengthDist:
@@ -76,6 +83,15 @@ class LengthDist:
     @classmethod
     def lognormal(cls, mean: float, sd: float, minimum: int = 1, maximum: int | None = None) -> LengthDist:
         return cls("lognormal", mean, sd, minimum, maximum)
+
+    @classmethod
+    def empirical(cls, values: Iterable[int]) -> LengthDist:
+        """The observed lengths themselves (no fit): sampling draws one of them, so every quantile is the
+        data's own."""
+        xs = tuple(sorted(int(v) for v in values))
+        if not xs or xs[0] < 1:
+            raise ValueError("empirical lengths need at least one value, each at least 1")
+        return cls("empirical", sum(xs) / len(xs), 0.0, xs[0], xs[-1], xs)
 
     @classmethod
     def parse(cls, text: str, *, flag: str = "length") -> LengthDist:
@@ -127,6 +143,8 @@ class LengthDist:
     def sample(self, rng: random.Random) -> int:
         if self.kind == "fixed":
             n = int(self.a)
+        elif self.kind == "empirical":
+            return self.values[rng.randrange(len(self.values))]
         elif self.kind == "uniform":
             n = rng.randint(int(self.a), int(self.b))
         else:
@@ -147,6 +165,9 @@ class LengthDist:
             return str(int(self.a))
         if self.kind == "uniform":
             return f"uniform:{int(self.a)}:{int(self.b)}"
+        if self.kind == "empirical":
+            return (f"empirical (median {percentile(self.values, 50):g}, p90 {percentile(self.values, 90):g}, "
+                    f"max {self.values[-1]})")
         clip = f":{self.minimum}:{self.maximum}" if self.maximum is not None else ""
         return f"lognormal:{self.a:g}:{self.b:g}{clip}"
 
@@ -223,18 +244,62 @@ class Workload:
     """Steady load: Poisson arrivals at `rate` req/s with the given length distributions.
 
     `requests(n, seed)` is deterministic, and the same seed gives the same lengths at every rate (only the
-    arrival times scale), so rates can be compared request for request."""
+    arrival times scale), so rates can be compared request for request.
+
+    `pairs` (from `from_trace`): observed (prompt, output) length pairs. When set, requests replay them as
+    pairs -- a long prompt keeps its own output length, which two independent marginals would not -- and
+    `prompt`/`output` are their marginals (empirical), for reports and bounds."""
 
     rate: float
     prompt: LengthDist
     output: LengthDist
+    pairs: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_trace(cls, requests: Sequence[Request], *, where: str = "trace") -> Workload:
+        """Replay a trace's lengths (every request needs its input length: prompts are not tokenized here) at
+        its mean arrival rate (0 when it has no span: no target). `where` names the trace in errors."""
+        if not requests:
+            raise ValueError(f"{where}: no requests in the trace")
+        missing = sum(1 for r in requests if r.prompt_tokens < 1)
+        if missing:
+            raise ValueError(f"{where}: {missing} of {len(requests)} requests have no input_len (the planner "
+                             "needs input_len on every line: prompts are not tokenized)")
+        pairs = tuple((r.prompt_tokens, r.output_tokens) for r in requests)
+        span = requests[-1].arrival_s - requests[0].arrival_s
+        rate = (len(requests) - 1) / span if len(requests) > 1 and span > 0 else 0.0
+        return cls(rate, LengthDist.empirical(p for p, _ in pairs), LengthDist.empirical(o for _, o in pairs),
+                   pairs)
+
+    def sample_lengths(self, n: int, rng: random.Random) -> list[tuple[int, int]]:
+        """`n` (prompt, output) length pairs. A trace is replayed in shuffled passes (each pass every request
+        once, in a fresh random order): `n` a multiple of the trace's size gives its exact distribution, and
+        any `n` varies less than draws with replacement would."""
+        if not self.pairs:
+            return [(self.prompt.sample(rng), self.output.sample(rng)) for _ in range(n)]
+        out: list[tuple[int, int]] = []
+        while len(out) < n:
+            batch = list(self.pairs)
+            rng.shuffle(batch)
+            out.extend(batch[:n - len(out)])
+        return out
 
     def requests(self, n: int, seed: int = 0, rate: float | None = None) -> list[Request]:
         times = poisson_arrivals(self.rate if rate is None else rate, random.Random(seed), num_requests=n)
-        return with_lengths(times, self.prompt, self.output, random.Random(seed + 1))
+        lengths = self.sample_lengths(len(times), random.Random(seed + 1))
+        return [Request(t, p, o) for t, (p, o) in zip(times, lengths, strict=True)]
+
+    def lengths_model(self) -> str:
+        """How lengths are drawn, for reports: a trace replay, or the distributions (a lognormal is a fit to
+        moments: a mean and a spread, or a mean and a p90)."""
+        if self.pairs:
+            return f"trace replay of {len(self.pairs)} requests"
+        words = {"lognormal": "fitted lognormal", "empirical": "empirical"}
+        kinds = [words.get(d.kind, d.kind) for d in (self.prompt, self.output)]
+        return kinds[0] if kinds[0] == kinds[1] else f"input {kinds[0]}, output {kinds[1]}"
 
     def describe(self) -> str:
-        return f"{self.rate:g} req/s, input {self.prompt}, output {self.output}"
+        return f"{self.rate:g} req/s, input {self.prompt}, output {self.output} ({self.lengths_model()})"
 
 
 #: Chat lengths like ShareGPT as DistServe used it for OPT (2048-token context): mean input ~755 tokens,

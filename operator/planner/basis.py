@@ -3,8 +3,10 @@
 From Prometheus (`prometheus.PrometheusSource.workload`): the request rate at the router (or the workers), and
 the mean and p90 of the request length histograms vLLM and Baton workers export
 (`vllm:request_prompt_tokens` on prefill workers, `vllm:request_generation_tokens` on decode workers). Lengths
-become lognormal distributions with that mean and p90: two numbers a histogram gives reliably, and the shape
-LLM request lengths have.
+become lognormal distributions with that mean and p90: two numbers a histogram gives reliably. That is a fit to
+moments, used because the basis has no requests to replay (the histograms are aggregated over all requests
+and lose which output went with which prompt); `baton plan --trace` replays real (input, output) pairs
+instead (`Workload.from_trace`), and the plan says which it used (`status.plan.workload.lengths`).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ class WorkloadBasis:
     output_p90: float | None
 
     def workload(self, max_model_len: int | None = None) -> Workload:
-        """Lengths as lognormals; with `max_model_len`, clipped so no request exceeds the model's context
-        (a prompt keeps room for one output token; outputs are clipped to the context too)."""
+        """Lengths as lognormals fitted to the measured mean and p90 (moments only); with `max_model_len`,
+        clipped so no request exceeds the model's context (a prompt keeps room for one output token; outputs are
+        clipped to the context too)."""
         cap_in = max_model_len - 1 if max_model_len else None
         return Workload(self.rate, lognormal_from_mean_p90(self.input_mean, self.input_p90, cap_in),
                         lognormal_from_mean_p90(self.output_mean, self.output_p90, max_model_len))

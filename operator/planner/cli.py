@@ -3,9 +3,10 @@
     baton plan --profile a100-80g-distserve --model facebook/opt-13b --workload sharegpt \\
         --slo-ttft 200ms --slo-tpot 100ms --gpus-per-node 4
 
-Prints per-instance goodput per phase and tensor-parallel degree, the ranked layouts, the chosen one with the
-SLO that binds it, the best colocated layout for comparison, a whole-fleet simulation of the choice, and the
-LLMService fragment to paste (`--json` for all of it as one object).
+Prints the workload (a trace replay, or a lognormal fitted to moments), per-instance goodput per phase and
+tensor-parallel degree, the ranked layouts, the chosen one with the SLO that binds it, the best colocated
+layout for comparison, a whole-fleet simulation of the choice, and the LLMService fragment to paste (`--json`
+for all of it as one object).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--workload", choices=["sharegpt"], help="length preset (ShareGPT-like chat lengths)")
     w.add_argument("--input-len", help="prompt tokens: N, uniform:LO:HI or lognormal:MEAN:SD[:MIN:MAX]")
     w.add_argument("--output-len", help="output tokens, same forms")
-    w.add_argument("--trace", help="JSONL trace (baton bench's schema): lengths and mean rate come from it")
+    w.add_argument("--trace", help="JSONL trace (baton bench's schema), replayed: its (input, output) length "
+                                   "pairs and its mean rate; every line needs input_len")
     w.add_argument("--rate", type=float, default=None,
                    help="target requests/s the layout must carry (default: the trace's, else none: the most "
                         "per GPU the cluster allows)")
@@ -119,30 +121,17 @@ def _model_profiles(ps: ProfileSet, model: str | None, builtin: bool) -> ModelPr
 
 
 def _workload(args: argparse.Namespace) -> Workload:
-    """Lengths from a trace, a preset or flags (flags override a preset); the rate from --rate or the trace."""
+    """Lengths from a trace (replayed: its own (input, output) pairs), a preset or flags (flags override a
+    preset; these are distributions, lognormals when only moments are known); the rate from --rate or the
+    trace."""
     if args.trace:
         if args.workload or args.input_len or args.output_len:
             raise ValueError("--trace gives the lengths: drop --workload/--input-len/--output-len")
-        reqs = load_trace(args.trace)
-        span = reqs[-1].arrival_s - reqs[0].arrival_s
-        rate = (len(reqs) - 1) / span if len(reqs) > 1 and span > 0 else 0.0
-        ins = [r.prompt_tokens for r in reqs if r.prompt_tokens > 0]
-        if not ins:
-            raise ValueError(f"{args.trace}: the planner needs input_len on every line (prompts are not tokenized)")
-        outs = [r.output_tokens for r in reqs]
-        prompt, output = _fit_lognormal(ins), _fit_lognormal(outs)
-        return Workload(rate, prompt, output)  # its rate is the target unless --rate says otherwise
+        # replayed, not fitted: its rate is the target unless --rate says otherwise
+        return Workload.from_trace(load_trace(args.trace), where=args.trace)
     base = PRESETS[args.workload] if args.workload else None
     if base is None and not (args.input_len and args.output_len):
         raise ValueError("give --workload sharegpt, --trace FILE, or both --input-len and --output-len")
     prompt = LengthDist.parse(args.input_len, flag="--input-len") if args.input_len else base.prompt
     output = LengthDist.parse(args.output_len, flag="--output-len") if args.output_len else base.output
     return Workload(args.rate or 0.0, prompt, output)
-
-
-def _fit_lognormal(xs: list[int]) -> LengthDist:
-    """A lognormal with the sample's mean and standard deviation, clipped to its range."""
-    n = len(xs)
-    mean = sum(xs) / n
-    sd = (sum((x - mean) ** 2 for x in xs) / n) ** 0.5
-    return LengthDist.lognormal(round(mean, 1), round(sd, 1), min(xs), max(xs))

@@ -27,8 +27,9 @@ def to_status(plan: Plan) -> dict[str, Any]:
     """`status.plan`: what the plan is, what it predicts, and the workload it was made for."""
     c = plan.chosen
     out: dict[str, Any] = {
-        "workload": {"rate": round(plan.workload.rate, 4), "inputLength": str(plan.workload.prompt),
-                     "outputLength": str(plan.workload.output)},
+        # `lengths`: how the plan drew request lengths (a trace replay, or a lognormal fitted to moments)
+        "workload": {"rate": round(plan.workload.rate, 4), "lengths": plan.workload.lengths_model(),
+                     "inputLength": str(plan.workload.prompt), "outputLength": str(plan.workload.output)},
     }
     if c is None:
         out["message"] = "; ".join(plan.notes) or plan.why()
@@ -54,11 +55,12 @@ def _ms(x: float | None) -> str:
 
 
 def format_plan(plan: Plan, top: int = 10) -> str:
-    """The human report: inputs, per-instance goodput, ranked layouts, the choice and why."""
+    """The human report: inputs (and how lengths were drawn: a trace replay or a fit), per-instance goodput,
+    ranked layouts, the choice and why."""
     w, s, cl = plan.workload, plan.slo, plan.cluster
     target = f"target {plan.target_rps:g} req/s" if plan.target_rps else "no target rate (most per GPU)"
     lines = [
-        f"workload   input {w.prompt}, output {w.output}; {target}",
+        f"workload   {w.lengths_model()}: input {w.prompt}, output {w.output}; {target}",
         f"SLO        TTFT {_ms(s.ttft_s)} and TPOT {_ms(s.tpot_s)} for {s.attainment:.0%} of requests",
         (f"cluster    {cl.nodes} node(s) x {cl.gpus_per_node} GPUs, links {cl.intra_node_gb_s:g} GB/s in a node, "
          f"{cl.inter_node_gb_s:g} GB/s across"),

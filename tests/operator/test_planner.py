@@ -102,7 +102,10 @@ def test_plan_reports(headline):
     status = to_status(headline)
     assert status["binding"] in ("ttft", "tpot", "both") and status["gpus"] == 3
     assert status["workload"]["inputLength"] == str(SHAREGPT_LIKE.prompt)
+    # the preset is moments only: a fitted lognormal, and the plan says so (a trace is replayed instead)
+    assert status["workload"]["lengths"] == "fitted lognormal"
     text = format_plan(headline)
+    assert text.startswith("workload   fitted lognormal: input lognormal:755:700:4:1536")
     assert "* 1  prefill 1 x TP2 + decode 1 x TP1" in text and "disaggregation x" in text
 
 

@@ -25,13 +25,13 @@ import yaml
 from baton.e2e.build import kubectl_path
 from baton.e2e.cluster import LocalCluster, free_port
 from baton.operator.kube import Kube
+from baton.operator.reconcile import CHILD_KINDS
 from baton.operator.render import render
 
 from baton.workload import percentile  # the one percentile definition
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHILD_KINDS = (("v1", "ServiceAccount"), ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"))
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

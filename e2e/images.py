@@ -39,9 +39,6 @@ PAUSE_REF = "localhost/baton/pause:3.4"
 IMAGE_NAMES = ("worker", "operator", "vllm")
 #: images whose Dockerfile installs torch: they get the pinned CPU wheel mounted (TORCH_WHEELS)
 TORCH_IMAGES = ("worker", "vllm")
-#: images built with this machine's pip cache mounted (PIP_CACHE): vLLM's wheels (GBs) are the ones .venv-vllm
-#: downloaded already, and are not fetched a second time
-PIP_CACHE_IMAGES = ("vllm",)
 #: where the repository's Dockerfiles are
 DOCKER_DIR = "docker"
 #: trimmed from the base rootfs: nothing in an image reads them
@@ -223,16 +220,6 @@ def torch_wheels(log: Log = _default_log) -> Path:
     return out
 
 
-def pip_cache_dir() -> Path | None:
-    """This machine's pip cache folder (created if missing), or None when pip has its cache switched off."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], text=True, capture_output=True, check=False)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return None
-    path = Path(proc.stdout.strip())
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 BUILD_CA = "/etc/ssl/baton-build-ca.crt"
 
 
@@ -333,9 +320,6 @@ def build_image(name: str, log: Log = _default_log, force: bool = False) -> Imag
                 "--build-arg", f"PYTHON_IMAGE={base}", "-t", ref, *_pip_volumes()]
         if wheels is not None:
             args += ["--volume", f"{wheels}:/wheels:ro", "--build-arg", "TORCH_WHEELS=/wheels"]
-        cache = pip_cache_dir() if name in PIP_CACHE_IMAGES else None
-        if cache is not None:
-            args += ["--volume", f"{cache}:/pip-cache", "--build-arg", "PIP_CACHE=/pip-cache"]
         buildah(*args, str(root), what=f"building the {name} image", cwd=root,
                 log_file=images_dir() / f"{name}-build.log")
         tmp = archive.with_suffix(".tmp")

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from baton.operator.api_network import NetworkPolicySpec
 from baton.operator.managed_flags import spec_problems as managed_flag_problems
 from baton.operator.units import Duration, Quantity
 from pydantic import (
@@ -492,6 +493,8 @@ class LLMServiceSpec(_Model):
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, json_schema_extra=_object_default())
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=_object_default())
     planner: PlannerSpec = Field(default_factory=PlannerSpec, json_schema_extra=_object_default())
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec,
+                                              json_schema_extra=_object_default())
     image_pull_secrets: list[SecretRef] = Field(
         default_factory=list, description="Secrets (in this namespace) for pulling the images of every pod, "
         "before the operator's own (Helm value workerImage.pullSecrets).")
@@ -586,6 +589,7 @@ class ConditionType:
     KV_TRANSPORT_DEGRADED = "KVTransportDegraded"
     MODEL_READY = "ModelReady"  # uri sources: the worker pods' download (see model_fetch_status.py)
     LAYOUT_PLANNED = "LayoutPlanned"  # spec.planner: does the running layout match status.plan?
+    KV_SECRET_READY = "KVSecretReady"  # only once a KV Secret conflict was seen (kv_secret.py)
 
 
 class Condition(_StatusModel):
@@ -663,6 +667,10 @@ class LLMServiceStatus(_StatusModel):
         default=None, description="The planner's latest plan (spec.planner): per-phase tensorParallel and "
         "replicas, locality, predicted goodput per GPU, the workload basis and when.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    kv_secrets: dict[str, str] | None = Field(
+        default=None, description="The KV Secrets this operator created for this LLMService (name: uid; "
+        "\"\" for one adopted from an operator version without this record). A KV Secret that exists but is not "
+        "listed here was made by someone else: the workers are not started with it (KVSecretConflict).")
 
 
 def get_condition(conditions: Sequence[Condition], type: str) -> Condition | None:

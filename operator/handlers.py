@@ -198,6 +198,7 @@ def _owner(meta: dict) -> str | None:
 @kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=MANAGED)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
 async def child_event(meta: kopf.Meta, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     owner = _owner(dict(meta))
     if owner:

@@ -43,6 +43,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("apps/v1", "Deployment"): KindInfo("/apis/apps", "deployments"),
     ("rbac.authorization.k8s.io/v1", "Role"): KindInfo("/apis/rbac.authorization.k8s.io", "roles"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): KindInfo("/apis/rbac.authorization.k8s.io", "rolebindings"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): KindInfo("/apis/networking.k8s.io", "networkpolicies"),
     ("policy/v1beta1", "PodDisruptionBudget"): KindInfo("/apis/policy", "poddisruptionbudgets"),
     ("policy/v1", "PodDisruptionBudget"): KindInfo("/apis/policy", "poddisruptionbudgets"),
     (f"{GROUP}/{VERSION}", "LLMService"): KindInfo(f"/apis/{GROUP}", PLURAL),

@@ -11,11 +11,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from baton.operator import kv_secret
 from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
-from baton.operator.kv_secret import ensure_kv_secret, requested_rotation
+from baton.operator.kv_secret import ensure_kv_secret
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.model_fetch_status import model_fetch_state
-from baton.operator.naming import kv_secret_name, role_name
+from baton.operator.naming import role_name
 from baton.operator.planner.overlay import effective
 from baton.operator.render import render
 from baton.operator.status import compute_status
@@ -29,6 +30,7 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("v1", "Service"),
     ("apps/v1", "Deployment"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 ALL_ROLES = ("prefill", "decode", "router")
 
@@ -136,16 +138,28 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
             existing[_key(obj)] = obj
 
     deployments: dict[str, dict | None] = {role: None for role in ALL_ROLES}
+    kv_conflict: str | None = None
     try:
         manifests = render(llmservice)
         # before the workers, which require it; the token itself is never logged nor put in an Event
         secret = ensure_kv_secret(kube, llmservice)
-        secret_name = kv_secret_name(name, requested_rotation(llmservice))
-        if secret == "created":
-            result.created.append(f"Secret/{secret_name}")
-        elif secret == "rotated":
-            emit("Normal", "KVSecretRotated", f"made Secret/{secret_name}; the workers roll onto it")
         wanted = {_key(m) for m in manifests}
+        if secret.state == kv_secret.CREATED:
+            result.created.append(f"Secret/{secret.name}")
+        elif secret.state == kv_secret.ROTATED:
+            emit("Normal", "KVSecretRotated", f"made Secret/{secret.name}; the workers roll onto it")
+        elif secret.state == kv_secret.ADOPTED:
+            log.info("%s/%s: KV Secret %s recorded as this operator's (made before status.kvSecrets existed)",
+                     namespace, name, secret.name)
+        elif secret.state == kv_secret.CONFLICT:
+            kv_conflict = secret.message
+            if not _conflict_reported(llmservice, kv_conflict):
+                emit("Warning", "KVSecretConflict", kv_conflict)
+            manifests, held = _without_workers(manifests)
+            # Held, not pruned: existing workers keep the Secret they started with, none is created.
+            for key in held:
+                if key in existing:
+                    deployments[_role_of(existing[key]) or ""] = existing[key]
         for manifest in manifests:
             key = _key(manifest)
             before = existing.get(key)
@@ -198,7 +212,11 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
             model = model_fetch_state(pods)
         except KubeError as exc:
             log.warning("cannot read the pods of %s/%s for the model download's state: %s", namespace, name, exc)
-    status = compute_status(llmservice, deployments, now_rfc3339(), apply_error=result.error, model=model)
+    status = compute_status(llmservice, deployments, now_rfc3339(), apply_error=result.error, model=model,
+                            kv_secret_conflict=kv_conflict)
+    if kv_secret.recorded(llmservice) is None:
+        # Marks the status as written by an operator that keeps the record (kv_secret.py: no late adoption).
+        status["kvSecrets"] = {}
     previous = llmservice.get("status") or {}
     if previous.get("phase") != status["phase"]:
         emit("Normal" if status["phase"] in ("Ready", "Progressing", "Pending") else "Warning",
@@ -207,6 +225,20 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
         kube.patch_llmservice_status(namespace, name, status)
     result.status = status
     return result
+
+
+def _without_workers(manifests: list[dict]) -> tuple[list[dict], set[tuple[str, str, str]]]:
+    """The manifests less the worker Deployments (the pods that would read the KV Secret), and their keys."""
+    held = {_key(m) for m in manifests if m["kind"] == "Deployment" and _role_of(m) in WORKER_ROLES}
+    return [m for m in manifests if _key(m) not in held], held
+
+
+def _conflict_reported(llmservice: dict, message: str) -> bool:
+    """Whether status already says so (the Warning Event goes out once per conflict, not every resync)."""
+    for cond in (llmservice.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "KVSecretReady":
+            return cond.get("status") == "False" and cond.get("message") == message
+    return False
 
 
 def _status_changed(previous: dict, status: dict) -> bool:

@@ -13,6 +13,9 @@ Children of LLMService `<name>` in namespace `<ns>` (see `naming` for names that
     Service         <name>-prefill    headless, ports http (role port, 8000) + kv (kvTransfer.port)
     Service         <name>-decode     headless, ports http + kv
     Service         <name>            ClusterIP, port 80 -> router http: the client endpoint
+    NetworkPolicy   <name>-prefill    ingress of each role's pods (render_network.py; unless switched off),
+    NetworkPolicy   <name>-decode       before the Deployments so that pods start behind them
+    NetworkPolicy   <name>-router
     Deployment      <name>-prefill    prefill workers
     Deployment      <name>-decode     decode workers
     Deployment      <name>-router     the router (orchestrates prefill -> decode, measures TTFT/TPOT)
@@ -62,7 +65,7 @@ from typing import Any
 from baton import launch
 from baton.launch import Env
 
-from . import images, model_cache, render_vllm
+from . import images, model_cache, render_network, render_vllm
 from .api import (
     ACCELERATOR_CPU,
     ACCELERATOR_GPU,
@@ -127,6 +130,9 @@ CHILDREN: tuple[tuple[str, str, Callable[[str], str]], ...] = (
     ("v1", "Service", lambda n: role_name(n, ROLE_PREFILL)),
     ("v1", "Service", lambda n: role_name(n, ROLE_DECODE)),
     ("v1", "Service", router_service_name),
+    (render_network.NETWORK_API, "NetworkPolicy", lambda n: role_name(n, ROLE_PREFILL)),
+    (render_network.NETWORK_API, "NetworkPolicy", lambda n: role_name(n, ROLE_DECODE)),
+    (render_network.NETWORK_API, "NetworkPolicy", router_deployment_name),
     ("apps/v1", "Deployment", lambda n: role_name(n, ROLE_PREFILL)),
     ("apps/v1", "Deployment", lambda n: role_name(n, ROLE_DECODE)),
     ("apps/v1", "Deployment", router_deployment_name),
@@ -618,7 +624,8 @@ def _router_deployment(svc: LLMService, opts: ImageOptions) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- API
-def render_parsed(svc: LLMService, opts: ImageOptions | None = None) -> list[dict]:
+def render_parsed(svc: LLMService, opts: ImageOptions | None = None,
+                  network: render_network.NetworkPolicyOptions | None = None) -> list[dict]:
     """`render` for an already parsed LLMService."""
     opts = opts or images.OPTIONS
     return [
@@ -628,13 +635,15 @@ def render_parsed(svc: LLMService, opts: ImageOptions | None = None) -> list[dic
         _headless_service(svc, ROLE_PREFILL),
         _headless_service(svc, ROLE_DECODE),
         _router_service(svc),
+        *render_network.network_policies(svc, _metadata, network),
         _worker_deployment(svc, ROLE_PREFILL, opts),
         _worker_deployment(svc, ROLE_DECODE, opts),
         _router_deployment(svc, opts),
     ]
 
 
-def render(llmservice: dict, opts: ImageOptions | None = None) -> list[dict]:
+def render(llmservice: dict, opts: ImageOptions | None = None,
+           network: render_network.NetworkPolicyOptions | None = None) -> list[dict]:
     """The child manifests of `llmservice` (the full object as the apiserver returns it), in a fixed order.
 
     Raises `InvalidLLMService` (a ValueError whose `problems` are `field.path: message` lines) when the
@@ -642,16 +651,17 @@ def render(llmservice: dict, opts: ImageOptions | None = None) -> list[dict]:
     (always, for objects from the apiserver; a local preview without uid gets none). The input is not
     modified, and no two returned manifests share mutable parts. With `spec.planner.mode: apply`, the applied
     `status.plan` is laid over the spec first (`planner.overlay.effective`). Images and pull secrets the spec
-    leaves open come from `opts`, default the operator's configuration (`images.OPTIONS`).
+    leaves open come from `opts`, default the operator's configuration (`images.OPTIONS`); the NetworkPolicies'
+    defaults from `network` (`render_network.OPTIONS`).
     """
-    return render_parsed(parse_llmservice(effective(llmservice)), opts)
+    return render_parsed(parse_llmservice(effective(llmservice)), opts, network)
 
 
 def child_keys(llmservice: dict) -> list[tuple[str, str, str]]:
     """(apiVersion, kind, name) of every child `render` returns, in the same order.
 
     Depends only on `metadata.name`, so it works even for a spec that no longer validates (to find and prune
-    or report on existing children).
+    or report on existing children); the NetworkPolicies are listed even where they are switched off.
     """
     name = (llmservice.get("metadata") or {}).get("name")
     if not name:

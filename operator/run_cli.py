@@ -40,6 +40,13 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--model-cache-path", default=None, metavar="DIR",
                      help="node folder (hostPath) of the model cache of `uri` model sources, shared by the pods "
                           "on a node (default: $BATON_MODEL_CACHE_PATH, else /var/lib/baton/model-cache)")
+    run.add_argument("--no-network-policy", action="store_true",
+                     help="render no NetworkPolicies for LLMServices that do not ask for them "
+                          "(spec.networkPolicy.enabled; default: one per role, see operator/render_network.py)")
+    run.add_argument("--network-policy-metrics-from", default=None, metavar="JSON",
+                     help="who may scrape the pods' metrics port: a JSON list of NetworkPolicy peers "
+                          "({namespaceSelector, podSelector}); default: pods labelled "
+                          "app.kubernetes.io/name=prometheus in any namespace")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=_run)
 
@@ -52,9 +59,13 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
 
     import kopf
-    from baton.operator import autoscaler, images, model_cache, webhook
+    from baton.operator import autoscaler, images, model_cache, render_network, webhook
     from baton.operator.units import parse_duration
     images.configure(args.worker_image, args.image_pull_secret)
+    try:
+        render_network.configure(not args.no_network_policy, args.network_policy_metrics_from)
+    except ValueError as exc:
+        raise CommandError(f"--network-policy-metrics-from: {exc}") from None
     try:
         model_cache.configure(args.model_cache_path)
     except ValueError as exc:

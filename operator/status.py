@@ -14,6 +14,8 @@ from baton.operator.naming import router_service_name
 ROLES = ("prefill", "decode", "router")
 #: Conditions this module owns; others (SLOMet, KVTransportDegraded) belong to the autoscaler and are kept.
 ROLE_CONDITION = {"prefill": "PrefillReady", "decode": "DecodeReady", "router": "RouterReady"}
+KV_SECRET_READY = api.ConditionType.KV_SECRET_READY
+KV_SECRET_CONFLICT = "KVSecretConflict"
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,17 @@ def set_condition(conditions: list[dict], type_: str, status: bool | str, reason
 
 
 def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: str,
-                   apply_error: str | None = None, model: ModelFetch | None = None) -> dict:
+                   apply_error: str | None = None, model: ModelFetch | None = None,
+                   kv_secret_conflict: str | None = None) -> dict:
     """The status the reconciler writes (a merge patch of `.status`; fields owned by others are left alone).
 
     `deployments` maps each role to its Deployment as read after applying (None if it is missing).
     `apply_error` is set when applying the children failed; the phase is then Failed and Ready is False.
     `model` (services with a `uri` source only): the download's outcome, as condition `ModelReady`; a failed
     download makes the phase Failed with the fetcher's own message, instead of pods that are never ready.
+    `kv_secret_conflict`: why the KV Secret is not this operator's (kv_secret.py); the workers were not started
+    with it, so the phase is Failed with condition KVSecretReady=False. The condition appears only once a
+    conflict was seen, and turns True when it is resolved.
     """
     meta = llmservice.get("metadata") or {}
     previous = llmservice.get("status") or {}
@@ -89,8 +95,19 @@ def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: s
     if model is not None:
         conditions = set_condition(conditions, "ModelReady", "Unknown" if model.ok is None else model.ok,
                                    model.reason, model.message, now, generation)
+    if kv_secret_conflict:
+        conditions = set_condition(conditions, KV_SECRET_READY, False, KV_SECRET_CONFLICT, kv_secret_conflict,
+                                   now, generation)
+    elif any(c.get("type") == KV_SECRET_READY for c in conditions):
+        conditions = set_condition(conditions, KV_SECRET_READY, True, "KVSecretOwned",
+                                   "the KV Secret the workers use was made by this operator for this LLMService",
+                                   now, generation)
     not_ready = [role for role in ROLES if not roles[role].ready]
-    if model is not None and model.ok is False:
+    if kv_secret_conflict:
+        phase = "Failed"
+        conditions = set_condition(conditions, "Ready", False, KV_SECRET_CONFLICT, kv_secret_conflict, now,
+                                   generation)
+    elif model is not None and model.ok is False:
         phase = "Failed"
         conditions = set_condition(conditions, "Ready", False, model.reason, model.message, now, generation)
     elif apply_error:

@@ -157,6 +157,7 @@ EXPECTED_WORKLOADS = (
     | {("apps", "deployments", v, ()) for v in CHILD_VERBS}
     | {("", res, v, ()) for res in ("services", "serviceaccounts") for v in CHILD_VERBS}
     | {("rbac.authorization.k8s.io", res, v, ()) for res in ("roles", "rolebindings") for v in CHILD_VERBS}
+    | {("networking.k8s.io", "networkpolicies", v, ()) for v in CHILD_VERBS}  # each role's ingress policy
     | {("", "endpoints", "get", ())}  # granted on to each router (RBAC: only what the granter holds)
     | {("", "secrets", "create", ())}  # the KV secret: made, never read
     | {("", "pods", "list", ())}  # uri sources: the download's failure message, from the init container

@@ -178,6 +178,9 @@ def test_helm_install_runs_the_operator_which_reconciles(release, kubectl, names
     wait_for(f"LLMService {namespace}/{name} Ready", ready, timeout=90, diagnostics=runner.log_tail)
     deps = json.loads(kubectl("get", "deployments", "-n", namespace, "-o", "json", check=True).stdout)["items"]
     assert {d["metadata"]["name"] for d in deps} == {f"{name}-prefill", f"{name}-decode", f"{name}-router"}
+    # the per-role NetworkPolicies (networking.k8s.io), made with the chart's RBAC
+    nps = json.loads(kubectl("get", "networkpolicies", "-n", namespace, "-o", "json", check=True).stdout)["items"]
+    assert {n["metadata"]["name"] for n in nps} == {f"{name}-prefill", f"{name}-decode", f"{name}-router"}
     events = json.loads(kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout)["items"]
     assert any(e["reason"] == "Created" and e["involvedObject"]["kind"] == "LLMService" for e in events)
 
@@ -208,6 +211,8 @@ CAN = [
     ("create", "rolebindings.rbac.authorization.k8s.io", "-n", "{other}"),
     ("create", "secrets", "-n", "{other}"),  # the per-service KV secret: made, never read
     ("list", "pods", "-n", "{other}"),  # a uri source's download failure, from the init container
+    ("create", "networkpolicies.networking.k8s.io", "-n", "{other}"),  # each role's ingress policy
+    ("delete", "networkpolicies.networking.k8s.io", "-n", "{other}"),  # pruned when switched off
 ]
 CANNOT = [
     ("get", "secrets", "--all-namespaces"),

@@ -294,3 +294,45 @@ def test_kv_secret_is_made_required_and_rotated_never_logged(operator, kubectl, 
     for t in (token, new_token):
         assert t not in events and t not in log, "a KV token leaked into an Event or the operator's log"
     assert "KVSecretRotated" in events
+
+
+def test_kv_secret_planted_by_someone_else_starts_no_worker(operator, kubectl, namespace):
+    """A Secret under the KV Secret's fixed name that the operator did not make (it cannot read it: it only
+    gets a 409) is never given to workers: KVSecretConflict, no worker Deployment, a Warning Event; deleted, the
+    operator makes its own and the service comes up. Also: the per-role NetworkPolicies are applied."""
+    import base64
+
+    body = yaml.safe_load(EXAMPLE.read_text())
+    name = body["metadata"]["name"] = "planted"
+    body["metadata"]["namespace"] = namespace
+    planted = "known-to-someone-else"
+    kubectl("create", "secret", "generic", f"{name}-kv", "-n", namespace, f"--from-literal=token={planted}",
+            check=True)
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=True)
+
+    def conflict():
+        cond = condition(llms_status(kubectl, namespace, name), "KVSecretReady")
+        return cond.get("reason") == "KVSecretConflict" and cond
+    try:
+        cond = wait_for("condition KVSecretReady=False/KVSecretConflict", conflict, timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{operator.log_tail()}") from None
+    assert f"Secret {namespace}/{name}-kv" in cond["message"] and cond["status"] == "False"
+    status = llms_status(kubectl, namespace, name)
+    assert status["phase"] == "Failed" and condition(status, "Ready")["reason"] == "KVSecretConflict"
+    assert set(deployments(kubectl, namespace, name)) == {f"{name}-router"}, "a worker got the planted Secret"
+    nps = get_json(kubectl, "networkpolicies", "-n", namespace)["items"]
+    assert {n["metadata"]["name"] for n in nps} == {f"{name}-prefill", f"{name}-decode", f"{name}-router"}
+    events = get_json(kubectl, "events", "-n", namespace)["items"]
+    assert any(e["reason"] == "KVSecretConflict" and e["type"] == "Warning" for e in events)
+    time.sleep(3)  # later reconciles (child events) change nothing
+    assert set(deployments(kubectl, namespace, name)) == {f"{name}-router"}
+
+    kubectl("delete", "secret", f"{name}-kv", "-n", namespace, check=True)
+    wait_ready(kubectl, namespace, name, operator, timeout=150)  # the next resync (60 s) makes the Secret
+    secret = get_json(kubectl, "secret", f"{name}-kv", "-n", namespace)
+    assert base64.b64decode(secret["data"]["token"]).decode() != planted
+    status = llms_status(kubectl, namespace, name)
+    assert secret["metadata"]["uid"] == status["kvSecrets"][f"{name}-kv"]
+    assert condition(status, "KVSecretReady")["status"] == "True"
+    assert planted not in operator.log_tail(100000)

@@ -218,6 +218,16 @@ KV_HANDOFF_MATCHES = ("same", "unknown", "cross")
 READY_KV_FINGERPRINT = "kv_fingerprint"
 READY_KV_LAYOUT = "kv_layout"
 
+
+class ErrorCode:
+    """`error.code` of a worker's answer that the router acts on (both sides use these, never a spelling of
+    their own): a KV pull that failed (502) and `kv_transfer_params` refused before any pull (403: unsigned,
+    altered or expired). The router answers either by having the decode worker recompute the prompt."""
+
+    KV_TRANSFER_FAILED = "kv_transfer_failed"
+    KV_PARAMS_REJECTED = "kv_params_rejected"
+
+
 #: values of `Label.OUTCOME` on `Metric.KV_LEASES_ENDED`
 LEASE_PULLED = "pulled"
 LEASE_EXPIRED = "expired"

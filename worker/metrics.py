@@ -124,7 +124,8 @@ class _EngineStatsCollector(Collector):
         return [held, ended]
 
     def _kv_metrics(self, s: EngineStats) -> list[Metric]:
-        """KV handoff (decode side imports): baton_kv_transfer_*, and the transport actually in use."""
+        """KV handoff (decode side imports): baton_kv_transfer_*, the transport actually in use, and the
+        kv_transfer_params refused unsigned, altered or expired (`kv/params_auth.py`)."""
         names, values = self._names, self._values
         out: list[Metric] = []
         if s.kv_transport:
@@ -160,6 +161,15 @@ class _EngineStatsCollector(Collector):
         for reason, n in sorted((s.kv_transfer_failures or {}).items()):
             f.add_metric(values + [reason], float(n))
         out.append(f)
+        r = CounterMetricFamily(
+            "baton_kv_params_rejected",
+            "kv_transfer_params refused before any KV connection, by reason (unsigned, bad_signature, expired): "
+            "not handed out by a prefill worker of this service, altered, or past their lease.",
+            labels=names + ["reason"],
+        )
+        for reason, n in sorted((getattr(s, "kv_params_rejected", None) or {}).items()):
+            r.add_metric(values + [reason], float(n))
+        out.append(r)
         return out
 
 

@@ -38,6 +38,7 @@ from baton.worker.engine.types import (
     EngineOverloaded,
     GenerationRequest,
     InvalidRequest,
+    KVParamsRejected,
     KVTransferFailed,
     StepOutput,
     TokenLogprob,
@@ -96,6 +97,14 @@ def engine_error_to_request_error(exc: EngineError) -> RequestError:
             code="engine_overloaded",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
+    if isinstance(exc, KVParamsRejected):  # not signed by a prefill worker of this service: nothing was pulled
+        return RequestError(
+            f"kv_transfer_params refused ({exc.reason}): {exc}",
+            param="kv_transfer_params",
+            status=403,
+            type="permission_error",
+            code=launch.ErrorCode.KV_PARAMS_REJECTED,
+        )
     if isinstance(exc, KVTransferFailed):
         return RequestError(
             f"KV cache transfer from the prefill worker failed: {exc}"
@@ -104,7 +113,7 @@ def engine_error_to_request_error(exc: EngineError) -> RequestError:
             param="kv_transfer_params",
             status=502,
             type="kv_transfer_error",
-            code="kv_transfer_failed",
+            code=launch.ErrorCode.KV_TRANSFER_FAILED,
         )
     return RequestError(f"engine error: {exc}", status=500, type="internal_server_error", code="engine_error")
 

@@ -10,6 +10,7 @@ from baton.worker.engine.engine import BatonEngine
 from baton.worker.engine.types import GenerationRequest, KVTransferFailed, SamplingParams
 from baton.worker.kv import factory
 from baton.worker.kv import nixl as nixlmod
+from baton.worker.kv.params_auth import ParamsAuth
 
 from .test_engine import GREEDY, TEXTS, collect, req
 from .test_kv_tcp import settle
@@ -52,7 +53,9 @@ async def test_nixl_disagg_equals_both(tiny_model_dir):
 async def test_nixl_auth_mismatch(tiny_model_dir):
     pre = BatonEngine.load(tiny_model_dir, role="prefill", kv_transport=nixl())
     bad = nixlmod.NIXLKVTransport("127.0.0.1", 0, secret="other", serve=False)
-    dec = BatonEngine.load(tiny_model_dir, role="decode", kv_transport=bad)
+    # the params check gets the prefill's key, so the transport's own handshake is what refuses (with its own
+    # key the decode engine refuses the params before connecting: tests/worker/test_kv_params_auth.py)
+    dec = BatonEngine.load(tiny_model_dir, role="decode", kv_transport=bad, kv_params_auth=ParamsAuth("s"))
     async with pre, dec:
         ids = pre.tokenizer.encode("Hello there")
         _, _, outs = await collect(pre, req("a", ids, max_tokens=4, **GREEDY))

@@ -18,6 +18,7 @@ from baton.worker.engine.leases import LeaseTable
 from baton.worker.engine.types import GenerationRequest, KVTransferFailed, SamplingParams
 from baton.worker.kv import tcp as tcpmod
 from baton.worker.kv.base import KVLayout
+from baton.worker.kv.params_auth import ParamsAuth
 from baton.worker.kv.tcp import HEADER, NONCE_BYTES, TCPKVTransport
 
 from .test_engine import GREEDY, TEXTS, assert_all_free, collect, req
@@ -222,8 +223,12 @@ async def test_layerwise_streaming_overlaps_compute():
 
 
 async def test_auth_mismatch_fails_cleanly(tiny_model_dir):
+    """The handshake itself refuses a peer with another secret. A decode engine with the wrong secret already
+    refuses the prefill worker's signed params before connecting (tests/worker/test_kv_params_auth.py); here its
+    params check is given the right key, so the transport's own (second, independent) check is what refuses."""
     pre = BatonEngine.load(tiny_model_dir, role="prefill", kv_transport=tcp(secret="right"))
-    decs = {"wrong": BatonEngine.load(tiny_model_dir, role="decode", kv_transport=tcp(secret="wrong")),
+    decs = {"wrong": BatonEngine.load(tiny_model_dir, role="decode", kv_transport=tcp(secret="wrong"),
+                                      kv_params_auth=ParamsAuth("right")),
             "none": BatonEngine.load(tiny_model_dir, role="decode", kv_transport=tcp(secret=None))}
     async with pre, decs["wrong"], decs["none"]:
         ids = pre.tokenizer.encode("Hello there")
@@ -353,6 +358,7 @@ async def test_killed_prefill_peer_fails_fast_and_frees_blocks(tiny_model_dir):
             dec.kv_transport.on_layer_received = lambda layer, t: loop.call_soon_threadsafe(got_layer0.set)
             kv = dict(fake_params(layout, n, port), do_remote_prefill=True, first_token_ids=[5],
                       num_prompt_tokens=len(ids))
+            kv = ParamsAuth(SECRET).sign(kv, time.time() + 30)  # as a prefill worker of the service would
             task = asyncio.create_task(decode(dec, "k", ids, kv, max_tokens=5, **GREEDY))
             await asyncio.wait_for(got_layer0.wait(), 30)  # mid-transfer: layer 0 in, layer 1 "computing"
             assert dec.stats().num_blocks_free == dec.stats().num_blocks_total - n
@@ -425,7 +431,8 @@ async def test_corrupted_payload_is_an_integrity_error(tiny_model_dir):
         try:
             ids = pre.tokenizer.encode("The quick brown fox jumps over the lazy dog and then")
             kv = await prefill(pre, "c", ids, max_tokens=4, **GREEDY)
-            kv = dict(kv, remote_port=proxy.sockets[0].getsockname()[1])
+            # the proxy's port, signed with the service's secret (as if the prefill worker advertised it)
+            kv = ParamsAuth(SECRET).sign(dict(kv, remote_port=proxy.sockets[0].getsockname()[1]), time.time() + 30)
             with pytest.raises(KVTransferFailed, match="integrity check failed for layer 0"):
                 await decode(dec, "c", ids, kv, max_tokens=4, **GREEDY)
             await settle(dec)

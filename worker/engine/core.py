@@ -12,6 +12,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from .sampling import Sampler, advance_generator
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Mode, Sequence, Status
 from .types import EngineStats, StepOutput
+
+if TYPE_CHECKING:
+    from ..kv.params_auth import ParamsAuth
 
 
 class LayerProgress:
@@ -64,7 +68,7 @@ class EngineCore:
     def __init__(self, model: LlamaModel, *, role: str, engine_id: str, max_model_len: int, block_size: int,
                  num_blocks: int, max_num_seqs: int, max_num_batched_tokens: int, lease_seconds: float,
                  seed: int | None = None, kv_address: tuple[str, int] = ("", 0), chunked_prefill: bool = False,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, params_auth: ParamsAuth | None = None) -> None:
         cfg = model.cfg
         self.model = model
         self.role = role
@@ -78,6 +82,7 @@ class EngineCore:
         self.sampler = Sampler(seed)
         self.leases = LeaseTable(lease_seconds)
         self.kv_address = kv_address
+        self.params_auth = params_auth  # signs the kv_transfer_params this worker hands out (kv/params_auth.py)
         # handed over from the event loop (deque append/popleft are thread-safe)
         self.incoming: deque[Sequence] = deque()
         self.aborts: deque[str] = deque()
@@ -238,9 +243,9 @@ class EngineCore:
         self.leases.create(lease_id, seq.block_ids, len(seq.prompt_ids))
         self.layers_ready[lease_id] = 0
         seq.lease_id = lease_id
+        seq.lease_expires = time.time() + self.leases.ttl
         if (seq.kv_params or {}).get(KV_ANNOUNCE):
-            params = self._lease_params(seq)
-            del params["first_token_ids"]
+            params = self._lease_params(seq, announce=True)
             out = StepOutput(seq.request_id, [], "", False, None, len(seq.prompt_ids), 0, kv_transfer_params=params)
             if self.emit is not None:  # now, not after this step: the point is to start before the forward ends
                 self.emit(out)
@@ -248,12 +253,14 @@ class EngineCore:
                 res.outputs.append(out)
         return lease_id
 
-    def _lease_params(self, seq: Sequence) -> dict:
+    def _lease_params(self, seq: Sequence, announce: bool = False) -> dict:
         """`kv_transfer_params` of a prefill hop (vLLM's protocol): where the decode hop pulls its KV (the lease
-        `_open_lease` made when the step that ends the prompt started)."""
+        `_open_lease` made when the step that ends the prompt started). An announcement (`announce`) has no first
+        token yet. Signed, with the lease's end as expiry, so a decode worker pulls only from here, only this
+        lease, only while it lasts (`kv/params_auth.py`)."""
         lease_id = seq.lease_id
         host, port = self.kv_address
-        return {
+        params = {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_engine_id": self.engine_id,
@@ -266,6 +273,9 @@ class EngineCore:
             "kv_layout": self.layout.to_dict(),
             "lease_seconds": self.leases.ttl,
         }
+        if announce:
+            del params["first_token_ids"]
+        return self.params_auth.sign(params, seq.lease_expires) if self.params_auth is not None else params
 
     def _abort(self, request_id: str, res: StepResult) -> None:
         seq = self.scheduler.find(request_id)

@@ -32,6 +32,7 @@ import torch
 from baton import __version__ as baton_version
 
 from ..kv.base import FAILURE_REASONS, KVLayout, KVTransport, TransferHistogram, failure_reason
+from ..kv.params_auth import ParamsAuth
 from . import fingerprint
 from .config import ModelLoadError, load_model_config
 from .core import EngineCore, LayerProgress, new_engine_id
@@ -130,6 +131,8 @@ class BatonEngine:
     - max_waiting: queued requests beyond which `generate` raises EngineOverloaded (256)
     - kv_transport: a `KVTransport` (default: the in-process one for prefill/decode roles)
     - kv_lease_seconds: how long a prefill worker keeps KV for the decode worker (30)
+    - kv_params_auth: signs and checks kv_transfer_params (default: with the KV transport's secret; none for
+      the in-process transport), see `kv/params_auth.py`
     - on_kv_transfer: callback(seconds, bytes) per completed import (for baton_kv_transfer_* metrics)
     - overlap_steps: start the next step before handing out this step's outputs to the streams (True)
     - model_identity: the model's identity in the KV-layout fingerprint (`fingerprint.model_identity` of its
@@ -144,7 +147,7 @@ class BatonEngine:
                  engine_id: str | None = None, seed: int | None = None,
                  on_kv_transfer: Callable[[float, int], None] | None = None, overlap_steps: bool = True,
                  enable_chunked_prefill: bool | None = None, enable_prefix_caching: bool = True,
-                 model_identity: str | None = None) -> None:
+                 model_identity: str | None = None, kv_params_auth: ParamsAuth | None = None) -> None:
         if role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, not {role!r}")
         cfg = model.cfg
@@ -177,6 +180,8 @@ class BatonEngine:
 
             kv_transport = InProcessKVTransport()
         self.kv_transport = kv_transport
+        # the transport's own secret (env BATON_KV_SECRET): one key for the handshake and the params' signature
+        self.kv_params_auth = kv_params_auth or ParamsAuth(getattr(kv_transport, "secret", None))
         self.on_kv_transfer = on_kv_transfer
         self.overlap_steps = overlap_steps
         self.core = EngineCore(
@@ -185,6 +190,7 @@ class BatonEngine:
             max_num_batched_tokens=self.max_num_batched_tokens, lease_seconds=kv_lease_seconds, seed=seed,
             kv_address=kv_transport.address() if kv_transport else ("", 0),
             chunked_prefill=self.chunked_prefill, prefix_caching=enable_prefix_caching,
+            params_auth=self.kv_params_auth,
         )
         self.eos_token_ids = tuple(dict.fromkeys((*tokenizer.eos_token_ids, *cfg.eos_token_ids)))
         # what a peer's KV must match to be used here (the router pairs prefill and decode workers by it)
@@ -336,6 +342,7 @@ class BatonEngine:
             if self.kv_transport is None:
                 raise InvalidRequest("this worker has no KV transport for do_remote_prefill",
                                      param="kv_transfer_params")
+            self.kv_params_auth.verify(kv)  # KVParamsRejected: before anything connects to the named peer
             first = kv.get("first_token_ids")  # absent: announced early; this worker computes the first token
             if first is not None and (not first or not all(isinstance(t, int) and 0 <= t < vocab for t in first)):
                 raise InvalidRequest("kv_transfer_params.first_token_ids must hold the first token",
@@ -399,6 +406,7 @@ class BatonEngine:
         s.kv_transport = self.kv_transport.transport if self.kv_transport else None
         s.kv_transfer_seconds_buckets = self.kv_transfer_seconds.cumulative()
         s.kv_transfer_failures = dict(self.kv_transfer_failures)
+        s.kv_params_rejected = dict(self.kv_params_auth.rejected)
         return s
 
     # -- the loop -------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class Sequence:
         self.num_registered = 0  # leading full blocks offered to the prefix cache
         self.block_keys: list[bytes] = []  # prefix-cache keys of the full blocks (kv_cache.block_keys)
         self.lease_id: str | None = None  # prefill hop: the KV lease, from the step that ends its prompt
+        self.lease_expires = 0.0  # its end, wall-clock (epoch) seconds: the expiry signed into kv_transfer_params
         self.arrival = time.monotonic()
         # greedy: a plain argmax of the logits picks the next token (the engine's fast path); not with penalties,
         # min_tokens or logprobs, which go through `Sampler.sample_sequences`

@@ -40,6 +40,16 @@ class KVTransferFailed(EngineError):
     """A decode-role request could not obtain its KV cache from the prefill worker (peer gone, lease expired)."""
 
 
+class KVParamsRejected(EngineError):
+    """`kv_transfer_params` this worker may not act on (unsigned, badly signed, expired: `kv/params_auth.py`);
+    raised before any KV connection is opened. HTTP 403 `launch.ErrorCode.KV_PARAMS_REJECTED`, which the router answers by
+    recomputing the prompt. `reason` labels baton_kv_params_rejected_total."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. Defaults follow the OpenAI API (temperature 1, top_p 1); greedy = temperature 0."""
@@ -151,6 +161,7 @@ class EngineStats:
     kv_transfer_seconds_total: float = 0.0
     kv_transfer_seconds_buckets: tuple = ()  # ((le, cumulative count), ...) of baton_kv_transfer_seconds
     kv_transfer_failures: dict = field(default_factory=dict)  # reason -> failed imports
+    kv_params_rejected: dict = field(default_factory=dict)  # reason -> refused kv_transfer_params (params_auth)
 
 
 class Tokenizer(Protocol):

@@ -27,7 +27,9 @@ only ever pulls the KV the router's own prefill hop produced:
 The last hop is retried (same X-Request-Id, other worker where possible) only while no byte has reached the
 client: connection errors and 5xx move to another worker; a 502 `kv_transfer_failed` resends without params
 (recompute), and so does a 500 from a decode worker that got kv_transfer_params (vLLM's answer to a failed KV
-load; the prefill-failure policy does not apply: the KV existed); when every worker answered 503 the client gets
+load; the prefill-failure policy does not apply: the KV existed), and a 403 `kv_params_rejected` (a Baton decode
+worker that cannot verify the prefill worker's signature on them: `kv/params_auth.py`; e.g. a KV-secret rotation
+caught between old and new pods, or params that expired in a queue); when every worker answered 503 the client gets
 503 + Retry-After (outcome `overloaded`). Once streaming started, an upstream failure ends the stream with an
 OpenAI error event and `[DONE]` (no hang). A client that goes away cancels the handler (aiohttp
 `handler_cancellation`), which closes the upstream connections, so the workers abort the request. Every hop is
@@ -76,7 +78,7 @@ from baton.worker.router.request import (
 )
 from baton.worker.router.stages import Hop, ttft_stages
 
-from baton.launch import Header, parse_server_timing
+from baton.launch import ErrorCode, Header, parse_server_timing
 
 log = logging.getLogger("baton.router")
 
@@ -372,11 +374,15 @@ class Router:
     def _refused(self, resp: aiohttp.ClientResponse, payload: bytes, rid: str, req: RequestState
                  ) -> web.Response:
         status = resp.status
-        code = None
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            code = json.loads(payload)["error"].get("code")
-        if status == 502 and code == "kv_transfer_failed":
-            raise HopFailed("kv_transfer_failed", "the KV transfer from the prefill worker failed", exclude=False)
+        code = message = None
+        with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+            err = json.loads(payload)["error"]
+            code, message = err.get("code"), err.get("message")
+        if status == 502 and code == ErrorCode.KV_TRANSFER_FAILED:
+            raise HopFailed(ErrorCode.KV_TRANSFER_FAILED, "the KV transfer from the prefill worker failed", exclude=False)
+        if status == 403 and code == ErrorCode.KV_PARAMS_REJECTED:  # the decode worker would not trust the prefill's params
+            raise HopFailed(ErrorCode.KV_PARAMS_REJECTED, f"the decode worker refused the prefill worker's kv_transfer_params: "
+                            f"{message}", exclude=False)
         if status == 503:
             raise HopFailed("overloaded", f"answered 503 ({code or 'unavailable'})")
         if status >= 500:

@@ -17,6 +17,8 @@ import aiohttp
 from aiohttp import web
 from baton.worker.router.request import SSE_DONE
 
+from baton.launch import ErrorCode
+
 #: What a failed hop raises: the worker is unreachable, went away, or timed out.
 UPSTREAM_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError)
 
@@ -65,8 +67,10 @@ def kv_lost(role: str, reason: str) -> bool:
     worker recomputes the prompt). Baton's workers say so precisely (502 `kv_transfer_failed`); vLLM's answer a
     failed KV load (a prefill worker that died after its hop, an expired or foreign lease) with a plain 500
     under `kv_load_failure_policy: fail`, its default. A 500 from an engine that is really broken fails again
-    without the params and then moves on to another worker, so resending once costs one attempt at most."""
-    return reason == "kv_transfer_failed" or (role == "decode" and reason == "500")
+    without the params and then moves on to another worker, so resending once costs one attempt at most. A 403
+    `kv_params_rejected` (the decode worker cannot verify the params' signature: another KV secret mid-rotation,
+    or expired) makes the KV as unusable as a failed pull."""
+    return reason in (ErrorCode.KV_TRANSFER_FAILED, ErrorCode.KV_PARAMS_REJECTED) or (role == "decode" and reason == "500")
 
 
 def _limit(seconds: float | None) -> float | None:

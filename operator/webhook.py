@@ -4,6 +4,7 @@ Kubernetes 1.20 has no CEL validation rules, so the rules a schema cannot expres
 two, cross-field requirements) are enforced by kopf's webhook. The apiserver only calls webhooks over TLS:
 unless a certificate is given (in-cluster, from the Helm chart), a self-signed one is generated here for the
 host the apiserver will call, and kopf publishes it as the caBundle of its ValidatingWebhookConfiguration.
+The server re-reads a given certificate when its files change (a rotated Secret, mounted): see webhook_tls.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import kopf
+from baton.operator.webhook_tls import DEFAULT_RELOAD_INTERVAL, ReloadingWebhookServer
 
 if TYPE_CHECKING:
     from baton.operator.kube import Kube
@@ -39,6 +41,8 @@ class WebhookOptions:
     # kopf's managed mode also creates a MutatingWebhookConfiguration, and `create` on those cannot be limited
     # to one name in RBAC -- an operator allowed to create mutating webhooks could intercept every pod.
     managed: bool = True
+    # Seconds between two looks at certfile/keyfile: a changed pair is served from the next handshake on.
+    cert_reload_interval: float = DEFAULT_RELOAD_INTERVAL
 
 
 #: Set by `baton operator run` before kopf starts; read by the startup handler.
@@ -104,7 +108,8 @@ def configure_admission(settings: kopf.OperatorSettings, options: WebhookOptions
         folder = Path(tempfile.mkdtemp(prefix="baton-webhook-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         certfile, keyfile = map(str, self_signed_certificate(options.host, folder))
-    settings.admission.server = kopf.WebhookServer(addr=options.listen, port=options.port, host=options.host,
-                                                   certfile=certfile, pkeyfile=keyfile)
+    settings.admission.server = ReloadingWebhookServer(addr=options.listen, port=options.port, host=options.host,
+                                                       certfile=certfile, pkeyfile=keyfile,
+                                                       reload_interval=options.cert_reload_interval)
     if options.managed:
         settings.admission.managed = WEBHOOK_CONFIGURATION

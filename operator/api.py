@@ -319,9 +319,63 @@ class ResourceRequirements(_Model):
         return self
 
 
+#: Who scales a worker role (`spec.autoscaling.mode`, `spec.<role>.autoscaling.mode`):
+#: baton -- the operator's SLO autoscaler (replicas belong to the field manager `baton-autoscaler`);
+#: external -- anything else (HPA, KEDA, `kubectl scale`): after creating the Deployment the operator never writes
+#: its `spec.replicas`, and its autoscaler leaves the role alone;
+#: off -- nobody: the operator applies `spec.<role>.replicas`.
+AUTOSCALING_BATON = "baton"
+AUTOSCALING_EXTERNAL = "external"
+AUTOSCALING_OFF = "off"
+AUTOSCALING_MODES = (AUTOSCALING_BATON, AUTOSCALING_EXTERNAL, AUTOSCALING_OFF)
+AutoscalingMode = Literal["baton", "external", "off"]
+
+_MODE_HELP = ("baton: Baton's SLO autoscaler scales the role within [minReplicas, maxReplicas]; external: another "
+              "autoscaler (HPA, KEDA) or `kubectl scale` owns the role Deployment's replicas, which the operator never "
+              "writes after creating it (spec replicas is the starting size only); off: the operator applies "
+              "spec replicas. Quote \"off\" in YAML.")
+
+
+def _off_from_yaml(v: Any) -> Any:
+    return AUTOSCALING_OFF if v is False else v  # YAML 1.1 (PyYAML, kubectl) reads an unquoted `off` as false
+
+
+def resolve_autoscaling_mode(role_mode: Any, service_mode: Any, enabled: Any) -> str:
+    """The mode that applies to a role: its own `autoscaling.mode`, else `spec.autoscaling.mode`, else the legacy
+    `spec.autoscaling.enabled` (true = baton), else off. YAML's unquoted `off` (false) reads as off."""
+    for mode in (role_mode, service_mode):
+        mode = _off_from_yaml(mode)
+        if mode in AUTOSCALING_MODES:
+            return str(mode)
+    return AUTOSCALING_BATON if enabled is True else AUTOSCALING_OFF
+
+
+def autoscaling_mode(spec: Mapping[str, Any] | None, role: str) -> str:
+    """`resolve_autoscaling_mode` on a raw spec dict (as the apiserver returns it): what reconcile, the kopf
+    filters and status read, without parsing the whole object."""
+    spec = spec if isinstance(spec, Mapping) else {}
+    auto = spec.get("autoscaling") if isinstance(spec.get("autoscaling"), Mapping) else {}
+    role_spec = spec.get(role) if isinstance(spec.get(role), Mapping) else {}
+    role_auto = role_spec.get("autoscaling") if isinstance(role_spec.get("autoscaling"), Mapping) else {}
+    return resolve_autoscaling_mode(role_auto.get("mode"), auto.get("mode"), auto.get("enabled"))
+
+
+def baton_autoscales(spec: Mapping[str, Any] | None) -> bool:
+    """Whether Baton's own autoscaler scales any worker role of this spec (its loop runs, status.autoscaler
+    is kept)."""
+    return any(autoscaling_mode(spec, role) == AUTOSCALING_BATON for role in ("prefill", "decode"))
+
+
 class RoleAutoscaling(_Model):
+    mode: AutoscalingMode | None = Field(
+        default=None, description="Who scales this role; unset: spec.autoscaling.mode. " + _MODE_HELP)
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 8
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_yaml_off(cls, v: Any) -> Any:
+        return _off_from_yaml(v)
 
     @model_validator(mode="after")
     def _ordered(self) -> RoleAutoscaling:
@@ -428,7 +482,12 @@ class KVTransferSpec(_Model):
 
 
 class AutoscalingSpec(_Model):
-    enabled: bool = False
+    mode: AutoscalingMode | None = Field(
+        default=None, description="Who scales the worker roles (each role's autoscaling.mode overrides it); unset: "
+        "baton when enabled is true, else off. " + _MODE_HELP)
+    enabled: bool = Field(
+        default=False, description="The older spelling of mode: baton (true). true with mode external or off is "
+        "refused; use mode.")
     prometheus_url: Annotated[str, Field(pattern=HTTP_URL)] | None = Field(
         default=None, alias="prometheusURL", description="Prometheus that scrapes the router's SLO metrics."
     )
@@ -436,8 +495,18 @@ class AutoscalingSpec(_Model):
     scale_up_stabilization: Duration = Duration("0s")
     scale_down_stabilization: Duration = Duration("300s")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_yaml_off(cls, v: Any) -> Any:
+        return _off_from_yaml(v)
+
     @model_validator(mode="after")
     def _needs_prometheus(self) -> AutoscalingSpec:
+        if self.enabled and self.mode not in (None, AUTOSCALING_BATON):
+            # `enabled` defaults to false, so only `true` can contradict a mode (false is indistinguishable
+            # from unset once the apiserver has defaulted it).
+            raise field_problems([("enabled", (f"true means mode baton, which contradicts mode {self.mode}: "
+                                   "remove enabled (mode replaces it)"))])
         if self.enabled and not self.prometheus_url:
             raise field_problems([("prometheusURL", "is required when autoscaling.enabled is true")])
         return self
@@ -506,6 +575,11 @@ class LLMServiceSpec(_Model):
         "engine (it runs on CPUs only), gpu for vLLM.",
     )
 
+    def autoscaling_mode(self, role: str) -> str:
+        """Who scales `role` (prefill or decode): baton, external or off (see AUTOSCALING_MODES)."""
+        own: RoleSpec = getattr(self, role)
+        return resolve_autoscaling_mode(own.autoscaling.mode, self.autoscaling.mode, self.autoscaling.enabled)
+
     def effective_accelerator(self) -> str:
         if self.accelerator is not None:
             return self.accelerator
@@ -517,19 +591,27 @@ class LLMServiceSpec(_Model):
         for role_name in ("prefill", "decode"):
             role: RoleSpec = getattr(self, role_name)
             lo, hi = role.autoscaling.min_replicas, role.autoscaling.max_replicas
-            # With autoscaling on, `replicas` is the starting size; outside the bounds the autoscaler would
-            # jump on its first tick, which is never what the author meant.
-            if self.autoscaling.enabled and not lo <= role.replicas <= hi:
+            # With Baton's autoscaler, `replicas` is the starting size; outside the bounds the autoscaler would
+            # jump on its first tick, which is never what the author meant. (external: the bounds are the other
+            # autoscaler's, e.g. the HPA's minReplicas/maxReplicas, and are not checked here.)
+            if self.autoscaling_mode(role_name) == AUTOSCALING_BATON and not lo <= role.replicas <= hi:
+                why = ("autoscaling.enabled is true" if self.autoscaling.enabled and role.autoscaling.mode is None
+                       else f"Baton autoscales {role_name} (autoscaling mode baton)")
                 problems.append((
                     f"{role_name}.replicas",
                     (f"must lie within {role_name}.autoscaling [minReplicas {lo}, maxReplicas {hi}] while "
-                     f"autoscaling.enabled is true, got {role.replicas}"),
+                     f"{why}, got {role.replicas}"),
                 ))
             if role.port == self.kv_transfer.port:
                 problems.append((
                     f"{role_name}.port",
                     f"must differ from kvTransfer.port ({self.kv_transfer.port}): both listen in the same pod",
                 ))
+        baton_roles = [r for r in ("prefill", "decode") if self.autoscaling_mode(r) == AUTOSCALING_BATON]
+        if baton_roles and not self.autoscaling.prometheus_url:
+            problems.append(("autoscaling.prometheusURL", (
+                f"is required when the autoscaling mode of {' and '.join(baton_roles)} is baton (Baton's autoscaler "
+                "reads the SLO metrics there)")))
         if self.planner.mode != "off" and not self.autoscaling.prometheus_url:
             problems.append(("autoscaling.prometheusURL", ("is required when planner.mode is "
                              f"{self.planner.mode} (the planner measures the workload there)")))

@@ -43,6 +43,11 @@ read it). Then per role (the rules are in operator/autoscale_rules.py):
 4. **Rate limits**: up by at most `max(max_up_pods, ceil(current × max_up_percent))`, down by `max_down_pods`.
 5. **Ratio bound**: prefill:decode replicas stays within [`min_ratio`, `max_ratio`]: a role is not allowed to
    move in the direction that breaks the bound, so the two loops cannot fight each other.
+
+Only the roles in `PolicyConfig.managed` are scaled (the roles whose autoscaling mode is `baton`): another role
+(mode `external`: HPA, KEDA, `kubectl scale`; or `off`) gets a decision that holds it at its current replicas
+(`NotManaged`), and its history is dropped, so a role handed back to Baton starts afresh (a whole scale-down
+window watched first). Its replicas still count in the ratio bound of the managed role.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ from baton.operator.autoscale_rules import (
     AT_MAX,
     AT_MIN,
     NO_DATA,
+    NOT_MANAGED,
     RATIO_BOUND,
     STABILIZING,
     WARMING_UP,
@@ -168,6 +174,8 @@ class PolicyConfig:
     kv_low: float = 0.45
     #: no scale-down (and no latency-driven scale-up) this long after a scale-up of the role
     warmup_s: float = 60.0
+    #: the roles this policy scales (autoscaling mode baton); the others are held where they are
+    managed: tuple[str, ...] = ROLES
     #: prefill:decode replica ratio bounds
     min_ratio: float = 0.125
     max_ratio: float = 8.0
@@ -200,6 +208,7 @@ class PolicyConfig:
             "interval_s": a.interval.seconds,
             "scale_up_stabilization_s": a.scale_up_stabilization.seconds,
             "scale_down_stabilization_s": a.scale_down_stabilization.seconds,
+            "managed": tuple(r for r in ROLES if spec.autoscaling_mode(r) == "baton"),
         }
         values.update(overrides)
         return cls(**values)
@@ -413,6 +422,13 @@ def decide(obs: Observations, config: PolicyConfig, history: History | None = No
     hists: dict[str, RoleHistory] = {}
     for role in ROLES:
         fallback = max(config.bounds(role).min_replicas, 0)
+        if role not in config.managed:
+            current = obs.role(role).current_replicas
+            current = fallback if current is None else current
+            decisions[role] = RoleDecision(role, current, current, NOT_MANAGED,
+                                           f"{role}: not scaled by Baton (its autoscaling mode is not baton)")
+            hists[role] = RoleHistory()
+            continue
         d, h, _ = _decide_role(role, obs.role(role), config, history.role(role), now, fallback,
                                obs.window_s, arrivals)
         decisions[role] = d

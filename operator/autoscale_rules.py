@@ -33,6 +33,8 @@ AT_MAX = "AtMax"
 AT_MIN = "AtMin"
 RATIO_BOUND = "RatioBound"
 RATE_LIMITED = "RateLimited"
+#: a role whose autoscaling mode is external or off: the policy holds it where it is and keeps no history for it
+NOT_MANAGED = "NotManaged"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """The SLO autoscaler loop: Prometheus + Deployments -> `autoscale_policy.decide` -> replicas, status, Events.
 
-One loop per LLMService with `spec.autoscaling.enabled` (a kopf daemon registered in handlers.py, which
-kopf stops when autoscaling is switched off or the object goes away). Every `spec.autoscaling.interval`:
+One loop per LLMService where Baton autoscales a role (autoscaling mode `baton`: `spec.<role>.autoscaling.mode`,
+else `spec.autoscaling.mode`, else `spec.autoscaling.enabled`; a kopf daemon registered in handlers.py, which kopf
+stops when no role is left in mode baton or the object goes away). A role in mode `external` (HPA, KEDA,
+`kubectl scale`) or `off` is never scaled, recorded as pending, or reported in desiredReplicas by this loop
+(`PolicyConfig.managed`). Every `spec.autoscaling.interval`:
 
 1. Read the SLO signals and per-role load from Prometheus (`prometheus.PrometheusSource`, outside any lock:
    a slow Prometheus must not hold up reconciles).
@@ -138,14 +141,19 @@ def stop_metrics() -> None:
         _metrics_server = None
 
 
+def forget_role_metrics(namespace: str, name: str, role: str) -> None:
+    """Drop one role's gauge series (a role Baton does not scale, or no longer)."""
+    for gauge in (DESIRED_REPLICAS, MAX_REPLICAS):
+        try:
+            gauge.remove(name, namespace, role)
+        except KeyError:
+            pass
+
+
 def forget_metrics(namespace: str, name: str) -> None:
     """Drop a service's gauge series (autoscaling off, or the LLMService deleted)."""
-    for gauge in (DESIRED_REPLICAS, MAX_REPLICAS):
-        for role in ROLES:
-            try:
-                gauge.remove(name, namespace, role)
-            except KeyError:
-                pass
+    for role in ROLES:
+        forget_role_metrics(namespace, name, role)
     try:
         PROMETHEUS_UP.remove(name, namespace)
     except KeyError:
@@ -322,9 +330,12 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         log.warning("%s/%s: not autoscaling an invalid LLMService: %s", namespace, name, exc)
         return None
     spec = svc.spec
-    if not spec.autoscaling.enabled or not spec.autoscaling.prometheus_url:
-        return None
     config = PolicyConfig.from_spec(spec)
+    if not config.managed or not spec.autoscaling.prometheus_url:
+        return None
+    for role in ROLES:
+        if role not in config.managed:  # external/off: not this loop's (its gauges would be stale)
+            forget_role_metrics(namespace, name, role)
     window_s = window_for(config.interval_s)
     result = TickResult(interval_s=config.interval_s)
 
@@ -345,7 +356,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
              "autoscaling resumes")
     state.prometheus_ok = error is None
     PROMETHEUS_UP.labels(name, namespace).set(1 if error is None else 0)
-    for role in ROLES:
+    for role in config.managed:
         MAX_REPLICAS.labels(name, namespace, role).set(getattr(config, role).max_replicas)
 
     async with lock:
@@ -356,7 +367,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         # Wall clock, not monotonic: the history is persisted and read back by the next process (autoscaler_store).
         now = time.time() if now_s is None else now_s
         if not state.restored:
-            await _restore(kube, llms, deployments, state, namespace, name, emit, now, window_s)
+            await _restore(kube, llms, deployments, state, namespace, name, emit, now, window_s, config.managed)
         previous = state.history
         if metrics is not None:
             decisions, state.history = decide(role_observations(metrics, deployments, now), config, previous)
@@ -366,6 +377,8 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                 current = int(((deployments.get(role) or {}).get("spec") or {}).get("replicas", 0))
                 reason = PROMETHEUS_UNREACHABLE if isinstance(error, PrometheusUnavailable) else PROMETHEUS_QUERY_FAILED
                 decisions[role] = RoleDecision(role, current, current, reason, f"{role}: holding: {error}")
+        # Only the roles in mode baton: the others' replicas belong to someone else (or to the spec).
+        decisions = {role: d for role, d in decisions.items() if role in config.managed}
         result.decisions = decisions
 
         stamp = now_rfc3339()
@@ -427,9 +440,11 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
 
 
 async def _restore(kube: Kube, llms: dict, deployments: dict[str, dict | None], state: AutoscalerState,
-                   namespace: str, name: str, emit: EventSink, now: float, max_age_s: float) -> None:
+                   namespace: str, name: str, emit: EventSink, now: float, max_age_s: float,
+                   managed: tuple[str, ...] = ROLES) -> None:
     """First tick of this process: load the persisted history (unless the memo already holds one) and complete
-    the scale actions a killed predecessor recorded but may not have applied. Updates `deployments`."""
+    the scale actions a killed predecessor recorded but may not have applied -- for the roles still in mode
+    baton only (a role handed to an outside autoscaler since is not touched). Updates `deployments`."""
     state.restored = True
     history, pending = store.restore((llms.get("status") or {}).get("autoscaler"))
     if state.history == History() and history != History():
@@ -438,6 +453,8 @@ async def _restore(kube: Kube, llms: dict, deployments: dict[str, dict | None], 
     replicas = {role: int((dep.get("spec") or {}).get("replicas", 1)) if dep else None
                 for role, dep in deployments.items()}
     for role, (start, target, reason) in store.unfinished(pending, replicas, now, max_age_s).items():
+        if role not in managed:
+            continue
         try:
             deployments[role] = await asyncio.to_thread(kube.apply, {
                 "apiVersion": "apps/v1", "kind": "Deployment",

@@ -5,7 +5,8 @@
   owner, debounced, so drift is corrected and status follows the children.
 - A slow timer: a safety net that re-applies and refreshes status even if a watch event was missed.
 - With `spec.planner.mode` recommend or apply: one planner loop per LLMService (planner/online.py).
-- With `spec.autoscaling.enabled`: one autoscaler loop per LLMService (a kopf daemon ticking every
+- With autoscaling mode baton for a role (`spec.autoscaling.mode`/`enabled`, `spec.<role>.autoscaling.mode`): one
+  autoscaler loop per LLMService (a kopf daemon ticking every
   `spec.autoscaling.interval`, see `autoscaler`), sharing the Reconciler's per-object lock for status writes.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import kopf
 from baton.operator import autoscaler
 from baton.operator.admission import review
+from baton.operator.api import baton_autoscales
 from baton.operator.kube import GROUP, PLURAL, VERSION, Kube, KubeError
 from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
 from baton.operator.planner import online as online_planner
@@ -144,7 +146,7 @@ async def resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 
 
 def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
-    return bool((spec.get("autoscaling") or {}).get("enabled"))
+    return baton_autoscales(dict(spec))  # some role's autoscaling mode is baton (not external, not off)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, id="autoscaler", when=_autoscaling_enabled, cancellation_timeout=10)

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.operator import kv_secret
-from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
+from baton.operator.api import AUTOSCALING_BATON, AUTOSCALING_EXTERNAL, autoscaling_mode
+from baton.operator.kube import AUTOSCALER_FIELD_MANAGER, FIELD_MANAGER, GROUP, VERSION, Kube, KubeError
 from baton.operator.kv_secret import ensure_kv_secret
 from baton.operator.labels import LABEL_ROLE, WORKER_ROLES, instance_selector, selector_string
 from baton.operator.model_fetch_status import model_fetch_state
@@ -70,13 +71,53 @@ def clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
+#: Field manager of the one server-side apply that hands a Deployment's `spec.replicas` over to an outside
+#: autoscaler (mode external), with the value it already has: the pattern of the Kubernetes docs (server-side
+#: apply, "Transferring ownership"), so that `baton-operator` dropping the field does not reset it to 1.
+HANDOVER_FIELD_MANAGER = "baton-handover"
+
+
+def replicas_managers(deployment: dict) -> set[str]:
+    """The field managers that own the Deployment's `spec.replicas` (from its managedFields)."""
+    return {entry.get("manager") or "" for entry in (deployment.get("metadata") or {}).get("managedFields") or []
+            if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})}
+
+
 def autoscaler_owns_replicas(deployment: dict) -> bool:
     """Whether the autoscaler's field manager already owns `spec.replicas` (so dropping ours keeps it)."""
-    for entry in (deployment.get("metadata") or {}).get("managedFields") or []:
-        if entry.get("manager") == AUTOSCALER_FIELD_MANAGER and "f:replicas" in (
-                (entry.get("fieldsV1") or {}).get("f:spec") or {}):
-            return True
-    return False
+    return AUTOSCALER_FIELD_MANAGER in replicas_managers(deployment)
+
+
+def initial_replicas(mode: str, spec_replicas: int, low: int, high: int) -> int:
+    """The replicas a worker Deployment is created with when render leaves them out (mode baton or external):
+    the spec's, clamped into [min, max] for Baton's autoscaler; as written for an outside one (its own bounds
+    apply from its first decision on)."""
+    return clamp(spec_replicas, low, high) if mode == AUTOSCALING_BATON else spec_replicas
+
+
+def replicas_handover(mode: str, deployment: dict, low: int, high: int) -> tuple[int, str] | None:
+    """What to server-side-apply to a live worker Deployment's `spec.replicas` before the reconciler applies a
+    manifest without them: (replicas, field manager), or None for nothing. Pure.
+
+    - off: None (render writes the spec's replicas as `baton-operator`).
+    - baton: the autoscaler's manager must own the field, with a value in [min, max]: the live value, clamped
+      (so a manual `kubectl scale` inside the bounds stays; outside them it is clamped).
+    - external: the reconciler never changes the value. Only while `baton-operator` is the field's sole owner
+      (the Deployment was created, or last reconciled with mode off) is the live value applied once as
+      `baton-handover`, so that the next apply without replicas releases the field instead of deleting it
+      (which would reset it to 1). Once anyone else owns it (the handover, HPA, KEDA, `kubectl scale`): None.
+    """
+    current = int((deployment.get("spec") or {}).get("replicas", 1))
+    if mode == AUTOSCALING_BATON:
+        target = clamp(current, low, high)
+        if autoscaler_owns_replicas(deployment) and target == current:
+            return None
+        return target, AUTOSCALER_FIELD_MANAGER
+    if mode == AUTOSCALING_EXTERNAL:
+        if replicas_managers(deployment) == {FIELD_MANAGER}:
+            return current, HANDOVER_FIELD_MANAGER
+        return None
+    return None
 
 
 @dataclass
@@ -88,31 +129,28 @@ class ReconcileResult:
     error: str | None = None
 
 
-def _autoscaling(spec: dict, role: str) -> tuple[bool, int, int]:
-    auto = spec.get("autoscaling") or {}
+def _autoscaling(spec: dict, role: str) -> tuple[str, int, int]:
     limits = (spec.get(role) or {}).get("autoscaling") or {}
-    return bool(auto.get("enabled")), int(limits.get("minReplicas", 1)), int(limits.get("maxReplicas", 8))
+    return autoscaling_mode(spec, role), int(limits.get("minReplicas", 1)), int(limits.get("maxReplicas", 8))
 
 
-def _hand_replicas_to_autoscaler(kube: Kube, llmservice: dict, deployment: dict, role: str) -> int | None:
-    """With autoscaling on, make the autoscaler's field manager own `spec.replicas`, within [min, max].
+def _hand_replicas_over(kube: Kube, llmservice: dict, deployment: dict, role: str) -> int | None:
+    """Make someone other than `baton-operator` own `spec.replicas` while render leaves them out (modes baton
+    and external; see `replicas_handover`).
 
-    `render` leaves replicas out while autoscaling is on, so the reconciler never fights the autoscaler. A
-    field nobody owns any more would be reset to its default by the apiserver, so ownership is handed over
-    explicitly: first at creation (start from spec replicas, clamped) and when autoscaling is switched on.
-    Returns the replicas set, or None when nothing had to change.
+    `render` leaves replicas out unless the mode is off, so the reconciler never fights an autoscaler. A field
+    nobody owns any more would be reset to its default by the apiserver, so ownership is handed over
+    explicitly: at creation and when the mode changes. Returns the replicas applied, or None.
     """
-    enabled, low, high = _autoscaling(llmservice["spec"], role)
-    if not enabled:
+    mode, low, high = _autoscaling(llmservice["spec"], role)
+    action = replicas_handover(mode, deployment, low, high)
+    if action is None:
         return None
-    current = int((deployment.get("spec") or {}).get("replicas", 1))
-    target = clamp(current, low, high)
-    if autoscaler_owns_replicas(deployment) and target == current:
-        return None
+    target, manager = action
     meta = deployment["metadata"]
     kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-                "spec": {"replicas": target}}, field_manager=AUTOSCALER_FIELD_MANAGER)
+                "spec": {"replicas": target}}, field_manager=manager)
     return target
 
 
@@ -165,15 +203,14 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
             before = existing.get(key)
             if (before is None and manifest["kind"] == "Deployment" and _role_of(manifest) in WORKER_ROLES
                     and "replicas" not in manifest["spec"]):
-                # Created while autoscaling is on: start at the spec's replica count, clamped.
+                # Created while an autoscaler owns replicas: start at the spec's replica count (clamped for Baton's).
                 role = _role_of(manifest)
-                _, low, high = _autoscaling(llmservice["spec"], role)
-                manifest = {**manifest, "spec": {**manifest["spec"],
-                                                 "replicas": clamp(int(llmservice["spec"].get(role, {})
-                                                                       .get("replicas", 1)), low, high)}}
+                mode, low, high = _autoscaling(llmservice["spec"], role)
+                start = initial_replicas(mode, int(llmservice["spec"].get(role, {}).get("replicas", 1)), low, high)
+                manifest = {**manifest, "spec": {**manifest["spec"], "replicas": start}}
             if (before is not None and manifest["kind"] == "Deployment"
                     and _role_of(manifest) in WORKER_ROLES and "replicas" not in manifest["spec"]):
-                _hand_replicas_to_autoscaler(kube, llmservice, before, _role_of(manifest))
+                _hand_replicas_over(kube, llmservice, before, _role_of(manifest))
             if before is not None and is_subset(manifest, before):
                 after = before  # already as wanted: no write
             else:
@@ -182,7 +219,7 @@ def reconcile(kube: Kube, namespace: str, name: str, emit: EventSink | None = No
             if before is None:
                 result.created.append(label)
                 if manifest["kind"] == "Deployment" and _role_of(manifest) in WORKER_ROLES:
-                    _hand_replicas_to_autoscaler(kube, llmservice, after, _role_of(manifest))
+                    _hand_replicas_over(kube, llmservice, after, _role_of(manifest))
             elif (before.get("metadata") or {}).get("resourceVersion") != after["metadata"].get("resourceVersion"):
                 result.updated.append(label)
             if manifest["kind"] == "Deployment":

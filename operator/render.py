@@ -22,8 +22,11 @@ Children of LLMService `<name>` in namespace `<ns>` (see `naming` for names that
 
 Decisions worth knowing:
 
-* With `spec.autoscaling.enabled`, the role Deployments carry no `spec.replicas` at all: the autoscaler owns
-  that field, and server-side apply of these manifests must never reset it. The router is not autoscaled.
+* A role whose autoscaling mode is `baton` or `external` (`spec.<role>.autoscaling.mode`, else
+  `spec.autoscaling.mode`, else `enabled`) has a Deployment without `spec.replicas`: Baton's autoscaler or an
+  outside one (HPA, KEDA, `kubectl scale`) owns that field, and server-side apply of these manifests must never
+  reset it (the reconciler hands the field over first: `reconcile.replicas_handover`). Only mode `off` renders
+  the spec's replicas. The router is not autoscaled.
 * Every setting a pod reads is on its command line or in its environment (the launch contract), so a pod
   template changes exactly when a pod would run differently: an SLO edit (read only by the operator's
   autoscaler) or a replica count rolls nothing; an engine argument rolls the workers, not the router. There
@@ -70,6 +73,7 @@ from .api import (
     ACCELERATOR_CPU,
     ACCELERATOR_GPU,
     API_VERSION,
+    AUTOSCALING_OFF,
     GPU_RESOURCE,
     KIND,
     InvalidLLMService,
@@ -536,7 +540,7 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
         pod_spec["affinity"] = affinity
 
     spec: dict[str, Any] = {}
-    if not svc.spec.autoscaling.enabled:
+    if svc.spec.autoscaling_mode(role) == AUTOSCALING_OFF:  # else Baton's or an outside autoscaler owns replicas
         spec["replicas"] = r.replicas
     spec.update({
         "selector": {"matchLabels": selector_labels(svc.name, role)},

@@ -133,7 +133,7 @@ def compute_status(llmservice: dict, deployments: dict[str, dict | None], now: s
                                    detail, now, generation)
     status["phase"] = phase
     status["conditions"] = conditions
-    if "autoscaler" in previous and not ((llmservice.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
+    if "autoscaler" in previous and not api.baton_autoscales(llmservice.get("spec")):
         # The autoscaler's persisted history (autoscaler_store): stale once autoscaling is off; switched on
         # again, it must start afresh (watch a whole scale-down window) rather than from a days-old history.
         status["autoscaler"] = None

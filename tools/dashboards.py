@@ -35,7 +35,7 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableRefresh,
 )
 
-from baton.launch import TTFT_STAGES, Label, Metric
+from baton.launch import TTFT_STAGES, VLLM_TTFT_BUCKETS, Label, Metric
 
 REPO = Path(__file__).resolve().parents[1]
 BUSY = Metric.ENGINE_BUSY_SECONDS + "_total"
@@ -44,8 +44,9 @@ OUT = REPO / "charts" / "baton" / "dashboards"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'namespace=~"$namespace", llmservice=~"$llmservice"'
 RI = "$__rate_interval"
-#: Bucket bounds common to the router's TTFT / TPOT histograms (worker/router/metrics.py).
-TTFT_CHOICES = ["0.1", "0.2", "0.3", "0.5", "0.75", "1.0", "2.0", "3.0", "5.0"]
+#: SLO targets offered: bucket bounds of the router's TTFT histogram (vLLM's TTFT buckets, launch.VLLM_TTFT_BUCKETS)
+#: and of its TPOT histogram (worker/router/metrics.py), as Prometheus spells them in `le`.
+TTFT_CHOICES = [str(b) for b in VLLM_TTFT_BUCKETS if 0.1 <= b <= 10.0]
 TPOT_CHOICES = ["0.01", "0.02", "0.025", "0.03", "0.04", "0.05", "0.075", "0.1", "0.2"]
 
 

@@ -4,9 +4,11 @@ The planner never edits the user's spec (GitOps tools would fight it). When it d
 copies the plan's layout into `status.plan.applied` (per-phase `tensorParallel` and `replicas`, `locality`,
 `time`); a later plan that is only recommended (gain below `minGain`) leaves `applied` as it was, so the
 service keeps running the last applied layout. Render and the autoscaler read the LLMService through
-`effective(llmservice)`, which lays `applied` over the spec (`lay`). With autoscaling on, the plan's replicas become the autoscaler's floors
-(`minReplicas`, never above `maxReplicas`): the planner sizes for the measured load, the autoscaler still
-reacts to bursts above it.
+`effective(llmservice)`, which lays `applied` over the spec (`lay`). The plan's replicas depend on who scales
+the role (`autoscaling.mode`): with `baton` they become the autoscaler's floors (`minReplicas`, never above
+`maxReplicas`: the planner sizes for the measured load, the autoscaler still reacts to bursts above it); with
+`external` the role keeps its replicas (HPA or KEDA owns them; the plan sets its tensor parallelism only); with
+`off` they are the replicas.
 
 What `lay` does besides copying numbers, so that the laid spec is one that can run:
 
@@ -26,7 +28,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from baton.operator.api import GPU_RESOURCE
+from baton.operator.api import AUTOSCALING_BATON, AUTOSCALING_EXTERNAL, GPU_RESOURCE, autoscaling_mode
 from baton.operator.units import parse_quantity
 
 ROLES = ("prefill", "decode")
@@ -109,7 +111,7 @@ def lay(llmservice: dict, layout: Mapping[str, Any]) -> dict:
     planner checks a plan with it before running it). The input is not modified."""
     out = copy.deepcopy(llmservice)
     spec: dict[str, Any] = out.setdefault("spec", {})
-    autoscaling = bool((spec.get("autoscaling") or {}).get("enabled"))
+    modes = {role: autoscaling_mode(spec, role) for role in ROLES}  # before anything is laid over the spec
     for role in ROLES:
         want = layout[role]
         r = spec.setdefault(role, {})
@@ -118,7 +120,9 @@ def lay(llmservice: dict, layout: Mapping[str, Any]) -> dict:
         if "replicas" not in want:
             continue
         replicas = int(want["replicas"])
-        if autoscaling:
+        if modes[role] == AUTOSCALING_EXTERNAL:
+            continue  # an external scaler (HPA, KEDA) owns this role's replicas: the plan sizes TP only
+        if modes[role] == AUTOSCALING_BATON:
             bounds = r.setdefault("autoscaling", {})
             high = int(bounds.get("maxReplicas", 8))
             floor = min(replicas, high)

@@ -241,3 +241,23 @@ def test_the_gate_is_the_webhooks_review_of_the_laid_over_service(opt13b):
     assert decide(result, running, "apply", 0.1)[:2] == (True, "PlanApplied")
     apply, reason, message, _gain = decide(result, running, "apply", 0.1, ["spec.x: refused"])
     assert (apply, reason) == (False, "PlanInvalid") and message.endswith("fails admission: spec.x: refused")
+
+
+def test_a_plans_replicas_follow_who_scales_each_role():
+    """`baton` roles get the plan's replicas as autoscaler floors, an `external` role (HPA/KEDA) keeps its own
+    replicas, an `off` role takes the plan's."""
+    from baton.operator.planner.overlay import lay
+
+    svc = {"metadata": {"name": "s"}, "spec": {
+        "autoscaling": {"mode": "baton", "prometheusURL": "http://prom:9090"},
+        "prefill": {"replicas": 1, "autoscaling": {"mode": "external"}},
+        "decode": {"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 8}}}}
+    layout = {"prefill": {"tensorParallel": 1, "replicas": 4}, "decode": {"tensorParallel": 1, "replicas": 3},
+              "locality": "any"}
+    out = lay(svc, layout)["spec"]
+    assert out["prefill"]["replicas"] == 1  # the external scaler's
+    assert out["decode"]["autoscaling"]["minReplicas"] == 3 and out["decode"]["replicas"] == 3
+    svc["spec"]["autoscaling"] = {"mode": "off"}
+    svc["spec"]["prefill"]["autoscaling"] = {}
+    out = lay(svc, layout)["spec"]
+    assert (out["prefill"]["replicas"], out["decode"]["replicas"]) == (4, 3)

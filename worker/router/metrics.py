@@ -1,9 +1,13 @@
 """The router's Prometheus metrics, in their own registry (several routers can live in one process).
 
 TTFT and TPOT are measured as the client sees them, which makes them the SLO signals (docs/architecture.md):
-- TTFT: request arrival at the router -> the first event carrying content written to the client. For a
-  non-streaming request the client sees every token at once, so its TTFT is its whole latency and no TPOT
-  is observed (SLO tracking expects streaming clients, as chat front-ends are).
+- TTFT (`baton_router_ttft_seconds`): request arrival at the router -> the first event carrying content written
+  to the client, so the prefill hop, the KV hand-off and the decode worker's first token are all inside it; one
+  observation per request. For a non-streaming request the client sees every token at once, so its TTFT is its
+  whole latency and no TPOT is observed (SLO tracking expects streaming clients, as chat front-ends are). Bucketed
+  exactly as vLLM's `vllm:time_to_first_token_seconds` (`launch.VLLM_TTFT_BUCKETS`), but not named like it: the
+  workers export that name per hop, and a shared Prometheus would count each request again (README, "The
+  router's TTFT").
 - TPOT: (e2e - TTFT) / (tokens - 1), observed when a streamed request generated at least 2 tokens; tokens
   come from the stream's usage chunk when the client asked for it, else from the content events.
 - TTFT stages (`stages.py`): each request's TTFT split into prefill_queue, prefill_compute, kv_handoff and
@@ -21,20 +25,28 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from baton.launch import KV_HANDOFF_MATCHES, PREFILL_FAILURE_OUTCOMES, TTFT_STAGES, Label, Metric
+from baton.launch import (
+    KV_HANDOFF_MATCHES,
+    PREFILL_FAILURE_OUTCOMES,
+    TTFT_STAGES,
+    VLLM_TTFT_BUCKETS,
+    Label,
+    Metric,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: rejected: a prefill failure answered 503 + Retry-After by the prefill-failure policy
 OUTCOMES = ("ok", "fallback_recompute", "error", "cancelled", "overloaded", "rejected")
 
+#: vLLM's TTFT buckets (1 ms .. 2560 s), so vLLM dashboards' TTFT panels read the router's histogram as they are
+TTFT_BUCKETS = VLLM_TTFT_BUCKETS
 # fmt: off
-#: From a few ms (cached prefixes, tiny prompts) to tens of seconds (long prompts under load).
-TTFT_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
-    10.0, 20.0, 30.0, 60.0,
+#: A stage can be far below a millisecond (an idle queue), or most of a slow TTFT; finer than vLLM's TTFT buckets
+#: between 0.1 and 3 s, where the autoscaler compares prefill's stages with its share of the TTFT budget.
+STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 )
-#: A stage can be far below a millisecond (an idle queue), or most of a slow TTFT.
-STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025) + TTFT_BUCKETS
 #: From 1 ms to seconds per token; dense around typical 20-100 ms SLOs.
 TPOT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125,
@@ -58,7 +70,8 @@ class RouterMetrics:
         r = self.registry
         self.ttft = Histogram(
             Metric.ROUTER_TTFT,
-            "Time to first token as the client sees it: arrival at the router to the first content sent.",
+            "Time to first token as the client sees it, end to end (KV hand-off included): arrival at the router to "
+            "the first content sent. Buckets as vllm:time_to_first_token_seconds.",
             base, buckets=TTFT_BUCKETS, registry=r,
         ).labels(**self.labels)
         self.tpot = Histogram(

@@ -85,9 +85,11 @@ def _colocated_manifest(image: str, model_dir: Path) -> list[dict]:
                                                    "port": "http"}, "periodSeconds": 2},
                     "resources": {"requests": {"cpu": "500m", "memory": "2Gi"},
                                   "limits": {"cpu": "1", "memory": "4Gi"}},
-                    "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT, "readOnly": True}],
+                    "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT, "readOnly": True},
+                                     {"name": "dshm", "mountPath": "/dev/shm"}],  # as render gives vLLM pods
                 }],
-                "volumes": [{"name": "models", "hostPath": {"path": str(model_dir.parent), "type": "Directory"}}],
+                "volumes": [{"name": "models", "hostPath": {"path": str(model_dir.parent), "type": "Directory"}},
+                            {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
             }}}}]
 
 

@@ -493,8 +493,11 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
     kv_port = svc.spec.kv_transfer.port
     mounts = [model_cache.worker_mount(svc, MODEL_MOUNT)]
     volumes = [_model_volume(svc)]
-    if r.tensor_parallel > 1:
-        # NCCL between the TP ranks needs far more shared memory than the runtime's 64 MiB default.
+    if r.tensor_parallel > 1 or vllm:
+        # NCCL between the TP ranks needs far more shared memory than the runtime's 64 MiB default, and so does
+        # vLLM at any TP: its engine core's broadcast queue (shm_broadcast.MessageQueue) refuses to start with
+        # "Insufficient space in /dev/shm: 160 MiB required, 64 MiB free" (vLLM 0.32, seen on our real nodes).
+        # A memory-backed emptyDir counts against the pod's memory limit.
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     container = {

@@ -365,12 +365,16 @@ def test_cpu_service_requests_no_gpu_and_sizes_threads_from_its_limit() -> None:
     assert "OMP_NUM_THREADS" not in {e["name"] for e in c["env"]}
 
 
-def test_dev_shm_only_for_tensor_parallel() -> None:
-    m = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}, prefill={"tensorParallel": 2}))
+def test_dev_shm_for_every_vllm_worker_and_baton_tensor_parallel() -> None:
+    """vLLM needs more than the runtime's 64 MiB /dev/shm at any TP (its engine core's broadcast queue: 160 MiB),
+    NCCL between TP ranks too; a TP 1 Baton worker needs none."""
     shm = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
-    assert shm in pod(m, "prefill")["volumes"]
-    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod(m, "prefill")["containers"][0]["volumeMounts"]
-    assert shm not in pod(m, "decode")["volumes"]
+    m = render(base(engine={"kind": "vllm", "image": "vllm/vllm-openai:v1"}, prefill={"tensorParallel": 2}))
+    for role in ("prefill", "decode"):  # TP 2 and TP 1
+        assert shm in pod(m, role)["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in pod(m, role)["containers"][0]["volumeMounts"]
+    baton = render(base(engine={"kind": "baton"}, accelerator="cpu"))
+    assert shm not in pod(baton, "decode")["volumes"]
 
 
 def test_tolerations_and_node_selector_passthrough() -> None:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from baton.launch import LEASE_EXPIRED, LEASE_PULLED, Label
+from baton.launch import LEASE_EXPIRED, LEASE_PULLED, VLLM_TTFT_BUCKETS, Label
 from baton.launch import Metric as MetricName
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -28,10 +28,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # fmt: off
 #: token counts, 1-2-5 steps as vLLM builds them for its request length histograms
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)
+#: the contract's copy of vLLM's TTFT buckets (the router's end-to-end TTFT uses it too)
+TTFT_BUCKETS = VLLM_TTFT_BUCKETS
 ITL_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )

@@ -1,7 +1,7 @@
 """Reconcile latency and operator memory on a REAL kube-apiserver (the local control plane).
 
 Creates N LLMServices (default 50) and measures, for each, the time from the create call returning to all
-of its children existing (ServiceAccount, ConfigMap, 3 Services, 3 Deployments), in two modes:
+of its children existing (every object `render` makes for it: ServiceAccount, Role, RoleBinding, Services, Deployments, NetworkPolicies), in two modes:
 - sequential: one LLMService at a time (latency of an idle operator);
 - burst: all N created back to back (latency under a queue of work).
 Prints p50/p99 per mode, the number of objects involved, and the operator's RSS (current and peak).

@@ -206,7 +206,7 @@ def register_images(subparsers) -> None:
     sub = p.add_subparsers(dest="images_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     b = sub.add_parser("build", help="build (or reuse) images; prints each reference and archive")
-    b.add_argument("names", nargs="*", metavar="NAME", help="worker and/or operator (default: both)")
+    b.add_argument("names", nargs="*", metavar="NAME", help="worker, operator and/or vllm (default: all three)")
     b.add_argument("--force", action="store_true", help="rebuild even if the content hash is cached")
     b.set_defaults(func=cmd_images_build)
 

@@ -33,7 +33,9 @@ from baton.e2e import aptsource
 from baton.e2e.build import _lock, cache_root
 
 SUITE = "bookworm"
-BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
+#: libnuma1: vLLM's CPU kernels (vllm._C_AVX2) link it; without it vLLM's worker dies at start ("'_C' object has
+#: no attribute 'init_cpu_memory_env'"). 50 KB, in the one shared base rather than an apt step in a Dockerfile.
+BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates", "libnuma1")
 BASE_REPO = "localhost/baton/python"
 PAUSE_REF = "localhost/baton/pause:3.4"
 IMAGE_NAMES = ("worker", "operator", "vllm")

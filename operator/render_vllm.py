@@ -11,7 +11,8 @@ workers; see docs/vllm.md):
 * `UCX_TLS`: the RDMA transports (rc/dc, accelerated first), `cuda_copy`/`cuda_ipc` so UCX recognizes GPU
   buffers on `accelerator: gpu`, and `tcp` only with `auto` (its fallback); `UCX_NET_DEVICES` from
   `kvTransfer.rdma.netDevices`;
-* a memory-backed /dev/shm for TP > 1 (NCCL between the ranks), which `render` gives every TP > 1 worker.
+* a memory-backed /dev/shm (NCCL between TP ranks; vLLM wants 160 MiB of it even at TP 1), which `render` gives
+  every vLLM worker.
 
 A variable the user already sets in `engine.env` is left to them (an env list must not name one twice).
 """

@@ -13,6 +13,7 @@ The image is GBs: it is imported into the nodes when this module first needs it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -66,6 +67,7 @@ def _colocated_manifest(image: str, model_dir: Path) -> list[dict]:
     """One colocated vLLM pod (no KV connector) on the decode pool, serving the same folder: the reference."""
     served = launch.WorkerLaunch(engine=launch.ENGINE_VLLM, role="both", model_path=f"{MODEL_MOUNT}/{model_dir.name}",
                                  served_model_name=_served_name(), max_model_len=2048)
+    served = dataclasses.replace(served, extra_args=tuple(_example()["spec"]["engine"].get("args", [])))
     command, args = launch.split_command(launch.worker_argv(served))
     env = [*_example()["spec"]["engine"]["env"], {"name": "OMP_NUM_THREADS", "value": "1"}]
     labels = {"app": COLOCATED}

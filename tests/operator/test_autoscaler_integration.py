@@ -10,7 +10,6 @@ Status (`slo`, `lastScaleReason`), Events and the operator's own metrics endpoin
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -101,12 +100,7 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
     try:
         local_prometheus.wait_for_targets(scrapes=1)
 
-        def webhook_registered():  # the admission webhook is this operator's (not an earlier test's)
-            out = kubectl("get", "validatingwebhookconfiguration", "baton.dev", "-o", "json")
-            return out.returncode == 0 and str(op.webhook_port) in json.loads(out.stdout)["webhooks"][0][
-                "clientConfig"].get("url", "")
-
-        wait_for("the operator to register its admission webhook", webhook_registered, timeout=60, diagnostics=op.log_tail)
+        op.wait_webhook_registered(kubectl)
         kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=True)
 
         def status() -> dict:

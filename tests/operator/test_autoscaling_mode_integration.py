@@ -25,25 +25,6 @@ EXAMPLE = REPO / "examples" / "tiny-local.yaml"
 RECONCILES = 4
 
 
-@pytest.fixture(scope="module")
-def operator(local_cluster, kubeconfig, llmservice_crd, kubectl, tmp_path_factory):
-    op = Operator(str(kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-
-    def webhook_registered():
-        out = kubectl("get", "validatingwebhookconfiguration", "baton.dev", "-o", "json")
-        return out.returncode == 0 and str(op.webhook_port) in json.loads(out.stdout)["webhooks"][0][
-            "clientConfig"].get("url", "")
-
-    try:
-        wait_for("the operator to register its admission webhook", webhook_registered, timeout=60)
-    except AssertionError:
-        op.stop()
-        raise AssertionError(f"operator did not come up; {op.log_tail()}")
-    yield op
-    op.stop()
-
-
 def apply(kubectl, ns: str, decode: dict) -> str:
     body = yaml.safe_load(EXAMPLE.read_text())
     body["metadata"]["namespace"] = ns

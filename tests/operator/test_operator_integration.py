@@ -25,27 +25,6 @@ EXAMPLE = REPO / "examples" / "tiny-local.yaml"
 BAD = sorted((REPO / "tests" / "operator" / "bad").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def operator(local_cluster, kubeconfig, llmservice_crd, kubectl, tmp_path_factory):
-    op = Operator(str(kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-
-    def webhook_registered():
-        out = kubectl("get", "validatingwebhookconfiguration", "baton.dev", "-o", "json")
-        if out.returncode != 0:
-            return None
-        hooks = json.loads(out.stdout)["webhooks"]
-        return str(op.webhook_port) in hooks[0]["clientConfig"].get("url", "")
-
-    try:
-        wait_for("the operator to register its admission webhook", webhook_registered, timeout=60)
-    except AssertionError:
-        op.stop()
-        raise AssertionError(f"operator did not come up; {op.log_tail()}")
-    yield op
-    op.stop()
-
-
 def llms_status(kubectl, ns: str, name: str) -> dict:
     return get_json(kubectl, "llmservice", name, "-n", ns).get("status") or {}
 

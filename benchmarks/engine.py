@@ -3,6 +3,7 @@
     python benchmarks/engine.py            # tiny + ~100M random Llama, batch 1/8/32, 3 repeats
     python benchmarks/engine.py --quick    # shorter generations, 1 repeat
     python benchmarks/engine.py --models tiny --batches 1,32 --threads 2
+    python benchmarks/engine.py --models smollm2 --dtypes float32 --gemm torch,onednn   # the real model, both GEMMs
 
 Models are created offline (`baton model tiny`) in a temporary directory unless `--model-dir` points at
 existing ones. Every request in a batch has a different prompt length (16..47 tokens) and generates exactly
@@ -15,6 +16,9 @@ thread are Python threads around that), in the same dtype (`--dtypes`: float32 a
 KV cache on; HF uses its `sdpa` attention. Each
 batch size is warmed up on both sides first, then Baton and HF runs alternate (one of each per repeat), so
 load from other processes on the machine affects both alike; `ratio` is the median of the per-repeat ratios.
+`--gemm torch,onednn` runs one Baton engine per GEMM (`worker/engine/gemm.py`: plain `F.linear` vs oneDNN on
+weights reordered at load) in the same alternation; `smollm2` is the real SmolLM2-135M-Instruct (`baton model
+smollm2`, cached), `tiny`/`100m` random Llamas.
 
 `GFLOP/s` is Baton's decode rate times the model's matmul FLOPs per token, and `of peak` its share of the
 machine's measured matmul rate in that dtype (`matmul_peak`): how much of the CPU the decode step really uses.
@@ -140,7 +144,8 @@ def _flops_per_token(engine) -> float:
     """Matmul FLOPs of one token through the model (2 x the weights every token multiplies: projections, MLP,
     lm_head); attention over the short contexts here adds little and is left out."""
     m = engine.model
-    weights = [m.lm_head] + [w for layer in m.layers for w in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down)]
+    weights = [m.lm_head.weight] + [p.weight for layer in m.layers for p in (layer.qkv, layer.o, layer.gate_up,
+                                                                            layer.down)]
     n = sum(w.numel() for w in weights)
     if m.fold_rope:  # the folded rotate_half rows are extra work this engine chose, not model FLOPs
         cfg = m.cfg
@@ -149,8 +154,11 @@ def _flops_per_token(engine) -> float:
 
 
 def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, repeats: int,
-                 dtype_name: str = "float32") -> list[dict]:
+                 dtype_name: str = "float32", gemms: tuple[str | None, ...] = (None,)) -> list[dict]:
+    import contextlib
+
     import torch
+    from baton.worker.engine import gemm
     from baton.worker.engine.engine import BatonEngine
     from transformers import AutoModelForCausalLM
 
@@ -158,43 +166,65 @@ def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, re
     rows = []
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
-    engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512, dtype=dtype)
-    flops = _flops_per_token(engine)
-    prompts_by_batch = {b: _prompts(engine.tokenizer, b) for b in batches}
+    engines = {}
+    for kind in gemms:  # one engine per GEMM, each built with its own choice
+        saved = os.environ.get(gemm.ENV)
+        if kind:
+            os.environ[gemm.ENV] = kind
+        try:
+            engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512, dtype=dtype)
+        finally:
+            os.environ.pop(gemm.ENV, None)
+            if saved is not None:
+                os.environ[gemm.ENV] = saved
+        engines[engine.model.gemm] = engine
+    first = next(iter(engines.values()))
+    flops = _flops_per_token(first)
+    prompts_by_batch = {b: _prompts(first.tokenizer, b) for b in batches}
 
-    async def run_both():
+    async def run_all():
         results = {}
-        async with engine:
+        async with contextlib.AsyncExitStack() as stack:
+            for engine in engines.values():
+                await stack.enter_async_context(engine)
             for b in batches:
-                await _baton_run(engine, prompts_by_batch[b], 4)  # warm-up at this batch size, both sides
+                for engine in engines.values():  # warm-up at this batch size, every side
+                    await _baton_run(engine, prompts_by_batch[b], 4)
                 _hf_run(hf, prompts_by_batch[b], 4, pad_id)
                 runs = []
-                for _ in range(repeats):  # interleaved, so a change in machine load hits both sides alike
-                    runs.append((await _baton_run(engine, prompts_by_batch[b], max_tokens),
-                                 _hf_run(hf, prompts_by_batch[b], max_tokens, pad_id)))
+                for _ in range(repeats):  # interleaved, so a change in machine load hits every side alike
+                    run = {kind: await _baton_run(engine, prompts_by_batch[b], max_tokens)
+                           for kind, engine in engines.items()}
+                    run["hf"] = _hf_run(hf, prompts_by_batch[b], max_tokens, pad_id)
+                    runs.append(run)
                 results[b] = runs
         return results
 
-    both = asyncio.run(run_both())
+    every = asyncio.run(run_all())
     for b in batches:
-        baton = [r[0] for r in both[b]]
-        hf_runs = [r[1] for r in both[b]]
-        bt = statistics.median(r[0] for r in baton)
-        bf = statistics.median(r[1] for r in baton)
+        hf_runs = [r["hf"] for r in every[b]]
         ht = statistics.median(r[0] for r in hf_runs)
         hf_ttft = statistics.median(r[1] for r in hf_runs)
-        ratio = statistics.median(x[0] / y[0] for x, y in zip(baton, hf_runs))
-        rows.append({"model": label, "dtype": dtype_name, "batch": b, "baton_tps": bt, "hf_tps": ht, "ratio": ratio,
-                     "baton_ttft": bf * 1000, "hf_ttft": hf_ttft * 1000, "gflops": bt * flops / 1e9})
-        print(f"  {label} {dtype_name} batch {b}: baton {bt:.0f} tok/s, hf {ht:.0f} tok/s", file=sys.stderr,
-              flush=True)
+        for kind in engines:
+            baton = [r[kind] for r in every[b]]
+            bt = statistics.median(r[0] for r in baton)
+            bf = statistics.median(r[1] for r in baton)
+            ratio = statistics.median(x[0] / y[0] for x, y in zip(baton, hf_runs))
+            vs_torch = (statistics.median(r[kind][0] / r["torch"][0] for r in every[b]) if "torch" in engines
+                        else None)
+            rows.append({"model": label, "dtype": dtype_name, "gemm": kind, "batch": b, "baton_tps": bt,
+                         "hf_tps": ht, "ratio": ratio, "vs_torch": vs_torch, "baton_ttft": bf * 1000,
+                         "hf_ttft": hf_ttft * 1000, "gflops": bt * flops / 1e9})
+            print(f"  {label} {dtype_name} gemm {kind} batch {b}: baton {bt:.0f} tok/s, hf {ht:.0f} tok/s",
+                  file=sys.stderr, flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run: fewer tokens, 1 repeat")
-    ap.add_argument("--models", default="tiny,100m", help="comma list of tiny,100m (default both)")
+    ap.add_argument("--models", default="tiny,100m",
+                    help="comma list of tiny,100m (random) and smollm2 (the real model) (default tiny,100m)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens generated per request")
     ap.add_argument("--repeats", type=int, default=None)
@@ -204,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of float32,bfloat16: both engines run in each (default both; bfloat16 only "
                     "where the CPU has native bf16)")
     ap.add_argument("--force-bf16", action="store_true", help="run bfloat16 even where torch emulates it")
+    ap.add_argument("--gemm", default=None,
+                    help="comma list of torch,onednn: one Baton engine per GEMM, side by side (default: the "
+                    "engine's own choice)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -234,10 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     base = Path(args.model_dir) if args.model_dir else Path(tmp := tempfile.mkdtemp(prefix="baton-bench-"))
     rows = []
+    gemms = tuple(g.strip() for g in args.gemm.split(",")) if args.gemm else (None,)
     for size in models:
-        path = ensure_tiny_model(base / size, size)
+        if size == "smollm2":
+            from baton.worker.smollm2 import ensure_smollm2
+
+            path = ensure_smollm2()
+        else:
+            path = ensure_tiny_model(base / size, size)
         for dt in dtypes:
-            rows += _bench_model(path, size, batches, max_tokens, repeats, dt)
+            rows += _bench_model(path, size, batches, max_tokens, repeats, dt, gemms)
     if tmp:
         import shutil
 
@@ -248,14 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     print("matmul peak, GFLOP/s (plain torch matmul, 32/256 x 2048 x 2048, same threads): "
           + ", ".join(f"{dt} {p:.0f}" for dt, p in peaks.items())
           + f"; native bf16 on this CPU: {'yes' if cpu_has_bf16() else 'no'}")
-    header = (f"{'model':<6} {'dtype':<9} {'batch':>5} {'baton tok/s':>12} {'HF tok/s':>10} {'ratio':>6} "
-              f"{'baton TTFT ms':>14} {'HF TTFT ms':>11} {'GFLOP/s':>8} {'of peak':>8}")
+    header = (f"{'model':<7} {'dtype':<9} {'gemm':<7} {'batch':>5} {'baton tok/s':>12} {'HF tok/s':>10} "
+              f"{'ratio':>6} {'vs torch':>9} {'baton TTFT ms':>14} {'HF TTFT ms':>11} {'GFLOP/s':>8} {'of peak':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<6} {r['dtype']:<9} {r['batch']:>5} {r['baton_tps']:>12.1f} {r['hf_tps']:>10.1f} "
-              f"{r['ratio']:>5.2f}x {r['baton_ttft']:>14.1f} {r['hf_ttft']:>11.1f} {r['gflops']:>8.1f} "
-              f"{r['gflops'] / peaks[r['dtype']]:>7.0%}")
+        vs = f"{r['vs_torch']:>8.2f}x" if r["vs_torch"] is not None else f"{'':>9}"
+        print(f"{r['model']:<7} {r['dtype']:<9} {r['gemm']:<7} {r['batch']:>5} {r['baton_tps']:>12.1f} "
+              f"{r['hf_tps']:>10.1f} {r['ratio']:>5.2f}x {vs} {r['baton_ttft']:>14.1f} {r['hf_ttft']:>11.1f} "
+              f"{r['gflops']:>8.1f} {r['gflops'] / peaks[r['dtype']]:>7.0%}")
     if note:
         print(note)
     fp, bf = "float32", "bfloat16"

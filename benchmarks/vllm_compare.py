@@ -253,7 +253,7 @@ def main() -> int:
     ap.add_argument("--vllm-python", default=None)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--latency-requests", type=int, default=40)
+    ap.add_argument("--latency-requests", type=int, default=40, help="per router arm; 0: compare the engines only")
     ap.add_argument("--model", default=None, help="model directory (default: a fresh `tiny --size small`)")
     ap.add_argument("--toy-proxy", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prefill", default=None, help=argparse.SUPPRESS)
@@ -280,7 +280,7 @@ def main() -> int:
         results = {}
         for engine in ("baton", "vllm"):
             results[engine] = bench_engine(engine, model, vllm_python, batches, args.max_tokens, run_dir)
-        lat = bench_routers(model, vllm_python, args.latency_requests, run_dir)
+        lat = bench_routers(model, vllm_python, args.latency_requests, run_dir) if args.latency_requests else None
 
     print("\n1. engines (one colocated worker each, 1 thread, direct; decode tok/s = generated tokens / wall)")
     print(f"{'batch':>5} | {'baton tok/s':>11} {'vllm tok/s':>10} {'baton/vllm':>10} | "
@@ -290,6 +290,8 @@ def main() -> int:
         print(f"{b:>5} | {x['tok_s']:>11.1f} {y['tok_s']:>10.1f} {x['tok_s'] / y['tok_s']:>10.2f} | "
               f"{fmt(x['ttft_p50']):>14} {fmt(y['ttft_p50']):>13} {x['ttft_p50'] / y['ttft_p50']:>10.2f} | "
               f"{fmt(x['ttft_p99']):>9} {fmt(y['ttft_p99']):>9}")
+    if lat is None:  # --latency-requests 0: engines only
+        return 0
     print(f"\n2. routers in front of vLLM prefill + decode (NIXL), {args.latency_requests} requests per arm, "
           "max_tokens 4, non-streaming, sequential")
     base = {q: percentile(lat["direct"], q) for q in (50, 99)}

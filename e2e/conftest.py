@@ -101,6 +101,11 @@ def helm_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+#: the namespaces the real-node modules put LLMServices in (test_realnodes, _faults, _vllm): the operator the
+#: `release` fixture installs watches these and holds no rights anywhere else
+WATCHED_NAMESPACES = ("demo", "faults", "vllm")
+
+
 @pytest.fixture(scope="session")
 def release(real_cluster):
     """`helm install` of charts/baton with the locally built operator image: a real pod, the chart's RBAC."""
@@ -114,7 +119,9 @@ def release(real_cluster):
             # the worker image the operator renders for routers, fetch containers and Baton workers by default
             "--set", f"workerImage.repository={worker_repo}", "--set", f"workerImage.tag={worker_tag}",
             # the node model cache (uri sources) under the cluster's root: the teardown removes it with the rest
-            "--set", f"modelCache.hostPath={real_cluster.real.root}/model-cache"]
+            "--set", f"modelCache.hostPath={real_cluster.real.root}/model-cache",
+            # a namespaced operator (the chart's default mode), watching the namespaces the real-node modules use
+            "--set", "watchNamespaces={" + ",".join(WATCHED_NAMESPACES) + "}"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if out.returncode != 0:
         raise AssertionError(f"helm install failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

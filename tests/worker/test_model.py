@@ -40,8 +40,10 @@ def _engine_greedy(model: LlamaModel, prompts: list[list[int]], steps: int) -> t
     return [s[len(p):] for s, p in zip(seqs, prompts)], all_logits
 
 
-def test_logits_match_hf(tiny_model_dir, hf_model):
-    model = LlamaModel.from_pretrained(tiny_model_dir)
+@pytest.mark.parametrize("gemm_kind", ["torch", "onednn"])
+def test_logits_match_hf(tiny_model_dir, hf_model, gemm_kind):
+    model = LlamaModel.from_pretrained(tiny_model_dir, gemm_kind=gemm_kind)
+    assert model.gemm == gemm_kind
     _, logits = _engine_greedy(model, PROMPTS, 1)
     start = 0
     with torch.no_grad():
@@ -64,8 +66,9 @@ def test_decode_logits_match_hf(tiny_model_dir, hf_model):
     assert outs == [hf_greedy(hf_model, p, 6) for p in prompts]
 
 
+@pytest.mark.parametrize("gemm_kind", ["torch", "onednn"])
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_other_architectures_match_hf(make_model, arch):
+def test_other_architectures_match_hf(make_model, arch, gemm_kind):
     from transformers import AutoModelForCausalLM
 
     path = make_model(arch)
@@ -73,7 +76,6 @@ def test_other_architectures_match_hf(make_model, arch):
     assert cfg.model_type == arch
     if arch == "qwen2":
         assert cfg.attention_bias
-    model = LlamaModel.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if arch == "qwen2":  # random init leaves biases at zero; make them matter
         with torch.no_grad():
@@ -81,7 +83,7 @@ def test_other_architectures_match_hf(make_model, arch):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
         hf.save_pretrained(path)
-        model = LlamaModel.from_pretrained(path)
+    model = LlamaModel.from_pretrained(path, gemm_kind=gemm_kind)
     outs, logits = _engine_greedy(model, PROMPTS[:3], 8)
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPTS[0]])).logits[0]
@@ -94,7 +96,7 @@ def test_sharded_weights_and_tied_embeddings(make_model, tiny_model_dir):
     assert (sharded / "model.safetensors.index.json").is_file()
     a = LlamaModel.from_pretrained(sharded)
     b = LlamaModel.from_pretrained(tiny_model_dir)
-    assert torch.equal(a.layers[1].w_down, b.layers[1].w_down)
+    assert torch.equal(a.layers[1].down.weight, b.layers[1].down.weight)
 
 
 def test_bfloat16_runs(tiny_model_dir):

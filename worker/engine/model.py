@@ -3,7 +3,8 @@
 Tokens of all sequences in a step are flattened to one `[T, hidden]` batch for every matmul (no padding
 waste); only attention needs a per-sequence layout, described by `ForwardBatch` (built once per step by
 `attention.py` and shared by all layers). Weights are fused at load time (q|k|v and gate|up) so a layer is a
-handful of large matmuls.
+handful of large matmuls, each a `gemm.Projection` (on the CPU in float32, oneDNN with the weight reordered once
+at load).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import gemm
 from .config import ModelConfig, load_model_config
 from .rope import rope_tables
 from .weights import load_weights
@@ -58,19 +60,21 @@ FOLD_ROPE_BELOW_HIDDEN = 512
 
 
 class Layer:
-    __slots__ = ("b_down", "b_gate_up", "b_qkv", "ln1", "ln2", "w_down", "w_gate_up", "w_o", "w_qkv")
+    __slots__ = ("down", "gate_up", "ln1", "ln2", "o", "qkv")
 
 
 class LlamaModel:
     """Weights + forward. Stateless apart from the weights: the KV cache is passed in."""
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, gemm_kind: str | None = None) -> None:
         self.cfg = cfg
         self.dtype = dtype
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.gemm = kind = gemm.choose(dtype, self.embed.device, gemm_kind)
+        self.lm_head = gemm.Projection(self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"],
+                                       gemm=kind)
         self.fold_rope = cfg.hidden_size < FOLD_ROPE_BELOW_HIDDEN
         self.layers: list[Layer] = []
         for n in range(cfg.num_layers):
@@ -84,18 +88,19 @@ class LlamaModel:
             # per-op overhead rather than matmul time dominates
             rot = self.fold_rope
             ws = [wq, wk, wv] + ([_rotate_rows(wq, cfg.head_dim), _rotate_rows(wk, cfg.head_dim)] if rot else [])
-            layer.w_qkv = torch.cat(ws)
-            layer.b_qkv = None
+            b_qkv = None
             if cfg.attention_bias:
                 bq, bk, bv = (weights[p + f"self_attn.{x}_proj.bias"] for x in "qkv")
                 bs = [bq, bk, bv] + ([_rotate_rows(bq, cfg.head_dim), _rotate_rows(bk, cfg.head_dim)] if rot else [])
-                layer.b_qkv = torch.cat(bs)
-            layer.w_o = weights[p + "self_attn.o_proj.weight"]
-            layer.w_gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
-            layer.b_gate_up = (torch.cat([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]])
-                               if cfg.mlp_bias else None)
-            layer.w_down = weights[p + "mlp.down_proj.weight"]
-            layer.b_down = weights[p + "mlp.down_proj.bias"] if cfg.mlp_bias else None
+                b_qkv = torch.cat(bs)
+            layer.qkv = gemm.Projection(torch.cat(ws), b_qkv, kind)
+            layer.o = gemm.Projection(weights[p + "self_attn.o_proj.weight"], None, kind)
+            layer.gate_up = gemm.Projection(
+                torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
+                torch.cat([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]]) if cfg.mlp_bias
+                else None, kind)
+            layer.down = gemm.Projection(weights[p + "mlp.down_proj.weight"],
+                                         weights[p + "mlp.down_proj.bias"] if cfg.mlp_bias else None, kind)
             self.layers.append(layer)
             for name in list(weights):  # free the unfused copies as we go
                 if name.startswith(p) and ("self_attn.q" in name or "self_attn.k" in name or "self_attn.v" in name
@@ -110,9 +115,9 @@ class LlamaModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        max_len: int | None = None) -> LlamaModel:
+                        max_len: int | None = None, gemm_kind: str | None = None) -> LlamaModel:
         cfg = load_model_config(path)
-        return cls(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=max_len)
+        return cls(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=max_len, gemm_kind=gemm_kind)
 
     # -- pieces ---------------------------------------------------------------------------------------------
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -190,8 +195,7 @@ class LlamaModel:
         cfg = self.cfg
         T = fb.input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        rms, attention, linear, addmm, addcmul, silu = \
-            self._rms, self._attention, F.linear, torch.addmm, torch.addcmul, F.silu
+        rms, attention, addcmul, silu = self._rms, self._attention, torch.addcmul, F.silu
         x = F.embedding(fb.input_ids, self.embed)
         cs = self.cos_sin.index_select(0, fb.positions)  # [T, 2, 1, D]
         cos, sin = cs[:, 0], cs[:, 1]
@@ -200,7 +204,7 @@ class LlamaModel:
         nqk = H + KV
         fold, half = self.fold_rope, D // 2
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            qkv = linear(rms(x, layer.ln1), layer.w_qkv, layer.b_qkv)  # [T, q | k | v (| rot(q) | rot(k))]
+            qkv = layer.qkv(rms(x, layer.ln1))  # [T, q | k | v (| rot(q) | rot(k))]
             # RoPE: x*cos + rotate_half(x)*sin
             qk = qkv[:, :qk_end].view(T, nqk, D)
             if fold:
@@ -211,11 +215,9 @@ class LlamaModel:
             attn = attention(qk[:, :H], qk[:, H:], qkv[:, qk_end:v_end].view(T, KV, D), k_cache, v_cache, fb)
             if on_layer is not None:
                 on_layer(i)
-            x = addmm(x, attn, layer.w_o.t())
-            gate, up = linear(rms(x, layer.ln2), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-            act = silu(gate).mul_(up)
-            x = addmm(x, act, layer.w_down.t()) if layer.b_down is None else \
-                x + linear(act, layer.w_down, layer.b_down)
+            x = layer.o.add_to(x, attn)
+            gate, up = layer.gate_up(rms(x, layer.ln2)).chunk(2, dim=-1)
+            x = layer.down.add_to(x, silu(gate).mul_(up))
         if not all_logits and fb.logits_index is not None:
             x = x[fb.logits_index]
-        return linear(rms(x, self.norm), self.lm_head).float()
+        return self.lm_head(rms(x, self.norm)).float()

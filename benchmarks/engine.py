@@ -144,9 +144,8 @@ def _flops_per_token(engine) -> float:
     """Matmul FLOPs of one token through the model (2 x the weights every token multiplies: projections, MLP,
     lm_head); attention over the short contexts here adds little and is left out."""
     m = engine.model
-    weights = [m.lm_head.weight] + [p.weight for layer in m.layers for p in (layer.qkv, layer.o, layer.gate_up,
-                                                                            layer.down)]
-    n = sum(w.numel() for w in weights)
+    projections = [m.lm_head] + [p for layer in m.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    n = sum(p.numel for p in projections)
     if m.fold_rope:  # the folded rotate_half rows are extra work this engine chose, not model FLOPs
         cfg = m.cfg
         n -= len(m.layers) * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim * cfg.hidden_size

@@ -47,16 +47,20 @@ def choose(dtype: torch.dtype, device: torch.device | str = "cpu", requested: st
 
 
 class Projection:
-    """`x @ W^T (+ b)` for one weight. `weight` stays the plain tensor (tests, fingerprints, benchmarks read
-    it); with oneDNN a reordered copy does the work (the plain one then costs memory, not time)."""
+    """`x @ W^T (+ b)` for one weight. With oneDNN the reordered copy does the work and the plain `weight` is
+    dropped (None) so the model does not sit in memory twice -- unless the caller still holds it anyway (the
+    lm_head tied to the embedding table), which `keep_weight` says. `shape` and `numel` stay readable."""
 
-    __slots__ = ("bias", "gemm", "packed", "weight")
+    __slots__ = ("bias", "gemm", "numel", "packed", "shape", "weight")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemm: str = "torch") -> None:
-        self.weight = weight
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemm: str = "torch",
+                 keep_weight: bool = False) -> None:
+        self.shape = tuple(weight.shape)
+        self.numel = weight.numel()
         self.bias = bias
         self.gemm = gemm
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_ROWS) if gemm == "onednn" else None
+        self.weight: torch.Tensor | None = weight if self.packed is None or keep_weight else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

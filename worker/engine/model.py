@@ -74,7 +74,7 @@ class LlamaModel:
         self.norm = weights["model.norm.weight"]
         self.gemm = kind = gemm.choose(dtype, self.embed.device, gemm_kind)
         self.lm_head = gemm.Projection(self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"],
-                                       gemm=kind)
+                                       gemm=kind, keep_weight=cfg.tie_word_embeddings)  # the embedding table
         self.fold_rope = cfg.hidden_size < FOLD_ROPE_BELOW_HIDDEN
         self.layers: list[Layer] = []
         for n in range(cfg.num_layers):
@@ -104,7 +104,8 @@ class LlamaModel:
             self.layers.append(layer)
             for name in list(weights):  # free the unfused copies as we go
                 if name.startswith(p) and ("self_attn.q" in name or "self_attn.k" in name or "self_attn.v" in name
-                                           or "gate_proj" in name or "up_proj" in name):
+                                           or "gate_proj" in name or "up_proj" in name
+                                           or "o_proj.weight" in name or "down_proj.weight" in name):
                     del weights[name]
         self.max_len = max_len or cfg.max_position_embeddings
         self.cos, self.sin = rope_tables(cfg, self.max_len, dtype)

@@ -292,8 +292,17 @@ def test_operator_runs_as_a_pod_and_its_webhook_refuses_bad_llmservices(real_clu
     assert op["spec"]["containers"][0]["image"] == c.operator_ref
     _k(c, "create", "namespace", FLEET_NS, check=False)
     bad = (REPO / "tests" / "operator" / "bad" / "baton-rdma.yaml").read_text()
-    out = _k(c, "apply", "-n", FLEET_NS, "-f", "-", input=bad, check=False)
-    assert out.returncode != 0 and "spec.kvTransfer.transport" in out.stderr, out.stderr
+
+    def webhook_answer():
+        """The apply's result once the webhook answered; None while the apiserver cannot reach it yet. The pod
+        turns Ready only once its webhook port listens (the chart's readinessProbe); kube-proxy then needs a
+        moment to route the Service to it."""
+        out = _k(c, "apply", "-n", FLEET_NS, "-f", "-", input=bad, check=False)
+        return None if out.returncode != 0 and "failed calling webhook" in out.stderr else out
+
+    out = wait_for("the operator pod's webhook to answer", webhook_answer, timeout=60)
+    assert out.returncode != 0, f"a bad LLMService was admitted: {out.stdout}"
+    assert "spec.kvTransfer.transport" in out.stderr, out.stderr
     assert "denied the request" in out.stderr, out.stderr  # the operator pod's webhook said no
     # A namespaced operator (the chart's default mode): its ServiceAccount's rights end at the watched namespaces
     as_operator = "--as=system:serviceaccount:baton-system:baton"

@@ -64,6 +64,9 @@ def test_operator_pod_is_hardened(render):
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
     assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
+    # Ready once its webhook listens: `helm install --wait` then means LLMService writes are admitted
+    assert c["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+    assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in c["ports"]
     assert c["command"] == ["baton"] and c["args"][:3] == ["operator", "run", "--namespace=baton-system"]
     assert pod["serviceAccountName"] == "baton"
     assert c["image"] == "baton/operator:0.1.0"

@@ -41,9 +41,9 @@ COPY worker ./worker
 RUN /opt/baton/bin/pip install --no-deps -c constraints.txt . \
  && /opt/baton/bin/python -m compileall -q /opt/baton/lib/python3.11/site-packages/baton \
  && /opt/baton/bin/baton worker --help >/dev/null \
- && mkdir /app \
- && cp -a --parents /opt/baton/lib/python3.11/site-packages/baton /opt/baton/lib/python3.11/site-packages/baton-*.dist-info \
-      /opt/baton/bin/baton /app/
+ && mkdir /app && cd / \
+ && cp -a --parents opt/baton/lib/python3.11/site-packages/baton opt/baton/lib/python3.11/site-packages/baton-*.dist-info \
+      opt/baton/bin/baton /app/
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="baton-worker" \

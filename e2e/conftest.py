@@ -19,7 +19,7 @@ import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean, images
 from baton.e2e.cluster import LocalCluster
-from baton.e2e.fixtures import PHASE_TIMINGS
+from baton.e2e.fixtures import PHASE_TIMINGS, kubectl
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny-llama"
@@ -113,6 +113,8 @@ def release(real_cluster):
     repo, tag = real_cluster.operator_ref.rsplit(":", 1)
     worker_repo, worker_tag = real_cluster.worker_ref.rsplit(":", 1)
     t0 = time.monotonic()
+    for ns in WATCHED_NAMESPACES:  # a namespaced operator's RoleBindings live in them: they must exist first
+        kubectl("create", "namespace", ns, kubeconfig=real_cluster.kubeconfig)
     argv = [helm, "--kubeconfig", str(real_cluster.kubeconfig), "install", "baton", str(REPO / "charts" / "baton"),
             "-n", "baton-system", "--create-namespace", "--wait", "--timeout", "240s",
             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",

@@ -18,7 +18,7 @@ from baton import launch
 pytest.importorskip("torch")
 
 
-from .test_router import RunningRouter, dead_url, hop_errors, outcome, settled, silent_socket
+from .test_router import NOT_A_HANG, RunningRouter, dead_url, hop_errors, outcome, settled, silent_socket
 from .test_router import _first as first
 from .test_router_hardening import ROUTER_KV, Worker, answer, prefill_500, prefill_ok, wait_ready
 
@@ -194,7 +194,7 @@ def test_retries_are_bounded_then_never_gives_a_fast_503():
         t0 = time.monotonic()
         resp = httpx.post(r.base_url + "/v1/completions", json=BODY, timeout=30,
                           headers={"X-Request-Id": "pf-1"})
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 10  # answered at once, not after a wait (a bound: CI machines are loaded)
         assert resp.status_code == 503 and resp.headers["Retry-After"] == "7"
         assert resp.json()["error"]["code"] == "prefill_unavailable" and resp.headers["X-Request-Id"] == "pf-1"
         assert sum(len(w.bodies) for w in bads) == 2  # the first try + 1 retry, never the third
@@ -218,7 +218,7 @@ def test_a_prefill_worker_that_never_answers_gives_a_503_not_a_hang():
         t0 = time.monotonic()
         resp = httpx.post(r.base_url + "/v1/completions", json={**BODY, "stream": True}, timeout=30)
         took = time.monotonic() - t0
-        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5" and 0.5 <= took < 3, took
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5" and 0.5 <= took < NOT_A_HANG, took
         m = settled(r)
         assert hop_errors(m, "prefill", "timeout") == 1 and failures(m, "rejected") == 1
     finally:

@@ -272,9 +272,9 @@ def test_a_second_sigterm_exits_at_once(tiny_model_dir, tmp_path):
             time.sleep(0.5)
             assert proc.poll() is None  # draining: the accept window alone lasts DRAIN_ACCEPT_SECONDS
             proc.send_signal(signal.SIGTERM)
-            start = time.monotonic()
             rc = proc.wait(timeout=30)
-        assert time.monotonic() - start < DRAIN_ACCEPT_SECONDS - 1
+        # Told by what happened, not by a clock (a loaded CI machine took 4.3 s to tear a worker process down):
+        # a drain ends with exit status 0 after the accept window; the second signal's path exits 1 and says so
         assert rc == 1
     text = log.read_text()
     assert "stopped at once by a second signal" in text, text

@@ -157,7 +157,6 @@ def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, re
     import contextlib
 
     import torch
-    from baton.worker.engine import gemm
     from baton.worker.engine.engine import BatonEngine
     from transformers import AutoModelForCausalLM
 
@@ -166,16 +165,9 @@ def _bench_model(path: Path, label: str, batches: list[int], max_tokens: int, re
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
     engines = {}
-    for kind in gemms:  # one engine per GEMM, each built with its own choice
-        saved = os.environ.get(gemm.ENV)
-        if kind:
-            os.environ[gemm.ENV] = kind
-        try:
-            engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512, dtype=dtype)
-        finally:
-            os.environ.pop(gemm.ENV, None)
-            if saved is not None:
-                os.environ[gemm.ENV] = saved
+    for kind in gemms:  # one engine per GEMM (None: the engine's own choice)
+        engine = BatonEngine.from_pretrained(path, max_num_seqs=max(batches), max_model_len=512, dtype=dtype,
+                                             gemm_kind=kind)
         engines[engine.model.gemm] = engine
     first = next(iter(engines.values()))
     flops = _flops_per_token(first)

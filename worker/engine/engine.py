@@ -216,15 +216,17 @@ class BatonEngine:
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str | torch.dtype = "float32",
-                        model_name: str | None = None, **kwargs) -> BatonEngine:
-        """Load config, weights and tokenizer from a Hugging Face model directory; keyword arguments go to
+                        model_name: str | None = None, gemm_kind: str | None = None, **kwargs) -> BatonEngine:
+        """Load config, weights and tokenizer from a Hugging Face model directory; `gemm_kind` picks the
+        projections' GEMM (`gemm.choose`: default by dtype and $BATON_CPU_GEMM); other keyword arguments go to
         the constructor. Synchronous; `await BatonEngine.from_pretrained(...)` works too (an engine is
         awaitable and returns itself), and `from_pretrained_async` loads in a worker thread."""
         path = Path(path)
         cfg = load_model_config(path)
         dtype = resolve_dtype(dtype, cfg.checkpoint_dtype)
         log.info("loading %s in %s", path, str(dtype).removeprefix("torch."))
-        model = LlamaModel(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=kwargs.get("max_model_len"))
+        model = LlamaModel(cfg, load_weights(path, cfg, dtype), dtype=dtype, max_len=kwargs.get("max_model_len"),
+                           gemm_kind=gemm_kind)
         tokenizer = HFTokenizer(path)
         kwargs.setdefault("model_identity", fingerprint.model_identity(path))
         return cls(model, tokenizer, model_name=model_name or path.name, **kwargs)

@@ -16,6 +16,7 @@ tokens and logits within tolerance).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -51,16 +52,19 @@ class Projection:
     dropped (None) so the model does not sit in memory twice -- unless the caller still holds it anyway (the
     lm_head tied to the embedding table), which `keep_weight` says. `shape` and `numel` stay readable."""
 
-    __slots__ = ("bias", "gemm", "numel", "packed", "shape", "weight")
+    __slots__ = ("bias", "gemm", "packed", "shape", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemm: str = "torch",
                  keep_weight: bool = False) -> None:
         self.shape = tuple(weight.shape)
-        self.numel = weight.numel()
         self.bias = bias
         self.gemm = gemm
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_FOR_ROWS) if gemm == "onednn" else None
         self.weight: torch.Tensor | None = weight if self.packed is None or keep_weight else None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

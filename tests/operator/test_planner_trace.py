@@ -14,7 +14,7 @@ from baton.operator.planner.cli import _workload, add_plan_command
 from baton.operator.planner.search import searchable_degrees
 
 from baton.profile import BUILTIN, ProfileSet
-from baton.workload import percentile
+from baton.workload import Workload, load_trace, percentile
 
 
 def write_bimodal_trace(path: Path, n: int) -> list[tuple[int, int]]:
@@ -112,3 +112,26 @@ def test_baton_plan_reads_the_heads_from_the_profile(tmp_path, capsys):
     assert code == 0
     assert sorted(plan["instanceRPS"]["prefill"]) == ["1", "2", "4"]
     assert "TP16 not searched: the model's 40 attention heads do not split evenly over 16 GPUs" in plan["notes"]
+
+
+SHAREGPT = Path(__file__).resolve().parents[1] / "data" / "sharegpt_opt_lengths.jsonl"
+
+
+def test_distserve_headline_on_sharegpt_lengths(capsys):
+    """DistServe's headline setting on the ShareGPT lengths its own preparation makes (tests/data/README.md):
+    OPT-13B, 1 node x 4 A100-80G, TTFT 200 ms / TPOT 100 ms for 90 %, the colocated rival on vLLM's fits. Its
+    simulator gives prefill TP2 + decode TP1 at 1.56-1.88 req/s per GPU; the plan must pick that layout within
+    10 % of that range."""
+    lengths = Workload.from_trace(load_trace(SHAREGPT))
+    ins = [p for p, _ in lengths.pairs]
+    # the shape DistServe's preparation gives (median 695, p90 1555 input tokens over the whole set)
+    assert percentile(ins, 50) == pytest.approx(695, rel=0.02) and percentile(ins, 90) == pytest.approx(1555, rel=0.02)
+    code, out = run_cli(["--trace", str(SHAREGPT), "--gpus-per-node", "4", "--colocated-profile", "a100-80g-vllm",
+                         "--json"], capsys)
+    doc = json.loads(out)
+    plan = doc["plan"]
+    assert code == 0 and plan["layout"] == "disaggregated"
+    assert plan["prefill"] == {"tensorParallel": 2, "replicas": 1}
+    assert plan["decode"] == {"tensorParallel": 1, "replicas": 1}
+    assert 1.56 * 0.9 <= plan["goodputPerGPU"] <= 1.88 * 1.1, plan["goodputPerGPU"]
+    assert plan["workload"]["lengths"] == "trace replay of 2000 requests"

@@ -16,7 +16,10 @@ model and tensor-parallel degree:
                                      "kv_capacity_tokens": 66144, "max_batch_tokens": 2048}}}}
 
 An optional top-level `"kv_bytes_per_token": {"<model>": bytes}` sizes KV hand-offs for the planner's locality
-choice. Built-in profiles: `a100-80g-distserve` (the DistServe engine) and `a100-80g-vllm` (vLLM as DistServe
+choice. An optional `"pipeline_parallel": {"degrees": [1, 2, 4], "stage_overhead_ms": 1.0}` says the engine the
+profile was measured on runs pipeline parallelism (vLLM, DistServe; the Baton engine does not) and how the
+planner models it, as DistServe's simulator does: a batch's time on one stage is the whole model's time divided
+by the stages, plus a per-stage overhead (activations sent on, a launch); see `PipelinedProfile`. Built-in profiles: `a100-80g-distserve` (the DistServe engine) and `a100-80g-vllm` (vLLM as DistServe
 measured it for its colocated baseline), both the DistServe authors' A100-80G SXM fits (Apache-2.0). Pure apart
 from reading and writing files.
 """
@@ -66,6 +69,13 @@ class WorkerProfile:
     def batch_token_limit(self) -> int:
         return self.max_batch_tokens or self.kv_capacity_tokens
 
+    #: pipeline stages of the instance this profile times (one: no pipeline; see `PipelinedProfile`)
+    stages = 1
+
+    def prefill_stage_s(self, prompt_lens: Sequence[int]) -> float:
+        """How long a prefill batch holds the first stage (one stage: the whole prefill)."""
+        return self.prefill_s(prompt_lens)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], tensor_parallel: int | None = None) -> WorkerProfile:
         try:
@@ -94,6 +104,52 @@ class WorkerProfile:
         return ProfileSet.load("a100-80g-distserve").for_model("facebook/opt-13b").get(tensor_parallel)
 
 
+@dataclass(frozen=True)
+class PipelinedProfile:
+    """An instance of `stages` pipeline stages of `base`'s tensor-parallel degree, in DistServe's model (its
+    simulator's `get_prefill_time`/`get_decode_time`: stage time = whole time / stages + overhead).
+
+    Prefill: a batch holds each stage for `prefill_s / stages + overhead` and passes all of them, so the first
+    stage takes the next batch that much sooner (throughput up to `stages` x) while the batch's own latency is
+    `prefill_s + stages x overhead` (no faster than one stage of the whole model).
+    Decode: the running requests are split into `stages` micro-batches that take turns on the stages; each
+    request gets a token per round, `base` time of one micro-batch + `stages` x overhead.
+    KV capacity: the instance holds the weights once over `tensor_parallel x stages` GPUs, like a TP instance
+    of that many GPUs (`ModelProfiles.pipelined` passes its capacity when the profile has it)."""
+
+    base: WorkerProfile
+    stages: int
+    stage_overhead_s: float
+    kv_capacity_tokens: int
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.base.tensor_parallel
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        return self.base.max_batch_tokens
+
+    @property
+    def batch_token_limit(self) -> int:
+        return self.base.max_batch_tokens or self.kv_capacity_tokens
+
+    def prefill_s(self, prompt_lens: Sequence[int]) -> float:
+        """A prefill batch's latency through every stage."""
+        return self.base.prefill_s(prompt_lens) + self.stages * self.stage_overhead_s
+
+    def prefill_stage_s(self, prompt_lens: Sequence[int]) -> float:
+        return self.base.prefill_s(prompt_lens) / self.stages + self.stage_overhead_s
+
+    def decode_step_s(self, batch: int, context_tokens: int) -> float:
+        """One round: every running request gets a token (its micro-batch passes all stages)."""
+        if batch <= 0:
+            return self.stages * self.stage_overhead_s
+        micro = -(-batch // self.stages)
+        return self.base.decode_step_s(micro, round(context_tokens * micro / batch)) + \
+            self.stages * self.stage_overhead_s
+
+
 def _triple(x: Any) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in x)
     return a, b, c
@@ -109,10 +165,25 @@ class ModelProfiles:
     engine: str = ""
     #: bytes of KV cache one token takes (2 x layers x KV heads x head dim x dtype bytes); 0: unknown
     kv_bytes_per_token: int = 0
+    #: pipeline-parallel degrees the profile's engine runs ((1,): none) and the per-stage overhead it is modelled with
+    pipeline_degrees: tuple[int, ...] = (1,)
+    pipeline_stage_overhead_s: float = 0.0
 
     @property
     def tensor_parallel_degrees(self) -> list[int]:
         return sorted(self.by_tp)
+
+    def pipelined(self, tensor_parallel: int, stages: int) -> WorkerProfile | PipelinedProfile:
+        """The profile of a TP x PP instance (PP 1: the measured one). KV capacity: the profile's for TP
+        `tensor_parallel x stages` when it has one (the same GPUs holding the weights once, as DistServe's
+        max_num_tokens table shows), else `stages` x the TP degree's (a lower bound: each stage also frees the
+        weights of the layers it does not hold)."""
+        base = self.get(tensor_parallel)
+        if stages == 1:
+            return base
+        same_gpus = self.by_tp.get(tensor_parallel * stages)
+        kv = same_gpus.kv_capacity_tokens if same_gpus else base.kv_capacity_tokens * stages
+        return PipelinedProfile(base, stages, self.pipeline_stage_overhead_s, kv)
 
     def get(self, tensor_parallel: int) -> WorkerProfile:
         if tensor_parallel not in self.by_tp:
@@ -139,8 +210,27 @@ class ProfileSet:
         if model not in self.models:
             raise ValueError(f"the profile has no model {model!r} (it has {', '.join(sorted(self.models))})")
         kv = self.extra.get("kv_bytes_per_token", {})
+        degrees, overhead = self.pipeline_parallel()
         return ModelProfiles(model, self.models[model], self.hardware, self.engine,
-                             int(kv.get(model, 0)) if isinstance(kv, dict) else 0)
+                             int(kv.get(model, 0)) if isinstance(kv, dict) else 0, degrees, overhead)
+
+    def pipeline_parallel(self) -> tuple[tuple[int, ...], float]:
+        """(pipeline-parallel degrees, per-stage overhead in seconds) the profile declares; ((1,), 0.0) when it
+        declares none (its engine runs no pipeline). ValueError naming the field when malformed."""
+        pp = self.extra.get("pipeline_parallel")
+        if pp is None:
+            return (1,), 0.0
+        where = "pipeline_parallel"
+        if not isinstance(pp, dict):
+            raise ValueError(f"{where}: expected an object with degrees and stage_overhead_ms, got {pp!r}")  # noqa: TRY004 - a bad file, reported like the rest
+        degrees = pp.get("degrees")
+        if (not isinstance(degrees, list) or not degrees
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in degrees)):
+            raise ValueError(f"{where}.degrees: expected a list of integers >= 1, got {degrees!r}")
+        overhead = pp.get("stage_overhead_ms", 0.0)
+        if isinstance(overhead, bool) or not isinstance(overhead, int | float) or overhead < 0:
+            raise ValueError(f"{where}.stage_overhead_ms: expected a number >= 0, got {overhead!r}")
+        return tuple(sorted({1, *degrees})), overhead / 1000.0
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], where: str = "profile") -> ProfileSet:

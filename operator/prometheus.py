@@ -68,6 +68,9 @@ ROUTER_TPOT = Metric.ROUTER_TPOT
 WORKER_TTFT = Metric.TTFT
 WORKER_TPOT = Metric.INTER_TOKEN_LATENCY
 ROUTER_TTFT_STAGE = Metric.ROUTER_TTFT_STAGE
+#: a Baton decode worker's KV imports (worker/metrics.py): a counter of bytes and a histogram of seconds
+KV_TRANSFER_BYTES = "baton_kv_transfer_bytes_total"
+KV_TRANSFER_SECONDS = "baton_kv_transfer_seconds"
 #: The router's TTFT stages, in time order: the first two are prefill's to fix, the others are not.
 PREFILL_QUEUE, PREFILL_COMPUTE, KV_HANDOFF, FIRST_DECODE = TTFT_STAGES
 #: Worker roles whose histograms stand in for the router's (role `both` serves the whole request).
@@ -349,17 +352,24 @@ class PrometheusSource:
             out[f"{key}_mean"] = f"sum(rate({series(metric + '_sum', sel)}[{w}])) / {count}"
             out[f"{key}_p90"] = (f"histogram_quantile({QUANTILE}, sum by (le) "
                                  f"(rate({series(metric + '_bucket', sel)}[{w}])))")
+        # the KV hand-offs decode workers made (Baton workers export these): bytes and transfer-seconds per
+        # second, and transfers per second; bytes / seconds is the link's effective bandwidth (planner/link.py)
+        out["kv_bytes_per_s"] = f"sum(rate({series(KV_TRANSFER_BYTES, s)}[{w}]))"
+        out["kv_seconds_per_s"] = f"sum(rate({series(KV_TRANSFER_SECONDS + '_sum', s)}[{w}]))"
+        out["kv_transfers_per_s"] = f"sum(rate({series(KV_TRANSFER_SECONDS + '_count', s)}[{w}]))"
         return out
 
     async def workload(self, name: str, namespace: str, window: float) -> dict[str, float | None]:
         """The planner's numbers (None: no data): `rate` (router, else the prefill workers' request count),
-        `input_mean`, `input_p90`, `output_mean`, `output_p90`. Raises `PrometheusError`."""
+        `input_mean`, `input_p90`, `output_mean`, `output_p90`, and the KV hand-offs `kv_bytes_per_s`,
+        `kv_seconds_per_s`, `kv_transfers_per_s`. Raises `PrometheusError`."""
         q = self.workload_queries(name, namespace, window)
         keys = list(q)
         values = dict(zip(keys, await asyncio.gather(*(self.client.value(q[k]) for k in keys)), strict=True))
         rate = values["rate_router"] if values["rate_router"] else values["input_count"]
         return {"rate": rate, "input_mean": values["input_mean"], "input_p90": values["input_p90"],
-                "output_mean": values["output_mean"], "output_p90": values["output_p90"]}
+                "output_mean": values["output_mean"], "output_p90": values["output_p90"],
+                **{k: values[k] for k in ("kv_bytes_per_s", "kv_seconds_per_s", "kv_transfers_per_s")}}
 
     async def _latency(self, q: dict[str, str], signal: str, slo: float) -> LatencySignal:
         for source in ("router", "workers"):

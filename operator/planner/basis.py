@@ -25,6 +25,8 @@ class WorkloadBasis:
     input_p90: float | None
     output_mean: float
     output_p90: float | None
+    #: the KV hand-off bandwidth the fleet measured and the plan used (GB/s; None: the configured one, `link.py`)
+    kv_link_gb_s: float | None = None
 
     def workload(self, max_model_len: int | None = None) -> Workload:
         """Lengths as lognormals fitted to the measured mean and p90 (moments only); with `max_model_len`,
@@ -35,8 +37,11 @@ class WorkloadBasis:
                         lognormal_from_mean_p90(self.output_mean, self.output_p90, max_model_len))
 
     def to_status(self) -> dict:
-        return {"rate": round(self.rate, 4), "inputMean": round(self.input_mean, 1),
-                "outputMean": round(self.output_mean, 1)}
+        out = {"rate": round(self.rate, 4), "inputMean": round(self.input_mean, 1),
+               "outputMean": round(self.output_mean, 1)}
+        if self.kv_link_gb_s is not None:
+            out["kvLinkGBps"] = round(self.kv_link_gb_s, 4)
+        return out
 
 
 def lognormal_from_mean_p90(mean: float, p90: float | None, cap: int | None = None) -> LengthDist:
@@ -55,7 +60,9 @@ def lognormal_from_mean_p90(mean: float, p90: float | None, cap: int | None = No
 
 
 def moved(basis: WorkloadBasis, planned: dict | None, hysteresis: float) -> bool:
-    """Whether the workload left the band around the basis the current plan was made for (no plan: yes)."""
+    """Whether the workload left the band around the basis the current plan was made for (no plan: yes). A
+    measured KV link counts too: one that appears (the plan used the configured constant) or leaves the band
+    re-plans; one that disappears (no hand-offs in the window) does not."""
     if not planned:
         return True
     for key, now in (("rate", basis.rate), ("inputMean", basis.input_mean), ("outputMean", basis.output_mean)):
@@ -63,5 +70,11 @@ def moved(basis: WorkloadBasis, planned: dict | None, hysteresis: float) -> bool
         if not isinstance(then, int | float) or then <= 0:
             return True
         if abs(now - then) > hysteresis * then:
+            return True
+    if basis.kv_link_gb_s is not None:
+        then = planned.get("kvLinkGBps")
+        if not isinstance(then, int | float) or then <= 0:
+            return True
+        if abs(basis.kv_link_gb_s - then) > hysteresis * then:
             return True
     return False

@@ -4,9 +4,11 @@
         --slo-ttft 200ms --slo-tpot 100ms --gpus-per-node 4
 
 Prints the workload (a trace replay, or a lognormal fitted to moments), per-instance goodput per phase and
-tensor-parallel degree, the ranked layouts, the chosen one with the SLO that binds it, the best colocated
-layout for comparison, a whole-fleet simulation of the choice, and the LLMService fragment to paste (`--json`
-for all of it as one object).
+tensor-parallel degree (and pipeline-parallel degree, where the profile's engine has one), the ranked layouts,
+the chosen one with the SLO that binds it, the best colocated layout for comparison, a whole-fleet simulation of
+the choice, and the LLMService fragment to paste (`--json` for all of it as one object). A layout with pipeline
+parallelism is report-only (the `PP` line says what vLLM needs for it); the fragment is then the best layout
+without it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--colocated-profile", help="profile of the colocated rival (default: the same)")
     m.add_argument("--kv-bytes-per-token", type=int, default=None,
                    help="KV cache bytes per token (default: the profile's; 0 ignores hand-off time)")
+    m.add_argument("--no-pipeline-parallel", dest="pipeline", action="store_false",
+                   help="search tensor parallelism only (default: also the pipeline-parallel degrees the profile "
+                        "declares; those layouts are report-only: an LLMService cannot run them)")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", choices=["sharegpt"], help="length preset (ShareGPT-like chat lengths)")
     w.add_argument("--input-len", help="prompt tokens: N, uniform:LO:HI or lognormal:MEAN:SD[:MIN:MAX]")
@@ -94,14 +99,17 @@ def run_plan(args: argparse.Namespace) -> int:
     result = plan(profiles, workload, slo, cluster, target_rps=args.rate,
                   kv_bytes_per_token=args.kv_bytes_per_token, colocated_profiles=coloc,
                   num_requests=args.requests, seed=args.seed, progress=progress,
-                  attention_heads=profile_attention_heads(profile_set, profiles.model))
+                  attention_heads=profile_attention_heads(profile_set, profiles.model), pipeline=args.pipeline)
     fragment = spec_fragment(result)
     if args.json:
         out = {"plan": to_status(result), "spec": fragment,
                "candidates": [{"layout": c.describe(), "kind": c.kind, "gpus": c.gpus,
                                "capacityRPS": c.capacity_rps, "goodputPerGPU": c.goodput_per_gpu,
-                               "binding": c.binding} for c in result.candidates],
+                               "binding": c.binding, "pipelined": c.pipelined} for c in result.candidates],
                "instanceRPS": {k: {str(tp): v for tp, v in d.items()} for k, d in result.instance_rps.items()},
+               # pipelined instances by phase and "TPxPP" (e.g. "1x2": TP1, 2 stages)
+               "pipelineRPS": {k: {f"{tp}x{pp}": v for (tp, pp), v in d.items()}
+                               for k, d in result.pipeline_rps.items()},
                "fleetCheck": result.check.__dict__ if result.check else None, "notes": result.notes}
         json.dump(out, sys.stdout, indent=1)
         print()

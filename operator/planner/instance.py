@@ -5,8 +5,11 @@ model), returning what each request saw:
 
 - `prefill_latencies`: a prefill-only instance. One FIFO queue; when idle it takes whole requests from the head
   while their prompt tokens fit the batch limit (at least one). TTFT = batch end - arrival (+ the KV hand-off
-  time to the decode instance, when the plan crosses a link).
-- `decode_latencies`: a decode-only instance with continuous batching. A request joins at a step boundary when
+  time to the decode instance, when the plan crosses a link). With pipeline stages (`PipelinedProfile`), "idle"
+  is the first stage: the next batch starts once the one before has left it, and a batch ends when it has
+  passed every stage.
+- `decode_latencies`: a decode-only instance with continuous batching (a pipelined one: its profile's step is a
+  round of every micro-batch through the stages). A request joins at a step boundary when
   the KV cache can reserve its prompt + output tokens (FIFO, head of line); each step costs the profile's
   decode time for the batch and its total context. TPOT = (finish - arrival) / (output - 1), so waiting for
   KV capacity shows up as it would to a client.
@@ -23,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from baton.profile import WorkerProfile
+from baton.profile import PipelinedProfile, WorkerProfile
 from baton.workload import Request, attainment, rescale
 
 _INF = float("inf")
@@ -37,12 +40,14 @@ class Latencies:
     tpot: list[float | None]
 
 
-def prefill_latencies(profile: WorkerProfile, requests: Sequence[Request],
+def prefill_latencies(profile: WorkerProfile | PipelinedProfile, requests: Sequence[Request],
                       handoff_s: Callable[[Request], float] | None = None) -> Latencies:
     n = len(requests)
     ttft: list[float | None] = [None] * n
     limit = profile.batch_token_limit
     queue: deque[int] = deque()
+    # when each pipeline stage is free again; one stage (no pipeline): the instance's one busy-until time
+    stage_free = [0.0] * profile.stages
     t_free = 0.0
     i = 0
     while i < n or queue:
@@ -58,17 +63,25 @@ def prefill_latencies(profile: WorkerProfile, requests: Sequence[Request],
         while queue and tokens + requests[queue[0]].prompt_tokens <= limit:
             tokens += requests[queue[0]].prompt_tokens
             batch.append(queue.popleft())
-        t_free = t + profile.prefill_s([requests[k].prompt_tokens for k in batch])
+        lens = [requests[k].prompt_tokens for k in batch]
+        if profile.stages == 1:
+            done = t_free = t + profile.prefill_s(lens)
+        else:  # the batch passes the stages in order, each as soon as the batch before has left it
+            hold = profile.prefill_stage_s(lens)
+            done = t
+            for s in range(profile.stages):
+                done = stage_free[s] = max(done, stage_free[s]) + hold
+            t_free = stage_free[0]
         for k in batch:
             extra = handoff_s(requests[k]) if handoff_s else 0.0
-            ttft[k] = t_free - requests[k].arrival_s + extra
+            ttft[k] = done - requests[k].arrival_s + extra
     return Latencies(ttft, [None] * n)
 
 
 class _DecodeBatch:
     """The running batch of one instance: steps advance the context of every member by one token."""
 
-    def __init__(self, profile: WorkerProfile) -> None:
+    def __init__(self, profile: WorkerProfile | PipelinedProfile) -> None:
         self.profile = profile
         self.step = 0
         self.ctx = 0
@@ -111,7 +124,7 @@ class _DecodeBatch:
         return done
 
 
-def decode_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> Latencies:
+def decode_latencies(profile: WorkerProfile | PipelinedProfile, requests: Sequence[Request]) -> Latencies:
     n = len(requests)
     tpot: list[float | None] = [None] * n
     start = [r.arrival_s for r in requests]  # a decode instance's "first token" is the request's arrival

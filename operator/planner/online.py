@@ -7,7 +7,9 @@ handlers.py). Every `spec.planner.interval`:
    histograms over `spec.planner.window` (outside any lock).
 2. Re-plan only when the basis left the hysteresis band around the basis of the plan in `status.plan` (or the
    SLO, cluster or profile changed): no flapping on noise. Planning runs the pure `planner.plan` in a thread,
-   for the measured rate as the target, with the built-in profile named in `spec.planner.profile`. The search
+   for the measured rate as the target, with the built-in profile named in `spec.planner.profile`, and the KV
+   hand-off over the link bandwidth the fleet measured (`link.choose_link`; `status.plan.kvLink` says measured
+   or configured). The search has no pipeline parallelism (an LLMService cannot say it) and
    offers only the tensor-parallel degrees this service's webhook admits (`admissible.tensor_parallel_rule`:
    the Baton engine runs TP 1 only, the API wants powers of two) and node locality only where the pools let
    a prefill and a decode pod share a node (`overlay.node_pairing_problem`).
@@ -33,6 +35,7 @@ from baton.operator import api
 from baton.operator.kube import GROUP, VERSION, Kube, KubeError
 from baton.operator.planner.admissible import layout_problems, profile_attention_heads, tensor_parallel_rule
 from baton.operator.planner.basis import WorkloadBasis, moved
+from baton.operator.planner.link import LinkMeasurement, choose_link
 from baton.operator.planner.overlay import (
     ROLES,
     layout_of,
@@ -167,9 +170,17 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
         if not numbers["rate"] or numbers["input_mean"] is None or numbers["output_mean"] is None:
             cond = ("Unknown", "NoTraffic", f"no requests measured in the last {pspec.window}; keeping the plan")
         else:
-            basis = WorkloadBasis(numbers["rate"], numbers["input_mean"], numbers["input_p90"],
-                                  numbers["output_mean"], numbers["output_p90"])
             layout = running_layout(llms)
+            # the KV hand-off bandwidth the fleet measured, for the link its hand-offs crossed (else configured)
+            link = choose_link(
+                Cluster(pspec.cluster.gpus_per_node, pspec.cluster.nodes, pspec.cluster.intra_node_gbps,
+                        pspec.cluster.inter_node_gbps),
+                LinkMeasurement(numbers.get("kv_bytes_per_s"), numbers.get("kv_seconds_per_s"),
+                                numbers.get("kv_transfers_per_s"), pspec.window.seconds),
+                layout.get("locality", "any"))
+            basis = WorkloadBasis(numbers["rate"], numbers["input_mean"], numbers["input_p90"],
+                                  numbers["output_mean"], numbers["output_p90"],
+                                  link.measured_gb_s if link.source == "measured" else None)
             # a PlanInvalid plan is re-made every round: the spec edit that fixes it is not among `inputs`
             if (not moved(basis, previous.get("basis"), pspec.hysteresis) and previous.get("inputs") == inputs
                     and previous.get("decision") != "PlanInvalid"):
@@ -181,8 +192,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                 result = await asyncio.to_thread(
                     plan, profiles, basis.workload(spec.model.max_model_len), SLO(spec.slo.ttft.seconds, spec.slo.tpot.seconds,
                                                           spec.slo.attainment),
-                    Cluster(pspec.cluster.gpus_per_node, pspec.cluster.nodes, pspec.cluster.intra_node_gbps,
-                            pspec.cluster.inter_node_gbps),
+                    link.cluster, link_source=link.why, pipeline=False,  # an LLMService has no pipeline field
                     target_rps=basis.rate, num_requests=ONLINE_REQUESTS, check=False,
                     tensor_parallel_rule=tensor_parallel_rule(llms),
                     attention_heads=model_attention_heads(spec, profiles),

@@ -1,15 +1,20 @@
 """A plan for people and for manifests: the ranked table `baton plan` prints, the LLMService fragment, and the
-`status.plan` object the operator writes. Pure."""
+`status.plan` object the operator writes. Pure.
+
+Pipeline parallelism is report-only: an LLMService has no pipeline field (render gives each worker
+`tensorParallel` GPUs and vLLM `--tensor-parallel-size` only), so a pipelined layout is printed with what its
+engine needs (vLLM's `--pipeline-parallel-size`), and the fragment is the best layout without it."""
 from __future__ import annotations
 
 from typing import Any
 
-from baton.operator.planner.search import COLOCATED, Plan
+from baton.operator.planner.search import COLOCATED, Layout, Plan, degree
 
 
 def spec_fragment(plan: Plan) -> dict[str, Any]:
-    """The part of an LLMService spec the plan decides (camelCase, as in the manifest)."""
-    c = plan.chosen
+    """The part of an LLMService spec the plan decides (camelCase, as in the manifest): the chosen layout, or the
+    best one without pipeline parallelism when the chosen one has it (an LLMService cannot run it)."""
+    c = plan.chosen if plan.chosen is None or not plan.chosen.pipelined else plan.applicable
     if c is None:
         return {}
     if c.kind == COLOCATED:
@@ -30,14 +35,25 @@ def to_status(plan: Plan) -> dict[str, Any]:
         # `lengths`: how the plan drew request lengths (a trace replay, or a lognormal fitted to moments)
         "workload": {"rate": round(plan.workload.rate, 4), "lengths": plan.workload.lengths_model(),
                      "inputLength": str(plan.workload.prompt), "outputLength": str(plan.workload.output)},
+        # where the KV hand-off time's bandwidth came from: the fleet's measurement or the configured constant
+        "kvLink": {"source": "measured" if plan.link_source.startswith("measured") else "configured",
+                   "intraNodeGBps": round(plan.cluster.intra_node_gb_s, 4),
+                   "interNodeGBps": round(plan.cluster.inter_node_gb_s, 4), "reason": plan.link_source},
     }
     if c is None:
         out["message"] = "; ".join(plan.notes) or plan.why()
         return out
+    prefill = {"tensorParallel": c.prefill_tp, "replicas": c.prefill_replicas if c.kind != COLOCATED else 0}
+    decode = {"tensorParallel": c.decode_tp, "replicas": c.decode_replicas}
+    # only a pipelined layout has the key (the operator searches none, so its layouts compare as before)
+    if c.prefill_pp > 1:
+        prefill["pipelineParallel"] = c.prefill_pp
+    if c.decode_pp > 1:
+        decode["pipelineParallel"] = c.decode_pp
     out.update({
         "layout": c.kind,
-        "prefill": {"tensorParallel": c.prefill_tp, "replicas": c.prefill_replicas if c.kind != COLOCATED else 0},
-        "decode": {"tensorParallel": c.decode_tp, "replicas": c.decode_replicas},
+        "prefill": prefill,
+        "decode": decode,
         "locality": plan.locality,
         "gpus": c.gpus,
         "capacityRPS": round(c.capacity_rps, 4),
@@ -48,6 +64,19 @@ def to_status(plan: Plan) -> dict[str, Any]:
     if plan.colocated is not None:
         out["colocatedGoodputPerGPU"] = round(plan.colocated.goodput_per_gpu, 4)
     return out
+
+
+def pipeline_needs(layout: Layout | None) -> str:
+    """What a layout with pipeline parallelism needs from the engine, and that Baton does not run it (yet)."""
+    general = ("layouts with PPn run n pipeline stages per instance (TP x PP GPUs each, in one node): vLLM's "
+               "--pipeline-parallel-size n; the Baton engine has none. Report-only: an LLMService has no "
+               "pipeline field, so apply mode and the fragment never use them")
+    if layout is None:
+        return general
+    need = [f"{role} workers --pipeline-parallel-size {pp} --tensor-parallel-size {tp} ({tp * pp} GPUs each)"
+            for role, tp, pp in (("prefill", layout.prefill_tp, layout.prefill_pp),
+                                 ("decode", layout.decode_tp, layout.decode_pp)) if pp > 1]
+    return f"the chosen layout needs vLLM with {'; '.join(need)}. {general[0].upper()}{general[1:]}"
 
 
 def _ms(x: float | None) -> str:
@@ -62,16 +91,21 @@ def format_plan(plan: Plan, top: int = 10) -> str:
     lines = [
         f"workload   {w.lengths_model()}: input {w.prompt}, output {w.output}; {target}",
         f"SLO        TTFT {_ms(s.ttft_s)} and TPOT {_ms(s.tpot_s)} for {s.attainment:.0%} of requests",
-        (f"cluster    {cl.nodes} node(s) x {cl.gpus_per_node} GPUs, links {cl.intra_node_gb_s:g} GB/s in a node, "
-         f"{cl.inter_node_gb_s:g} GB/s across"),
+        (f"cluster    {cl.nodes} node(s) x {cl.gpus_per_node} GPUs, links {cl.intra_node_gb_s:.3g} GB/s in a node, "
+         f"{cl.inter_node_gb_s:.3g} GB/s across ({plan.link_source})"),
         "",
         "one instance carries (req/s within its SLO):",
-        f"  {'TP':>3} {'prefill':>9} {'decode':>9} {'colocated':>10}",
+        f"  {'':<8} {'prefill':>9} {'decode':>9} {'colocated':>10}",
     ]
+    rows: list[tuple[str, list[float | None]]] = []
     tps = sorted(set().union(*(d.keys() for d in plan.instance_rps.values()))) if plan.instance_rps else []
     for tp in tps:
-        row = [plan.instance_rps.get(k, {}).get(tp) for k in ("prefill", "decode", "colocated")]
-        lines.append(f"  {tp:>3} " + " ".join(f"{'-' if v is None else f'{v:.2f}':>9}" for v in row[:2])
+        rows.append((degree(tp), [plan.instance_rps.get(k, {}).get(tp) for k in ("prefill", "decode", "colocated")]))
+    piped = plan.pipeline_rps
+    for unit in sorted(set().union(*(d.keys() for d in piped.values())) if piped else []):
+        rows.append((degree(*unit), [piped.get(k, {}).get(unit) for k in ("prefill", "decode")] + [None]))
+    for label, row in rows:
+        lines.append(f"  {label:<8} " + " ".join(f"{'-' if v is None else f'{v:.2f}':>9}" for v in row[:2])
                      + f" {'-' if row[2] is None else f'{row[2]:.2f}':>10}")
     lines += ["", f"  {'#':>2}  {'layout':<40} {'GPUs':>4} {'req/s':>7} {'req/s/GPU':>9}  binds"]
     shown = [c for c in plan.candidates if c.kind != COLOCATED][:top] + \
@@ -88,6 +122,12 @@ def format_plan(plan: Plan, top: int = 10) -> str:
     lines.append(f"chosen     {c.describe()}, kvTransfer.locality {plan.locality}: "
                  f"{c.goodput_per_gpu:.2f} req/s per GPU")
     lines.append(f"why        {plan.why()}")
+    if any(x.pipelined for x in shown):
+        lines.append(f"PP         {pipeline_needs(c) if c.pipelined else pipeline_needs(None)}")
+        if c.pipelined and plan.applicable is not None:
+            a = plan.applicable
+            lines.append(f"apply      {a.describe()}: {a.goodput_per_gpu:.2f} req/s per GPU, the best layout without "
+                         "pipeline parallelism (the LLMService fragment below)")
     gain = plan.gain_over_colocated
     if gain is not None and plan.colocated is not None and c.kind != COLOCATED:
         lines.append(f"vs         the best colocated layout, {plan.colocated.describe()[len('colocated '):]}: "

@@ -4,8 +4,11 @@ Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
 
 0. Tensor-parallel degrees: those of the profile that fit a node, that the model splits into (its attention
    heads, when known) and that the service's webhook admits (`admissible.py`: one validation path, the
-   API's own rules, not a copy); each one left out is a note.
-1. Per phase and tensor-parallel degree, the most requests/s one instance carries within its own SLO
+   API's own rules, not a copy); each one left out is a note. Pipeline-parallel degrees: those the profile
+   declares (its engine runs them: vLLM's `--pipeline-parallel-size`, DistServe; the Baton engine none), when
+   the caller asks for them (`pipeline=True`), each combined with every degree above so that one instance
+   (TP x PP GPUs) fits a node. A pipelined instance is DistServe's model (`profile.PipelinedProfile`).
+1. Per phase and (tensor, pipeline) degree, the most requests/s one instance carries within its own SLO
    (`instance.max_goodput`: prefill against TTFT, decode against TPOT, bisection on the rate of the same
    requests), as DistServe does. The prefill instance's TTFT includes the KV hand-off to its decode instance
    over the link the locality implies.
@@ -81,16 +84,28 @@ class Layout:
     binding: str                 # "ttft" | "tpot" | "both" (colocated: whichever fails first)
     prefill_instance_rps: float  # per-instance goodput of each phase (colocated: of one instance)
     decode_instance_rps: float
+    prefill_pp: int = 1          # pipeline stages of each instance (1: none)
+    decode_pp: int = 1
 
     @property
     def goodput_per_gpu(self) -> float:
         return self.capacity_rps / self.gpus if self.gpus else 0.0
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether an instance of either phase runs pipeline stages (an LLMService cannot say so yet)."""
+        return self.prefill_pp > 1 or self.decode_pp > 1
+
     def describe(self) -> str:
         if self.kind == COLOCATED:
-            return f"colocated {self.prefill_replicas} x TP{self.prefill_tp}"
-        return (f"prefill {self.prefill_replicas} x TP{self.prefill_tp} + "
-                f"decode {self.decode_replicas} x TP{self.decode_tp}")
+            return f"colocated {self.prefill_replicas} x {degree(self.prefill_tp, self.prefill_pp)}"
+        return (f"prefill {self.prefill_replicas} x {degree(self.prefill_tp, self.prefill_pp)} + "
+                f"decode {self.decode_replicas} x {degree(self.decode_tp, self.decode_pp)}")
+
+
+def degree(tp: int, pp: int = 1) -> str:
+    """`TP2`, or `TP1 PP2` for a pipelined instance."""
+    return f"TP{tp}" if pp == 1 else f"TP{tp} PP{pp}"
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,12 @@ class Plan:
     instance_rps: dict[str, dict[int, float]] = field(default_factory=dict)
     #: why the locality is `any` although the hand-off wanted `node` (the pools cannot share a node); else ""
     locality_note: str = ""
+    #: per-instance goodput of pipelined instances by phase and (tensor, pipeline) degree (pipeline > 1 only)
+    pipeline_rps: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
+    #: where the KV hand-off bandwidths came from: "configured", or what the fleet measured (`link.py`)
+    link_source: str = "configured"
+    #: the best layout without pipeline parallelism: what an LLMService can run (`chosen` when it has none)
+    applicable: Layout | None = None
 
     @property
     def gain_over_colocated(self) -> float | None:
@@ -162,19 +183,25 @@ def _fewest(target: float, per_instance: float) -> int:
     return max(1, math.ceil(target / per_instance - 1e-9))
 
 
-def _disagg_layout(tp_p: int, tp_d: int, g_p: float, g_d: float, n_p: int, n_d: int) -> Layout:
+#: one instance's parallelism: (tensor-parallel degree, pipeline stages); it takes tp x pp GPUs
+Parallel = tuple[int, int]
+
+
+def _disagg_layout(par_p: Parallel, par_d: Parallel, g_p: float, g_d: float, n_p: int, n_d: int) -> Layout:
+    (tp_p, pp_p), (tp_d, pp_d) = par_p, par_d
     cap_p, cap_d = n_p * g_p, n_d * g_d
     binding = "both" if math.isclose(cap_p, cap_d, rel_tol=1e-6) else ("ttft" if cap_p < cap_d else "tpot")
-    return Layout(DISAGGREGATED, tp_p, tp_d, n_p, n_d, n_p * tp_p + n_d * tp_d, min(cap_p, cap_d), binding,
-                  g_p, g_d)
+    return Layout(DISAGGREGATED, tp_p, tp_d, n_p, n_d, n_p * tp_p * pp_p + n_d * tp_d * pp_d, min(cap_p, cap_d),
+                  binding, g_p, g_d, pp_p, pp_d)
 
 
-def _best_mix(tp_p: int, tp_d: int, g_p: float, g_d: float, gpus: int) -> Layout | None:
+def _best_mix(par_p: Parallel, par_d: Parallel, g_p: float, g_d: float, gpus: int) -> Layout | None:
     """The instance counts within `gpus` that carry the most per GPU (ties: the larger capacity)."""
     best: Layout | None = None
-    for n_p in range(1, gpus // tp_p + 1):
-        for n_d in range(1, (gpus - n_p * tp_p) // tp_d + 1):
-            lay = _disagg_layout(tp_p, tp_d, g_p, g_d, n_p, n_d)
+    size_p, size_d = par_p[0] * par_p[1], par_d[0] * par_d[1]
+    for n_p in range(1, gpus // size_p + 1):
+        for n_d in range(1, (gpus - n_p * size_p) // size_d + 1):
+            lay = _disagg_layout(par_p, par_d, g_p, g_d, n_p, n_d)
             if best is None or (lay.goodput_per_gpu, lay.capacity_rps) > (best.goodput_per_gpu, best.capacity_rps):
                 best = lay
     return best
@@ -195,12 +222,19 @@ def searchable_degrees(degrees: Sequence[int], gpus_per_node: int, rule: TensorP
     return out
 
 
+def parallel_degrees(tps: Sequence[int], pipeline_degrees: Sequence[int], gpus_per_node: int) -> list[Parallel]:
+    """Every (tensor, pipeline) pair of the searchable degrees whose instance fits a node, by GPUs then TP."""
+    pairs = {(tp, pp) for tp in tps for pp in pipeline_degrees if tp * pp <= gpus_per_node}
+    return sorted(pairs, key=lambda x: (x[0] * x[1], -x[1]))
+
+
 def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster, *,
          target_rps: float | None = None, kv_bytes_per_token: float | None = None, handoff_budget: float = 0.1,
          colocated_profiles: ModelProfiles | None = None, num_requests: int = 1000, seed: int = 0,
          check: bool = True, progress: Callable[[str], None] | None = None,
          tensor_parallel_rule: TensorParallelRule = role_tensor_parallel_problem,
-         attention_heads: int | None = None, node_locality_blocked: str | None = None) -> Plan:
+         attention_heads: int | None = None, node_locality_blocked: str | None = None,
+         pipeline: bool = True, link_source: str = "configured") -> Plan:
     """Search the layouts for `workload` (lengths; its rate is the target unless `target_rps` is given, and
     0 means "no target: the most per GPU the cluster allows"). See the module docstring.
 
@@ -209,7 +243,9 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     degree may not be offered (default the API's rule for a role; the operator passes its service's webhook
     review, `admissible.tensor_parallel_rule`); `attention_heads`: the model's, when known.
     `node_locality_blocked`: why the service's prefill and decode pods can never share a node (see
-    `overlay.node_pairing_problem`), None when they can."""
+    `overlay.node_pairing_problem`), None when they can. `pipeline`: search the pipeline-parallel degrees the
+    profile declares (the operator passes False: an LLMService has no pipeline field, so such a plan could not
+    be applied). `link_source`: where `cluster`'s bandwidths came from, for the report (`link.py`)."""
     if kv_bytes_per_token is None:
         kv_bytes_per_token = profiles.kv_bytes_per_token
     coloc = colocated_profiles or profiles
@@ -224,6 +260,7 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     if not tps:
         notes.append(f"no tensor-parallel degree of the profile ({profiles.tensor_parallel_degrees}) fits a "
                      f"node of {cluster.gpus_per_node} GPUs and is admitted")
+    units = parallel_degrees(tps, profiles.pipeline_degrees if pipeline else (1,), cluster.gpus_per_node)
 
     handoff_p90 = {}
     links = {"node": cluster.intra_node_gb_s, "cross-node": cluster.inter_node_gb_s}
@@ -245,29 +282,31 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     tpot_only = Targets(None, slo.tpot_s, slo.attainment)
     both = Targets(slo.ttft_s, slo.tpot_s, slo.attainment)
     say = progress or (lambda _msg: None)
-    g_p, g_d, g_c = {}, {}, {}
-    for tp in tps:
-        say(f"goodput of one TP{tp} prefill and one TP{tp} decode instance")
-        prof = profiles.get(tp)
-        g_p[tp] = max_goodput(lambda rs, p=prof: prefill_latencies(p, rs, handoff), reqs, ttft_only)
-        g_d[tp] = max_goodput(lambda rs, p=prof: decode_latencies(p, rs), reqs, tpot_only)
+    g_p: dict[Parallel, float] = {}
+    g_d: dict[Parallel, float] = {}
+    g_c: dict[int, float] = {}
+    for unit in units:
+        say(f"goodput of one {degree(*unit)} prefill and one {degree(*unit)} decode instance")
+        prof = profiles.pipelined(*unit)
+        g_p[unit] = max_goodput(lambda rs, p=prof: prefill_latencies(p, rs, handoff), reqs, ttft_only)
+        g_d[unit] = max_goodput(lambda rs, p=prof: decode_latencies(p, rs), reqs, tpot_only)
     for tp in coloc_tps:
         say(f"goodput of one colocated TP{tp} instance")
         prof = coloc.get(tp)
         g_c[tp] = max_goodput(lambda rs, p=prof: colocated_latencies(p, rs), reqs, both)
 
     candidates: list[Layout] = []
-    for tp_p in tps:
-        for tp_d in tps:
-            if g_p[tp_p] <= 0 or g_d[tp_d] <= 0:
+    for u_p in units:
+        for u_d in units:
+            if g_p[u_p] <= 0 or g_d[u_d] <= 0:
                 continue
-            if locality == "node" and tp_p + tp_d > cluster.gpus_per_node:
+            if locality == "node" and u_p[0] * u_p[1] + u_d[0] * u_d[1] > cluster.gpus_per_node:
                 continue
             if target:
-                lay = _disagg_layout(tp_p, tp_d, g_p[tp_p], g_d[tp_d], _fewest(target, g_p[tp_p]),
-                                     _fewest(target, g_d[tp_d]))
+                lay = _disagg_layout(u_p, u_d, g_p[u_p], g_d[u_d], _fewest(target, g_p[u_p]),
+                                     _fewest(target, g_d[u_d]))
             else:
-                lay = _best_mix(tp_p, tp_d, g_p[tp_p], g_d[tp_d], cluster.gpus)
+                lay = _best_mix(u_p, u_d, g_p[u_p], g_d[u_d], cluster.gpus)
             if lay and lay.gpus <= cluster.gpus:
                 candidates.append(lay)
     colocated: list[Layout] = []
@@ -279,8 +318,10 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
             colocated.append(Layout(COLOCATED, tp, tp, n, n, n * tp, n * g, "both", g, g))
 
     def rank(lay: Layout) -> tuple:
-        # with a target: the fewest GPUs that carry it, then the most per GPU; without: the most per GPU
-        return (lay.gpus, -lay.goodput_per_gpu) if target else (-lay.goodput_per_gpu, lay.gpus)
+        # with a target: the fewest GPUs that carry it, then the most per GPU; without: the most per GPU. A tie
+        # goes to the layout without pipeline stages (an LLMService can run it)
+        return ((lay.gpus, -lay.goodput_per_gpu, lay.pipelined) if target else
+                (-lay.goodput_per_gpu, lay.gpus, lay.pipelined))
 
     candidates.sort(key=rank)
     colocated.sort(key=rank)
@@ -291,10 +332,18 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     if chosen is not None and chosen.kind == COLOCATED:
         # one pool of decode workers that compute their own prompts: no KV hand-off, no prefill pod to be near
         locality, locality_note = "any", ""
+    flat = {"prefill": {tp: g for (tp, pp), g in g_p.items() if pp == 1},
+            "decode": {tp: g for (tp, pp), g in g_d.items() if pp == 1}, "colocated": g_c}
+    piped = {"prefill": {u: g for u, g in g_p.items() if u[1] > 1},
+             "decode": {u: g for u, g in g_d.items() if u[1] > 1}}
+    applicable = min([c for c in candidates if not c.pipelined][:1] + colocated[:1], key=rank, default=None)
     result = Plan(chosen, colocated[0] if colocated else None, candidates + colocated, locality, handoff_p90,
-                  workload, slo, cluster, target, None, notes, {"prefill": g_p, "decode": g_d, "colocated": g_c},
-                  locality_note)
-    if check and chosen:
+                  workload, slo, cluster, target, None, notes, flat, locality_note,
+                  piped if any(piped.values()) else {}, link_source, applicable)
+    if check and chosen and chosen.pipelined:
+        notes.append("fleet sim not run: the fleet simulator has no pipeline stages (the per-instance "
+                     "simulations above do)")
+    elif check and chosen:
         say(f"simulating the chosen fleet ({chosen.describe()})")
         rate = min(target, chosen.capacity_rps) if target else chosen.capacity_rps
         fleet = check_fleet(chosen, coloc if chosen.kind == COLOCATED else profiles, reqs, slo, rate, handoff)

@@ -1,8 +1,8 @@
 """The SLO autoscaler loop: Prometheus + Deployments -> `autoscale_policy.decide` -> replicas, status, Events.
 
 One loop per LLMService where Baton autoscales a role (autoscaling mode `baton`: `spec.<role>.autoscaling.mode`,
-else `spec.autoscaling.mode`, else `spec.autoscaling.enabled`; a kopf daemon registered in handlers.py, which kopf
-stops when no role is left in mode baton or the object goes away). A role in mode `external` (HPA, KEDA,
+else `spec.autoscaling.mode`, else `spec.autoscaling.enabled`; one of the operator's own loops (`service_loops`,
+started in handlers.py), stopped when no role is left in mode baton or the object goes away). A role in mode `external` (HPA, KEDA,
 `kubectl scale`) or `off` is never scaled, recorded as pending, or reported in desiredReplicas by this loop
 (`PolicyConfig.managed`). Every `spec.autoscaling.interval`:
 
@@ -22,7 +22,7 @@ When Prometheus cannot be reached (or refuses a query) the replicas are held, `S
 reason `PrometheusUnreachable` (or `PrometheusQueryFailed`), and one Warning Event is posted per transition
 (and a Normal `PrometheusReachable` when it comes back), not one per tick.
 
-The policy's `History` (stabilization windows, warm-up, last scale times) lives in kopf's per-object memo and
+The policy's `History` (stabilization windows, warm-up, last scale times) lives in the LLMService's memo (service_loops) and
 is persisted in `status.autoscaler` (see `autoscaler_store` for why status, and why wall-clock times), so an
 operator restart neither starts the windows over nor scales down early:
 
@@ -31,7 +31,7 @@ operator restart neither starts the windows over nor scales down early:
   any replicas (write-ahead): if that write fails, nothing is scaled; if the operator dies after it, the next
   one completes the recorded actions whose Deployments have not moved (`autoscaler_store.unfinished`). The
   pending record is cleared with the tick's final status patch.
-- On start (kopf's memo empty: a new process), the first tick loads the persisted history before deciding.
+- On start (the memo empty: a new process), the first tick loads the persisted history before deciding.
 """
 from __future__ import annotations
 
@@ -289,7 +289,7 @@ def _differs(patch: object, live: object) -> bool:
 
 @dataclass
 class AutoscalerState:
-    """What one LLMService's loop remembers between ticks (kept in kopf's per-object memo)."""
+    """What one LLMService's loop remembers between ticks (kept in the LLMService's memo, service_loops)."""
 
     history: History = field(default_factory=History)
     prometheus_ok: bool | None = None  # last tick's Prometheus state, for once-per-transition Events
@@ -478,7 +478,7 @@ def memo_state(memo: Any) -> AutoscalerState:
 
 async def run(kube: Kube, lock_for: Callable[[], asyncio.Lock], namespace: str, name: str, memo: Any,
               stopped: Any, emit: EventSink) -> None:
-    """The loop of one LLMService, until kopf stops it (`stopped`: kopf's DaemonStopped flag)."""
+    """The loop of one LLMService, until `stopped` (a `service_loops.StopFlag`) is set."""
     state = memo_state(memo)
     log.info("%s/%s: autoscaler started", namespace, name)
     try:

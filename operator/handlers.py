@@ -3,15 +3,17 @@
 - LLMService create/update/resume: reconcile now; failures are retried by kopf with backoff.
 - Any event on a child object (a Deployment deleted or edited by hand, pods becoming ready): reconcile the
   owner, debounced, so drift is corrected and status follows the children.
-- A slow timer: a safety net that re-applies and refreshes status even if a watch event was missed.
-- With `spec.planner.mode` recommend or apply: one planner loop per LLMService (planner/online.py).
-- With autoscaling mode baton for a role (`spec.autoscaling.mode`/`enabled`, `spec.<role>.autoscaling.mode`): one
-  autoscaler loop per LLMService (a kopf daemon ticking every
-  `spec.autoscaling.interval`, see `autoscaler`), sharing the Reconciler's per-object lock for status writes.
+- Per LLMService, the operator's own loops (`service_loops`; not kopf timers or daemons, which would put a
+  finalizer on every LLMService), kept in step with its spec by its watch events and stopped when it is deleted:
+  a slow resync (a safety net that re-applies and refreshes status even if a watch event was missed); with
+  `spec.planner.mode` recommend or apply, the planner (planner/online.py); with autoscaling mode baton for a
+  role (`spec.autoscaling.mode`/`enabled`, `spec.<role>.autoscaling.mode`), the autoscaler ticking every
+  `spec.autoscaling.interval` (`autoscaler`), sharing the Reconciler's per-object lock for status writes.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -23,6 +25,7 @@ from baton.operator.kube import GROUP, PLURAL, VERSION, Kube, KubeError
 from baton.operator.labels import LABEL_MANAGED_BY, MANAGED_BY
 from baton.operator.planner import online as online_planner
 from baton.operator.reconcile import reconcile
+from baton.operator.service_loops import NOT_WANTED, ServiceLoops, StopFlag
 from baton.operator.webhook import OPTIONS as WEBHOOK_OPTIONS
 from baton.operator.webhook import WEBHOOK_CONFIGURATION, configure_admission, remove_managed_configuration
 
@@ -102,7 +105,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 8
     configure_admission(settings)
     _reconciler(memo)
+    _loops(memo)
     autoscaler.serve_metrics()
+
+
+@kopf.on.cleanup()
+async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
+    await _loops(memo).stop_all()
 
 
 @kopf.on.cleanup()
@@ -140,51 +149,77 @@ async def llmservice_deleted(name: str, namespace: str, memo: kopf.Memo, logger:
     logger.info(f"{namespace}/{name} deleted; its children are garbage-collected through owner references")
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=0)
-async def resync(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    _reconciler(memo).kick(namespace, name)
+async def _resync(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, stopped: StopFlag) -> None:
+    """The safety net: a reconcile every RESYNC_SECONDS even if a watch event was missed."""
+    while not await stopped.wait(RESYNC_SECONDS):
+        _reconciler(memo).kick(namespace, name)
 
 
-def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
-    return baton_autoscales(dict(spec))  # some role's autoscaling mode is baton (not external, not off)
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, id="autoscaler", when=_autoscaling_enabled, cancellation_timeout=10)
-async def autoscale(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-                    **_: Any) -> None:
-    """The SLO autoscaler: a timer per LLMService whose interval is its own `spec.autoscaling.interval`
-    (a daemon, because kopf timers have one fixed interval); kopf stops it when autoscaling is switched off."""
-    reconciler = _reconciler(memo)
+def _emitter(namespace: str, name: str, service_memo: dict) -> autoscaler.EventSink:
+    """Events on the LLMService as its latest watch event showed it (a loop outlives the body it started with)."""
 
     def emit(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message)
+        body = service_memo.get("body")
+        if body:
+            kopf.event(body, type=kind, reason=reason, message=message)
         (log.warning if kind == "Warning" else log.info)("%s/%s: %s: %s", namespace, name, reason, message)
 
-    await autoscaler.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name, memo,
-                         stopped, emit)
-    if stopped.reason and kopf.DaemonStoppingReason.FILTERS_MISMATCH in stopped.reason:
-        # Switched off: switched on again later, it starts afresh (as reconcile clears status.autoscaler).
-        memo.pop("autoscaler", None)
+    return emit
 
 
-def _planner_on(spec: kopf.Spec, **_: Any) -> bool:
-    return (spec.get("planner") or {}).get("mode", "off") not in ("off", False, None)
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, id="planner", when=_planner_on, cancellation_timeout=10)
-async def planner(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-                  **_: Any) -> None:
-    """The online planner (spec.planner, see planner/online.py); kopf stops it when the mode goes back to off."""
+async def _autoscale(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, stopped: StopFlag) -> None:
+    """The SLO autoscaler (see `autoscaler`), ticking every `spec.autoscaling.interval`."""
     reconciler = _reconciler(memo)
+    await autoscaler.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name,
+                         service_memo, stopped, _emitter(namespace, name, service_memo))
+    if stopped.reason == NOT_WANTED:  # switched off: switched on again later, it starts afresh (as reconcile
+        service_memo.pop("autoscaler", None)  # clears status.autoscaler)
 
-    def emit(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message)
-        (log.warning if kind == "Warning" else log.info)("%s/%s: %s: %s", namespace, name, reason, message)
 
-    if "planner" not in memo:
-        memo["planner"] = autoscaler.AutoscalerState()  # its Prometheus client; the planner keeps no history
+async def _plan(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, stopped: StopFlag) -> None:
+    """The online planner (spec.planner, see planner/online.py)."""
+    reconciler = _reconciler(memo)
+    if "planner" not in service_memo:
+        service_memo["planner"] = autoscaler.AutoscalerState()  # its Prometheus client; no history
     await online_planner.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name,
-                             memo["planner"], stopped, emit, lambda: reconciler.kick(namespace, name))
+                             service_memo["planner"], stopped, _emitter(namespace, name, service_memo),
+                             lambda: reconciler.kick(namespace, name))
+
+
+def _loops(memo: kopf.Memo) -> ServiceLoops:
+    if "loops" not in memo:
+        loops = {"resync": _resync, "autoscaler": _autoscale, "planner": _plan}
+        memo["loops"] = ServiceLoops({k: functools.partial(_bind, fn, memo) for k, fn in loops.items()})
+    return memo["loops"]
+
+
+async def _bind(fn: Any, memo: kopf.Memo, namespace: str, name: str, service_memo: dict, stopped: StopFlag) -> None:
+    await fn(namespace, name, memo, service_memo, stopped)
+
+
+def wanted_loops(spec: dict) -> set[str]:
+    """The loops an LLMService's spec asks for: the resync always, the autoscaler when some role's autoscaling
+    mode is baton (not external, not off), the planner unless its mode is off."""
+    loops = {"resync"}
+    if baton_autoscales(spec):
+        loops.add("autoscaler")
+    if (spec.get("planner") or {}).get("mode", "off") not in ("off", False, None):
+        loops.add("planner")
+    return loops
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def llmservice_event(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo,
+                           **_: Any) -> None:
+    """Keep this LLMService's loops in step with its spec; stop them when it is deleted (see service_loops:
+    kopf's own timers and daemons would put a finalizer on it)."""
+    loops = _loops(memo)
+    if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+        loops.forget(namespace, name)
+        return
+    loops.memo(namespace, name)["body"] = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                                           "metadata": dict(body.get("metadata") or {})}
+    loops.want(namespace, name, wanted_loops(dict(body.get("spec") or {})))
 
 
 def _owner(meta: dict) -> str | None:

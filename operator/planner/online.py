@@ -1,7 +1,7 @@
 """`spec.planner` in the operator: measure the workload, plan, write `status.plan`, and (apply) run the plan.
 
-One loop per LLMService whose `spec.planner.mode` is recommend or apply (a kopf daemon registered in
-handlers.py). Every `spec.planner.interval`:
+One loop per LLMService whose `spec.planner.mode` is recommend or apply (one of the operator's own
+loops, `service_loops`, started in handlers.py). Every `spec.planner.interval`:
 
 1. Read the workload basis from Prometheus (`autoscaling.prometheusURL`): request rate and request length
    histograms over `spec.planner.window` (outside any lock).
@@ -254,7 +254,7 @@ def _changed(previous: dict, new: dict) -> bool:
 
 async def run(kube: Kube, lock_for: Callable[[], asyncio.Lock], namespace: str, name: str, state: Any,
               stopped: Any, emit: EventSink, kick: Callable[[], None]) -> None:
-    """The loop of one LLMService until kopf stops it."""
+    """The loop of one LLMService until `stopped` is set."""
     log.info("%s/%s: planner started", namespace, name)
     try:
         while not stopped:

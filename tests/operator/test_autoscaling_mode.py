@@ -360,9 +360,9 @@ def test_the_autoscaler_never_scales_an_external_role():
     ({}, False),
 ])
 def test_the_autoscaler_loop_runs_while_a_role_is_in_mode_baton(spec, runs):
-    from baton.operator.handlers import _autoscaling_enabled  # the kopf daemon's filter
+    from baton.operator.handlers import wanted_loops  # what starts and stops the loop (service_loops)
 
-    assert _autoscaling_enabled(spec) is runs
+    assert ("autoscaler" in wanted_loops(spec)) is runs
 
 
 def test_a_manual_scale_in_baton_mode_is_only_the_autoscalers_new_starting_point():

@@ -19,7 +19,7 @@ import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean, images
 from baton.e2e.cluster import LocalCluster
-from baton.e2e.fixtures import PHASE_TIMINGS
+from baton.e2e.fixtures import PHASE_TIMINGS, kubectl
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny-llama"
@@ -101,6 +101,11 @@ def helm_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+#: the namespaces the real-node modules put LLMServices in (test_realnodes, _faults, _vllm): the operator the
+#: `release` fixture installs watches these and holds no rights anywhere else
+WATCHED_NAMESPACES = ("demo", "faults", "vllm")
+
+
 @pytest.fixture(scope="session")
 def release(real_cluster):
     """`helm install` of charts/baton with the locally built operator image: a real pod, the chart's RBAC."""
@@ -108,13 +113,17 @@ def release(real_cluster):
     repo, tag = real_cluster.operator_ref.rsplit(":", 1)
     worker_repo, worker_tag = real_cluster.worker_ref.rsplit(":", 1)
     t0 = time.monotonic()
+    for ns in WATCHED_NAMESPACES:  # a namespaced operator's RoleBindings live in them: they must exist first
+        kubectl("create", "namespace", ns, kubeconfig=real_cluster.kubeconfig)
     argv = [helm, "--kubeconfig", str(real_cluster.kubeconfig), "install", "baton", str(REPO / "charts" / "baton"),
             "-n", "baton-system", "--create-namespace", "--wait", "--timeout", "240s",
             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
             # the worker image the operator renders for routers, fetch containers and Baton workers by default
             "--set", f"workerImage.repository={worker_repo}", "--set", f"workerImage.tag={worker_tag}",
             # the node model cache (uri sources) under the cluster's root: the teardown removes it with the rest
-            "--set", f"modelCache.hostPath={real_cluster.real.root}/model-cache"]
+            "--set", f"modelCache.hostPath={real_cluster.real.root}/model-cache",
+            # a namespaced operator (the chart's default mode), watching the namespaces the real-node modules use
+            "--set", "watchNamespaces={" + ",".join(WATCHED_NAMESPACES) + "}"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if out.returncode != 0:
         raise AssertionError(f"helm install failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

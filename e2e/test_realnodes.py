@@ -17,7 +17,7 @@ from typing import Self
 import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean
-from baton.e2e.conftest import MODEL_NAME
+from baton.e2e.conftest import MODEL_NAME, WATCHED_NAMESPACES
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
 from baton.e2e.pki import self_signed_cert
 from baton.e2e.processes import https_server, wait_for
@@ -304,6 +304,24 @@ def test_operator_runs_as_a_pod_and_its_webhook_refuses_bad_llmservices(real_clu
     assert out.returncode != 0, f"a bad LLMService was admitted: {out.stdout}"
     assert "spec.kvTransfer.transport" in out.stderr, out.stderr
     assert "denied the request" in out.stderr, out.stderr  # the operator pod's webhook said no
+    # A namespaced operator (the chart's default mode): its ServiceAccount's rights end at the watched namespaces
+    as_operator = "--as=system:serviceaccount:baton-system:baton"
+    checked = []
+    for verb, res in (("create", "deployments.apps"), ("patch", "llmservices.baton.dev/status"),
+                      ("create", "secrets"), ("create", "rolebindings.rbac.authorization.k8s.io"),
+                      ("delete", "services")):
+        for ns in WATCHED_NAMESPACES:
+            assert _k(c, "auth", "can-i", verb, res, "-n", ns, as_operator, check=False).stdout.strip() == "yes"
+        for ns in ("default", "kube-system", "baton-system"):
+            out = _k(c, "auth", "can-i", verb, res, "-n", ns, as_operator, check=False)
+            assert out.stdout.strip() == "no", (verb, res, ns, out.stdout, out.stderr)
+        checked.append(f"{verb} {res}")
+    for verb, res in (("list", "llmservices.baton.dev"), ("create", "deployments.apps"), ("get", "secrets")):
+        out = _k(c, "auth", "can-i", verb, res, "--all-namespaces", as_operator, check=False)
+        assert out.stdout.strip() == "no", (verb, res, out.stdout)
+        checked.append(f"{verb} {res} --all-namespaces: no")
+    print(f"operator ServiceAccount: yes in {', '.join(WATCHED_NAMESPACES)}, no in default/kube-system/baton-system "
+          f"for: {'; '.join(checked)}")
 
 
 def router_sees(c, name: str, ns: str = FLEET_NS, *, prefill: int = 1, decode: int = 1) -> bool:

@@ -24,7 +24,8 @@ def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
 def test_helm_lint_strict(helm_bin):
     out = subprocess.run([helm_bin, "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    for values in (["--set", "watchNamespaces={a,b}"], ["--set", "webhook.enabled=false,metrics.enabled=false"]):
+    for values in (["--set", "watchNamespaces={a,b}"], ["--set", "clusterWide=true"],
+                   ["--set", "webhook.enabled=false,metrics.enabled=false"]):
         out = subprocess.run([helm_bin, "lint", "--strict", str(CHART), *values], capture_output=True, text=True, check=False)
         assert out.returncode == 0, (values, out.stdout + out.stderr)
 
@@ -66,7 +67,7 @@ def test_operator_pod_is_hardened(render):
     # Ready once its webhook listens: `helm install --wait` then means LLMService writes are admitted
     assert c["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
     assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in c["ports"]
-    assert c["command"] == ["baton"] and c["args"][:3] == ["operator", "run", "--all-namespaces"]
+    assert c["command"] == ["baton"] and c["args"][:3] == ["operator", "run", "--namespace=baton-system"]
     assert pod["serviceAccountName"] == "baton"
     assert c["image"] == "baton/operator:0.1.0"
 
@@ -168,7 +169,7 @@ EXPECTED_WORKLOADS = (
 
 
 def test_rbac_is_exactly_what_the_operator_uses(render):
-    docs = render()
+    docs = render("--set", "clusterWide=true")
     assert _rules(one(docs, "ClusterRole", "baton-cluster")) == EXPECTED_CLUSTER
     assert _rules(one(docs, "ClusterRole", "baton")) == EXPECTED_WORKLOADS
     for role in by_kind(docs, "ClusterRole"):
@@ -183,6 +184,28 @@ def test_rbac_is_exactly_what_the_operator_uses(render):
     for b in bindings.values():
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "baton", "namespace": "baton-system"}]
     assert not by_kind(docs, "RoleBinding")
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
+
+
+def test_the_default_operator_is_namespaced_to_its_release(render):
+    """Default values: the workload rights are bound in the release's namespace only (a RoleBinding), the
+    operator watches only it; the one cluster-wide binding left is kopf's read-only view of CRDs."""
+    docs = render(namespace="team-x")
+    assert [b["metadata"]["name"] for b in by_kind(docs, "ClusterRoleBinding")] == ["baton-cluster"]
+    assert _rules(one(docs, "ClusterRole", "baton-cluster")) == EXPECTED_CLUSTER
+    (rb,) = by_kind(docs, "RoleBinding")
+    assert rb["metadata"]["namespace"] == "team-x"
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "baton"}
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "baton", "namespace": "team-x"}]
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-x" in args and "--all-namespaces" not in args
+
+
+def test_cluster_wide_and_a_namespace_list_are_refused_together(helm_bin):
+    out = subprocess.run([helm_bin, "template", "baton", str(CHART), "--set", "clusterWide=true",
+                          "--set", "watchNamespaces={a}"], capture_output=True, text=True, check=False, timeout=60)
+    assert out.returncode != 0 and "clusterWide=true manages every namespace" in out.stderr, out.stderr
 
 
 def test_rbac_namespaced_mode_binds_workloads_per_namespace(render):

@@ -123,8 +123,10 @@ def release(local_cluster, kubectl, helm, tmp_path_factory):
                               workdir=tmp_path_factory.mktemp("operator-pod"))
     previous, agent.runner = agent.runner, runner
     port = free_port()
-    values = ["--set", "webhook.certificate.extraIPs={127.0.0.1}", "--set", f"webhook.port={port}",
-              "--set", f"webhook.url=https://127.0.0.1:{port}"]
+    # cluster-wide (an explicit value; the default is namespaced, tested below): the tests' LLMServices live in
+    # namespaces of their own
+    values = ["--set", "clusterWide=true", "--set", "webhook.certificate.extraIPs={127.0.0.1}",
+              "--set", f"webhook.port={port}", "--set", f"webhook.url=https://127.0.0.1:{port}"]
     if not operator_supports("--metrics-port"):
         values += ["--set", "metrics.enabled=false"]  # `baton operator run` has no metrics server yet
     install = None
@@ -266,22 +268,31 @@ def test_rbac_cluster_mode_is_minimal(release, kubectl, namespace, local_cluster
     assert out.returncode != 0 and "Forbidden" in out.stderr
 
 
-def test_rbac_namespaced_mode_cannot_touch_other_namespaces(local_cluster, kubectl, helm, namespace, tmp_path):
-    """With watchNamespaces, the child kinds and LLMServices are granted only there (RoleBindings)."""
+@pytest.mark.parametrize("values", ["default", "watchNamespaces"])
+def test_rbac_namespaced_mode_cannot_touch_other_namespaces(local_cluster, kubectl, helm, namespace, tmp_path,
+                                                            values):
+    """The chart's default (the release's own namespace) and watchNamespaces: the child kinds and LLMServices
+    are granted only in the watched namespaces (RoleBindings), nowhere else."""
     ns = f"baton-ns-{uuid.uuid4().hex[:6]}"
     name = f"scoped-{uuid.uuid4().hex[:4]}"
     other = f"t-other-{uuid.uuid4().hex[:6]}"
+    watched = ns if values == "default" else namespace
     kubectl("create", "namespace", other, check=True)
     try:
         # replicaCount=0: only the RBAC objects matter here (the other test runs the operator).
-        helm("install", name, str(CHART), "-n", ns, "--create-namespace", "--skip-crds",
-             "--set", f"watchNamespaces={{{namespace}}}", "--set", "replicaCount=0", "--set", "webhook.enabled=false")
+        extra = [] if values == "default" else ["--set", f"watchNamespaces={{{namespace}}}"]
+        helm("install", name, str(CHART), "-n", ns, "--create-namespace", "--skip-crds", *extra,
+             "--set", "replicaCount=0", "--set", "webhook.enabled=false")
         token = service_account_token(kubectl, ns, f"{name}-baton")
         as_sa = sa_kubectl(kubectl, token, local_cluster, tmp_path)
+        checked = []
         for verb, res in (("create", "deployments.apps"), ("patch", "llmservices.baton.dev/status"),
-                          ("list", "services")):
-            assert as_sa("auth", "can-i", verb, res, "-n", namespace).stdout.strip() == "yes", (verb, res)
-            assert as_sa("auth", "can-i", verb, res, "-n", other).stdout.strip() == "no", (verb, res)
+                          ("list", "services"), ("create", "secrets"), ("create", "rolebindings.rbac.authorization.k8s.io")):
+            assert as_sa("auth", "can-i", verb, res, "-n", watched).stdout.strip() == "yes", (verb, res)
+            for elsewhere in (other, "default", "kube-system"):
+                assert as_sa("auth", "can-i", verb, res, "-n", elsewhere).stdout.strip() == "no", (verb, res, elsewhere)
+            checked.append(f"{verb} {res}")
+        print(f"{values}: yes in {watched}, no in {other}/default/kube-system for: {'; '.join(checked)}")
         assert as_sa("auth", "can-i", "list", "llmservices.baton.dev", "--all-namespaces").stdout.strip() == "no"
         kubectl("create", "configmap", "theirs", "-n", other, check=True)
         for args in (["get", "configmap", "theirs", "-n", other], ["delete", "configmap", "theirs", "-n", other],

@@ -73,3 +73,19 @@ app.kubernetes.io/component: operator
 {{- define "baton.hasMonitoring" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
 {{- end -}}
+
+{{/*
+The namespaces this operator manages, as a JSON list: watchNamespaces, else the release's own namespace; an
+empty list with clusterWide (every namespace). clusterWide with watchNamespaces is refused (it would grant
+more than the list says).
+*/}}
+{{- define "baton.watchNamespaces" -}}
+{{- if and .Values.clusterWide .Values.watchNamespaces -}}
+{{- fail "clusterWide=true manages every namespace: leave watchNamespaces empty, or set clusterWide=false to name the namespaces" -}}
+{{- end -}}
+{{- if .Values.clusterWide -}}
+[]
+{{- else -}}
+{{- toJson (default (list .Release.Namespace) .Values.watchNamespaces) -}}
+{{- end -}}
+{{- end }}

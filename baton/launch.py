@@ -73,6 +73,9 @@ class Env:
     THREADS = "OMP_NUM_THREADS"
     VLLM_NIXL_SIDE_CHANNEL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
     VLLM_NIXL_SIDE_CHANNEL_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"
+    #: the OTLP protocol of vLLM's trace exporter: vLLM defaults to grpc, Baton's endpoint speaks OTLP/HTTP
+    #: (`tracing_env`); the OpenTelemetry SDK's own variable name, which vLLM reads
+    OTEL_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 
 
 class Flag:
@@ -109,6 +112,9 @@ class Flag:
     KV_ANNOUNCE = "--kv-announce"
     #: tokens per KV block (Baton workers; vLLM spells it the same): part of the KV-layout fingerprint
     BLOCK_SIZE = "--block-size"
+    #: where OpenTelemetry traces go (OTLP/HTTP; `otlp_traces_url`): the router, Baton workers and vLLM spell it
+    #: the same; absent, nothing is traced (`worker/tracing.py`: a no-op tracer, no exporter)
+    OTLP_TRACES_ENDPOINT = "--otlp-traces-endpoint"
     # vLLM
     KV_TRANSFER_CONFIG = "--kv-transfer-config"
     #: vLLM drains in-flight requests for up to N seconds on SIGTERM (int; 0, its default, aborts them)
@@ -272,6 +278,36 @@ class Header:
     SERVER_TIMING = "Server-Timing"
     #: a Baton worker's KV-layout fingerprint, on its /ready answers (as `READY_KV_FINGERPRINT` in the body)
     KV_FINGERPRINT = "X-Baton-KV-Fingerprint"
+    #: W3C Trace Context: the router's hop span, continued by the worker (Baton's and vLLM's) it calls
+    TRACEPARENT = "traceparent"
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+#: vLLM's `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` for Baton's OTLP/HTTP endpoint (protobuf bodies)
+OTLP_HTTP_PROTOCOL = "http/protobuf"
+#: the OTLP/HTTP path of traces, added to an endpoint given without a path (a collector's base URL)
+OTLP_TRACES_PATH = "/v1/traces"
+
+
+def otlp_traces_url(endpoint: str) -> str:
+    """The URL spans are POSTed to: `endpoint` as given when it names a path (`http://c:4318/v1/traces`), else
+    with OTLP's traces path added (`http://c:4318` -> `http://c:4318/v1/traces`). Both Baton's exporter and
+    vLLM's (`--otlp-traces-endpoint`) POST to exactly the URL they are given, so the contract completes it once.
+    ValueError, naming what is wrong, for anything but an http(s) URL with a host."""
+    parts = urllib.parse.urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"an OTLP/HTTP endpoint is an http:// or https:// URL with a host, got {endpoint!r}")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path=OTLP_TRACES_PATH)
+    return urllib.parse.urlunsplit(parts)
+
+
+def tracing_env(engine: str, endpoint: str | None) -> dict[str, str]:
+    """Environment a worker of `engine` needs to export traces to `endpoint`: vLLM's exporter speaks gRPC unless
+    told OTLP/HTTP; Baton's worker needs nothing (its flag says all)."""
+    if endpoint and engine == ENGINE_VLLM:
+        return {Env.OTEL_TRACES_PROTOCOL: OTLP_HTTP_PROTOCOL}
+    return {}
 
 
 class Timing:
@@ -427,6 +463,7 @@ class WorkerLaunch:
     extra_args: tuple[str, ...] = ()  # engine args, then the role's extra args: last, so they win
     kv_lease_seconds: float | None = None  # Baton prefill: rendered when set (`with_drain` sets it)
     drain_timeout: float | None = None  # --drain-timeout / vLLM --shutdown-timeout: rendered when set (`with_drain`)
+    otlp_traces_endpoint: str | None = None  # traces (OTLP/HTTP); None: not traced
 
 
 def with_drain(w: WorkerLaunch) -> WorkerLaunch:
@@ -479,7 +516,7 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
                      json.dumps(vllm_kv_transfer_config(w.role, w.kv_buffer_device), separators=(",", ":"))]
         if w.drain_timeout is not None:
             argv += [Flag.SHUTDOWN_TIMEOUT, str(math.ceil(w.drain_timeout))]
-        return argv + list(w.extra_args)
+        return argv + _tracing_args(w.otlp_traces_endpoint) + list(w.extra_args)
     if w.engine != ENGINE_BATON:
         raise ValueError(f"unknown engine {w.engine!r}; expected one of {', '.join(ENGINES)}")
     argv = [
@@ -508,7 +545,11 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
         argv += [Flag.NAMESPACE, w.namespace]
     if w.log_level is not None:
         argv += [Flag.LOG_LEVEL, w.log_level]
-    return argv + list(w.extra_args)
+    return argv + _tracing_args(w.otlp_traces_endpoint) + list(w.extra_args)
+
+
+def _tracing_args(endpoint: str | None) -> list[str]:
+    return [Flag.OTLP_TRACES_ENDPOINT, otlp_traces_url(endpoint)] if endpoint else []
 
 
 #: Flags the contract renders that a user may still set in engine.args or a role's extraArgs: the drain budget
@@ -532,7 +573,8 @@ def managed_flags(engine: str) -> dict[str, tuple[str, ...]]:
     to render is managed from then on."""
     sample = with_drain(WorkerLaunch(
         engine=engine, role="prefill", model_path="/m", served_model_name="m", kv_transport="auto",
-        tensor_parallel=2, max_model_len=1, llmservice="s", namespace="n", kv_buffer_device="cpu"))
+        tensor_parallel=2, max_model_len=1, llmservice="s", namespace="n", kv_buffer_device="cpu",
+        otlp_traces_endpoint="http://collector"))
     rendered = [a for a in worker_argv(sample) if a.startswith("-")]
     aliases = FLAG_ALIASES[engine]
     flags = dict.fromkeys([*rendered, *aliases])
@@ -582,6 +624,7 @@ class RouterLaunch:
     prefill_retry_after: int | None = None  # seconds (Retry-After counts whole seconds)
     tpot_slo: float | None = None  # seconds: what `whenHeadroom` protects
     kv_announce: bool = False  # Baton engine only: start the decode hop on the prefill's KV announcement
+    otlp_traces_endpoint: str | None = None  # traces (OTLP/HTTP); None: not traced
 
 
 def router_argv(r: RouterLaunch) -> list[str]:
@@ -617,7 +660,7 @@ def router_argv(r: RouterLaunch) -> list[str]:
         if r.engine != ENGINE_BATON:
             raise ValueError(f"{Flag.KV_ANNOUNCE} needs Baton prefill workers, not {r.engine}")
         argv.append(Flag.KV_ANNOUNCE)
-    return argv
+    return argv + _tracing_args(r.otlp_traces_endpoint)
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -552,6 +552,16 @@ class PlannerSpec(_Model):
         return "off" if v is False else v  # YAML 1.1 (PyYAML, kubectl) reads an unquoted `off` as false
 
 
+class ObservabilitySpec(_Model):
+    """Where the service's pods send their OpenTelemetry traces."""
+
+    otlp_endpoint: Annotated[str, Field(pattern=HTTP_URL)] | None = Field(
+        default=None, description="OTLP/HTTP endpoint of an OpenTelemetry collector (http://collector:4318, or "
+        "the full traces URL .../v1/traces). The router, Baton workers and vLLM workers (--otlp-traces-endpoint) "
+        "send spans there, one trace per request across both hops. Unset: the operator's default (Helm value "
+        "tracing.otlpEndpoint), else no tracing.")
+
+
 class LLMServiceSpec(_Model):
     model: ModelSpec
     engine: EngineSpec = Field(default_factory=EngineSpec, json_schema_extra=_object_default())
@@ -564,6 +574,8 @@ class LLMServiceSpec(_Model):
     planner: PlannerSpec = Field(default_factory=PlannerSpec, json_schema_extra=_object_default())
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec,
                                               json_schema_extra=_object_default())
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec,
+                                             json_schema_extra=_object_default())
     image_pull_secrets: list[SecretRef] = Field(
         default_factory=list, description="Secrets (in this namespace) for pulling the images of every pod, "
         "before the operator's own (Helm value workerImage.pullSecrets).")

@@ -21,6 +21,7 @@ WHERE = {
     Flag.KV_TRANSFER_CONFIG: "the role (kv_producer, kv_consumer) and spec.accelerator",
     Flag.KV_TRANSPORT: "spec.kvTransfer.transport",
     Flag.KV_PORT: "spec.kvTransfer.port",
+    Flag.OTLP_TRACES_ENDPOINT: "spec.observability.otlpEndpoint (or the operator's default)",
 }
 
 

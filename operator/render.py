@@ -68,7 +68,7 @@ from typing import Any
 from baton import launch
 from baton.launch import Env
 
-from . import images, model_cache, render_network, render_vllm
+from . import images, model_cache, render_network, render_vllm, tracing
 from .api import (
     ACCELERATOR_CPU,
     ACCELERATOR_GPU,
@@ -395,6 +395,8 @@ def _worker_env(svc: LLMService, role: str) -> list[dict]:
             {"name": Env.VLLM_NIXL_SIDE_CHANNEL_PORT, "value": str(kv.port)},
         ]
     env += _threads_env(svc)
+    env += [{"name": k, "value": v}
+            for k, v in launch.tracing_env(svc.spec.engine.kind, tracing.otlp_endpoint(svc)).items()]
     for var in svc.spec.engine.env:
         env.append(var.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True))
     return env
@@ -417,6 +419,7 @@ def worker_launch(svc: LLMService, role: str) -> launch.WorkerLaunch:
         max_model_len=spec.model.max_model_len,
         kv_buffer_device="cpu" if spec.effective_accelerator() == ACCELERATOR_CPU else None,
         extra_args=(*spec.engine.args, *r.extra_args),
+        otlp_traces_endpoint=tracing.otlp_endpoint(svc),
     ))
 
 
@@ -584,6 +587,7 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
         prefill_recompute=failure.recompute,
         prefill_retry_after=int(failure.retry_after.seconds),
         tpot_slo=svc.spec.slo.tpot.seconds,
+        otlp_traces_endpoint=tracing.otlp_endpoint(svc),
     )))
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 
 from baton.cli import CommandError
+from baton.launch import Flag
 
 
 def add_operator_command(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +48,9 @@ def add_operator_command(sub: argparse._SubParsersAction) -> None:
                      help="who may scrape the pods' metrics port: a JSON list of NetworkPolicy peers "
                           "({namespaceSelector, podSelector}); default: pods labelled "
                           "app.kubernetes.io/name=prometheus in any namespace")
+    run.add_argument(Flag.OTLP_TRACES_ENDPOINT, default=None, metavar="URL",
+                     help="OTLP/HTTP endpoint the pods of LLMServices that name none (spec.observability.otlpEndpoint) "
+                          "send OpenTelemetry traces to (default: no tracing)")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=_run)
 
@@ -59,13 +63,17 @@ def _run(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
 
     import kopf
-    from baton.operator import autoscaler, images, model_cache, render_network, webhook
+    from baton.operator import autoscaler, images, model_cache, render_network, tracing, webhook
     from baton.operator.units import parse_duration
     images.configure(args.worker_image, args.image_pull_secret)
     try:
         render_network.configure(not args.no_network_policy, args.network_policy_metrics_from)
     except ValueError as exc:
         raise CommandError(f"--network-policy-metrics-from: {exc}") from None
+    try:
+        tracing.configure(args.otlp_traces_endpoint)
+    except ValueError as exc:
+        raise CommandError(f"{Flag.OTLP_TRACES_ENDPOINT}: {exc}") from None
     try:
         model_cache.configure(args.model_cache_path)
     except ValueError as exc:

@@ -135,3 +135,48 @@ def test_flags_used_by_the_contract_exist_in_the_parsers() -> None:
                  launch.Flag.DECODE_SERVICE, launch.Flag.BOTH_SERVICE, launch.Flag.NAMESPACE,
                  launch.Flag.LLMSERVICE, launch.Flag.LOG_LEVEL):
         assert flag in router_opts, flag
+
+
+def test_the_traces_endpoint_reaches_every_pod_through_the_parsers() -> None:
+    """spec.observability.otlpEndpoint (a collector's base URL) -> `--otlp-traces-endpoint URL/v1/traces` on the
+    router and every worker, read back by the real parsers; vLLM workers also get the OTLP/HTTP protocol variable
+    (vLLM's exporter speaks gRPC otherwise). vLLM's own parser reads it in tests/worker/test_vllm.py."""
+    url = "http://otel.observability:4318" + launch.OTLP_TRACES_PATH
+    for name, svc in _llmservices():
+        svc["spec"]["observability"] = {"otlpEndpoint": "http://otel.observability:4318"}
+        engine = svc["spec"].get("engine", {}).get("kind", "vllm")
+        for deployment, c in _containers(render(svc)):
+            argv = [*c["command"], *c["args"]]
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if c["name"] == "router" or engine == launch.ENGINE_BATON:
+                assert build_parser().parse_args(argv[1:]).otlp_traces_endpoint == url, (name, deployment)
+                assert launch.Env.OTEL_TRACES_PROTOCOL not in env
+            else:
+                assert argv[argv.index(launch.Flag.OTLP_TRACES_ENDPOINT) + 1] == url, (name, deployment)
+                assert env[launch.Env.OTEL_TRACES_PROTOCOL] == launch.OTLP_HTTP_PROTOCOL
+        svc["spec"]["observability"] = {}
+        for deployment, c in _containers(render(svc)):  # unset: nothing traced, nothing rendered
+            assert not any(a.startswith(launch.Flag.OTLP_TRACES_ENDPOINT) for a in c["args"]), (name, deployment)
+
+
+def test_otlp_traces_url() -> None:
+    assert launch.otlp_traces_url("http://c:4318") == "http://c:4318/v1/traces"
+    assert launch.otlp_traces_url("http://c:4318/") == "http://c:4318/v1/traces"
+    assert launch.otlp_traces_url("https://c/otlp/v1/traces") == "https://c/otlp/v1/traces"
+    for bad in ("c:4318", "grpc://c:4317", "http://"):
+        with pytest.raises(ValueError, match="http:// or https:// URL with a host"):
+            launch.otlp_traces_url(bad)
+
+
+def test_baton_up_traces_where_the_llmservice_says(tmp_path) -> None:
+    """`baton up` reads spec.observability.otlpEndpoint as the operator does: every process gets the flag."""
+    from baton.worker.local_fleet import Capabilities, load_spec, plan_fleet
+
+    body = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
+    body["spec"]["observability"] = {"otlpEndpoint": "http://127.0.0.1:4318"}
+    path = tmp_path / "svc.yaml"
+    path.write_text(yaml.safe_dump(body))
+    plan = plan_fleet(load_spec(path), model_path=str(tmp_path), caps=Capabilities(router=True, kv_transport_flag=True))
+    for proc in plan.procs:
+        sub = proc.argv.index("worker") if "worker" in proc.argv else proc.argv.index("router")
+        assert build_parser().parse_args(proc.argv[sub:]).otlp_traces_endpoint == "http://127.0.0.1:4318/v1/traces"

@@ -283,6 +283,7 @@ def plan_fleet(
                             "workers share cores")
     engine_args = list(spec.engine.args)
     engine_env = {e.name: e.value for e in spec.engine.env if e.value is not None}
+    otlp = spec.observability.otlp_endpoint  # traces: the LLMService's endpoint, as on Kubernetes
     procs: list[ProcSpec] = []
     urls: dict[str, list[str]] = {"prefill": [], "decode": [], "both": []}
     for i, (role, idx) in enumerate(roles):
@@ -291,7 +292,7 @@ def plan_fleet(
         role_spec = spec.prefill if role == "prefill" else spec.decode
         env: dict[str, str] = {}
         if vllm:  # vLLM's own server; the KV port is its NIXL side channel, not a flag
-            env = {**VLLM_ENV_DEFAULTS, **engine_env}
+            env = {**VLLM_ENV_DEFAULTS, **launch.tracing_env(engine, otlp), **engine_env}
             if kv_port is not None:
                 env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_HOST] = launch.LOCAL_LISTEN_HOST
                 env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_PORT] = str(kv_port)
@@ -309,6 +310,7 @@ def plan_fleet(
             host=launch.LOCAL_LISTEN_HOST,
             max_model_len=spec.model.max_model_len,
             extra_args=(*engine_args, *role_spec.extra_args, *extra_worker_args),
+            otlp_traces_endpoint=otlp,
             **engine_fields,
         ))
         p = ProcSpec(name=f"{role}-{idx}", role=role, port=port,
@@ -332,6 +334,7 @@ def plan_fleet(
         prefill_recompute=spec.router.prefill_failure.recompute,
         prefill_retry_after=int(spec.router.prefill_failure.retry_after.seconds),
         tpot_slo=spec.slo.tpot.seconds,
+        otlp_traces_endpoint=otlp,
     )))
     procs.append(ProcSpec(name="router", role="router", port=rport, argv=rargv, threads=1))
     return FleetPlan(name=svc.metadata.name, model_name=spec.model.name, model_path=model_path,

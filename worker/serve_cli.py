@@ -19,6 +19,8 @@ import os
 import socket
 from pathlib import Path
 
+from baton.worker.tracing import add_tracing_flag, tracer_for
+
 from baton import launch
 
 ROLES = ("both", "prefill", "decode")
@@ -153,6 +155,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         f"KV lease; decode and both {DEFAULT_DRAIN_TIMEOUT_SECONDS:g}; pods get {launch.GRACE_SLACK_SECONDS:g} s "
         "more as their termination grace period)",
     )
+    add_tracing_flag(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_worker)
 
@@ -277,6 +280,10 @@ def run_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        tracer = tracer_for(args.otlp_traces_endpoint, args.role, args.llmservice, args.namespace)
+    except (ValueError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from None
     sock = _listen(args.host, args.port)  # first, so a busy port fails before the model loads
     try:
         engine = build_engine(args)
@@ -285,6 +292,7 @@ def run_worker(args: argparse.Namespace) -> int:
             engine,
             served_model_name=served,
             labels={"llmservice": args.llmservice, "namespace": args.namespace, "role": args.role},
+            tracer=tracer,
         )
         config = uvicorn.Config(
             app, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False

@@ -67,6 +67,8 @@ from baton.worker.protocol import (
     parse_request,
     sse_event,
 )
+from baton.worker.request_trace import KVExports, RequestTrace, traced
+from baton.worker.tracing import NO_TRACER, Tracer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -157,6 +159,7 @@ class _Server:
         labels: dict | None,
         engine_kind: str,
         manage_engine: bool,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
@@ -182,6 +185,15 @@ class _Server:
         self.draining = False
         self.inflight: set[str] = set()
         self._start_task: asyncio.Task | None = None
+        # traces (`request_trace.py`): only with an endpoint; a prefill worker's KV leases get `kv_export` spans
+        self.tracer = tracer
+        self.role = getattr(engine, "role", "both")
+        self.kv_exports: KVExports | None = None
+        hook = getattr(engine, "on_kv_exported", None)
+        if tracer.enabled and hook is not None and self.role in ("prefill", "both"):
+            leases = getattr(getattr(engine, "core", None), "leases", None)
+            self.kv_exports = KVExports(tracer, 2 * float(getattr(leases, "ttl", launch.KV_LEASE_SECONDS)))
+            hook(self.kv_exports.exported)
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -235,6 +247,8 @@ class _Server:
                 await self.engine.stop()
             except Exception:
                 log.exception("error while stopping the engine")
+        # the spans still batched go out now (a thread: the exporter's HTTP client blocks)
+        await asyncio.to_thread(self.tracer.shutdown)
 
     def alive(self) -> tuple[bool, str]:
         if self.start_error:
@@ -402,6 +416,9 @@ class _Server:
                 gens = choice_requests(gen, n, getattr(self.engine, "role", "both"))
                 index = {g.request_id: i for i, g in enumerate(gens)}
                 it = self.engine.generate(gen) if len(gens) == 1 else merge([self.engine.generate(g) for g in gens])
+                if self.tracer.enabled:
+                    it = traced(it, RequestTrace(self.tracer, request.headers, rid, self.role, arrival,
+                                                 self.kv_exports))
                 if stream:
                     first = await _race_disconnect(request, it.__anext__())
                     handed_over = True
@@ -674,16 +691,19 @@ def create_app(
     labels: dict | None = None,
     engine_kind: str = "baton",
     manage_engine: bool = True,
+    tracer: Tracer = NO_TRACER,
 ) -> FastAPI:
     """The worker's ASGI app.
 
     `labels` (`llmservice`, `namespace`, optional `role`) label every metric; missing ones come from env
     BATON_LLMSERVICE / BATON_NAMESPACE and the engine's role. With `manage_engine` (default) the app starts
     the engine in the background at startup (/ready turns 200 when done) and stops it at shutdown; without,
-    the caller owns the engine's lifecycle and the app is ready at once.
+    the caller owns the engine's lifecycle and the app is ready at once. `tracer` (`tracing.create_tracer`)
+    continues the caller's trace in spans of each request (`request_trace.py`); the app shuts it down (a last
+    flush) at shutdown. Default: no tracing.
     """
     served = served_model_name or engine.model_name
-    server = _Server(engine, served, labels, engine_kind, manage_engine)
+    server = _Server(engine, served, labels, engine_kind, manage_engine, tracer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

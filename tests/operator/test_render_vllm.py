@@ -121,6 +121,8 @@ def test_rdma_resource_name_and_count_are_configurable_and_auto_requests_no_devi
     ("baton", "prefill.extraArgs", ["--kv-port=1"], "--kv-port"),
     ("baton", "engine.args", ["--served-model-name", "x"], "--served-model-name"),
     ("baton", "engine.args", ["--llmservice", "x"], "--llmservice"),
+    ("vllm", "engine.args", ["--otlp-traces-endpoint=http://c:4318"], "--otlp-traces-endpoint"),
+    ("baton", "decode.extraArgs", ["--otlp-traces-endpoint", "http://c"], "--otlp-traces-endpoint"),
 ])
 def test_args_that_override_the_launch_contract_are_refused(engine, field, args, flag) -> None:
     role, _, key = field.partition(".")

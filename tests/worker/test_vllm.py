@@ -205,6 +205,7 @@ for argv in json.load(sys.stdin):
     engine = AsyncEngineArgs.from_cli_args(args)
     kv = engine.kv_transfer_config
     out.append({"model": args.model, "host": args.host, "port": args.port,
+                "otlp_traces_endpoint": engine.otlp_traces_endpoint,
                 "served_model_name": engine.served_model_name,
                 "tensor_parallel_size": engine.tensor_parallel_size, "max_model_len": engine.max_model_len,
                 "kv": None if kv is None else {"kv_connector": kv.kv_connector, "kv_role": kv.kv_role,
@@ -255,6 +256,25 @@ def test_rendered_vllm_argv_parses_with_vllms_own_parser(tmp_path):
         assert proc.env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_PORT] == str(proc.kv_port)
     ports = [p.kv_port for p in local.workers]
     assert len(set(ports)) == len(ports), "every vLLM instance needs its own NIXL side-channel port"
+
+
+def test_vllms_parser_takes_the_traces_endpoint():
+    """spec.observability.otlpEndpoint renders `--otlp-traces-endpoint` on vLLM's command line (pods and `baton
+    up`); vLLM's own parser takes it, so its spans join the router's trace (the protocol variable is
+    checked in tests/test_launch_contract.py)."""
+    import yaml
+    from baton.operator.render import render
+
+    body = next(d for d in yaml.safe_load_all((REPO / "examples" / "llama-disagg.yaml").read_text())
+                if isinstance(d, dict) and d.get("kind") == "LLMService")
+    body.setdefault("metadata", {}).setdefault("namespace", "ns")
+    body["spec"]["observability"] = {"otlpEndpoint": "http://otel.observability:4318"}
+    argvs = [[*c["command"], *c["args"]][len(launch.VLLM_COMMAND):]
+             for m in render(body) if m["kind"] == "Deployment"
+             for c in m["spec"]["template"]["spec"]["containers"] if c["command"][:2] == list(launch.VLLM_COMMAND)]
+    assert len(argvs) == 2
+    parsed = _vllm_parse(argvs)
+    assert [p["otlp_traces_endpoint"] for p in parsed] == ["http://otel.observability:4318/v1/traces"] * 2
 
 
 # ------------------------------------------------------------------------------------------ the running fleet

@@ -243,6 +243,11 @@ class BatonEngine:
 
         return itself().__await__()
 
+    def on_kv_exported(self, callback: Callable[[str, float, float], None] | None) -> None:
+        """Have `callback(lease_id, pull started, pull done)` (time.monotonic()) called when a transport has
+        shipped a lease, from the transport's thread: the HTTP server's `kv_export` trace spans."""
+        self.core.leases.on_exported = callback
+
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._loop_task is not None:

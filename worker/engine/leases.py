@@ -21,6 +21,9 @@ class LeaseTable:
         self._done: list[str] = []  # released (pulled) leases whose blocks the engine thread must free
         self._lock = threading.Lock()
         self._on_release = on_release  # wakes the engine loop
+        #: (lease id, first pull's start, now) once a transport has shipped a lease (time.monotonic()): the
+        #: prefill worker's `kv_export` trace span (`worker/request_trace.py`); None unless tracing is on
+        self.on_exported: Callable[[str, float, float], None] | None = None
         self.expired_total = 0
         self.released_total = 0
 
@@ -41,9 +44,12 @@ class LeaseTable:
             if lease.expires_at <= time.monotonic() and not lease.pinned:
                 raise KVTransferFailed(f"KV lease {lease_id!r} expired")
             lease.pinned += 1
+            if lease.pull_started is None:
+                lease.pull_started = time.monotonic()
             return lease
 
     def release(self, lease_id: str, completed: bool = True) -> None:
+        exported = None
         with self._lock:
             lease = self._leases.get(lease_id)
             if lease is None:
@@ -52,6 +58,9 @@ class LeaseTable:
                 lease.pinned -= 1
             if completed and lease_id not in self._done:
                 self._done.append(lease_id)
+                exported = lease.pull_started
+        if exported is not None and self.on_exported is not None:
+            self.on_exported(lease_id, exported, time.monotonic())
         if completed and self._on_release is not None:
             self._on_release()
 

@@ -112,13 +112,15 @@ class Sequence:
             self.scheduled_at = time.monotonic()
         self._status = value
 
-    def first_token_timings(self) -> dict[str, float] | None:
+    def first_token_timings(self, now: float | None = None) -> dict[str, float] | None:
         """What the first token waited for and cost, in seconds by Server-Timing name (`baton.launch.Timing`):
-        the queue, then the prompt's forward or the KV import. The router splits its TTFT with them."""
+        the queue, then the prompt's forward or the KV import, until `now` (default: this instant). The router
+        splits its TTFT with them."""
         if self.scheduled_at is None:
             return None
+        now = time.monotonic() if now is None else now
         work = Timing.KV_IMPORT if self.mode is Mode.IMPORT else Timing.PREFILL
-        return {Timing.QUEUE: self.scheduled_at - self.arrival, work: time.monotonic() - self.scheduled_at}
+        return {Timing.QUEUE: self.scheduled_at - self.arrival, work: now - self.scheduled_at}
 
     @property
     def num_tokens(self) -> int:
@@ -165,9 +167,11 @@ class Sequence:
             self.emitted = max(self.emitted, end)
         if finish is not None:
             self.finish_reason = finish
+        now = time.monotonic() if n_out == 1 else None
         return StepOutput(self.request_id, [token], delta, finish is not None, finish,
                           len(self.prompt_ids), n_out, logprobs=None if logprob is None else [logprob],
-                          timings=self.first_token_timings() if n_out == 1 else None)
+                          timings=self.first_token_timings(now) if now is not None else None,
+                          first_token_at=now if self.scheduled_at is not None else None)
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""

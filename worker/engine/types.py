@@ -134,6 +134,9 @@ class StepOutput:
     #: on the output carrying the first token: seconds by `baton.launch.Timing` name (queue, then prefill or
     #: kv_import), what the HTTP server reports as Server-Timing (the router's TTFT stages)
     timings: dict[str, float] | None = None
+    #: with `timings`: when the first token existed (time.monotonic()), the instant they were measured to, so a
+    #: trace's queue / prefill / kv_import spans (`worker/request_trace.py`) last exactly what Server-Timing says
+    first_token_at: float | None = None
 
 
 @dataclass

@@ -78,6 +78,7 @@ class KVLease:
     num_tokens: int  # tokens whose K/V the blocks hold (the prompt)
     expires_at: float  # time.monotonic()
     pinned: int = 0  # transfers in progress; a pinned lease does not expire
+    pull_started: float | None = None  # time.monotonic() of the first pull (the `kv_export` span's start)
 
 
 @dataclass

@@ -51,6 +51,7 @@ import uuid
 
 import aiohttp
 from aiohttp import web
+from baton.worker.router import spans
 from baton.worker.router.config import DEFAULT_WORKER_WAIT, RouterConfig  # noqa: F401 - re-exported
 from baton.worker.router.discovery import KubernetesDiscovery
 from baton.worker.router.hops import (
@@ -77,6 +78,7 @@ from baton.worker.router.request import (
     strip_kv_params,
 )
 from baton.worker.router.stages import Hop, ttft_stages
+from baton.worker.tracing import tracer_for
 
 from baton.launch import ErrorCode, Header, parse_server_timing
 
@@ -102,6 +104,8 @@ class Router:
         }
         self.prefix_aware = isinstance(self.policy["prefill"], PrefixAware)
         self.tpot_window = TPOTWindow(config.headroom_window)  # the `whenHeadroom` evidence
+        # OpenTelemetry traces (`spans.py`): a no-op tracer unless an endpoint is configured
+        self.tracer = tracer_for(config.otlp_traces_endpoint, "router", config.llmservice, config.metrics_namespace)
         self.session: aiohttp.ClientSession | None = None
         self.checker: HealthChecker | None = None
         self.discovery: KubernetesDiscovery | None = None
@@ -128,7 +132,8 @@ class Router:
         )
         self.upstream = Upstream(self.session, cfg.hop_timeout, cfg.stream_idle_timeout)
         self.prefill_tier = PrefillTier(self.pool, self.policy["prefill"], self.upstream, self.metrics,
-                                        self.tpot_window, cfg.prefill_failure, announce=cfg.kv_announce)
+                                        self.tpot_window, cfg.prefill_failure, announce=cfg.kv_announce,
+                                        tracer=self.tracer)
         for role in ("prefill", "decode", "both"):
             urls = getattr(cfg, role)
             self.pool.set_urls(role, urls)
@@ -157,6 +162,7 @@ class Router:
             await self.checker.stop()
         if self.session is not None:
             await self.session.close()
+        await asyncio.to_thread(self.tracer.shutdown)  # the spans still batched go out now
 
     # --------------------------------------------------------------------------------------- handlers
 
@@ -196,6 +202,7 @@ class Router:
 
     async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
         req = RequestState()
+        spans.start_request(self.tracer, req, request.headers, path)
         try:
             return await self._handle(request, path, req)
         except asyncio.CancelledError:
@@ -208,6 +215,7 @@ class Router:
             return error_json("internal router error", status=500, type="internal_server_error")
         finally:
             self._record(req)
+            spans.end_request(self.tracer, req)
 
     def _record(self, req: RequestState) -> None:
         if not req.recorded:
@@ -229,6 +237,7 @@ class Router:
             log.debug("dropped client-supplied KV transfer parameters on %s", path)
             body, raw = clean, compact_json(clean)
         rid = (request.headers.get(REQUEST_ID) or "").strip() or uuid.uuid4().hex
+        req.request_id = rid
         headers = {"Content-Type": "application/json", REQUEST_ID: rid}
         auth = request.headers.get("Authorization")
         if auth:
@@ -307,7 +316,7 @@ class Router:
             if attempt:
                 self.metrics.retry(role)
             try:
-                return await self._send(request, ep, role, path, data, headers, stream, req, recompute)
+                return await self._send(request, ep, role, path, data, headers, stream, req, recompute, attempt)
             except HopFailed as hop:
                 last = hop
                 self.metrics.hop_error(role, hop.reason)
@@ -333,12 +342,27 @@ class Router:
                           code="upstream_failed")
 
     async def _send(self, request: web.Request, ep: Endpoint, role: str, path: str, data: bytes,
-                    headers: dict, stream: bool, req: RequestState, recompute: bool) -> web.StreamResponse:
-        """One attempt at the last hop. Raises HopFailed while nothing reached the client."""
+                    headers: dict, stream: bool, req: RequestState, recompute: bool, attempt: int = 0
+                    ) -> web.StreamResponse:
+        """One attempt at the last hop (its own span). Raises HopFailed while nothing reached the client."""
+        sent = time.monotonic()
+        span = spans.start_hop(self.tracer, req, role, ep.url, sent, attempt)
+        error: str | None = None
+        try:
+            return await self._send_once(request, ep, role, path, data, self.tracer.inject(span, headers), stream,
+                                         req, recompute, sent)
+        except HopFailed as hop:
+            error = f"{hop.reason}: {hop.message}"
+            raise
+        finally:
+            self.tracer.finish(span, error=error)
+
+    async def _send_once(self, request: web.Request, ep: Endpoint, role: str, path: str, data: bytes,
+                         headers: dict, stream: bool, req: RequestState, recompute: bool, sent: float
+                         ) -> web.StreamResponse:
         ep.acquire()
         resp: aiohttp.ClientResponse | None = None
         try:
-            sent = time.monotonic()
             try:
                 resp = await self.upstream.post(ep.url + path, data, headers)
             except UPSTREAM_ERRORS as exc:
@@ -451,9 +475,11 @@ class Router:
         return out
 
     def _first_token(self, req: RequestState, ttft: float) -> None:
-        """TTFT, and its stages from the hops' Server-Timing (`stages.py`)."""
+        """TTFT, and its stages from the hops' Server-Timing (`stages.py`); the same on the request's span."""
         self.metrics.ttft.observe(ttft)
-        self.metrics.observe_stages(ttft_stages(ttft, req.prefill_hop, req.decode_hop))
+        stages = ttft_stages(ttft, req.prefill_hop, req.decode_hop)
+        self.metrics.observe_stages(stages)
+        spans.first_token(self.tracer, req, ttft, stages)
 
     def _finished(self, req: RequestState, recompute: bool) -> None:
         req.finished = True

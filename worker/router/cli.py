@@ -29,6 +29,7 @@ from baton.worker.router.prefill_failure import (
     HEADROOM_WINDOW,
     REOPEN_FRACTION,
 )
+from baton.worker.tracing import add_tracing_flag
 
 from baton import launch
 from baton.launch import RECOMPUTE_MODES, Flag
@@ -105,6 +106,7 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help=f"prompt characters hashed by prefix-aware (default {DEFAULT_PREFIX_CHARS})")
     p.add_argument("--llmservice", default=os.environ.get("BATON_LLMSERVICE", ""),
                    help="`llmservice` metric label (default: env BATON_LLMSERVICE)")
+    add_tracing_flag(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_router)
 
@@ -168,6 +170,11 @@ def build_config(args: argparse.Namespace):
         raise CommandError(f"{Flag.TPOT_SLO} must be positive (seconds)")
     prefill_failure = PrefillFailurePolicy(retries=args.prefill_retries, recompute=args.prefill_recompute,
                                            retry_after=args.prefill_retry_after, tpot_slo=args.tpot_slo)
+    if args.otlp_traces_endpoint:
+        try:
+            launch.otlp_traces_url(args.otlp_traces_endpoint)
+        except ValueError as exc:
+            raise CommandError(f"{Flag.OTLP_TRACES_ENDPOINT}: {exc}") from None
     namespace = args.namespace
     if namespace is None:
         namespace = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.is_file() else "default"
@@ -180,6 +187,7 @@ def build_config(args: argparse.Namespace):
         max_attempts=args.max_attempts, prefix_chars=args.prefix_chars, llmservice=args.llmservice,
         metrics_namespace=os.environ.get("BATON_NAMESPACE") or (namespace if any(services) else ""),
         prefill_failure=prefill_failure, kv_announce=args.kv_announce,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
     )
 
 

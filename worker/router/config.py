@@ -45,6 +45,7 @@ class RouterConfig:
     prefill_failure: PrefillFailurePolicy = field(default_factory=PrefillFailurePolicy)
     headroom_window: float = HEADROOM_WINDOW  # seconds of TPOTs the `whenHeadroom` decision reads
     kv_announce: bool = False  # ask Baton prefill workers to announce the KV before the prefill ends (announce.py)
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry traces (OTLP/HTTP, `tracing.py`); None: no tracing
 
     def services(self) -> dict[str, str]:
         return {

@@ -38,7 +38,9 @@ from baton.worker.router.prefill_failure import (
     decide,
 )
 from baton.worker.router.request import KV_PARAMS, RequestState, compact_json
+from baton.worker.router.spans import start_hop
 from baton.worker.router.stages import Hop
+from baton.worker.tracing import NO_TRACER, Tracer
 
 from baton.launch import KV_ANNOUNCE, RECOMPUTE_NEVER, Header, parse_server_timing
 
@@ -51,7 +53,8 @@ class PrefillTier:
     """Sends prefill hops and applies the prefill-failure policy; one per router."""
 
     def __init__(self, pool: Pool, policy: Policy, upstream: Upstream, metrics: RouterMetrics,
-                 tpot_window: TPOTWindow, failure_policy: PrefillFailurePolicy, *, announce: bool) -> None:
+                 tpot_window: TPOTWindow, failure_policy: PrefillFailurePolicy, *, announce: bool,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.pool = pool
         self.policy = policy
         self.upstream = upstream
@@ -61,6 +64,7 @@ class PrefillTier:
         self.failure_policy = failure_policy
         self.announce = announce  # stream the hop: the KV is announced before the prefill ends
         self._drains: set[asyncio.Task] = set()  # announced prefill streams still being read to their end
+        self.tracer = tracer  # a span per prefill hop (`spans.py`)
 
     def stop(self) -> None:
         for task in list(self._drains):
@@ -95,7 +99,10 @@ class PrefillTier:
                 self.metrics.retry("prefill")
             ep = self.policy.choose(candidates, key)
             sent = time.monotonic()
-            kv, early, timings = await self._hop(ep, path, data, headers)
+            span = start_hop(self.tracer, req, "prefill", ep.url, sent, len(tried))
+            kv, early, timings = await self._hop(ep, path, data, self.tracer.inject(span, headers))
+            self.tracer.finish(span, error=None if kv is not None or early is not None
+                               else "no kv_transfer_params (the hop failed)")
             if early is not None:
                 return None, early
             if kv is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from baton.worker.router.stages import Hop
 
@@ -77,7 +78,7 @@ def sse_payloads(events: bytes) -> Iterator[bytes]:
 
 class RequestState:
     __slots__ = ("arrival", "decode_hop", "done", "error", "finished", "first_at", "kv_from", "outcome",
-                 "prefill_hop", "recorded", "tokens", "usage_tokens")
+                 "prefill_hop", "recorded", "request_id", "span", "tokens", "usage_tokens")
 
     def __init__(self) -> None:
         self.arrival = time.monotonic()
@@ -92,6 +93,8 @@ class RequestState:
         self.prefill_hop: Hop | None = None  # the prefill hop that produced the KV (TTFT stages)
         self.kv_from: str | None = None  # that prefill worker's KV-layout fingerprint (None: unknown; pairing.py)
         self.decode_hop: Hop | None = None  # the last hop's attempt that answered 200
+        self.request_id: str | None = None  # X-Request-Id of both hops
+        self.span: Any = None  # the request's trace span (`spans.py`); None when tracing is off
 
     def scan(self, data: bytes) -> None:
         """Look at complete SSE events (for TTFT/TPOT and the outcome); never changes them."""

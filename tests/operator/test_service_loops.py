@@ -115,7 +115,7 @@ def test_the_handlers_ask_kopf_for_no_finalizer():
     """The point of service_loops: kopf adds its finalizer to an LLMService for a timer, a daemon or a
     non-optional deletion handler (`requires_finalizer`); none of Baton's handlers may be one."""
     import kopf
-    from baton.operator import handlers  # noqa: F401 - registers the handlers
+    from baton.operator import handlers
 
     registry = kopf.get_default_registry()
     mine = [h for reg in (registry._spawning, registry._changing) for h in reg._handlers

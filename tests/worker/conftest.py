@@ -1,7 +1,10 @@
 """Fixtures for the engine tests: tiny random models created offline once per session."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +70,34 @@ async def engine(tiny_model_dir):
     await eng.start()
     yield eng
     await eng.stop()
+
+
+def hf_greedy_reference(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """HF transformers' greedy tokens (fp32, no EOS stop) for a real model's prompts -- the reference the Baton
+    engine (tests/worker/test_gguf_import.py) and vLLM (tests/worker/test_vllm.py) are held to -- computed once per
+    model and code, not once per test process: on CI's 2 loaded cores SmolLM2's 5 x 64 tokens take minutes, and
+    the unit and vLLM phases both need them. Cached under `$BATON_CACHE/test-references/`, keyed by the weights'
+    sha256, the transformers and torch versions, the prompt ids and the token count (any change recomputes)."""
+    import transformers
+
+    weights = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                weights.update(chunk)
+    key = hashlib.sha256(json.dumps([weights.hexdigest(), transformers.__version__, torch.__version__, prompts,
+                                     new_tokens]).encode()).hexdigest()[:32]
+    from baton.worker.smollm2 import cache_root
+
+    cached = cache_root().parent / "test-references" / f"hf-greedy-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = [hf_greedy(hf, p, new_tokens) for p in prompts]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(tokens))
+    os.replace(tmp, cached)  # two processes at once: both compute, either file is the same answer
+    return tokens

@@ -24,7 +24,7 @@ import torch
 from baton.worker.gguf_import import clean_config, convert_gguf
 from baton.worker.model_fetch import FetchError, fetch_model, hub_url
 
-from .conftest import hf_greedy
+from .conftest import hf_greedy_reference
 from .test_engine import GREEDY, collect, req
 
 
@@ -357,12 +357,10 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smollm2_hf_greedy(smollm2):
     from baton.worker.engine.tokenizer import HFTokenizer
-    from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     tok = HFTokenizer(smollm2)
     prompts = [tok.encode(p) for p in PROMPTS]
-    return prompts, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    return prompts, hf_greedy_reference(smollm2, prompts, NEW_TOKENS)
 
 
 @pytest.mark.slow

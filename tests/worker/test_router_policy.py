@@ -3,7 +3,6 @@ discovery against a fake API, and the CLI's configuration checks (no servers, no
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 from collections import Counter
@@ -186,15 +185,14 @@ def test_kubernetes_discovery_follows_endpoints():
 
 
 def _args(**kw):
-    base = {"policy": "least-loaded", "host": "0.0.0.0", "port": 8080, "prefill": [], "decode": [], "both": [],
-                "prefill_service": None, "decode_service": None, "both_service": None, "namespace": None,
-                "discovery_interval": 2.0, "health_interval": 2.0, "health_path": "/ready",
-                "connect_timeout": 5.0, "max_attempts": 3,
-                "hop_timeout": 60.0, "stream_idle_timeout": 60.0, "worker_wait": 60.0,
-                "prefix_chars": 256, "llmservice": "", "log_level": "info",
-                "prefill_retries": 1, "prefill_recompute": "whenHeadroom", "prefill_retry_after": 5, "tpot_slo": None, "kv_announce": False}
-    base.update(kw)
-    return argparse.Namespace(**base)
+    """`baton router`'s own parsed defaults (so a new flag never leaves this test behind), then `kw`."""
+    from baton.cli import build_parser
+
+    args = build_parser().parse_args(["router"])
+    for key, value in kw.items():
+        assert hasattr(args, key), f"baton router has no option {key!r}"
+        setattr(args, key, value)
+    return args
 
 
 def test_cli_config(monkeypatch):

@@ -144,6 +144,10 @@ def _rootfs_path(uri: str) -> Path:
     return images_dir() / f"rootfs-{SUITE}-{_key(SUITE, *BASE_PACKAGES, uri)}"
 
 
+def _rootfs_ready(rootfs: Path) -> bool:
+    return (rootfs / "usr" / "bin" / "python3").exists()
+
+
 def _base_ref(rootfs: Path) -> str:
     return f"{BASE_REPO}:3.11-{SUITE}-{rootfs.name.rsplit('-', 1)[1]}"
 
@@ -152,7 +156,7 @@ def base_rootfs(log: Log = _default_log) -> Path:
     """Debian bookworm minbase + Python 3.11 (debootstrap, cached; about 75 s the first time)."""
     uri = mirror()
     out = _rootfs_path(uri)
-    if (out / "usr" / "bin" / "python3").exists():
+    if _rootfs_ready(out):
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,12 +211,18 @@ def base_image(log: Log = _default_log) -> str:
 # torch wheel, build context hash
 
 
+def _cached_torch_wheels() -> Path | None:
+    out = images_dir() / "wheels"
+    return out if list(out.glob("torch-*.whl")) else None
+
+
 def torch_wheels(log: Log = _default_log) -> Path:
     """The torch wheel that ``constraints.txt`` pins, as pip resolves it on this machine (its configured local
     wheel folder holds the CPU build), copied into a folder of its own for a read-only mount."""
-    out = images_dir() / "wheels"
-    if list(out.glob("torch-*.whl")):
+    out = _cached_torch_wheels()
+    if out is not None:
         return out
+    out = images_dir() / "wheels"
     out.mkdir(parents=True, exist_ok=True)
     log("locating the pinned torch CPU wheel with pip...")
     _run(
@@ -320,9 +330,9 @@ def _built(name: str, dockerfile: Path, root: Path) -> ImageArchive | None:
     nothing is built, so no lock is needed); else None."""
     rootfs = _rootfs_path(mirror())
     base = _base_ref(rootfs)
-    if not (rootfs / "usr" / "bin" / "python3").exists() or not _image_exists(base):
+    if not _rootfs_ready(rootfs) or not _image_exists(base):
         return None
-    if name in TORCH_IMAGES and not list((images_dir() / "wheels").glob("torch-*.whl")):
+    if name in TORCH_IMAGES and _cached_torch_wheels() is None:
         return None
     ref, archive, _ = _target(name, dockerfile, root, base, _default_log)
     return ImageArchive(ref, archive) if archive.exists() else None

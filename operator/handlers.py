@@ -149,7 +149,7 @@ async def llmservice_deleted(name: str, namespace: str, memo: kopf.Memo, logger:
     logger.info(f"{namespace}/{name} deleted; its children are garbage-collected through owner references")
 
 
-async def _resync(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, stopped: StopFlag) -> None:
+async def _resync(memo: kopf.Memo, namespace: str, name: str, service_memo: dict, stopped: StopFlag) -> None:
     """The safety net: a reconcile every RESYNC_SECONDS even if a watch event was missed."""
     while not await stopped.wait(RESYNC_SECONDS):
         _reconciler(memo).kick(namespace, name)
@@ -167,7 +167,7 @@ def _emitter(namespace: str, name: str, service_memo: dict) -> autoscaler.EventS
     return emit
 
 
-async def _autoscale(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, stopped: StopFlag) -> None:
+async def _autoscale(memo: kopf.Memo, namespace: str, name: str, service_memo: dict, stopped: StopFlag) -> None:
     """The SLO autoscaler (see `autoscaler`), ticking every `spec.autoscaling.interval`."""
     reconciler = _reconciler(memo)
     await autoscaler.run(reconciler.kube, lambda: reconciler.lock(namespace, name), namespace, name,
@@ -176,7 +176,7 @@ async def _autoscale(namespace: str, name: str, memo: kopf.Memo, service_memo: d
         service_memo.pop("autoscaler", None)  # clears status.autoscaler)
 
 
-async def _plan(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, stopped: StopFlag) -> None:
+async def _plan(memo: kopf.Memo, namespace: str, name: str, service_memo: dict, stopped: StopFlag) -> None:
     """The online planner (spec.planner, see planner/online.py)."""
     reconciler = _reconciler(memo)
     if "planner" not in service_memo:
@@ -189,12 +189,8 @@ async def _plan(namespace: str, name: str, memo: kopf.Memo, service_memo: dict, 
 def _loops(memo: kopf.Memo) -> ServiceLoops:
     if "loops" not in memo:
         loops = {"resync": _resync, "autoscaler": _autoscale, "planner": _plan}
-        memo["loops"] = ServiceLoops({k: functools.partial(_bind, fn, memo) for k, fn in loops.items()})
+        memo["loops"] = ServiceLoops({k: functools.partial(fn, memo) for k, fn in loops.items()})
     return memo["loops"]
-
-
-async def _bind(fn: Any, memo: kopf.Memo, namespace: str, name: str, service_memo: dict, stopped: StopFlag) -> None:
-    await fn(namespace, name, memo, service_memo, stopped)
 
 
 def wanted_loops(spec: dict) -> set[str]:

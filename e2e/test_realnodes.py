@@ -441,15 +441,17 @@ class Load:
     Every answer must be whole (`complete`): finish_reason `length` with all MAX_TOKENS tokens, or `stop`. An
     empty text is not by itself wrong -- the random tiny model's greedy answer can be special tokens only --
     so an empty answer is checked against the colocated greedy answer to the same prompt (`Reference`, from
-    `model_dir`): equal, it counts as ok (`empty_ok`); otherwise text was lost on the way, a failure."""
+    `model_dir`): equal, it counts as ok (`empty_ok`); otherwise text was lost on the way, a failure. Without
+    `model_dir` (a real model, e.g. SmolLM2, `model` its served name) every empty answer is a failure."""
 
     MAX_TOKENS = 16
 
     def __init__(self, base_url: str, threads: int = 3, max_seconds: float = 900, max_requests: int = 20000,
-                 model_dir: Path | None = None):
+                 model_dir: Path | None = None, model: str = MODEL_NAME, prompts: tuple[str, ...] = tuple(PROMPTS)):
         import threading
 
         self.base_url, self.threads = base_url, threads
+        self.model, self.prompts = model, prompts
         self.deadline = time.monotonic() + max_seconds
         self.max_requests = max_requests
         self.reference = Reference(model_dir, self.MAX_TOKENS) if model_dir is not None else None
@@ -464,7 +466,7 @@ class Load:
         """One greedy completion; AssertionError for an answer that is not whole or lost its text."""
         if stream:
             text, finish, tokens = "", None, None
-            for ch in client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=self.MAX_TOKENS,
+            for ch in client.completions.create(model=self.model, prompt=prompt, max_tokens=self.MAX_TOKENS,
                                                 temperature=0, stream=True, stream_options={"include_usage": True}):
                 if ch.choices:
                     text += ch.choices[0].text
@@ -472,7 +474,7 @@ class Load:
                 if ch.usage is not None:
                     tokens = ch.usage.completion_tokens
         else:
-            r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=self.MAX_TOKENS,
+            r = client.completions.create(model=self.model, prompt=prompt, max_tokens=self.MAX_TOKENS,
                                           temperature=0)
             text, finish, tokens = r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
         how = f"{'streamed' if stream else 'plain'} answer to {prompt!r}: finish_reason {finish}, {tokens} tokens"
@@ -496,7 +498,7 @@ class Load:
                 if self.ok + len(self.failed) >= self.max_requests:
                     return
             n += 1
-            prompt = f"{PROMPTS[n % len(PROMPTS)]} {i} {n}"
+            prompt = f"{self.prompts[n % len(self.prompts)]} {i} {n}"
             try:
                 self.complete(client, prompt, stream=bool(n % 2))
                 with self._lock:

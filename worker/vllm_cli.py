@@ -7,6 +7,9 @@ way vLLM's own platform detection expects it (`vllm_version_matches_substr`: "<v
 "+cpu" vLLM misses its CPU platform and loads the AVX-512 kernels: SIGILL on an AVX2 machine).
 
     python vllm_cli.py serve MODEL --port 8000 ...
+
+Every `serve` also gets `--middleware vllm_kv_layout.KVLayoutHeader` (the worker's KV-layout fingerprint on its
+answers, for the router's pairing; `vllm_kv_layout.py`).
 """
 import sys
 from importlib import metadata
@@ -27,8 +30,21 @@ if __name__ in ("__main__", "__mp_main__"):  # run as the script, or re-imported
     metadata.version = version
 
 
+#: `vllm_kv_layout.MIDDLEWARE` (this file imports nothing before vLLM's own CLI parses; a unit test keeps them equal)
+KV_LAYOUT_MIDDLEWARE = "vllm_kv_layout.KVLayoutHeader"
+
+
+def with_kv_layout_header(argv: list[str]) -> list[str]:
+    """`vllm serve ...` with the middleware that reports the worker's KV-layout fingerprint on every answer
+    (`vllm_kv_layout.py`, beside this file and so importable), unless it is already there. Pure."""
+    if len(argv) < 2 or argv[1] != "serve" or KV_LAYOUT_MIDDLEWARE in argv:
+        return list(argv)
+    return [*argv, "--middleware", KV_LAYOUT_MIDDLEWARE]
+
+
 def main() -> int:
     sys.argv[0] = "vllm"
+    sys.argv[:] = with_kv_layout_header(sys.argv)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     return vllm_main()

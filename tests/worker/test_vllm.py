@@ -301,6 +301,25 @@ def test_nixl_really_moved_the_kv_cache(fleets):
     assert failed == 0 or fallbacks >= failed, f"{failed} NIXL transfers failed, {fallbacks} recomputed: {why}"
 
 
+def test_vllm_workers_report_their_kv_layout_and_the_router_pairs_by_it(fleets):
+    """Each vLLM worker's answers carry its KV-layout fingerprint (worker/vllm_kv_layout.py, added by vllm_cli.py
+    to every `vllm serve`): prefill, decode and the colocated worker run one layout, so one fingerprint; the
+    router reads it from /health and counts its hand-offs as between equal layouts, none as unknown or crossed.
+    (Before the prefill-kill test below: it needs the prefill worker.)"""
+    disagg, colo = fleets
+    seen = {}
+    for fleet in (disagg, colo):
+        for proc in fleet.plan.workers:
+            r = httpx.get(proc.url + launch.probes(launch.ENGINE_VLLM).readiness, timeout=10)
+            assert r.status_code == 200
+            seen[proc.name] = r.headers.get(launch.Header.KV_FINGERPRINT)
+    assert len(set(seen.values())) == 1 and next(iter(seen.values())).startswith("kv1-"), seen
+    _complete(disagg, PROMPTS[1])
+    router = _metrics(disagg.plan.router.url)
+    same, unknown, cross = (_sum(router, "baton_router_kv_handoffs_total", match=m) for m in launch.KV_HANDOFF_MATCHES)
+    assert same >= 1 and unknown == 0 and cross == 0, (same, unknown, cross)
+
+
 def test_prefill_killed_mid_load_fails_no_request(fleets):
     """SIGKILL the prefill worker (its whole process group) while requests run: every request still answers,
     with the colocated worker's tokens (decode recomputes: the router's fallback)."""

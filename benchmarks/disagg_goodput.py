@@ -131,7 +131,8 @@ def _passes_top(rs: list[dict], top: float, args) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="existing model directory (default: create one)")
-    ap.add_argument("--size", choices=("tiny", "100m"), default="tiny")
+    ap.add_argument("--size", choices=("tiny", "100m", "smollm2"), default="tiny",
+                    help="the model: random tiny/100m Llama, or the real SmolLM2-135M-Instruct (cached)")
     ap.add_argument("--rates", default=None, help="request rates to sweep (req/s; default 8,12,...,40)")
     ap.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 60)")
     ap.add_argument("--input-len", default="uniform:512:896",
@@ -166,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="baton-goodput-") as tmp:
         work = Path(tmp)
-        model = Path(args.model_dir) if args.model_dir else work / f"model-{args.size}"
-        if not args.model_dir:
-            subprocess.run([*BATON, "model", "tiny", str(model), "--size", args.size], check=True,
-                           capture_output=True, env=env)
+        if args.model_dir:
+            model = Path(args.model_dir)
+        else:
+            from baton.worker.tiny import ensure_benchmark_model
+
+            model = ensure_benchmark_model(args.size, work)
         spec = work / "service.yaml"
         spec.write_text(SPEC.format(model=model.resolve(), max_model_len=args.max_model_len, prefill=1, decode=1))
         # prefix caching off everywhere: this compares step shapes, and the synthetic prompts share no prefix

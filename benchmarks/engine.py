@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baton.worker.tiny import ensure_tiny_model
+    from baton.worker.tiny import ensure_benchmark_model
 
     max_tokens = args.max_tokens or (32 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -260,12 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     gemms = tuple(g.strip() for g in args.gemm.split(",")) if args.gemm else (None,)
     for size in models:
-        if size == "smollm2":
-            from baton.worker.smollm2 import ensure_smollm2
-
-            path = ensure_smollm2()
-        else:
-            path = ensure_tiny_model(base / size, size)
+        path = ensure_benchmark_model(size, base)
         for dt in dtypes:
             rows += _bench_model(path, size, batches, max_tokens, repeats, dt, gemms)
     if tmp:

@@ -99,7 +99,7 @@ async def _run(path: Path, prompt_len: int, repeats: int, seed: int) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=("tiny", "100m"), default="100m")
+    ap.add_argument("--size", choices=("tiny", "100m", "smollm2"), default="100m")
     ap.add_argument("--model-dir", default=None, help="existing model directory (default: create one)")
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (512)")
     ap.add_argument("--repeats", type=int, default=7)
@@ -109,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from baton.worker.tiny import ensure_tiny_model
+    from baton.worker.tiny import ensure_benchmark_model, ensure_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="baton-handoff-") as tmp:  # the model goes here without --model-dir
-        path = ensure_tiny_model(args.model_dir or Path(tmp) / args.size, args.size)
+        path = (ensure_tiny_model(args.model_dir, args.size) if args.model_dir
+                else ensure_benchmark_model(args.size, tmp))
         res = asyncio.run(_run(path, args.prompt, args.repeats, args.seed))
     nbytes = res.pop("bytes")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in res.items()}

@@ -67,7 +67,8 @@ def measure(layout: dict, args, model: Path, work: Path, env: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="existing model directory (default: create one)")
-    ap.add_argument("--size", choices=("tiny", "100m"), default="tiny")
+    ap.add_argument("--size", choices=("tiny", "100m", "smollm2"), default="tiny",
+                    help="the model: random tiny/100m Llama, or the real SmolLM2-135M-Instruct (cached)")
     ap.add_argument("--cores", type=int, default=None, help="cores to plan for (default: this machine's)")
     ap.add_argument("--input-len", default="uniform:512:896")
     ap.add_argument("--output-len", default="uniform:32:64")
@@ -85,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="baton-planner-") as tmp:
         work = Path(tmp)
-        model = Path(args.model_dir) if args.model_dir else work / f"model-{args.size}"
-        if not args.model_dir:
-            run([*BATON, "model", "tiny", str(model), "--size", args.size], env, "baton model tiny")
+        if args.model_dir:
+            model = Path(args.model_dir)
+        else:
+            from baton.worker.tiny import ensure_benchmark_model
+
+            model = ensure_benchmark_model(args.size, work)
         profile = work / "profile.json"
         print(f"--- baton profile ({model.name}, 1 thread)", flush=True)
         run([*BATON, "profile", "--model", str(model), "-o", str(profile), "--threads", "1", "--max-prompt",

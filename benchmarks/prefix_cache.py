@@ -60,7 +60,7 @@ async def _measure(path: Path, prefix_len: int, suffix_len: int, pairs: int, see
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,100m")
+    ap.add_argument("--models", default="tiny,100m", help="comma list of tiny,100m (random) and smollm2 (real)")
     ap.add_argument("--model-dir", default=None, help="directory holding (or receiving) tiny/ and 100m/ models")
     ap.add_argument("--prefix", type=int, default=400, help="shared prefix tokens (400)")
     ap.add_argument("--suffix", type=int, default=16, help="random tokens after it (16)")
@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from baton.worker.tiny import ensure_tiny_model
+    from baton.worker.tiny import ensure_benchmark_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="baton-prefix-") as tmp:  # models go here without --model-dir
         base = Path(args.model_dir or tmp)
         for size in [m.strip() for m in args.models.split(",") if m.strip()]:
-            path = ensure_tiny_model(base / size, size)
+            path = ensure_benchmark_model(size, base)
             r = asyncio.run(_measure(path, args.prefix, args.suffix, args.pairs, args.seed))
             rows.append((size, r))
             print(f"  {size}: cold {1000 * r['cold']:.1f} ms, warm {1000 * r['warm']:.1f} ms", file=sys.stderr,

@@ -107,6 +107,20 @@ def ensure_tiny_model(path: str | os.PathLike, size: str = "tiny") -> Path:
     return out
 
 
+#: what a benchmark's --size/--models may name: the random sizes it makes, or the real SmolLM2
+BENCHMARK_MODELS = ("tiny", "100m", "smollm2")
+
+
+def ensure_benchmark_model(name: str, base: str | os.PathLike) -> Path:
+    """A benchmark's model by name: `smollm2` is the real SmolLM2-135M-Instruct (from PyPI, converted once and
+    cached: `baton model smollm2`), `tiny`/`100m` a random Llama made under `base/name` (kept there for reuse)."""
+    if name == "smollm2":
+        from baton.worker.smollm2 import ensure_smollm2
+
+        return ensure_smollm2()
+    return ensure_tiny_model(Path(base) / name, name)
+
+
 def create_tiny_model(path: str | os.PathLike, *, size: str = "tiny", arch: str = "llama", seed: int = 0,
                       vocab_size: int | None = None, num_shards: int = 1) -> Path:
     """Write a random model + trained tokenizer to `path` and return it.

@@ -179,19 +179,45 @@ def _diagnostics(c) -> str:
     return "\n".join(parts)
 
 
+#: what the fleet fixture lays over the example: a real Prometheus and Baton's autoscaler on decode, with a TPOT
+#: SLO every decode step breaks (1 ms), so the autoscaler adds a decode pod as soon as requests flow -- while the
+#: first test runs -- and a prefill-failure policy that recomputes even without TPOT headroom (the last phase
+#: of the disruptions replaces the one prefill pod)
+def _autoscaled(body: dict, prometheus_url: str) -> dict:
+    spec = body["spec"]
+    spec["slo"] = {"ttft": "60s", "tpot": "1ms"}
+    spec["decode"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 2}
+    spec["prefill"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 1}
+    spec["autoscaling"] = {"enabled": True, "prometheusURL": prometheus_url, "interval": "3s"}
+    spec.setdefault("router", {})["prefillFailure"] = {"recompute": "always"}
+    return body
+
+
 @pytest.fixture(scope="module")
-def vllm_fleet(real_cluster, release, vllm_image, smollm2_model):
-    """The example's vLLM LLMService (prefill on real-0, decode on real-1) and one colocated vLLM pod beside it,
-    Ready; the namespace (and the GiBs its vLLM pods hold) goes when the module ends. The tests after the first
-    change the service (autoscaling, disruptions): the first one, which needs it as the example has it, runs
-    first."""
+def vllm_fleet(real_cluster, release, vllm_image, smollm2_model, tmp_path_factory):
+    """The example's vLLM LLMService (prefill on real-0, decode on real-1; autoscaled as `_autoscaled` says,
+    from a real Prometheus on the host that finds the pods through the apiserver) and one colocated vLLM pod
+    beside it, Ready. Yields (cluster, prometheus, when it was Ready). The namespace (and the GiBs its vLLM pods
+    hold) goes when the module ends.
+
+    vLLM pods start slowly on 2 loaded cores (minutes), so the module starts as few as it can: the decode pod
+    the autoscaler adds starts while the first test runs, and later phases do not wait for replacements they
+    do not use."""
+    from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
+    from baton.e2e.realnode import host_ip
+
     c = real_cluster
+    work = tmp_path_factory.mktemp("vllm-prometheus")
+    prom = LocalPrometheus(work, listen=host_ip(), scrape_interval="2s",
+                           kubernetes=KubernetesPods(c.api_client, work / "pods.json"))
+    prom.start()
     _k(c, "create", "namespace", NS, check=False)
     t0 = time.monotonic()
     try:
         _k(c, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                       "items": _colocated_manifest(vllm_image, smollm2_model)}))
-        _k(c, "apply", "-f", "-", input=yaml.safe_dump(_service_manifest(vllm_image, smollm2_model)))
+        _k(c, "apply", "-f", "-", input=yaml.safe_dump(
+            _autoscaled(_service_manifest(vllm_image, smollm2_model), prom.url)))
 
         def ready():
             obj = json.loads(_k(c, "get", "llmservice", NAME, "-n", NS, "-o", "json").stdout)
@@ -203,24 +229,44 @@ def vllm_fleet(real_cluster, release, vllm_image, smollm2_model):
         wait_for(f"LLMService {NAME} and the colocated vLLM pod Ready", ready, timeout=READY_TIMEOUT, interval=2,
                  diagnostics=lambda: _diagnostics(c))
         PHASE_TIMINGS["vLLM fleet + colocated pod Ready"] = time.monotonic() - t0
-        yield c
+        yield c, prom, time.monotonic()
     finally:
+        prom.stop()
         # the vLLM pods hold GiBs: gone before the next module (the grace period covers vLLM's drain)
         _k(c, "delete", "namespace", NS, "--wait=true", check=False, timeout=300)
 
 
+def _ready_role_pods(c, role: str) -> list[dict]:
+    return [p for p in _role_pods(c, role) if _ready(p)]
+
+
+def _decode_counters(c) -> dict[str, dict[str, float]]:
+    """{decode pod: its NIXL counters} of the Ready decode pods."""
+    out = {}
+    for pod in _ready_role_pods(c, "decode"):
+        text = _metrics(_pod_ip(pod))
+        out[pod["metadata"]["name"]] = {
+            "external": _sum(text, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
+            "bytes": _sum(text, "vllm:nixl_bytes_transferred_sum"),
+            "failed": _sum(text, "vllm:nixl_num_failed_transfers_total")}
+    return out
+
+
 def test_vllm_disaggregated_on_two_real_nodes_answers_like_one_colocated_vllm_pod(vllm_fleet, vllm_image):
-    c = vllm_fleet
+    """Through the router's ClusterIP, the official openai client gets the colocated vLLM pod's greedy answers,
+    and the decode pods' own counters show the prompts' KV came over NIXL from the prefill pod on the other node.
+    (The autoscaler may add a decode pod meanwhile: counters are summed over the Ready decode pods.)"""
+    c, _, _ = vllm_fleet
     (prefill,) = _live(c, f"app.kubernetes.io/instance={NAME},baton.dev/role=prefill")
-    (decode,) = _live(c, f"app.kubernetes.io/instance={NAME},baton.dev/role=decode")
+    decodes = _ready_role_pods(c, "decode")
     (colocated,) = _live(c, f"app={COLOCATED}")
     # two pods, two nodes, two addresses: the KV cache crosses pods over the pod network
-    assert (prefill["spec"]["nodeName"], decode["spec"]["nodeName"]) == ("real-0", "real-1")
-    assert _pod_ip(prefill) != _pod_ip(decode)
+    assert prefill["spec"]["nodeName"] == "real-0" and {d["spec"]["nodeName"] for d in decodes} == {"real-1"}
+    assert _pod_ip(prefill) not in {_pod_ip(d) for d in decodes}
     assert prefill["spec"]["containers"][0]["image"] == vllm_image
-    for pod in (prefill, decode, colocated):
+    for pod in (prefill, *decodes, colocated):
         _warm_up(_pod_ip(pod))
-    decode_before = _metrics(_pod_ip(decode))
+    before = _decode_counters(c)
 
     router_ip = _router_ip(c)
     t1 = time.monotonic()
@@ -231,21 +277,19 @@ def test_vllm_disaggregated_on_two_real_nodes_answers_like_one_colocated_vllm_po
     assert disagg == reference, f"disaggregated {disagg}\n!= colocated {reference}"
     assert "Paris" in disagg["completions"][0], disagg["completions"][0]
 
-    decode_after = _metrics(_pod_ip(decode))
-    external = (_sum(decode_after, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
-                - _sum(decode_before, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"))
-    nixl_bytes = (_sum(decode_after, "vllm:nixl_bytes_transferred_sum")
-                  - _sum(decode_before, "vllm:nixl_bytes_transferred_sum"))
-    failed = _sum(decode_after, "vllm:nixl_num_failed_transfers_total")
+    after = _decode_counters(c)
+    zero = {"external": 0.0, "bytes": 0.0, "failed": 0.0}
+    external, nixl_bytes, failed = (sum(after[p][k] - before.get(p, zero)[k] for p in after)
+                                    for k in ("external", "bytes", "failed"))
     router = _metrics_router(c)
     recomputed = _sum(router, "baton_router_requests_total", outcome="fallback_recompute")
     line = (f"vLLM on 2 real nodes: {3 * len(PROMPTS)} requests equal to one colocated vLLM pod; decode "
-            f"{_pod_ip(decode)} (real-1) got {external:.0f} prompt tokens over NIXL from prefill "
+            f"{', '.join(sorted(after))} (real-1) got {external:.0f} prompt tokens over NIXL from prefill "
             f"{_pod_ip(prefill)} (real-0), {nixl_bytes / 2**20:.2f} MiB; {failed:.0f} failed transfers, "
             f"{recomputed:.0f} router recomputes")
     _log(line)
     REPORT_LINES.append(line)
-    assert external > 0, "the decode pod computed every prompt itself: no KV came over NIXL"
+    assert external > 0, "the decode pods computed every prompt themselves: no KV came over NIXL"
     assert nixl_bytes > 0
     assert failed == 0 and recomputed == 0, line
 
@@ -299,119 +343,100 @@ def _layouts(c) -> dict[str, str | None]:
 LOAD_PROMPTS = ("The capital of France is", "A short poem about the sea:", "Kubernetes schedules pods onto")
 
 
-def test_vllm_fleet_scales_decode_on_its_tpot_and_fails_no_request_when_pods_go(vllm_fleet, smollm2_model, tmp_path):
+def test_vllm_fleet_scales_decode_on_its_tpot_and_fails_no_request_when_pods_go(vllm_fleet, smollm2_model):
     """A real Prometheus finds the vLLM pods through the apiserver and labels their series as the chart's
     PodMonitor does (llmservice, role); the operator's autoscaler reads it, sees the TPOT SLO broken and adds a
-    decode pod, which takes traffic. Then, under the same steady load: a decode pod deleted, decode scaled 2 -> 1,
-    a rolling update to another KV layout (`--block-size`: the router keeps old prefill with old decode and new
+    decode pod, which takes traffic. Then, under a steady load: a decode pod deleted, decode scaled 2 -> 1, a
+    rolling update to another KV layout (`--block-size`: the router keeps old prefill with old decode and new
     with new -- 0 hand-offs across layouts, counted by the router from the fingerprints the pods' answers
-    carry), the prefill pod deleted (decode recomputes until its replacement is Ready) -- 0 failed requests and
-    0 empty answers (an empty SmolLM2 answer counts as a failure unless HF's greedy answer is empty too),
-    numbers printed per phase."""
-    from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
-    from baton.e2e.realnode import host_ip
+    carry), the prefill pod deleted (decode recomputes meanwhile) -- 0 failed requests and 0 empty answers (an
+    empty SmolLM2 answer counts as a failure unless HF's greedy answer is empty too), numbers printed per phase.
+
+    Phases that delete a pod end once the pod is gone and the fleet has served requests without it: its
+    replacement (minutes to start a vLLM pod here) is not waited for -- the next phase's scale-down removes the
+    decode one, the module's end the prefill one."""
     from baton.e2e.test_realnodes import Load
 
-    c = vllm_fleet
+    c, prom, ready_at = vllm_fleet
     _k(c, "delete", "deployment", COLOCATED, "-n", NS, "--wait=false", check=False)  # its CPU, for new pods
-    prom = LocalPrometheus(tmp_path / "prometheus", listen=host_ip(), scrape_interval="2s",
-                           kubernetes=KubernetesPods(c.api_client, tmp_path / "prometheus" / "pods.json"))
-    prom.start()
     report: list[str] = []
-    try:
-        (old_router,) = _role_pods(c, "router")
-        _k(c, "patch", "llmservice", NAME, "-n", NS, "--type=merge", "-p", json.dumps({"spec": {
-            "slo": {"ttft": "60s", "tpot": "1ms"},  # every decode step breaks it: the autoscaler must add decode
-            "decode": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2}},
-            "prefill": {"autoscaling": {"minReplicas": 1, "maxReplicas": 1}},
-            "autoscaling": {"enabled": True, "prometheusURL": prom.url, "interval": "3s"},
-            # a 1 ms TPOT SLO leaves no headroom to recompute by: while the one prefill pod is replaced (the
-            # last phase), decode recomputes the prompts because the policy says always
-            "router": {"prefillFailure": {"recompute": "always"}},
-        }}))
-        # the router's arguments carry the SLO and the policy: it rolls (the load starts on the new one)
-        wait_for("the router to roll to the new SLO and see both workers",
-                 lambda: _settled(c, "router", 1, frozenset({old_router["metadata"]["name"]}))
-                 and router_sees(c, NAME, NS), timeout=300, interval=2, diagnostics=lambda: _diagnostics(c))
-        (first,) = _role_pods(c, "decode")
-        t0 = time.monotonic()
-        with Load(f"http://{_router_ip(c)}:80/v1", threads=2, max_seconds=2400, model_dir=smollm2_model,
-                  model=_served_name(), prompts=LOAD_PROMPTS) as load:
-            def phase(name: str, act, settle, timeout: float = READY_TIMEOUT) -> None:
-                ok0, failed0 = load.counts()
-                t1 = time.monotonic()
-                act()
-                wait_for(f"{name}: the fleet to settle", settle, timeout=timeout, interval=2,
-                         diagnostics=lambda: _diagnostics(c))
-                time.sleep(3)  # traffic on the settled fleet too
-                ok1, failed1 = load.counts()
-                report.append(f"{name}: {ok1 - ok0} ok, {failed1 - failed0} failed, settled in "
-                              f"{time.monotonic() - t1:.1f}s")
+    # one client: a steady load that leaves a core for the pods that start meanwhile
+    with Load(f"http://{_router_ip(c)}:80/v1", threads=1, max_seconds=2400, model_dir=smollm2_model,
+              model=_served_name(), prompts=LOAD_PROMPTS) as load:
+        def phase(name: str, act, settle, timeout: float = READY_TIMEOUT, served: int = 0) -> None:
+            """`act`, then wait for `settle` and for `served` more answers; counts printed."""
+            ok0, failed0 = load.counts()
+            t1 = time.monotonic()
+            act()
+            wait_for(f"{name}: the fleet to settle", lambda: settle() and load.counts()[0] >= ok0 + served,
+                     timeout=timeout, interval=2, diagnostics=lambda: _diagnostics(c))
+            time.sleep(3)  # traffic on the settled fleet too
+            ok1, failed1 = load.counts()
+            report.append(f"{name}: {ok1 - ok0} ok, {failed1 - failed0} failed, settled in "
+                          f"{time.monotonic() - t1:.1f}s")
 
-            selector = f'llmservice="{NAME}",namespace="{NS}"'
+        selector = f'llmservice="{NAME}",namespace="{NS}"'
 
-            def scraped() -> bool:  # vLLM's series, labelled from the pods as the PodMonitor labels them
-                return bool(prom.query(f'{{__name__=~"vllm[:_]generation_tokens_total",{selector},role="decode"}}')
-                            ) and bool(prom.query(f"baton_router_tpot_seconds_count{{{selector}}}"))
+        def scraped() -> bool:  # vLLM's series, labelled from the pods as the PodMonitor labels them
+            return bool(prom.query(f'{{__name__=~"vllm[:_]generation_tokens_total",{selector},role="decode"}}')
+                        ) and bool(prom.query(f"baton_router_tpot_seconds_count{{{selector}}}"))
 
-            wait_for("Prometheus to scrape the router and the vLLM decode pod (found through the apiserver)",
-                     scraped, timeout=180, interval=2)
+        wait_for("Prometheus to scrape the router and the vLLM decode pod (found through the apiserver)",
+                 scraped, timeout=180, interval=2)
+        phase("autoscaler: decode 1 -> 2 on the broken TPOT SLO", lambda: None,
+              lambda: _settled(c, "decode", 2) and router_sees(c, NAME, NS, decode=2))
+        PHASE_TIMINGS["vLLM autoscaler: fleet Ready -> second decode pod Ready"] = time.monotonic() - ready_at
+        first, second = sorted(_role_pods(c, "decode"), key=lambda p: p["metadata"]["creationTimestamp"])
+        before = _sum(_metrics(_pod_ip(second)), "vllm:generation_tokens_total")
+        wait_for("the new decode pod to take traffic", lambda: _sum(
+            _metrics(_pod_ip(second)), "vllm:generation_tokens_total") > before + 10, timeout=180, interval=2)
+        status = json.loads(_k(c, "get", "llmservice", NAME, "-n", NS, "-o", "json").stdout)["status"]
+        assert status["decode"]["desiredReplicas"] == 2, status
+        report.append(f"autoscaler: TPOT p90 {(status.get('slo') or {}).get('tpotP90')} against 1ms -> decode "
+                      f"desired 2 ({status['decode'].get('lastScaleReason', '')}); the new pod "
+                      f"{_pod_ip(second)} took traffic")
 
-            def second_decode() -> list[dict] | bool:
-                pods = _settled(c, "decode", 2)
-                return pods and router_sees(c, NAME, NS, decode=2) and pods
+        gone = first["metadata"]["name"]
+        phase("delete a decode pod",
+              lambda: _k(c, "delete", "pod", "-n", NS, gone, "--wait=false"),
+              lambda: all(p["metadata"]["name"] != gone for p in _pods(c, "baton.dev/role=decode", NS)),
+              served=5)
+        # its replacement is starting: the scale-down takes it (a ReplicaSet removes a pod not Ready first)
+        phase("scale decode 2 -> 1",
+              lambda: _k(c, "patch", "llmservice", NAME, "-n", NS, "--type=merge", "-p", json.dumps(
+                  {"spec": {"decode": {"replicas": 1, "autoscaling": {"mode": "off"}}}})),
+              lambda: _settled(c, "decode", 1) and router_sees(c, NAME, NS), served=5)
 
-            phase("autoscaler: decode 1 -> 2 on the broken TPOT SLO", lambda: None, second_decode)
-            PHASE_TIMINGS["vLLM autoscaler: load start -> second decode pod Ready"] = time.monotonic() - t0
-            (second,) = [p for p in _role_pods(c, "decode") if p["metadata"]["name"] != first["metadata"]["name"]]
-            before = _sum(_metrics(_pod_ip(second)), "vllm:generation_tokens_total")
-            wait_for("the new decode pod to take traffic", lambda: _sum(
-                _metrics(_pod_ip(second)), "vllm:generation_tokens_total") > before + 10, timeout=120, interval=2)
-            status = json.loads(_k(c, "get", "llmservice", NAME, "-n", NS, "-o", "json").stdout)["status"]
-            assert status["decode"]["desiredReplicas"] == 2, status
-            report.append(f"autoscaler: TPOT p90 {(status.get('slo') or {}).get('tpotP90')} against 1ms, decode "
-                          f"desired 2 ({status['decode'].get('lastScaleReason', '')}); the new pod "
-                          f"{_pod_ip(second)} took traffic")
+        # the fingerprint rollout: another KV layout (block size 128, vLLM's CPU default -> 64); old and new
+        # pods run side by side and the router must hand KV only between equal layouts
+        handoffs0 = _handoffs(c)
+        layouts0 = _layouts(c)
+        old = {r: frozenset(p["metadata"]["name"] for p in _role_pods(c, r)) for r in ("prefill", "decode")}
+        phase("rolling update to another KV layout (--block-size 64)",
+              lambda: _k(c, "patch", "llmservice", NAME, "-n", NS, "--type=merge", "-p", json.dumps(
+                  {"spec": {"engine": {"args": [*_example()["spec"]["engine"]["args"], "--block-size", "64"]}}})),
+              lambda: _settled(c, "prefill", 1, old["prefill"]) and _settled(c, "decode", 1, old["decode"])
+              and router_sees(c, NAME, NS), served=5)
+        layouts1 = _layouts(c)
+        handoffs = {m: _handoffs(c)[m] - handoffs0[m] for m in launch.KV_HANDOFF_MATCHES}
+        report.append(f"KV layouts {sorted(set(layouts0.values()))} -> {sorted(set(layouts1.values()))}; "
+                      f"hand-offs during the rollout by layout: {handoffs}")
+        assert len(set(layouts0.values())) == 1 and len(set(layouts1.values())) == 1, (layouts0, layouts1)
+        assert set(layouts0.values()) != set(layouts1.values()), "the rollout did not change the KV layout"
+        assert handoffs["cross"] == 0 and handoffs["unknown"] == 0 and handoffs["same"] > 0, handoffs
 
-            phase("delete a decode pod",
-                  lambda: _k(c, "delete", "pod", "-n", NS, first["metadata"]["name"], "--wait=false"),
-                  lambda: _settled(c, "decode", 2, frozenset({first["metadata"]["name"]}))
-                  and router_sees(c, NAME, NS, decode=2))
-            phase("scale decode 2 -> 1",
-                  lambda: _k(c, "patch", "llmservice", NAME, "-n", NS, "--type=merge", "-p", json.dumps(
-                      {"spec": {"decode": {"replicas": 1, "autoscaling": {"mode": "off"}}}})),
-                  lambda: _settled(c, "decode", 1))
-            # the fingerprint rollout: another KV layout (block size 128, vLLM's CPU default -> 64); old and new
-            # pods run side by side and the router must hand KV only between equal layouts
-            handoffs0 = _handoffs(c)
-            layouts0 = _layouts(c)
-            old = {r: frozenset(p["metadata"]["name"] for p in _role_pods(c, r)) for r in ("prefill", "decode")}
-            phase("rolling update to another KV layout (--block-size 64)",
-                  lambda: _k(c, "patch", "llmservice", NAME, "-n", NS, "--type=merge", "-p", json.dumps(
-                      {"spec": {"engine": {"args": [*_example()["spec"]["engine"]["args"], "--block-size", "64"]}}})),
-                  lambda: _settled(c, "prefill", 1, old["prefill"]) and _settled(c, "decode", 1, old["decode"])
-                  and router_sees(c, NAME, NS))
-            layouts1 = _layouts(c)
-            handoffs = {m: _handoffs(c)[m] - handoffs0[m] for m in launch.KV_HANDOFF_MATCHES}
-            report.append(f"KV layouts {sorted(set(layouts0.values()))} -> {sorted(set(layouts1.values()))}; "
-                          f"hand-offs during the rollout by layout: {handoffs}")
-            assert len(set(layouts0.values())) == 1 and len(set(layouts1.values())) == 1, (layouts0, layouts1)
-            assert set(layouts0.values()) != set(layouts1.values()), "the rollout did not change the KV layout"
-            assert handoffs["cross"] == 0 and handoffs["unknown"] == 0 and handoffs["same"] > 0, handoffs
-            (old_prefill,) = _role_pods(c, "prefill")
-            phase("delete the prefill pod (decode recomputes until its replacement is Ready)",
-                  lambda: _k(c, "delete", "pod", "-n", NS, old_prefill["metadata"]["name"], "--wait=false"),
-                  lambda: _settled(c, "prefill", 1, frozenset({old_prefill["metadata"]["name"]}))
-                  and router_sees(c, NAME, NS))
-        ok, failed = load.counts()
-        router = _metrics_router(c)
-        outcomes = {o: _sum(router, "baton_router_requests_total", outcome=o)
-                    for o in ("ok", "fallback_recompute", "error")}
-        summary = "\n".join(report) + (f"\ntotal: {ok} ok ({load.empty_ok} empty, as HF's greedy answer), "
-                                       f"{failed} failed; router outcomes {outcomes}")
-        _log(summary)
-        REPORT_LINES.extend(f"vLLM fleet under load: {line}" for line in summary.splitlines())
-        assert ok > 20, summary
-        assert failed == 0, summary + "\nfirst failures:\n" + "\n".join(load.failed[:10])
-    finally:
-        prom.stop()
+        (old_prefill,) = _role_pods(c, "prefill")
+        gone = old_prefill["metadata"]["name"]
+        phase("delete the prefill pod (decode recomputes meanwhile)",
+              lambda: _k(c, "delete", "pod", "-n", NS, gone, "--wait=false"),
+              lambda: all(p["metadata"]["name"] != gone for p in _pods(c, "baton.dev/role=prefill", NS)),
+              served=5)
+    ok, failed = load.counts()
+    router = _metrics_router(c)
+    outcomes = {o: _sum(router, "baton_router_requests_total", outcome=o) for o in ("ok", "fallback_recompute", "error")}
+    summary = "\n".join(report) + (f"\ntotal: {ok} ok ({load.empty_ok} empty, as HF's greedy answer), "
+                                   f"{failed} failed; router outcomes {outcomes}")
+    _log(summary)
+    REPORT_LINES.extend(f"vLLM fleet under load: {line}" for line in summary.splitlines())
+    assert ok > 20, summary
+    assert failed == 0, summary + "\nfirst failures:\n" + "\n".join(load.failed[:10])

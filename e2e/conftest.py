@@ -60,31 +60,10 @@ def smollm2_model() -> Path:
     return ensure_smollm2()
 
 
-#: the module whose pods run the vLLM image (GBs): imported into the nodes beside the other modules' tests
-VLLM_MODULE = "test_realnodes_vllm.py"
-
-
-def _vllm_image_into_nodes(cluster: LocalCluster) -> str:
-    """Build (or find) the vLLM image and import it into every node; its reference. Timed in the report."""
-    image = images.build_image("vllm", log=_log)
-    PHASE_TIMINGS["vLLM image build (0 = cached)"] = image.seconds
-    size = image.path.stat().st_size / 2**30
-    t0 = time.monotonic()
-    cluster.real.import_images([image.path])
-    PHASE_TIMINGS[f"vLLM image import into 2 nodes ({size:.1f} GiB archive; beside other tests)"] = (
-        time.monotonic() - t0)
-    return image.ref
-
-
 @pytest.fixture(scope="session")
-def real_cluster(tmp_path_factory, request):
+def real_cluster(tmp_path_factory):
     """Two real nodes (real-0: pool prefill, real-1: pool decode) with the worker and operator images built
-    from this tree (cached by content hash: `scripts/test` builds them while the unit tests run).
-
-    When the vLLM module is among the tests, the vLLM image goes into the nodes in a thread from the start
-    (`cluster.vllm_image`, a Future the module's fixture waits on): its import (a minute or more of I/O) and,
-    when `scripts/test` is still building it, the wait for that build overlap the other modules' tests, which
-    mostly wait on pods, instead of adding to the run."""
+    from this tree (cached by content hash: `scripts/test` builds them while the unit tests run)."""
     if os.environ.get("BATON_SKIP_INTEGRATION") == "1":
         pytest.skip("BATON_SKIP_INTEGRATION=1: the local Kubernetes is disabled")
     timings = PHASE_TIMINGS  # printed in pytest's terminal summary
@@ -109,17 +88,9 @@ def real_cluster(tmp_path_factory, request):
     cluster.operator_ref = operator.ref
     cluster.record = record
     cluster.timings = timings
-    pool = None
-    if any(item.path.name == VLLM_MODULE for item in request.session.items):
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-image")
-        cluster.vllm_image = pool.submit(_vllm_image_into_nodes, cluster)
     try:
         yield cluster
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # never stop the nodes under a running import
         cluster.stop()  # a no-op after test_cluster_down_leaves_nothing
 
 

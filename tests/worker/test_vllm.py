@@ -51,7 +51,7 @@ kind: LLMService
 metadata: {{name: vtest}}
 spec:
   model: {{name: {MODEL_NAME}, source: {{hostPath: {{path: /nonexistent/model}}}}, maxModelLen: 512}}
-  engine: {{kind: vllm, args: ["--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni"]}}
+  engine: {{kind: vllm, args: ["--dtype", "float32", "--enforce-eager"]}}
   accelerator: cpu
   prefill: {{replicas: 1}}
   decode: {{replicas: 1}}

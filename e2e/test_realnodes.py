@@ -526,9 +526,13 @@ def _role_pods(c, role: str) -> list[dict]:
     return [p for p in _pods(c, f"baton.dev/role={role}", FLEET_NS) if not p["metadata"].get("deletionTimestamp")]
 
 
-def _settled(c, role: str, replicas: int, exclude: set[str] = frozenset(), template_hash: str | None = None):
-    """`replicas` Ready pods of `role`, none of them in `exclude`, none terminating left over."""
-    every = _pods(c, f"baton.dev/role={role}", FLEET_NS)
+def _settled(c, role: str, replicas: int, exclude: set[str] = frozenset(), template_hash: str | None = None, *,
+             ns: str = FLEET_NS, instance: str | None = None):
+    """`replicas` Ready pods of `role` (of LLMService `instance`, else of any) in `ns`, none of them in `exclude`,
+    none terminating left over."""
+    selector = f"baton.dev/role={role}" if instance is None else (
+        f"app.kubernetes.io/instance={instance},baton.dev/role={role}")
+    every = _pods(c, selector, ns)
     live = [p for p in every if not p["metadata"].get("deletionTimestamp")]
     if len(every) != replicas or len(live) != replicas:
         return False

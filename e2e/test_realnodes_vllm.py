@@ -30,6 +30,7 @@ from baton.e2e import images
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES
 from baton.e2e.processes import wait_for
 from baton.e2e.test_realnodes import _get, _k, _pods, _ready, router_sees
+from baton.e2e.test_realnodes import _settled as settled
 
 from baton import launch
 
@@ -59,7 +60,7 @@ def _log(msg: str) -> None:
 def vllm_image(real_cluster) -> str:
     """The vLLM image's reference, built (cached by content hash; `scripts/test` builds it beside the real-node
     tests) and imported into both nodes when this module starts. (Imported in a thread beside the other
-    modules' tests instead, its GBs of I/O landed on a Baton load test in a cold run, which then failed.)"""
+    modules' tests instead, its GBs of I/O coincided with a Baton load test that failed in a cold run.)"""
     image = images.build_image("vllm", log=_log)
     PHASE_TIMINGS["vLLM image build (0 = cached)"] = image.seconds
     size = image.path.stat().st_size / 2**30
@@ -184,8 +185,8 @@ def _diagnostics(c) -> str:
 
 
 #: what the fleet fixture lays over the example: a real Prometheus and Baton's autoscaler on decode, with a TPOT
-#: SLO every decode step breaks (1 ms), so the autoscaler adds a decode pod as soon as requests flow -- while the
-#: first test runs -- and a prefill-failure policy that recomputes even without TPOT headroom (the last phase
+#: SLO every decode step breaks (1 ms), so the autoscaler adds a decode pod once requests flow and its warm-up
+#: window after the fleet turned Ready has passed (about when the first test ends) -- and a prefill-failure policy that recomputes even without TPOT headroom (the last phase
 #: of the disruptions replaces the one prefill pod)
 def _autoscaled(body: dict, prometheus_url: str) -> dict:
     spec = body["spec"]
@@ -205,7 +206,7 @@ def vllm_fleet(real_cluster, release, vllm_image, smollm2_model, tmp_path_factor
     hold) goes when the module ends.
 
     vLLM pods start slowly on 2 loaded cores (minutes), so the module starts as few as it can: the decode pod
-    the autoscaler adds starts while the first test runs, and later phases do not wait for replacements they
+    the autoscaler adds may start while the first test runs, and later phases do not wait for replacements they
     do not use."""
     from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
     from baton.e2e.realnode import host_ip
@@ -314,14 +315,8 @@ def _role_pods(c, role: str) -> list[dict]:
 
 
 def _settled(c, role: str, replicas: int, exclude: frozenset[str] = frozenset()) -> list[dict] | bool:
-    """`replicas` Ready pods of `role`, none of them in `exclude`, none terminating left over."""
-    every = _pods(c, f"app.kubernetes.io/instance={NAME},baton.dev/role={role}", NS)
-    live = [p for p in every if not p["metadata"].get("deletionTimestamp")]
-    if len(every) != replicas or len(live) != replicas:
-        return False
-    if any(p["metadata"]["name"] in exclude or not _ready(p) for p in live):
-        return False
-    return live
+    """`test_realnodes._settled` for this module's LLMService."""
+    return settled(c, role, replicas, exclude, ns=NS, instance=NAME)
 
 
 def _handoffs(c) -> dict[str, float]:

@@ -699,6 +699,49 @@ def test_prefill_hop_timeout_falls_back_to_recompute():
         sock.close()
 
 
+def test_decode_hop_stuck_on_a_lost_kv_cache_is_resent_to_recompute():
+    """vLLM's decode worker pulling the KV of a prefill worker SIGKILLed after its hop neither fails nor answers
+    (NIXL, vLLM 0.32). The router closes that hop after --hop-timeout and resends it without the params: the
+    client gets its answer, counted as a recompute, and the stuck hop is closed (the worker aborts it)."""
+    from aiohttp import web
+
+    async def prefill(request):
+        return web.json_response({"id": "p", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                                  "kv_transfer_params": {"remote_engine_id": "gone"}})
+
+    hung = Hung()
+
+    async def decode(request):  # waits forever on the KV it was sent; recomputes at once without it
+        body = await request.json()
+        if "kv_transfer_params" in body:
+            return await hung(request)
+        return await _good(request)
+
+    stubs = {"prefill": Stub(prefill).start(), "decode": Stub(decode).start()}
+    r = RunningRouter(prefill=[stubs["prefill"].base_url], decode=[stubs["decode"].base_url],
+                      health_interval=3600, hop_timeout=0.5).start()
+    try:
+        for stream in (False, True):
+            t0 = time.monotonic()
+            resp = httpx.post(r.base_url + "/v1/completions", timeout=CLIENT_TIMEOUT,
+                              json={"model": SERVED, "prompt": "x", "stream": stream})
+            assert resp.status_code == 200, resp.text
+            assert ('"hi"' in resp.text) if stream else resp.json()["choices"][0]["text"] == "good"
+            assert 0.5 <= time.monotonic() - t0 < NOT_A_HANG
+        m = settled(r)
+        assert hop_errors(m, "decode", "timeout") == 2
+        assert outcome(m, "fallback_recompute") == 2 and outcome(m, "error") == 0
+        assert stubs["decode"].calls == 4  # each request: the stuck hop and its resend
+        deadline = time.monotonic() + 5
+        while hung.closed < 2:
+            assert time.monotonic() < deadline, hung.closed
+            time.sleep(0.02)
+    finally:
+        r.stop()
+        for s in stubs.values():
+            s.stop()
+
+
 def test_stream_idle_timeout_before_and_after_the_first_event():
     from aiohttp import web
 

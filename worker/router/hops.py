@@ -69,8 +69,14 @@ def kv_lost(role: str, reason: str) -> bool:
     under `kv_load_failure_policy: fail`, its default. A 500 from an engine that is really broken fails again
     without the params and then moves on to another worker, so resending once costs one attempt at most. A 403
     `kv_params_rejected` (the decode worker cannot verify the params' signature: another KV secret mid-rotation,
-    or expired) makes the KV as unusable as a failed pull."""
-    return reason in (ErrorCode.KV_TRANSFER_FAILED, ErrorCode.KV_PARAMS_REJECTED) or (role == "decode" and reason == "500")
+    or expired) makes the KV as unusable as a failed pull.
+
+    A decode hop that carried params and got no answer within --hop-timeout is presumed to wait on a KV cache
+    that will never come: vLLM's NIXL pull from a prefill worker SIGKILLed after its hop neither fails nor ends
+    (vLLM 0.32 has no decode-side transfer timeout; seen on a loaded CI machine). Closing the hop aborts that
+    request in vLLM; the resend recomputes. A decode worker that is merely slow costs one more attempt."""
+    return (reason in (ErrorCode.KV_TRANSFER_FAILED, ErrorCode.KV_PARAMS_REJECTED)
+            or (role == "decode" and reason in ("500", "timeout")))
 
 
 def _limit(seconds: float | None) -> float | None:

@@ -71,6 +71,8 @@ class Env:
     KV_SECRET = "BATON_KV_SECRET"
     #: torch/OpenMP threads: set from the container's CPU limit, never guessed from the node's core count
     THREADS = "OMP_NUM_THREADS"
+    #: "0" with `--distributed-executor-backend uni` on CPU-only vLLM workers (`worker_env`)
+    VLLM_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
     VLLM_NIXL_SIDE_CHANNEL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
     VLLM_NIXL_SIDE_CHANNEL_PORT = "VLLM_NIXL_SIDE_CHANNEL_PORT"
     #: the OTLP protocol of vLLM's trace exporter: vLLM defaults to grpc, Baton's endpoint speaks OTLP/HTTP
@@ -119,6 +121,8 @@ class Flag:
     KV_TRANSFER_CONFIG = "--kv-transfer-config"
     #: vLLM drains in-flight requests for up to N seconds on SIGTERM (int; 0, its default, aborts them)
     SHUTDOWN_TIMEOUT = "--shutdown-timeout"
+    #: `uni` on CPU-only vLLM workers of one rank (`cpu_inprocess_worker`)
+    DISTRIBUTED_EXECUTOR_BACKEND = "--distributed-executor-backend"
     # `baton model fetch` (the worker pods' fetch-model init container): `model_fetch_argv`
     URI = "--uri"
     DEST = "--dest"
@@ -300,6 +304,34 @@ def otlp_traces_url(endpoint: str) -> str:
     if parts.path in ("", "/"):
         parts = parts._replace(path=OTLP_TRACES_PATH)
     return urllib.parse.urlunsplit(parts)
+
+
+def cpu_inprocess_worker(w: WorkerLaunch) -> bool:
+    """Whether a vLLM worker runs its model in its engine-core process rather than in a worker process of its
+    own: on CPU-only workers of one rank (no tensor or pipeline parallelism in the extra args), yes.
+
+    Why: vLLM's multiprocess executor feeds its worker process through a shared-memory queue whose reader spins
+    (`sched_yield`) for 1 s after every message, not configurable (`busy_loop_s`, vllm/distributed/
+    device_communicators/shm_broadcast.py, vLLM 0.32). Under load, every such pod burns a second core doing
+    nothing: measured on SmolLM2 with one client, 99 CPU-seconds for 20 requests where the in-process worker
+    used 53, in the same 50 s. On a GPU a spare host core is cheap and vLLM already picks the in-process
+    executor for one rank; on a CPU node that core is the compute. vLLM's CPU platform turns `uni` back into
+    `mp` unless VLLM_ENABLE_V1_MULTIPROCESSING is 0 (`worker_env`), which `vllm serve` (AsyncLLM) does not
+    otherwise read: its engine core stays a process of its own. A user's own `--distributed-executor-backend`
+    in engine.args comes later on the command line and wins."""
+    if w.engine != ENGINE_VLLM or w.kv_buffer_device != "cpu" or w.tensor_parallel != 1:
+        return False
+    parallel = ("--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp")
+    return not any(a.split("=", 1)[0] in parallel for a in w.extra_args)
+
+
+def worker_env(w: WorkerLaunch) -> dict[str, str]:
+    """Environment the launch contract gives a worker beyond its pod's identity: tracing (`tracing_env`) and, on
+    CPU-only vLLM workers of one rank, the in-process worker (`cpu_inprocess_worker`)."""
+    env = tracing_env(w.engine, w.otlp_traces_endpoint)
+    if cpu_inprocess_worker(w):
+        env[Env.VLLM_MULTIPROCESSING] = "0"
+    return env
 
 
 def tracing_env(engine: str, endpoint: str | None) -> dict[str, str]:
@@ -516,6 +548,8 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
                      json.dumps(vllm_kv_transfer_config(w.role, w.kv_buffer_device), separators=(",", ":"))]
         if w.drain_timeout is not None:
             argv += [Flag.SHUTDOWN_TIMEOUT, str(math.ceil(w.drain_timeout))]
+        if cpu_inprocess_worker(w):
+            argv += [Flag.DISTRIBUTED_EXECUTOR_BACKEND, "uni"]
         return argv + _tracing_args(w.otlp_traces_endpoint) + list(w.extra_args)
     if w.engine != ENGINE_BATON:
         raise ValueError(f"unknown engine {w.engine!r}; expected one of {', '.join(ENGINES)}")
@@ -556,7 +590,7 @@ def _tracing_args(endpoint: str | None) -> list[str]:
 #: (the last value wins, and `with_drain` sizes the grace period from it). --log-level is the user's too.
 TUNABLE_FLAGS = {
     ENGINE_BATON: (Flag.KV_LEASE_SECONDS, Flag.DRAIN_TIMEOUT),
-    ENGINE_VLLM: (Flag.SHUTDOWN_TIMEOUT,),
+    ENGINE_VLLM: (Flag.SHUTDOWN_TIMEOUT, Flag.DISTRIBUTED_EXECUTOR_BACKEND),
 }
 #: Other spellings the engine's own parser accepts for a managed flag (vLLM's short aliases; its model is also
 #: the positional argument `vllm serve MODEL`, so `--model` would be a second one).

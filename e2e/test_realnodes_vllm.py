@@ -73,10 +73,11 @@ def vllm_image(real_cluster) -> str:
 def _colocated_manifest(image: str, model_dir: Path) -> list[dict]:
     """One colocated vLLM pod (no KV connector) on the decode pool, serving the same folder: the reference."""
     served = launch.WorkerLaunch(engine=launch.ENGINE_VLLM, role="both", model_path=f"{MODEL_MOUNT}/{model_dir.name}",
-                                 served_model_name=_served_name(), max_model_len=2048)
+                                 served_model_name=_served_name(), max_model_len=2048, kv_buffer_device="cpu")
     served = dataclasses.replace(served, extra_args=tuple(_example()["spec"]["engine"].get("args", [])))
     command, args = launch.split_command(launch.worker_argv(served))
-    env = [*_example()["spec"]["engine"]["env"], {"name": "OMP_NUM_THREADS", "value": "1"}]
+    env = [*({"name": k, "value": v} for k, v in launch.worker_env(served).items()),
+           *_example()["spec"]["engine"]["env"], {"name": "OMP_NUM_THREADS", "value": "1"}]
     labels = {"app": COLOCATED}
     return [{
         "apiVersion": "apps/v1", "kind": "Deployment",

@@ -396,7 +396,7 @@ def _worker_env(svc: LLMService, role: str) -> list[dict]:
         ]
     env += _threads_env(svc)
     env += [{"name": k, "value": v}
-            for k, v in launch.tracing_env(svc.spec.engine.kind, tracing.otlp_endpoint(svc)).items()]
+            for k, v in launch.worker_env(worker_launch(svc, role)).items()]
     for var in svc.spec.engine.env:
         env.append(var.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True))
     return env

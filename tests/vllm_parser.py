@@ -41,6 +41,7 @@ def parse(argv):
             "otlp_traces_endpoint": engine.otlp_traces_endpoint,
             "served_model_name": engine.served_model_name,
             "tensor_parallel_size": engine.tensor_parallel_size, "max_model_len": engine.max_model_len,
+            "distributed_executor_backend": engine.distributed_executor_backend,
             "kv": None if kv is None else {"kv_connector": kv.kv_connector, "kv_role": kv.kv_role,
                                            "kv_buffer_device": kv.kv_buffer_device}}
 

@@ -292,7 +292,7 @@ def plan_fleet(
         role_spec = spec.prefill if role == "prefill" else spec.decode
         env: dict[str, str] = {}
         if vllm:  # vLLM's own server; the KV port is its NIXL side channel, not a flag
-            env = {**VLLM_ENV_DEFAULTS, **launch.tracing_env(engine, otlp), **engine_env}
+            env = dict(VLLM_ENV_DEFAULTS)
             if kv_port is not None:
                 env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_HOST] = launch.LOCAL_LISTEN_HOST
                 env[launch.Env.VLLM_NIXL_SIDE_CHANNEL_PORT] = str(kv_port)
@@ -301,7 +301,7 @@ def plan_fleet(
         else:
             engine_fields = {"kv_port": kv_port, "kv_transport": "tcp" if kv_port is not None else None,
                              "llmservice": svc.metadata.name, "namespace": "local", "log_level": log_level}
-        argv = launch.worker_argv(launch.WorkerLaunch(
+        worker = launch.WorkerLaunch(
             engine=engine,
             role=role,
             model_path=model_path,
@@ -312,7 +312,10 @@ def plan_fleet(
             extra_args=(*engine_args, *role_spec.extra_args, *extra_worker_args),
             otlp_traces_endpoint=otlp,
             **engine_fields,
-        ))
+        )
+        argv = launch.worker_argv(worker)
+        if vllm:  # the contract's environment, then the spec's engine.env over it (as on Kubernetes)
+            env = {**env, **launch.worker_env(worker), **engine_env}
         p = ProcSpec(name=f"{role}-{idx}", role=role, port=port,
                      argv=_local_vllm(argv, vllm_python) if vllm else _local(argv), cpus=cpu_sets[i],
                      threads=cpus_per_worker, kv_port=kv_port, env=env,

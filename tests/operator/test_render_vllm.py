@@ -51,6 +51,37 @@ def test_vllms_own_parser_reads_the_rendered_shutdown_timeout(vllm_parser) -> No
     assert [p.get("shutdown_timeout", p.get("error")) for p in parsed] == [60, 110]
 
 
+def _engine(m: list[dict], role: str) -> tuple[list[str], dict]:
+    c = pod(m, role)["containers"][0]
+    return c["args"], {e["name"]: e.get("value") for e in c["env"]}
+
+
+def test_cpu_vllm_workers_run_their_model_in_the_engine_core_process() -> None:
+    """On CPU nodes a vLLM pod of one rank runs its model in-process (`--distributed-executor-backend uni` with
+    VLLM_ENABLE_V1_MULTIPROCESSING=0, without which vLLM's CPU platform turns it back into `mp`): no worker
+    process spinning on a shared-memory queue. GPUs, more than one rank, and the user's own backend keep vLLM's
+    choice."""
+    flag, var = launch.Flag.DISTRIBUTED_EXECUTOR_BACKEND, launch.Env.VLLM_MULTIPROCESSING
+    m = render(body(accelerator="cpu"), OPTS)
+    for role in ("prefill", "decode"):
+        args, env = _engine(m, role)
+        assert args[args.index(flag) + 1] == "uni" and env[var] == "0"
+    for spec in ({"accelerator": "gpu"}, {"accelerator": "gpu", "decode": {"tensorParallel": 2}},
+                 {"accelerator": "cpu", "engine": {"kind": "vllm", "image": "v", "args": ["-pp", "2"]}}):
+        args, env = _engine(render(body(**spec), OPTS), "decode")
+        assert flag not in args and var not in env, spec
+    # the user's own backend comes later on the command line (vLLM's parser: the last one wins)
+    args, env = _engine(render(body(accelerator="cpu", decode={"extraArgs": [f"{flag}=mp"]}), OPTS), "decode")
+    assert args.index(flag) < args.index(f"{flag}=mp")
+
+
+@pytest.mark.vllm
+def test_vllms_own_parser_reads_the_cpu_executor(vllm_parser) -> None:
+    m = render(body(accelerator="cpu", decode={"extraArgs": ["--distributed-executor-backend", "mp"]}), OPTS)
+    parsed = vllm_parser.parse([pod(m, role)["containers"][0]["args"] for role in ("prefill", "decode")])
+    assert [p.get("distributed_executor_backend", p.get("error")) for p in parsed] == ["uni", "mp"]
+
+
 def test_rdma_tp2_prefill_to_tp2_decode_on_gpus() -> None:
     m = render(body(accelerator="gpu", prefill={"tensorParallel": 2}, decode={"tensorParallel": 2},
                     kvTransfer={"transport": "rdma", "rdma": {"netDevices": "mlx5_0:1"}}), OPTS)

@@ -285,6 +285,7 @@ class TCPKVTransport(KVTransport):
         self._source: KVSource | None = None
         self._accept_task: asyncio.Task | None = None
         self._conn_tasks: set[asyncio.Task] = set()
+        self._conn_socks: set[socket.socket] = set()  # the server's open connections (`stop` shuts them down)
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._idle_lock = threading.Lock()
         self._req_ids = itertools.count(1)
@@ -346,6 +347,13 @@ class TCPKVTransport(KVTransport):
             self._accept_task = None
         for task in list(self._conn_tasks):
             task.cancel()
+        # and shut their sockets: a cancel can be lost (Python 3.11's asyncio.wait_for returns the inner result
+        # when a frame arrives as the cancel does, gh-86296), and the handler would then wait out idle_timeout
+        # (120 s) for a client that keeps its connection pooled -- seen as 120 s test teardowns on a loaded CI
+        # machine. A shut socket ends any read at once.
+        for sock in list(self._conn_socks):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         if self._conn_tasks:
             await asyncio.gather(*self._conn_tasks, return_exceptions=True)
         if self._listen_sock is not None:
@@ -372,6 +380,7 @@ class TCPKVTransport(KVTransport):
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conn_socks.add(conn)
             task = asyncio.create_task(self._serve_conn(conn, f"{addr[0]}:{addr[1]}"))
             self._conn_tasks.add(task)
             task.add_done_callback(self._conn_tasks.discard)
@@ -480,6 +489,7 @@ class TCPKVTransport(KVTransport):
         except Exception:
             log.exception("KV connection from %s failed", peer)
         finally:
+            self._conn_socks.discard(sock)
             sock.close()
 
     async def _server_handshake(self, loop, sock: socket.socket, peer: str) -> int:

@@ -205,9 +205,21 @@ def test_worker_image_serves_on_real_nodes(real_cluster, tiny_model):
         assert completion["choices"][0]["text"], completion
         assert completion["usage"]["completion_tokens"] == 4
 
-        # kubectl logs goes apiserver -> kubelet (client certificate) -> containerd
-        logs = _k(c, "logs", "-n", "default", pods[0]["metadata"]["name"], timeout=30).stdout
-        assert "Uvicorn running" in logs or "Application startup complete" in logs, logs[-2000:]
+        # kubectl logs goes apiserver -> kubelet (client certificate) -> containerd. Waited for, not read once:
+        # cold run 6 read an empty log once, on a machine at load average 22 (a container that had just been
+        # restarted logs its start-up lines a little later); the restart count is in the message.
+        name = pods[0]["metadata"]["name"]
+
+        def startup_logged() -> bool:
+            logs = _k(c, "logs", "-n", "default", name, timeout=30).stdout
+            return "Uvicorn running" in logs or "Application startup complete" in logs
+
+        def restarts() -> str:
+            pod = json.loads(_k(c, "get", "pod", "-n", "default", name, "-o", "json").stdout)
+            return f"container restarts: {[s.get('restartCount') for s in pod['status'].get('containerStatuses', [])]}"
+
+        wait_for(f"kubectl logs {name} to show the worker's start-up", startup_logged, timeout=120, interval=2,
+                 diagnostics=restarts)
 
         # a deleted pod is replaced, on a real node, and the replacement turns Ready
         victim = pods[0]["metadata"]["name"]

@@ -216,7 +216,8 @@ def test_worker_image_serves_on_real_nodes(real_cluster, tiny_model):
 
         def restarts() -> str:
             pod = json.loads(_k(c, "get", "pod", "-n", "default", name, "-o", "json").stdout)
-            return f"container restarts: {[s.get('restartCount') for s in pod['status'].get('containerStatuses', [])]}"
+            counts = [s.get("restartCount") for s in pod["status"].get("containerStatuses", [])]
+            return f"container restarts: {counts}"
 
         wait_for(f"kubectl logs {name} to show the worker's start-up", startup_logged, timeout=120, interval=2,
                  diagnostics=restarts)

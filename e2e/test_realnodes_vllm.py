@@ -187,8 +187,9 @@ def _diagnostics(c) -> str:
 
 #: what the fleet fixture lays over the example: a real Prometheus and Baton's autoscaler on decode, with a TPOT
 #: SLO every decode step breaks (1 ms), so the autoscaler adds a decode pod once requests flow and its warm-up
-#: window after the fleet turned Ready has passed (about when the first test ends) -- and a prefill-failure policy that recomputes even without TPOT headroom (the last phase
-#: of the disruptions replaces the one prefill pod)
+#: window after the fleet turned Ready has passed (about when the first test ends) -- and a prefill-failure
+#: policy that recomputes even without TPOT headroom (the last phase of the disruptions replaces the one
+#: prefill pod)
 def _autoscaled(body: dict, prometheus_url: str) -> dict:
     spec = body["spec"]
     spec["slo"] = {"ttft": "60s", "tpot": "1ms"}

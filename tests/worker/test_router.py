@@ -605,6 +605,13 @@ class Hung:
         self.closed += 1
         raise ConnectionResetError("the router hung up")
 
+    def wait_closed(self, n: int, timeout: float = 5.0) -> None:
+        """Until the router has closed `n` connections (a real worker aborts what it was doing)."""
+        deadline = time.monotonic() + timeout
+        while self.closed < n:
+            assert time.monotonic() < deadline, self.closed
+            time.sleep(0.02)
+
 
 def silent_socket() -> tuple[socket.socket, str]:
     """A listening socket nothing ever accept()s: the kernel completes the handshake, nobody answers."""
@@ -650,10 +657,7 @@ def test_hung_worker_times_out_and_the_request_moves_to_another_worker():
         # is not dropped (WORKER_READINESS); its requests moved on all the same
         ep = r.router.pool.endpoints["both"][stubs["hung"].base_url]
         assert ep.healthy and ep.missed == 2
-        deadline = time.monotonic() + 5
-        while hung.closed < 2:  # the router closed both timed-out connections (a real worker aborts)
-            assert time.monotonic() < deadline, hung.closed
-            time.sleep(0.02)
+        hung.wait_closed(2)  # the router closed both timed-out connections
     finally:
         r.stop()
         for s in stubs.values():
@@ -732,10 +736,7 @@ def test_decode_hop_stuck_on_a_lost_kv_cache_is_resent_to_recompute():
         assert hop_errors(m, "decode", "timeout") == 2
         assert outcome(m, "fallback_recompute") == 2 and outcome(m, "error") == 0
         assert stubs["decode"].calls == 4  # each request: the stuck hop and its resend
-        deadline = time.monotonic() + 5
-        while hung.closed < 2:
-            assert time.monotonic() < deadline, hung.closed
-            time.sleep(0.02)
+        hung.wait_closed(2)  # both stuck hops closed
     finally:
         r.stop()
         for s in stubs.values():

@@ -117,6 +117,11 @@ ROUTER_GRACE_SECONDS = 30
 #: Startup probe budget for model loading: period x failureThreshold = 10 s x 180 = 30 minutes.
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_FAILURE_THRESHOLD = 180
+#: The router's startup budget, 2 s x 150 = 5 minutes: on a CPU-starved node its Python start can outlast the
+#: liveness probe's 30 s, and without a startupProbe the kubelet kills a router that is still starting -- each
+#: restart a window in which its Service has no endpoint and every client connection is refused.
+ROUTER_STARTUP_PERIOD_SECONDS = 2
+ROUTER_STARTUP_FAILURE_THRESHOLD = 150
 WORKER_PROGRESS_DEADLINE = 1800
 ROUTER_PROGRESS_DEADLINE = 600
 REVISION_HISTORY_LIMIT = 3
@@ -602,6 +607,8 @@ def _router_deployment(svc: LLMService, opts: ImageOptions) -> dict:
         "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
         "env": _common_env(svc, ROLE_ROUTER),
         "resources": _router_resources(svc),
+        "startupProbe": _probe(launch.ROUTER_PROBES.startup, ROUTER_STARTUP_PERIOD_SECONDS,
+                               ROUTER_STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _probe(launch.ROUTER_PROBES.readiness, 5, 3),
         "livenessProbe": _probe(launch.ROUTER_PROBES.liveness, 10, 3),
         "securityContext": _container_security(non_root=True),

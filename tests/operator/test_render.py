@@ -533,6 +533,17 @@ def test_router_command_and_image() -> None:
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
 
 
+def test_a_slowly_starting_router_is_not_killed_by_its_liveness_probe() -> None:
+    """The liveness probe (3 x 10 s) only judges a router that has started: a startupProbe with minutes of budget
+    comes first, or the kubelet kills a router still importing on a CPU-starved node, over and over."""
+    c = pod(render(base()), "router")["containers"][0]
+    startup, liveness = c["startupProbe"], c["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/health", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert startup["periodSeconds"] <= 5  # Ready soon after it starts listening
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 60
+
+
 def test_a_baton_service_that_names_its_worker_image_runs_its_router_on_it() -> None:
     """The router is `baton router`: for a Baton-engine service whose engine.image is set, that Baton worker image
     (the one the service is known to pull) rather than the operator's default, which the nodes may not have;

@@ -317,6 +317,15 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
         return []
     done: list[str] = []
     root = rec.root
+    t0 = last = time.monotonic()
+    took: list[str] = []  # where the time went, steps of a second or more (the run's phase table has the total)
+
+    def lap(step: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 1.0:
+            took.append(f"{step} {now - last:.0f}s")
+        last = now
     # 1. kubelets first (they would restart containers), then every process in our cgroups (containers and
     #    pause), then the shims, containerds and kube-proxy: all name our root on their command line.
     procs = processes_naming(root)
@@ -324,6 +333,7 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
     if kubelets:
         stop_processes(kubelets, 10.0)
         done.append(f"{len(kubelets)} kubelet(s)")
+    lap("kubelets")
     for _ in range(3):  # a dying shim can leave a straggler for one round
         inside = cgroup_pids(rec.cgroups)
         if not inside:
@@ -335,6 +345,7 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
     if rest:
         stop_processes(rest, 10.0)
         done.append(f"{len(rest)} containerd/shim/kube-proxy process(es)")
+    lap("processes")
     # 2. mounts under our root (rootfs overlays, shm, kubelet volumes), deepest first; our netns
     netns = our_netns(rec)
     mounts = [m for m in _mounts() if m == root or m.startswith(root.rstrip("/") + "/") or m in netns]
@@ -346,6 +357,7 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
     for ns in netns:
         with contextlib.suppress(OSError):
             os.unlink(ns)
+    lap("mounts")
     # 3. network: veths on our bridge, the bridge, iptables
     if Path(f"/sys/class/net/{rec.bridge}").exists():
         for port in (Path(f"/sys/class/net/{rec.bridge}/brif").iterdir() if Path(f"/sys/class/net/{rec.bridge}/brif").is_dir() else []):
@@ -353,6 +365,7 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
         _run("ip", "link", "delete", rec.bridge)
         done.append(f"bridge {rec.bridge}")
     _clean_iptables(rec, log)
+    lap("network")
     # 4. cgroups
     for h in cgroup_hierarchies():
         for name in rec.cgroups:
@@ -369,8 +382,10 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
             else:
                 shutil.rmtree(p, ignore_errors=True)
             done.append(p)
+    lap("cgroups and host paths")
     if os.path.lexists(root):
         shutil.rmtree(root, ignore_errors=True)
+    lap(f"removing {root}")
     with contextlib.suppress(OSError):
         if IP_FORWARD.read_text().strip() != rec.ip_forward:
             IP_FORWARD.write_text(rec.ip_forward + "\n")
@@ -378,7 +393,8 @@ def teardown(rec: HostRecord | None = None, log: Log = _quiet) -> list[str]:
     with contextlib.suppress(OSError):
         record_path().unlink()
     if done:
-        log("host cleaned: " + ", ".join(done))
+        log(f"host cleaned in {time.monotonic() - t0:.0f}s: " + ", ".join(done)
+            + (f" (slow steps: {', '.join(took)})" if took else ""))
     return done
 
 

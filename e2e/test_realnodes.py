@@ -458,12 +458,17 @@ class Load:
     `model_dir` (a real model, e.g. SmolLM2, `model` its served name) every empty answer is a failure."""
 
     MAX_TOKENS = 16
+    #: Each client starts a request at most this often (seconds): a steady load, not a saturating one. Closed-loop
+    #: clients without a pace kept ~12-18 tiny-model requests/s going (a core of the 2 the machine has), which slowed
+    #: the very pod starts and rollouts the disruption tests wait for; at 3 clients this is still >= 5 requests/s.
+    PACE = 0.5
 
     def __init__(self, base_url: str, threads: int = 3, max_seconds: float = 900, max_requests: int = 20000,
-                 model_dir: Path | None = None, model: str = MODEL_NAME, prompts: tuple[str, ...] = tuple(PROMPTS)):
+                 model_dir: Path | None = None, model: str = MODEL_NAME, prompts: tuple[str, ...] = tuple(PROMPTS),
+                 pace: float = PACE):
         import threading
 
-        self.base_url, self.threads = base_url, threads
+        self.base_url, self.threads, self.pace = base_url, threads, pace
         self.model, self.prompts = model, prompts
         self.deadline = time.monotonic() + max_seconds
         self.max_requests = max_requests
@@ -501,12 +506,18 @@ class Load:
                 self.empty_ok += 1
         return text
 
+    def paced(self, started: float) -> None:
+        """Wait until `pace` seconds after `started` (the thread's last request start), or until stopped."""
+        self._stop.wait(max(0.0, started + self.pace - time.monotonic()))
+
     def _run(self, i: int) -> None:
         import openai
 
         client = openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=150)
-        n = 0
+        n, started = 0, 0.0
         while not self._stop.is_set() and time.monotonic() < self.deadline:
+            self.paced(started)
+            started = time.monotonic()
             with self._lock:
                 if self.ok + len(self.failed) >= self.max_requests:
                     return

@@ -289,8 +289,9 @@ class TimedLoad(Load):
         import openai
 
         client = openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=150)
-        n = 0
+        n, t0 = 0, 0.0
         while not self._stop.is_set() and time.monotonic() < self.deadline:
+            self.paced(t0)
             n += 1
             prompt = f"{PROMPTS[n % len(PROMPTS)]} {i} {n}"
             t0 = time.monotonic()

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -198,23 +197,16 @@ class Component:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """`n` free ports to listen on, below the kernel's ephemeral range (`baton up`'s choice, for the same reason:
+    a released ephemeral port can become any outgoing connection's before its component binds it)."""
+    from baton.worker.local_fleet import free_ports as listen_ports
+
+    return listen_ports(n)
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def kill_process_group(pid: int, timeout: float = 10.0) -> None:

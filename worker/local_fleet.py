@@ -129,11 +129,42 @@ class FleetPlan:
         return self.router.url + "/v1"
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: how far below the kernel's ephemeral range listening ports are chosen
+LISTEN_PORT_SPAN = 16384
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux: ip_local_port_range; its default elsewhere)."""
+    with contextlib.suppress(OSError, ValueError):
+        lo, hi = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
+        return lo, hi
+    return 32768, 60999
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct free TCP ports (held open together while choosing, so they differ)."""
-    socks = []
+    """`n` distinct free TCP ports for processes to listen on, chosen below the kernel's ephemeral range and held
+    open together while choosing (so they differ). Not from the ephemeral range (what `bind(0)` gives): a port
+    chosen there and released until its process binds it can meanwhile become the local port of any outgoing
+    connection on the machine -- in CI a vLLM prefill worker's NIXL side channel died with "Address already in
+    use" that way, beside a busy real-node cluster. Below the range only another listener can take it."""
+    import random
+
+    lo, _ = ephemeral_port_range()
+    first = max(1024, lo - LISTEN_PORT_SPAN)
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for port in random.sample(range(first, lo), k=min(lo - first, 8 * n + 64)) if lo > first else []:
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # a crowded or odd range: whatever the kernel gives
             s = socket.socket()
             s.bind((host, 0))
             socks.append(s)

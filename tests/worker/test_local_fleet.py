@@ -68,6 +68,28 @@ def test_free_ports_are_distinct():
     assert len(set(ports)) == 20
 
 
+def test_free_ports_lie_below_the_ephemeral_range_and_are_free():
+    """Ports for listeners never come from the range outgoing connections take (a released port there was taken
+    by a connection before vLLM's NIXL side channel could bind it, in CI)."""
+    import socket
+
+    from baton.worker.local_fleet import ephemeral_port_range
+
+    lo, _ = ephemeral_port_range()
+    ports = free_ports(50)
+    assert all(1024 <= p < lo for p in ports), (lo, sorted(ports))
+    for p in ports[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_free_ports_fall_back_to_the_kernel_when_no_range_is_left(monkeypatch):
+    from baton.worker import local_fleet
+
+    monkeypatch.setattr(local_fleet, "ephemeral_port_range", lambda: (1024, 65535))
+    assert len(set(free_ports(3))) == 3
+
+
 def test_plan_disaggregated(tmp_path):
     svc = load_spec(write_spec(tmp_path))
     plan = plan_fleet(svc, model_path="/m", caps=CAPS, cpus_per_worker=1, available_cpus=[0, 1])

@@ -322,7 +322,12 @@ def cpu_inprocess_worker(w: WorkerLaunch) -> bool:
     if w.engine != ENGINE_VLLM or w.kv_buffer_device != "cpu" or w.tensor_parallel != 1:
         return False
     parallel = ("--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp")
-    return not any(a.split("=", 1)[0] in parallel for a in w.extra_args)
+
+    def flag(arg: str) -> str:  # vLLM's parser also takes `--pipeline_parallel_size`
+        name = arg.split("=", 1)[0]
+        return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+
+    return not any(flag(a) in parallel for a in w.extra_args)
 
 
 def worker_env(w: WorkerLaunch) -> dict[str, str]:

@@ -67,7 +67,10 @@ def test_cpu_vllm_workers_run_their_model_in_the_engine_core_process() -> None:
         args, env = _engine(m, role)
         assert args[args.index(flag) + 1] == "uni" and env[var] == "0"
     for spec in ({"accelerator": "gpu"}, {"accelerator": "gpu", "decode": {"tensorParallel": 2}},
-                 {"accelerator": "cpu", "engine": {"kind": "vllm", "image": "v", "args": ["-pp", "2"]}}):
+                 {"accelerator": "cpu", "engine": {"kind": "vllm", "image": "v", "args": ["-pp", "2"]}},
+                 {"accelerator": "cpu", "engine": {"kind": "vllm", "image": "v",
+                                                   "args": ["--pipeline_parallel_size=2"]}},
+                 {"accelerator": "cpu", "decode": {"extraArgs": ["--data_parallel_size", "2"]}}):
         args, env = _engine(render(body(**spec), OPTS), "decode")
         assert flag not in args and var not in env, spec
     # the user's own backend comes later on the command line (vLLM's parser: the last one wins)

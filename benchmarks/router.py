@@ -27,11 +27,12 @@ import asyncio
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from baton.worker import local_fleet
 
 from baton.workload import percentile  # the one percentile definition
 
@@ -43,10 +44,7 @@ COMPLETION = {
 BODY = json.dumps({"model": "stub", "prompt": "Hello, my name is", "max_tokens": 1, "temperature": 0}).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 # ------------------------------------------------------------------------------------------- servers

@@ -174,6 +174,11 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """One free port to listen on (`free_ports`)."""
+    return free_ports(1, host)[0]
+
+
 def assign_cpus(n_workers: int, per_worker: int, available: Sequence[int]) -> tuple[list[list[int]], bool]:
     """Consecutive cores for each worker from `available`; wraps around (second value True) when there are
     fewer cores than workers x per_worker."""

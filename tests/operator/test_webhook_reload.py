@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import kopf
 import pytest
 from baton.operator.webhook import WebhookOptions, configure_admission, self_signed_certificate
 from baton.operator.webhook_tls import ReloadingWebhookServer
+from baton.worker import local_fleet
 from cryptography import x509
 
 INTERVAL = 0.05  # the tests' reload interval (seconds)
@@ -53,10 +53,7 @@ def serial(pem: bytes) -> int:
     return x509.load_pem_x509_certificate(pem).serial_number
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 async def served_serial(port: int, server_hostname: str | None = None) -> int:

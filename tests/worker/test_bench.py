@@ -7,12 +7,12 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 from baton.e2e.processes import worker_process
+from baton.worker import local_fleet
 from baton.worker.bench import (
     Progress,
     PromptMaker,
@@ -211,10 +211,7 @@ def baton(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*BATON, *args], check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def test_unreachable_endpoint_is_one_line():

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 from baton.e2e.processes import wait_until_ready
+from baton.worker import local_fleet
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -23,10 +23,7 @@ SERVED = "tiny"
 BATON = [sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def has_kv_transport() -> bool:

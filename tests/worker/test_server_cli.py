@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from baton.worker import local_fleet
 
 # `python -m baton.cli` would make baton.cli `__main__` (a second CommandError class); run it as the script does.
 BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
@@ -23,10 +24,7 @@ def baton(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def test_help_lists_the_options():

@@ -4,13 +4,13 @@ loopback port, driven by the official `openai` client (and httpx where the clien
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from baton.worker import local_fleet
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -22,10 +22,7 @@ LABELS = {"llmservice": "chat", "namespace": "ml"}
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def make_engine(model_dir: Path, role: str = "both", **kwargs):

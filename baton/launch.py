@@ -322,12 +322,14 @@ def cpu_inprocess_worker(w: WorkerLaunch) -> bool:
     if w.engine != ENGINE_VLLM or w.kv_buffer_device != "cpu" or w.tensor_parallel != 1:
         return False
     parallel = ("--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp")
+    return not any(vllm_flag_name(a) in parallel for a in w.extra_args)
 
-    def flag(arg: str) -> str:  # vLLM's parser also takes `--pipeline_parallel_size`
-        name = arg.split("=", 1)[0]
-        return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
 
-    return not any(flag(a) in parallel for a in w.extra_args)
+def vllm_flag_name(arg: str) -> str:
+    """The flag one vLLM command-line token sets, as vLLM's parser reads it: `--flag_name=v` and
+    `--json-flag.key=v` are `--flag-name` and `--json-flag`; a short alias stays as it is."""
+    name = arg.split("=", 1)[0].split(".", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
 
 
 def worker_env(w: WorkerLaunch) -> dict[str, str]:
@@ -625,11 +627,7 @@ def managed_flag_in(engine: str, arg: str) -> str | None:
     (`--flag`, `--flag=value`; vLLM also `--flag_name`, `--json-flag.key=value` and its short aliases)."""
     if not arg.startswith("-") or arg == "-" or arg.lstrip("-").replace(".", "", 1).isdigit():
         return None
-    name = arg.split("=", 1)[0]
-    if engine == ENGINE_VLLM:
-        name = name.split(".", 1)[0]
-        if name.startswith("--"):
-            name = "--" + name[2:].replace("_", "-")
+    name = vllm_flag_name(arg) if engine == ENGINE_VLLM else arg.split("=", 1)[0]
     return _managed_spellings(engine).get(name)
 
 

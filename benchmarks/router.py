@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from baton.worker import local_fleet
+from baton.worker.local_fleet import free_port
 
 from baton.workload import percentile  # the one percentile definition
 
@@ -42,9 +42,6 @@ COMPLETION = {
     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
 }
 BODY = json.dumps({"model": "stub", "prompt": "Hello, my name is", "max_tokens": 1, "temperature": 0}).encode()
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 # ------------------------------------------------------------------------------------------- servers

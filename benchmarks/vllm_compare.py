@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from baton.worker import local_fleet
+from baton.worker.local_fleet import free_port
 
 from baton.workload import percentile
 
@@ -173,9 +173,6 @@ def toy_proxy_main(port: int, prefill: str, decode: str) -> None:
     app.on_cleanup.append(cleanup)
     app.router.add_post("/v1/completions", completions)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 async def router_latency(router: str, proxy: str, prefill: str, decode: str, n: int) -> dict[str, list[float]]:

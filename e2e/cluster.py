@@ -36,6 +36,7 @@ from typing import Any, Self
 import yaml
 from baton.e2e import build as k8sbuild
 from baton.e2e.pki import Pki, make_pki
+from baton.worker.local_fleet import free_ports
 
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 ZONES = ("zone-a", "zone-b")
@@ -195,18 +196,6 @@ class Component:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` free ports to listen on, below the kernel's ephemeral range (`baton up`'s choice, for the same reason:
-    a released ephemeral port can become any outgoing connection's before its component binds it)."""
-    from baton.worker.local_fleet import free_ports as listen_ports
-
-    return listen_ports(n)
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def kill_process_group(pid: int, timeout: float = 10.0) -> None:

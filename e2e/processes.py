@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from baton.e2e.cluster import free_port
+from baton.worker.local_fleet import free_port
 from baton.worker.router.pool import all_workers_seen
 
 

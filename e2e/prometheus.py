@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from baton.e2e.cluster import free_port
+from baton.worker.local_fleet import free_port
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"
 

@@ -376,7 +376,7 @@ class RealNodes:
         return kc
 
     def _start_kube_proxy(self) -> None:
-        from baton.e2e.cluster import free_ports
+        from baton.worker.local_fleet import free_ports
 
         d = self.root / "kube-proxy"
         kc = self._client_creds(d, "kube-proxy", "/CN=system:kube-proxy")  # RBAC: system:node-proxier
@@ -422,7 +422,7 @@ class RealNodes:
                 raise RealNodeError(f"importing {image} into {spec.name}'s containerd failed: {proc.stderr[-800:]}")
 
     def _start_kubelet(self, spec: NodeSpec) -> None:
-        from baton.e2e.cluster import free_ports
+        from baton.worker.local_fleet import free_ports
 
         assert self.cluster.pki is not None
         p = self.paths(spec.name)

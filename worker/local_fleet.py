@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -148,8 +149,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     chosen there and released until its process binds it can meanwhile become the local port of any outgoing
     connection on the machine -- in CI a vLLM prefill worker's NIXL side channel died with "Address already in
     use" that way, beside a busy real-node cluster. Below the range only another listener can take it."""
-    import random
-
     lo, _ = ephemeral_port_range()
     first = max(1024, lo - LISTEN_PORT_SPAN)
     socks: list[socket.socket] = []

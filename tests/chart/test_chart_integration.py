@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from baton.e2e.cluster import free_port
 from baton.e2e.processes import wait_for
 from baton.e2e.procrunner import ProcessPodRunner
+from baton.worker.local_fleet import free_port
 
 from .conftest import CHART, REPO
 

@@ -184,7 +184,7 @@ async def _observe(url: str, name: str, namespace: str):
 @pytest.mark.slow
 def test_every_query_returns_data_from_a_real_fleet(local_prometheus, tmp_path):
     pytest.importorskip("grafana_foundation_sdk", reason="pip install grafana-foundation-sdk (dev extra)")
-    from baton.e2e.cluster import free_port
+    from baton.worker.local_fleet import free_port
 
     dashboards = _tool("dashboards")
     rules = _tool("prometheus_rules")

@@ -20,7 +20,7 @@ import kopf
 import pytest
 from baton.operator.webhook import WebhookOptions, configure_admission, self_signed_certificate
 from baton.operator.webhook_tls import ReloadingWebhookServer
-from baton.worker import local_fleet
+from baton.worker.local_fleet import free_port
 from cryptography import x509
 
 INTERVAL = 0.05  # the tests' reload interval (seconds)
@@ -51,9 +51,6 @@ def new_pair(tmp: Path, name: str) -> tuple[bytes, bytes]:
 
 def serial(pem: bytes) -> int:
     return x509.load_pem_x509_certificate(pem).serial_number
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 async def served_serial(port: int, server_hostname: str | None = None) -> int:

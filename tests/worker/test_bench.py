@@ -12,7 +12,6 @@ import sys
 
 import pytest
 from baton.e2e.processes import worker_process
-from baton.worker import local_fleet
 from baton.worker.bench import (
     Progress,
     PromptMaker,
@@ -26,6 +25,7 @@ from baton.worker.bench import (
     synthetic_schedule,
     trace_schedule,
 )
+from baton.worker.local_fleet import free_port
 
 from baton.workload import LengthDist, load_trace
 
@@ -209,9 +209,6 @@ def test_progress_lines_without_a_tty(capsys):
 def baton(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*BATON, *args], check=False, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def test_unreachable_endpoint_is_one_line():

@@ -14,16 +14,13 @@ import sys
 import httpx
 import pytest
 from baton.e2e.processes import wait_until_ready
-from baton.worker import local_fleet
+from baton.worker.local_fleet import free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
 
 SERVED = "tiny"
 BATON = [sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())"]
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def has_kv_transport() -> bool:

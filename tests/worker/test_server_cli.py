@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from baton.worker import local_fleet
+from baton.worker.local_fleet import free_port
 
 # `python -m baton.cli` would make baton.cli `__main__` (a second CommandError class); run it as the script does.
 BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
@@ -22,9 +22,6 @@ def baton(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*BATON, *args], capture_output=True, text=True, check=False, timeout=timeout, env=env
     )
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def test_help_lists_the_options():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from baton.worker import local_fleet
+from baton.worker.local_fleet import free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("torch")
@@ -20,9 +20,6 @@ LABELS = {"llmservice": "chat", "namespace": "ml"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-free_port = local_fleet.free_port  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def make_engine(model_dir: Path, role: str = "both", **kwargs):

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from baton.e2e.cluster import free_port
 from baton.e2e.processes import wait_until_ready
+from baton.worker.local_fleet import free_port
 from baton.worker.serve_cli import DEFAULT_DRAIN_TIMEOUT_SECONDS
 from baton.worker.server import DRAIN_ACCEPT_SECONDS, DRAIN_CUT_SECONDS, DrainingServer
 

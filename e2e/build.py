@@ -40,6 +40,11 @@ NODE_BINARIES = ("kubelet", "kube-proxy")
 #: What they leave out, nothing here uses; they shorten the cold build, the longest step of a fresh CI run.
 BUILD_TAGS = ("providerless", "dockerless")
 ALL_BINARIES = SERVER_BINARIES + NODE_BINARIES
+#: The Go compiler's own settings for the build: its garbage collector at a quarter of the work (GOGC=400: the
+#: compile processes peak ~0.9 GB instead of ~0.6) and no DWARF (the binaries are stripped, `-s -w`, anyway).
+#: Measured building kube-scheduler, both at once on this 2-core machine: 213 CPU-s instead of 259 (-18 %).
+#: `GOGCFLAGS` is what Kubernetes' `hack/lib/golang.sh` puts before its own `-trimpath`.
+COMPILER_ENV = {"GOGC": "400", "GOGCFLAGS": "all=-dwarf=false"}
 
 #: sha256 of the inputs, checked on top of APT's own signature/hash verification (amd64 only).
 KNOWN_SHA256 = {
@@ -249,7 +254,7 @@ def _build(out: Path, log: Log, jobs: int | None, names: tuple[str, ...]) -> Non
             f"(4-9 minutes on 2 cores; log: {work / 'build.log'})..."
         )
         env.update(KUBE_GIT_VERSION=K8S_VERSION, KUBE_GIT_TREE_STATE="clean",
-                   GOFLAGS=f"-tags={','.join(BUILD_TAGS)}")
+                   GOFLAGS=f"-tags={','.join(BUILD_TAGS)}", **COMPILER_ENV)
         # What `make WHAT=...` runs, less its `generated_files` step: of the files that step writes, this tarball
         # (pinned by sha256) already holds every one byte-for-byte but the OpenAPI definitions (and the e2e
         # tests' bindata, which nothing here builds). So only `gen_openapi`: 45 CPU-s instead of 113.

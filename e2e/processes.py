@@ -20,24 +20,43 @@ from typing import Any
 from baton.worker.local_fleet import free_port
 from baton.worker.router.pool import all_workers_seen
 
+#: The default polling of `wait_for`: first after POLL_FIRST seconds, each pause POLL_GROWTH times the last, at most
+#: POLL_MAX. A condition met at once is seen at once; a pod that takes minutes costs a poll a second, not three:
+#: each poll of a real-node test is a `kubectl` process (~0.1 CPU-s) and an apiserver LIST, and on CI's two
+#: loaded cores a fixed 0.3 s poll of the many minutes-long waits spent CPU the pods being waited for needed.
+POLL_FIRST, POLL_GROWTH, POLL_MAX = 0.1, 1.5, 1.0
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3,
+
+def poll_pauses(interval: float | None = None) -> Iterator[float]:
+    """The pauses between polls: `interval` every time, or (None) the default growing ones. Pure."""
+    pause = POLL_FIRST if interval is None else interval
+    while True:
+        yield pause
+        if interval is None:
+            pause = min(pause * POLL_GROWTH, POLL_MAX)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float | None = None,
              diagnostics: Callable[[], str] = lambda: "") -> Any:
     """Poll `check` until it returns something truthy (and not an exception) and return that.
 
+    Polls every `interval` seconds, or by default sooner at first and then once a second (`poll_pauses`).
     Exceptions count as "not yet" (the object may not exist yet). On timeout the assertion names what was
     awaited, the last value seen, and `diagnostics()` (e.g. a log tail).
     """
     deadline = time.monotonic() + timeout
     last: Any = None
-    while time.monotonic() < deadline:
+    for pause in poll_pauses(interval):
         try:
             last = check()
         except Exception as exc:  # noqa: BLE001  not there yet
             last = exc
         if last and not isinstance(last, Exception):
             return last
-        time.sleep(interval)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(pause, left))
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}\n{diagnostics()}")
 
 

@@ -193,11 +193,8 @@ class Component:
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the component and the children it has reaped have used so far, or None when
         it is not running: where a test run's CPU goes, not only how long it took."""
-        if not self.running():
-            return None
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = proc_stat_fields(self.pid) if self.running() and self.pid else None
+        if fields is None:
             return None
         return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
 
@@ -244,11 +241,18 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    try:  # a zombie counts as dead
+    fields = proc_stat_fields(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie counts as dead
+
+
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of `/proc/PID/stat` after the command name (state first, then ppid, ..., utime at 11), or None
+    when there is no such process. Split after the last ')': the name itself may hold spaces and parentheses."""
+    try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
 
 
 def find_etcd() -> str:

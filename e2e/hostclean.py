@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from baton.e2e.cluster import pid_alive
+from baton.e2e.cluster import pid_alive, proc_stat_fields
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -205,11 +205,8 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 
 def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
+    fields = proc_stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def stop_processes(pids: Iterable[int], timeout: float = 10.0) -> None:

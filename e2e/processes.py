@@ -105,17 +105,18 @@ class OperatorProcess:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
         return "operator log:\n" + "\n".join(lines[-n:])
 
-    def webhook_registered(self, kubectl: Callable[..., subprocess.CompletedProcess]) -> bool:
+    def webhook_registered(self) -> bool:
         """Whether the admission webhook configuration `baton.dev` points at THIS operator (a test's earlier
-        operator may have left its own registered). `kubectl`: the `kubectl` fixture or function."""
-        out = kubectl("get", "validatingwebhookconfiguration", "baton.dev", "-o", "json")
-        return out.returncode == 0 and str(self.webhook_port) in json.loads(out.stdout)["webhooks"][0][
-            "clientConfig"].get("url", "")
+        operator may have left its own registered)."""
+        from baton.e2e.fixtures import api_get
 
-    def wait_webhook_registered(self, kubectl: Callable[..., subprocess.CompletedProcess],
-                                timeout: float = 60.0) -> None:
+        config = api_get("/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/baton.dev",
+                         kubeconfig=self.kubeconfig)
+        return config is not None and str(self.webhook_port) in config["webhooks"][0]["clientConfig"].get("url", "")
+
+    def wait_webhook_registered(self, timeout: float = 60.0) -> None:
         """Wait until this operator registered its admission webhook (it serves LLMService writes from then on)."""
-        wait_for("the operator to register its admission webhook", lambda: self.webhook_registered(kubectl),
+        wait_for("the operator to register its admission webhook", self.webhook_registered,
                  timeout=timeout, diagnostics=self.log_tail)
 
 

@@ -18,9 +18,10 @@ import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean
 from baton.e2e.conftest import MODEL_NAME, WATCHED_NAMESPACES
-from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, kubectl
+from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, api_get, kubectl
 from baton.e2e.pki import self_signed_cert
 from baton.e2e.processes import https_server, wait_for
+from baton.operator.api import API_VERSION
 from baton.worker import smollm2
 
 from baton import launch
@@ -46,7 +47,19 @@ def _get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:
 
 
 def _pods(c, selector: str, ns: str = "default") -> list[dict]:
-    return json.loads(_k(c, "get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
+    """The pods of `ns` that match a label selector (read in-process: what the polls call; see `api_get`)."""
+    return api_get(f"/api/v1/namespaces/{ns}/pods", kubeconfig=c.kubeconfig, query={"labelSelector": selector})["items"]
+
+
+def cluster_ip(c, service: str, ns: str) -> str:
+    """The ClusterIP of Service `service` in `ns` ("" while it does not exist)."""
+    svc = api_get(f"/api/v1/namespaces/{ns}/services/{service}", kubeconfig=c.kubeconfig)
+    return svc["spec"].get("clusterIP", "") if svc else ""
+
+
+def llmservice(c, name: str, ns: str) -> dict | None:
+    """LLMService `name` of `ns` as the API server has it (None while it does not exist)."""
+    return api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}", kubeconfig=c.kubeconfig)
 
 
 def _ready(pod: dict) -> bool:
@@ -343,7 +356,7 @@ def router_sees(c, name: str, ns: str = FLEET_NS, *, prefill: int = 1, decode: i
     that turned Ready last only on its next Endpoints read and health check (seconds later on a loaded
     machine); a load started before that meets a prefill tier it has not seen yet -- with a strict TPOT SLO,
     503s by the prefill-failure policy. A client that needs every request served waits for this."""
-    ip = _k(c, "get", "svc", name, "-n", ns, "-o", "jsonpath={.spec.clusterIP}", check=False).stdout.strip()
+    ip = cluster_ip(c, name, ns)
     status, body = _get(f"http://{ip}:80/ready") if ip else (0, b"")
     try:
         workers = json.loads(body).get("workers", {}) if status == 200 else {}
@@ -366,10 +379,9 @@ def deploy_tiny(c, model_dir: Path) -> float:
     _k(c, "apply", "-f", "-", input=yaml.safe_dump(_fleet_manifest(c.worker_ref, model_dir)))
 
     def ready():
-        out = _k(c, "get", "llmservice", "tiny", "-n", FLEET_NS, "-o", "json", check=False)
-        if out.returncode != 0:
+        obj = llmservice(c, "tiny", FLEET_NS)
+        if obj is None:
             return False
-        obj = json.loads(out.stdout)
         status = obj.get("status") or {}
         return (status.get("observedGeneration") == obj["metadata"]["generation"] and status.get("phase") == "Ready"
                 and _settled(c, "prefill", 1) and _settled(c, "decode", 1) and router_sees(c, "tiny"))
@@ -413,7 +425,7 @@ def test_llmservice_serves_on_real_nodes_like_baton_up(real_cluster, release, ti
     secret = _k(c, "get", "secret", "tiny-kv", "-n", FLEET_NS, "-o", "jsonpath={.data.token}").stdout
     assert len(secret) > 40  # the operator made the KV secret the workers require
 
-    router_ip = _k(c, "get", "svc", "tiny", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    router_ip = cluster_ip(c, "tiny", FLEET_NS)
     got = _greedy(f"http://{router_ip}:80/v1")
     want = _reference_from_baton_up(tiny_model, tmp_path)
     assert got == want
@@ -586,7 +598,7 @@ def test_kv_handoffs_are_authenticated(tiny_fleet):
     from baton.worker.kv.tcp import TCPKVTransport
 
     c = tiny_fleet
-    router_ip = _k(c, "get", "svc", "tiny", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    router_ip = cluster_ip(c, "tiny", FLEET_NS)
     before = _kv_pulled_bytes(c)
     _greedy(f"http://{router_ip}:80/v1")
     assert _kv_pulled_bytes(c) > before, "no KV bytes moved from prefill to decode"
@@ -603,7 +615,7 @@ def test_disruptions_under_load_fail_no_request(tiny_fleet, tiny_model):
     """Under a steady load: a prefill pod deleted, a decode pod deleted, a rolling update of the workers and
     prefill scaled to zero -- zero failed client requests (counts printed)."""
     c = tiny_fleet
-    router_ip = _k(c, "get", "svc", "tiny", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    router_ip = cluster_ip(c, "tiny", FLEET_NS)
     report: list[str] = []
     with Load(f"http://{router_ip}:80/v1", threads=3, model_dir=tiny_model) as load:
         def phase(name: str, act, settle, timeout: float = 240) -> None:
@@ -673,7 +685,7 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, fleet_ns,
         wait_for("LLMService auto Ready, its router seeing its prefill and decode workers",
                  lambda: _condition(c, "auto", "Ready").get("phase") == "Ready" and router_sees(c, "auto"),
                  timeout=300, interval=2)
-        router_ip = _k(c, "get", "svc", "auto", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+        router_ip = cluster_ip(c, "auto", FLEET_NS)
         (first,) = _pods(c, "app.kubernetes.io/instance=auto,baton.dev/role=decode", FLEET_NS)
         t0 = time.monotonic()
         with Load(f"http://{router_ip}:80/v1", threads=2, model_dir=tiny_model) as load:
@@ -692,7 +704,7 @@ def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, fleet_ns,
             before = _metric_sum(_get(f"http://{ip}:8000/metrics")[1], "vllm:generation_tokens_total")
             wait_for("the new decode pod to take traffic", lambda: _metric_sum(
                 _get(f"http://{ip}:8000/metrics")[1], "vllm:generation_tokens_total") > before + 10, timeout=60)
-        status = json.loads(_k(c, "get", "llmservice", "auto", "-n", FLEET_NS, "-o", "json").stdout)["status"]
+        status = llmservice(c, "auto", FLEET_NS)["status"]
         assert status["decode"]["desiredReplicas"] == 2, status
         ok, failed = load.counts()
         REPORT_LINES.append(f"autoscaling under load: {ok} ok, {failed} failed; decode 1 -> 2 "
@@ -760,10 +772,10 @@ def model_server(tiny_model, smollm2_model, tmp_path):
 
 
 def _condition(c, name: str, type_: str) -> dict:
-    out = _k(c, "get", "llmservice", name, "-n", FLEET_NS, "-o", "json", check=False)
-    if out.returncode != 0:
+    obj = llmservice(c, name, FLEET_NS)
+    if obj is None:
         return {}
-    status = json.loads(out.stdout).get("status") or {}
+    status = obj.get("status") or {}
     return next((x for x in status.get("conditions", []) if x["type"] == type_), {}) | {"phase": status.get("phase")}
 
 
@@ -814,7 +826,7 @@ def test_uri_model_source_end_to_end_and_clear_failures(real_cluster, fleet_ns, 
         wait_for("'fetched' Ready", lambda: _condition(c, "fetched", "Ready").get("phase") == "Ready",
               timeout=300, interval=2)
         assert _condition(c, "fetched", "ModelReady")["status"] == "True"
-        router_ip = _k(c, "get", "svc", "fetched", "-n", FLEET_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+        router_ip = cluster_ip(c, "fetched", FLEET_NS)
         import openai
 
         r = openai.OpenAI(base_url=f"http://{router_ip}:80/v1", api_key="unused", max_retries=0,

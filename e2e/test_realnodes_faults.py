@@ -37,6 +37,7 @@ from baton.e2e.test_realnodes import (
     _k,
     _pods,
     _ready,
+    cluster_ip,
     router_sees,
 )
 
@@ -200,7 +201,7 @@ def test_scale_down_drains_prefill_pods_without_losing_a_kv_cache(fleet, tiny_mo
     c = fleet
     router = RouterCounters(_router_ip(c))
     leaving_all = {p["metadata"]["name"]: p["status"]["podIP"] for p in _live(c, "prefill")}
-    base = f"http://{_k(c, 'get', 'svc', NAME, '-n', NS, '-o', 'jsonpath={.spec.clusterIP}').stdout}:80/v1"
+    base = f"http://{cluster_ip(c, NAME, NS)}:80/v1"
     with Load(base, threads=3, model_dir=tiny_model) as load:
         wait_for("the load to get going", lambda: load.counts()[0] >= 15, timeout=120)
         time.sleep(2)
@@ -326,7 +327,7 @@ def test_prefill_crashes_follow_the_prefill_failure_policy(fleet, tiny_model):
     wait_for("2 Ready prefill pods", lambda: len([p for p in _live(c, "prefill") if _ready(p)]) == 2, timeout=240,
              interval=1)
     router = RouterCounters(_router_ip(c))
-    base = f"http://{_k(c, 'get', 'svc', NAME, '-n', NS, '-o', 'jsonpath={.spec.clusterIP}').stdout}:80/v1"
+    base = f"http://{cluster_ip(c, NAME, NS)}:80/v1"
     lines: list[str] = []
     with TimedLoad(base, threads=3, model_dir=tiny_model) as load:
         wait_for("the load to get going", lambda: load.ok >= 10, timeout=120)
@@ -384,7 +385,7 @@ def test_a_prefill_outage_is_a_prefill_failure_not_a_silent_recompute(fleet, tin
     router = RouterCounters(router_pod["status"]["podIP"])
     wait_for("2 Ready prefill pods", lambda: len([p for p in _live(c, "prefill") if _ready(p)]) == 2, timeout=240,
              interval=1)
-    base = f"http://{_k(c, 'get', 'svc', NAME, '-n', NS, '-o', 'jsonpath={.spec.clusterIP}').stdout}:80/v1"
+    base = f"http://{cluster_ip(c, NAME, NS)}:80/v1"
     with TimedLoad(base, threads=3, model_dir=tiny_model) as load:
         wait_for("the load to get going", lambda: load.ok >= 10, timeout=120)
         before, kv0 = router.read(), _decode_kv_failures(c)

@@ -29,7 +29,7 @@ import yaml
 from baton.e2e import images
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES
 from baton.e2e.processes import wait_for
-from baton.e2e.test_realnodes import _get, _k, _pods, _ready, router_sees
+from baton.e2e.test_realnodes import _get, _k, _pods, _ready, cluster_ip, llmservice, router_sees
 from baton.e2e.test_realnodes import _settled as settled
 
 from baton import launch
@@ -235,7 +235,9 @@ def vllm_fleet(real_cluster, release, vllm_image, smollm2_model, tmp_path_factor
             _autoscaled(_service_manifest(vllm_image, smollm2_model), prom.url)))
 
         def ready():
-            obj = json.loads(_k(c, "get", "llmservice", NAME, "-n", NS, "-o", "json").stdout)
+            obj = llmservice(c, NAME, NS)
+            if obj is None:
+                return False
             status = obj.get("status") or {}
             colocated = _live(c, f"app={COLOCATED}")
             return (status.get("phase") == "Ready" and status.get("observedGeneration") == obj["metadata"]["generation"]
@@ -322,7 +324,7 @@ def _metrics_router(c) -> str:
 
 
 def _router_ip(c) -> str:
-    return _k(c, "get", "svc", NAME, "-n", NS, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    return cluster_ip(c, NAME, NS)
 
 
 def _role_pods(c, role: str) -> list[dict]:
@@ -404,7 +406,7 @@ def test_vllm_fleet_scales_decode_on_its_tpot_and_fails_no_request_when_pods_go(
         before = _sum(_metrics(_pod_ip(second)), "vllm:generation_tokens_total")
         wait_for("the new decode pod to take traffic", lambda: _sum(
             _metrics(_pod_ip(second)), "vllm:generation_tokens_total") > before + 10, timeout=180, interval=2)
-        status = json.loads(_k(c, "get", "llmservice", NAME, "-n", NS, "-o", "json").stdout)["status"]
+        status = llmservice(c, NAME, NS)["status"]
         assert status["decode"]["desiredReplicas"] == 2, status
         report.append(f"autoscaler: TPOT p90 {(status.get('slo') or {}).get('tpotP90')} against 1ms -> decode "
                       f"desired 2 ({status['decode'].get('lastScaleReason', '')}); the new pod "

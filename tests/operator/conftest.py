@@ -11,7 +11,7 @@ def operator(local_cluster, kubeconfig, llmservice_crd, kubectl, tmp_path_factor
     op = OperatorProcess(str(kubeconfig), tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     try:
-        op.wait_webhook_registered(kubectl)
+        op.wait_webhook_registered()
     except AssertionError as exc:
         op.stop()
         raise AssertionError(f"operator did not come up; {exc}") from None

@@ -21,9 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, His
 
 pytestmark = pytest.mark.integration
 
-from baton.e2e.fixtures import condition, get_json
+from baton.e2e.fixtures import api_get, condition
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
+from baton.operator.api import API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
@@ -100,19 +101,21 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
     try:
         local_prometheus.wait_for_targets(scrapes=1)
 
-        op.wait_webhook_registered(kubectl)
+        op.wait_webhook_registered()
         kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=True)
 
+        # (read in-process, `api_get`: what the waits poll)
         def status() -> dict:
-            return get_json(kubectl, "llmservice", name, "-n", namespace).get("status") or {}
+            return api_get(f"/apis/{API_VERSION}/namespaces/{namespace}/llmservices/{name}").get("status") or {}
 
         def replicas() -> dict[str, int]:
-            items = get_json(kubectl, "deployments", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")
+            items = api_get(f"/apis/apps/v1/namespaces/{namespace}/deployments",
+                            query={"labelSelector": f"app.kubernetes.io/instance={name}"})
             return {d["metadata"]["labels"]["baton.dev/role"]: d["spec"]["replicas"] for d in items["items"]}
 
         def events(reason: str) -> list[dict]:
-            items = get_json(kubectl, "events", "-n", namespace, "--field-selector",
-                             f"involvedObject.kind=LLMService,involvedObject.name={name}")["items"]
+            items = api_get(f"/api/v1/namespaces/{namespace}/events", query={
+                "fieldSelector": f"involvedObject.kind=LLMService,involvedObject.name={name}"})["items"]
             return [e for e in items if e["reason"] == reason]
 
         # Baseline: within SLO, status.slo filled in, nothing scales.

@@ -15,9 +15,10 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-from baton.e2e.fixtures import get_json
+from baton.e2e.fixtures import api_get, get_json
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
+from baton.operator.api import API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
@@ -34,11 +35,12 @@ def apply(kubectl, ns: str, decode: dict) -> str:
 
 
 def llms(kubectl, ns: str, name: str) -> dict:
-    return get_json(kubectl, "llmservice", name, "-n", ns)
+    """(Read in-process, `api_get`: what the waits poll.)"""
+    return api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}")
 
 
 def decode_deployment(kubectl, ns: str, name: str) -> dict:
-    return get_json(kubectl, "deployment", f"{name}-decode", "-n", ns)
+    return api_get(f"/apis/apps/v1/namespaces/{ns}/deployments/{name}-decode")
 
 
 def replicas_owners(deployment: dict) -> set[str]:

@@ -16,9 +16,10 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-from baton.e2e.fixtures import condition, get_json
+from baton.e2e.fixtures import api_get, condition, get_json
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
+from baton.operator.api import API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
@@ -26,7 +27,8 @@ BAD = sorted((REPO / "tests" / "operator" / "bad").glob("*.yaml"))
 
 
 def llms_status(kubectl, ns: str, name: str) -> dict:
-    return get_json(kubectl, "llmservice", name, "-n", ns).get("status") or {}
+    """(Read in-process, `api_get`: what the waits poll.)"""
+    return (api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}") or {}).get("status") or {}
 
 
 def apply_example(kubectl, ns: str, **spec_overrides) -> dict:
@@ -47,7 +49,8 @@ def wait_ready(kubectl, ns: str, name: str, operator: Operator, timeout: float =
 
 
 def deployments(kubectl, ns: str, name: str) -> dict[str, dict]:
-    items = get_json(kubectl, "deployments", "-n", ns, "-l", f"app.kubernetes.io/instance={name}")["items"]
+    items = api_get(f"/apis/apps/v1/namespaces/{ns}/deployments",
+                    query={"labelSelector": f"app.kubernetes.io/instance={name}"})["items"]
     return {d["metadata"]["name"]: d for d in items}
 
 

@@ -24,9 +24,10 @@ import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-from baton.e2e.fixtures import condition, get_json
+from baton.e2e.fixtures import api_get, condition, get_json
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
+from baton.operator.api import API_VERSION
 from baton.worker.engine.types import EngineStats
 from baton.worker.metrics import WorkerMetrics
 from baton.worker.router.metrics import RouterMetrics
@@ -116,11 +117,13 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
         local_prometheus.wait_for_targets(scrapes=1)
         time.sleep(20)  # a full planner window of rate() history
 
+        # (read in-process, `api_get`: what the waits poll)
         def status() -> dict:
-            return get_json(kubectl, "llmservice", name, "-n", namespace).get("status") or {}
+            return api_get(f"/apis/{API_VERSION}/namespaces/{namespace}/llmservices/{name}").get("status") or {}
 
         def deployments() -> dict[str, dict]:
-            items = get_json(kubectl, "deployments", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}")
+            items = api_get(f"/apis/apps/v1/namespaces/{namespace}/deployments",
+                            query={"labelSelector": f"app.kubernetes.io/instance={name}"})
             return {d["metadata"]["labels"]["baton.dev/role"]: d for d in items["items"]}
 
         def layout() -> dict[str, tuple[int, str]]:
@@ -132,8 +135,8 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
             return out
 
         def events(reason: str) -> list[dict]:
-            items = get_json(kubectl, "events", "-n", namespace, "--field-selector",
-                             f"involvedObject.kind=LLMService,involvedObject.name={name}")["items"]
+            items = api_get(f"/api/v1/namespaces/{namespace}/events", query={
+                "fieldSelector": f"involvedObject.kind=LLMService,involvedObject.name={name}"})["items"]
             return [e for e in items if e["reason"] == reason]
 
         def create() -> bool:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from baton.e2e.fixtures import REPORT_LINES, get_json
+from baton.e2e.fixtures import REPORT_LINES, api_get, get_json
 from baton.e2e.processes import OperatorProcess, wait_for
+from baton.operator.api import API_VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -113,11 +114,11 @@ def settled(kubectl, ns: str, name: str) -> dict | None:
     those Deployments (its per-role replicas/readyReplicas are theirs now); else None. Without the last part a
     status written while a rollout's surge pod still ran (prefill 4/4 of 3) was compared: it follows the
     Deployments' events a moment later."""
-    obj = get_json(kubectl, "llmservice", name, "-n", ns)
+    obj = api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}")  # in-process: the waits poll this
     status = obj.get("status") or {}
     if status.get("observedGeneration") != obj["metadata"]["generation"] or status.get("phase") != "Ready":
         return None
-    for dep in get_json(kubectl, "deployments", "-n", ns)["items"]:
+    for dep in api_get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"]:
         st, want = dep.get("status") or {}, dep["spec"]["replicas"]
         if (st.get("observedGeneration", 0) < dep["metadata"]["generation"]
                 or not st.get("replicas", 0) == st.get("updatedReplicas", 0) == st.get("readyReplicas", 0) == want):
@@ -243,14 +244,14 @@ class _Prefill:
         self.kubectl, self.ns, self.name = kubectl, ns, name
 
     def history(self) -> dict:
-        status = get_json(self.kubectl, "llmservice", self.name, "-n", self.ns).get("status") or {}
+        status = api_get(f"/apis/{API_VERSION}/namespaces/{self.ns}/llmservices/{self.name}").get("status") or {}
         return (((status.get("autoscaler") or {}).get("history")) or {}).get("prefill") or {}
 
     def recommendations(self) -> list[tuple[float, int]]:
         return [(float(t), int(n)) for t, n in self.history().get("recommendations") or []]
 
     def replicas(self) -> int:
-        return get_json(self.kubectl, "deployment", f"{self.name}-prefill", "-n", self.ns)["spec"]["replicas"]
+        return api_get(f"/apis/apps/v1/namespaces/{self.ns}/deployments/{self.name}-prefill")["spec"]["replicas"]
 
 
 def test_a_running_scale_down_window_survives_a_sigkill(

@@ -133,10 +133,26 @@ def _images_for(args: argparse.Namespace):
         raise _error(str(exc)) from exc
 
 
+def _remove_interrupted_builds() -> None:
+    """`baton cluster down` also removes what interrupted image builds left (buildah working containers)."""
+    from baton.e2e import images
+
+    try:
+        removed = images.remove_interrupted_builds()
+    except images.ImageError as exc:
+        print(f"could not check for interrupted image builds: {exc}", file=sys.stderr)
+        return
+    if removed is None:
+        print("an image build is running: its buildah storage is left alone")
+    elif removed:
+        print(f"removed {len(removed)} working container(s) that interrupted image builds left: {', '.join(removed)}")
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from baton.e2e import hostclean
     from baton.e2e.cluster import stop_from_state
 
+    _remove_interrupted_builds()
     run = state_dir(args.name)
     if not (run / "state.json").exists():
         # a crashed test run leaves no named cluster, but perhaps real-node processes and host changes

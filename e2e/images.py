@@ -25,8 +25,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from baton.e2e import aptsource
@@ -118,6 +119,55 @@ def buildah(*args: str, what: str | None = None, cwd: Path | None = None, log_fi
     return _run(argv, what or f"buildah {args[0]}", cwd=cwd, log_file=log_file)
 
 
+_build_lock_depth = 0
+_build_lock_thread = threading.RLock()
+
+
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    """The image builds' lock (``images/build.lock``, a flock): one build in buildah's storage at a time, across
+    processes and threads; re-entrant in one thread (an image build takes it, then builds the base image).
+    `remove_interrupted_builds` leaves a storage alone while anyone holds it."""
+    global _build_lock_depth
+    with _build_lock_thread:
+        if _build_lock_depth:
+            _build_lock_depth += 1
+            try:
+                yield
+            finally:
+                _build_lock_depth -= 1
+            return
+        with _lock(images_dir() / "build.lock"):
+            _build_lock_depth = 1
+            try:
+                yield
+            finally:
+                _build_lock_depth = 0
+
+
+def remove_interrupted_builds() -> list[str] | None:
+    """Remove the working containers that interrupted builds (Ctrl-C, a killed CI run) left in buildah's storage
+    -- each keeps its root filesystem, GBs for the worker and vLLM images, and may hold an overlay mount -- and
+    return their names; None, touching nothing, while a build holds the build lock (its container is in use).
+    No storage, or no buildah: nothing to remove."""
+    import fcntl
+
+    if not (images_dir() / "storage").is_dir() or shutil.which("buildah") is None:
+        return []
+    with open(images_dir() / "build.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        try:
+            names = buildah("containers", "--noheading", "--format", "{{.ContainerName}}").split()
+            if names:
+                buildah("rm", "--all")
+            return names
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _image_exists(ref: str) -> bool:
     with contextlib.suppress(ImageError):
         buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", ref)
@@ -188,22 +238,25 @@ def base_image(log: Log = _default_log) -> str:
     ref = _base_ref(rootfs)
     if _image_exists(ref):
         return ref
-    ctr = buildah("from", "scratch").strip()
-    try:
-        mnt = buildah("mount", ctr).strip()
-        _run(["cp", "-a", f"{rootfs}/.", mnt], "copying the base rootfs")
-        buildah("umount", ctr)
-        buildah(
-            "config",
-            "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "--env", "LANG=C.UTF-8",
-            "--cmd", "python3",
-            ctr,
-        )
-        buildah("commit", "--quiet", ctr, ref)
-    finally:
-        with contextlib.suppress(ImageError):
-            buildah("rm", ctr)
+    with build_lock():
+        if _image_exists(ref):  # committed by whoever held the lock before us
+            return ref
+        ctr = buildah("from", "scratch").strip()
+        try:
+            mnt = buildah("mount", ctr).strip()
+            _run(["cp", "-a", f"{rootfs}/.", mnt], "copying the base rootfs")
+            buildah("umount", ctr)
+            buildah(
+                "config",
+                "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--env", "LANG=C.UTF-8",
+                "--cmd", "python3",
+                ctr,
+            )
+            buildah("commit", "--quiet", ctr, ref)
+        finally:
+            with contextlib.suppress(ImageError):
+                buildah("rm", ctr)
     return ref
 
 
@@ -351,7 +404,7 @@ def build_image(name: str, log: Log = _default_log, force: bool = False) -> Imag
         with contextlib.suppress(ImageError, OSError):
             if (ready := _built(name, dockerfile, root)) is not None:
                 return ready
-    with _lock(images_dir() / "build.lock"):
+    with build_lock():
         base = base_image(log)
         ref, archive, wheels = _target(name, dockerfile, root, base, log)
         if archive.exists() and not force:
@@ -402,7 +455,7 @@ def pause_image(log: Log = _default_log) -> ImageArchive:
     archive = images_dir() / f"pause-{tag}.tar"
     if archive.exists():
         return ImageArchive(PAUSE_REF, archive)
-    with _lock(images_dir() / "build.lock"):
+    with build_lock():
         t0 = time.monotonic()
         work = images_dir() / "pause-src"
         work.mkdir(parents=True, exist_ok=True)

@@ -194,3 +194,36 @@ def test_a_built_image_is_returned_without_waiting_for_the_build_lock(monkeypatc
         assert "build.lock" in str(exc)
     else:
         raise AssertionError("an image that was not built came back without the build lock")
+
+
+def test_cluster_down_removes_what_an_interrupted_image_build_left(tmp_path, monkeypatch):
+    """A build killed mid-way (Ctrl-C, a killed CI run) leaves its buildah working container, with its overlay
+    mount, in Baton's image storage; `baton cluster down` removes it -- but never while a build holds the build
+    lock (that container is in use). Real buildah, a storage of its own under BATON_CACHE."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("BATON_CACHE", str(tmp_path))
+    ctr = images.buildah("from", "scratch").strip()
+    try:
+        mnt = images.buildah("mount", ctr).strip()
+        assert f" {mnt} " in Path("/proc/self/mounts").read_text()
+        with images.build_lock():  # a build running: its storage is left alone
+            assert images.remove_interrupted_builds() is None
+        assert images.buildah("containers", "--noheading", "--format", "{{.ContainerName}}").split() == [ctr]
+
+        down = subprocess.run([sys.executable, "-m", "baton.cli", "cluster", "down", "--name", "none"], check=False,
+                              text=True, capture_output=True, timeout=120,
+                              env=os.environ | {"BATON_CACHE": str(tmp_path)})
+        assert f"removed 1 working container(s) that interrupted image builds left: {ctr}" in down.stdout, (
+            down.stdout + down.stderr)
+        assert "no cluster 'none'" in down.stderr  # and it still says there was no such cluster
+        assert images.buildah("containers", "--noheading", "--format", "{{.ContainerName}}").split() == []
+        assert f" {mnt} " not in Path("/proc/self/mounts").read_text()
+        assert images.remove_interrupted_builds() == []  # nothing left: nothing to say
+    finally:
+        try:
+            images.buildah("rm", "--all")
+        except images.ImageError:
+            pass

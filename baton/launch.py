@@ -32,6 +32,16 @@ VLLM_COMMAND = ("vllm", "serve")
 DEFAULT_WORKER_PORT = 8000
 DEFAULT_KV_PORT = 14579
 DEFAULT_ROUTER_PORT = 8080
+#: the router pod's /metrics listener: its API port, behind the client-facing Service, then serves no /metrics
+#: (which names the worker pods' IPs); Prometheus scrapes this container port, named METRICS_PORT_NAME
+DEFAULT_ROUTER_METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
+
+
+def scrape_port_name(role: str) -> str:
+    """The container port a pod of `role` serves /metrics on (what the chart's PodMonitor scrapes): the router's
+    metrics port; a worker's (Baton or vLLM) HTTP port, where the router reads its queue too."""
+    return METRICS_PORT_NAME if role == "router" else "http"
 #: a pod's address: listen on every interface (kubelet probes and peers reach the pod IP)
 POD_LISTEN_HOST = "0.0.0.0"
 LOCAL_LISTEN_HOST = "127.0.0.1"
@@ -112,6 +122,8 @@ class Flag:
     PREFILL_RETRY_AFTER = "--prefill-retry-after"
     TPOT_SLO = "--tpot-slo"
     KV_ANNOUNCE = "--kv-announce"
+    #: a listener of its own for /metrics (absent: /metrics is served on --port)
+    METRICS_PORT = "--metrics-port"
     #: tokens per KV block (Baton workers; vLLM spells it the same): part of the KV-layout fingerprint
     BLOCK_SIZE = "--block-size"
     #: where OpenTelemetry traces go (OTLP/HTTP; `otlp_traces_url`): the router, Baton workers and vLLM spell it
@@ -662,6 +674,7 @@ class RouterLaunch:
     tpot_slo: float | None = None  # seconds: what `whenHeadroom` protects
     kv_announce: bool = False  # Baton engine only: start the decode hop on the prefill's KV announcement
     otlp_traces_endpoint: str | None = None  # traces (OTLP/HTTP); None: not traced
+    metrics_port: int | None = None  # /metrics on a listener of its own; None: on `port`
 
 
 def router_argv(r: RouterLaunch) -> list[str]:
@@ -697,6 +710,8 @@ def router_argv(r: RouterLaunch) -> list[str]:
         if r.engine != ENGINE_BATON:
             raise ValueError(f"{Flag.KV_ANNOUNCE} needs Baton prefill workers, not {r.engine}")
         argv.append(Flag.KV_ANNOUNCE)
+    if r.metrics_port is not None:
+        argv += [Flag.METRICS_PORT, str(r.metrics_port)]
     return argv + _tracing_args(r.otlp_traces_endpoint)
 
 

@@ -62,7 +62,8 @@ class KubernetesPods:
 
     @staticmethod
     def targets(pods: list[dict]) -> list[dict]:
-        """file_sd entries for running pods of ours with a port named http. Pure."""
+        """file_sd entries for running pods of ours, on the port the PodMonitor scrapes for their role
+        (`launch.scrape_port_name`: a router's metrics port, a worker's http port). Pure."""
         from baton.operator.labels import LABEL_LLMSERVICE, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
 
         from baton import launch
@@ -75,8 +76,9 @@ class KubernetesPods:
                 continue
             if status.get("phase") != "Running" or meta.get("deletionTimestamp"):
                 continue
+            name = launch.scrape_port_name(labels.get(LABEL_ROLE, ""))
             ports = [p["containerPort"] for c in spec.get("containers") or [] for p in c.get("ports") or []
-                     if p.get("name") == "http"]
+                     if p.get("name") == name]
             for port in ports:
                 out.append({"targets": [f"{status['podIP']}:{port}"], "labels": {
                     launch.Label.LLMSERVICE: labels.get(LABEL_LLMSERVICE, ""),

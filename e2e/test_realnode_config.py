@@ -157,9 +157,13 @@ def test_pod_discovery_targets_like_the_pod_monitor():
         pod("stranger", {"app": "x"}),
         pod("pending", ours, ip=None, phase="Pending"),
         pod("leaving", ours, deletionTimestamp="2026-01-01T00:00:00Z"),
+        pod("tiny-router-1", ours | {"baton.dev/role": "router"}, ip="10.88.0.6",
+            ports=(("http", 8080), ("metrics", 9400))),
     ])
     assert got == [{"targets": ["10.88.0.5:8000"], "labels": {"llmservice": "tiny", "role": "decode",
-                                                              "namespace": "demo", "pod": "tiny-decode-1"}}]
+                                                              "namespace": "demo", "pod": "tiny-decode-1"}},
+                   {"targets": ["10.88.0.6:9400"], "labels": {"llmservice": "tiny", "role": "router",
+                                                              "namespace": "demo", "pod": "tiny-router-1"}}]
 
 
 def test_vllm_image_and_venv_install_from_one_recipe():

@@ -430,6 +430,12 @@ def test_llmservice_serves_on_real_nodes_like_baton_up(real_cluster, release, ti
     want = _reference_from_baton_up(tiny_model, tmp_path)
     assert got == want
     assert all(got["completions"]) and got["stream"] == got["completions"]
+    # the router's metrics (they name the worker pods' IPs) on the pod's own metrics port, not behind the
+    # client-facing Service
+    (router_pod,) = [x for x in _pods(c, "baton.dev/role=router", FLEET_NS) if _ready(x)][:1]
+    status, body = _get(f"http://{router_pod['status']['podIP']}:{launch.DEFAULT_ROUTER_METRICS_PORT}/metrics")
+    assert status == 200 and b"baton_router_requests_total" in body, status
+    assert _get(f"http://{router_ip}:80/metrics")[0] == 404
 
 
 class Reference:
@@ -730,7 +736,7 @@ def _router_evidence(c, instance: str) -> str:
         lines += [f"  event: {e}" for e in events[-20:]]
         previous = _k(c, "logs", "-n", FLEET_NS, name, "--previous", "--tail=40", check=False).stdout
         lines += [f"  previous container: {x}" for x in previous.splitlines()]
-        _, body = _get(f"http://{p['status'].get('podIP')}:{launch.DEFAULT_ROUTER_PORT}/metrics")
+        _, body = _get(f"http://{p['status'].get('podIP')}:{launch.DEFAULT_ROUTER_METRICS_PORT}/metrics")
         lines += [x for x in body.decode(errors="replace").splitlines()
                   if x.startswith(("baton_router_hop_errors_total", "baton_router_prefill_failures_total",
                                    "baton_router_requests_total"))]

@@ -49,7 +49,6 @@ NS = "faults"
 NAME = "drain"
 #: the router's --hop-timeout default: no request may take longer than this plus its own work
 HOP_TIMEOUT_SECONDS = 60.0
-ROUTER_PORT = 8080
 
 
 def _log(msg: str) -> None:
@@ -102,7 +101,7 @@ class RouterCounters:
         self.ip = ip
 
     def read(self) -> dict[str, float]:
-        m = _metrics(self.ip, ROUTER_PORT)
+        m = _metrics(self.ip, launch.DEFAULT_ROUTER_METRICS_PORT)
         assert m, "the router's /metrics does not answer"
         out = {f"requests/{o}": _sum(m, "baton_router_requests_total", outcome=o) for o in self.OUTCOMES}
         for o in launch.PREFILL_FAILURE_OUTCOMES:

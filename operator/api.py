@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from baton.launch import RECOMPUTE_MODES, RECOMPUTE_WHEN_HEADROOM
+from baton.launch import DEFAULT_ROUTER_METRICS_PORT, RECOMPUTE_MODES, RECOMPUTE_WHEN_HEADROOM
 
 # ------------------------------------------------------------------------------------------ identity
 
@@ -456,6 +456,13 @@ class RouterSpec(_Model):
     node_selector: dict[str, str] = Field(default_factory=dict)
     prefill_failure: PrefillFailureSpec = Field(default_factory=PrefillFailureSpec,
                                                 json_schema_extra=_object_default())
+
+    @field_validator("port")
+    @classmethod
+    def _not_the_metrics_port(cls, v: int) -> int:
+        if v == DEFAULT_ROUTER_METRICS_PORT:
+            raise ValueError(f"{v} is the router pod's metrics port (/metrics listens there): choose another")
+        return v
 
 
 class RDMASpec(_Model):

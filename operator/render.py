@@ -593,6 +593,7 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
         prefill_retry_after=int(failure.retry_after.seconds),
         tpot_slo=svc.spec.slo.tpot.seconds,
         otlp_traces_endpoint=tracing.otlp_endpoint(svc),
+        metrics_port=launch.DEFAULT_ROUTER_METRICS_PORT,
     )))
 
 
@@ -604,7 +605,10 @@ def _router_deployment(svc: LLMService, opts: ImageOptions) -> dict:
         "image": router_image(svc, opts),
         "command": command,
         "args": args,
-        "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
+        # /metrics on a port of its own: the client-facing Service (port http) hands out no metrics
+        "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"},
+                  {"name": launch.METRICS_PORT_NAME, "containerPort": launch.DEFAULT_ROUTER_METRICS_PORT,
+                   "protocol": "TCP"}],
         "env": _common_env(svc, ROLE_ROUTER),
         "resources": _router_resources(svc),
         "startupProbe": _probe(launch.ROUTER_PROBES.startup, ROUTER_STARTUP_PERIOD_SECONDS,

@@ -8,17 +8,19 @@ open), each selecting that role's pods by their stable selector labels (instance
                            the same port                   from the metrics peers (Prometheus)
                            KV ports                        from this LLMService's other worker role
     router pods            router port                     from anyone (spec.networkPolicy.routerFrom to narrow
-                                                           it; the metrics peers are then added)
+                                                           it)
+                           metrics port (9400)             from the metrics peers
 
 One policy per role rather than one per LLMService: a policy's rules apply to every pod it selects, so a
 single policy would let "router port from anyone" open the same port number on a worker.
 
 Decisions worth knowing:
 
-* Metrics share the HTTP port: Baton's worker and router and vLLM all serve `/metrics` on their API port (the
-  chart's PodMonitor scrapes port `http`), so the metrics peers can also reach the workers' HTTP API. Giving
-  metrics a port of their own would close that, at the price of a second listener in the worker, the router
-  and vLLM (which has none); not done.
+* The router serves `/metrics` on a port of its own (`launch.DEFAULT_ROUTER_METRICS_PORT`, container port
+  `metrics`), not on the port its client-facing Service exposes: its metrics name the worker pods' addresses.
+  The workers (Baton and vLLM) serve `/metrics` on their HTTP port -- the router reads their queues there --
+  so the metrics peers can also reach the workers' HTTP API; a worker metrics listener would close that (vLLM
+  has none); not done.
 * KV ports: the Baton TCP transport's `kvTransfer.port`, which is also vLLM's NIXL side channel
   (VLLM_NIXL_SIDE_CHANNEL_PORT), in both directions between prefill and decode (vLLM's NIXL push mode connects
   prefill -> decode). NIXL moves the data itself through UCX; UCX's TCP transport listens on a port per UCX
@@ -45,6 +47,8 @@ import re
 from collections.abc import Callable
 
 from pydantic import TypeAdapter, ValidationError
+
+from baton import launch
 
 from .api import LLMService
 from .api_network import NetworkPeer
@@ -157,10 +161,11 @@ def _router_ingress(svc: LLMService, opts: NetworkPolicyOptions) -> list[dict]:
     port = svc.spec.router.port
     own = svc.spec.network_policy.router_from
     if own is None:
-        return [{"ports": _tcp([port])}]  # no `from`: every source
-    rules = [{"from": [p.manifest() for p in own], "ports": _tcp([port])}] if own else []
+        rules = [{"ports": _tcp([port])}]  # no `from`: every source
+    else:
+        rules = [{"from": [p.manifest() for p in own], "ports": _tcp([port])}] if own else []
     if peers := metrics_peers(svc, opts):
-        rules.append({"from": peers, "ports": _tcp([port])})
+        rules.append({"from": peers, "ports": _tcp([launch.DEFAULT_ROUTER_METRICS_PORT])})
     return rules
 
 

@@ -235,10 +235,11 @@ def test_monitoring_objects_only_with_the_prometheus_operator(render):
     from baton import launch
 
     meta = lambda label: "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
-    relabel = {r["targetLabel"]: r["sourceLabels"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
-    assert relabel[launch.Label.LLMSERVICE] == [meta(LABEL_LLMSERVICE)]
-    assert relabel[launch.Label.ROLE] == [meta(LABEL_ROLE)]
-    assert relabel[launch.Label.NAMESPACE] == ["__meta_kubernetes_namespace"]
+    for endpoint in pm["spec"]["podMetricsEndpoints"]:
+        relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"] if "targetLabel" in r}
+        assert relabel[launch.Label.LLMSERVICE] == [meta(LABEL_LLMSERVICE)]
+        assert relabel[launch.Label.ROLE] == [meta(LABEL_ROLE)]
+        assert relabel[launch.Label.NAMESPACE] == ["__meta_kubernetes_namespace"]
     metrics_svc = one(docs, "Service", "baton-metrics")
     assert metrics_svc["spec"]["ports"][0]["port"] == 8080
     docs = render("--api-versions", "monitoring.coreos.com/v1", "--set", "metrics.podMonitor.enabled=false",
@@ -254,3 +255,42 @@ def test_schema_refuses_bad_values(helm_bin, bad):
     out = subprocess.run([helm_bin, "template", "x", str(CHART), "--set", bad], capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr, (
         bad, out.stderr)
+
+
+@pytest.mark.parametrize("example", ["tiny-local.yaml", "smollm2-vllm-cpu.yaml"])
+def test_the_pod_monitor_scrapes_each_pod_once_on_its_metrics_port(render, example):
+    """The PodMonitor evaluated as the Prometheus Operator does (an endpoint's port must be a named container
+    port of the pod; its keep/drop relabelings filter on the pod's labels) against the pods the operator renders
+    (Baton engine and vLLM): every pod is scraped exactly once, on `launch.scrape_port_name(role)` -- a router on
+    its metrics port, never on the port its client-facing Service exposes."""
+    import re
+
+    import yaml
+    from baton.operator.labels import LABEL_ROLE
+    from baton.operator.render import render as render_llmservice
+
+    from baton import launch
+
+    pm = one(render("--api-versions", "monitoring.coreos.com/v1"), "PodMonitor")
+    body = yaml.safe_load((REPO / "examples" / example).read_text())
+    body["metadata"].setdefault("namespace", "demo")
+    pods = [d["spec"]["template"] for d in render_llmservice(body) if d["kind"] == "Deployment"]
+    assert len(pods) == 3
+    for pod in pods:
+        labels = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+                  for k, v in pod["metadata"]["labels"].items()}
+        names = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        scraped = []
+        for endpoint in pm["spec"]["podMetricsEndpoints"]:
+            if endpoint["port"] not in names:
+                continue
+            kept = True
+            for rule in endpoint["relabelings"]:
+                if rule.get("action") in ("keep", "drop"):
+                    value = ";".join(labels.get(src, "") for src in rule["sourceLabels"])
+                    hit = re.fullmatch(rule.get("regex", "(.*)"), value) is not None
+                    kept = kept and (hit if rule["action"] == "keep" else not hit)
+            if kept:
+                scraped.append(endpoint["port"])
+        role = pod["metadata"]["labels"][LABEL_ROLE]
+        assert scraped == [launch.scrape_port_name(role)], (role, scraped)

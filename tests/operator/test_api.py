@@ -109,6 +109,15 @@ def test_parse_raises_with_all_problems() -> None:
     assert isinstance(info.value, ValueError)
 
 
+def test_the_router_port_cannot_be_its_metrics_port() -> None:
+    """The router pod listens for /metrics on a port of its own (launch.DEFAULT_ROUTER_METRICS_PORT)."""
+    with pytest.raises(InvalidLLMService) as info:
+        parse_llmservice(body(router={"port": 9400}))
+    assert info.value.problems == [
+        "spec.router.port: 9400 is the router pod's metrics port (/metrics listens there): choose another"]
+    assert parse_llmservice(body(router={"port": 9401})).spec.router.port == 9401
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16, 32, 64])
 def test_powers_of_two_accepted(tp: int) -> None:
     assert validation_errors(body(engine={"kind": "vllm"}, prefill={"tensorParallel": tp})) == []

@@ -200,6 +200,7 @@ def policies(manifests: list[dict]) -> list[dict]:
 
 ON = NetworkPolicyOptions()
 HTTP, ROUTER_PORT, KV = 8000, 8080, 14579
+ROUTER_METRICS = 9400  # the router pod's own /metrics port (launch.DEFAULT_ROUTER_METRICS_PORT)
 
 
 @pytest.fixture
@@ -237,10 +238,11 @@ def test_baton_service_pairs(baton_world):
     assert not ok(decode, prefill, 15000)  # Baton's TCP transport: the KV port, nothing else
     # metrics (the HTTP port): Prometheus pods, by label, in any namespace (the default: labels are identity,
     # so a pod labelled like Prometheus gets in too; naming the namespace narrows it, below)
-    assert ok(PROMETHEUS, prefill, HTTP) and ok(PROMETHEUS, decode, HTTP) and ok(PROMETHEUS, router, ROUTER_PORT)
+    assert ok(PROMETHEUS, prefill, HTTP) and ok(PROMETHEUS, decode, HTTP) and ok(PROMETHEUS, router, ROUTER_METRICS)
     assert ok(PROMETHEUS_LOOKALIKE, prefill, HTTP)
-    # the router: anyone
+    # the router: anyone, on its API port; its metrics port (the workers' addresses) only the metrics peers
     assert ok(CLIENT, router, ROUTER_PORT) and ok(OUTSIDER, router, ROUTER_PORT)
+    assert not ok(CLIENT, router, ROUTER_METRICS) and not ok(OUTSIDER, router, ROUTER_METRICS)
     assert not ok(CLIENT, router, 9999)
 
 
@@ -256,14 +258,17 @@ def test_a_worker_on_the_routers_port_number_is_not_opened_to_everyone():
     assert not allowed(nps, p["decode"], p["router"], KV, NAMESPACES)
 
 
-def test_metrics_are_served_on_the_http_port_the_policy_opens(baton_world):
-    """The PodMonitor scrapes the container port named `http`: the port the metrics rule opens."""
+def test_metrics_are_served_on_the_port_the_policy_opens(baton_world):
+    """The PodMonitor scrapes each pod's container port named `launch.scrape_port_name(role)` (a worker's
+    `http`, the router's `metrics`): the port the metrics rule opens to the metrics peers."""
+    from baton import launch
+
     nps, mine, _ = baton_world
-    for role in ("prefill", "decode"):
-        metrics_port = mine[role].ports["http"]
-        assert metrics_port == HTTP
-        np = next(p for p in nps if p["metadata"]["name"] == f"svc-{role}")
-        rule = next(r for r in np["spec"]["ingress"] if r["from"] == list(render_network.DEFAULT_METRICS_FROM))
+    for role, name in (("prefill", "svc-prefill"), ("decode", "svc-decode"), ("router", "svc-router")):
+        metrics_port = mine[role].ports[launch.scrape_port_name(role)]
+        assert metrics_port == {"router": ROUTER_METRICS}.get(role, HTTP)
+        np = next(p for p in nps if p["metadata"]["name"] == name)
+        rule = next(r for r in np["spec"]["ingress"] if r.get("from") == list(render_network.DEFAULT_METRICS_FROM))
         assert rule["ports"] == [{"protocol": "TCP", "port": metrics_port}]
 
 
@@ -314,8 +319,10 @@ def test_router_from_and_metrics_from_narrow_the_sources():
     ok = lambda src, dst, port: allowed(nps, src, dst, port, NAMESPACES)
     assert ok(GATEWAY, p["router"], ROUTER_PORT) and not ok(CLIENT, p["router"], ROUTER_PORT)
     assert not ok(OUTSIDER, p["router"], ROUTER_PORT)
-    assert ok(PROMETHEUS, p["router"], ROUTER_PORT) and ok(PROMETHEUS, p["prefill"], HTTP)
-    assert not ok(PROMETHEUS_LOOKALIKE, p["prefill"], HTTP) and not ok(PROMETHEUS_LOOKALIKE, p["router"], ROUTER_PORT)
+    assert ok(PROMETHEUS, p["router"], ROUTER_METRICS) and ok(PROMETHEUS, p["prefill"], HTTP)
+    assert not ok(PROMETHEUS, p["router"], ROUTER_PORT)  # routerFrom narrows the API port for Prometheus too
+    assert not ok(PROMETHEUS_LOOKALIKE, p["prefill"], HTTP)
+    assert not ok(PROMETHEUS_LOOKALIKE, p["router"], ROUTER_METRICS)
     # an empty list is nobody, not everybody
     closed = render(llmservice(networkPolicy={"metricsFrom": [], "routerFrom": []}), network=ON)
     nps, p = policies(closed), pods(closed)

@@ -530,7 +530,13 @@ def test_router_command_and_image() -> None:
     assert (args.prefill_service, args.decode_service) == ("svc-prefill", "svc-decode")
     assert args.health_path == "/health"  # vLLM serves no /ready
     assert c["image"] != "vllm/vllm-openai:v1"  # the router is Baton's, whatever the engine
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    # /metrics on a port of its own, not the one the client-facing Service exposes (worker/router/cli.py)
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert args.metrics_port == 9400
+    router_svc = next(d for d in m if d["kind"] == "Service" and d["spec"]["selector"].get("baton.dev/role")
+                      == "router")
+    assert [p["targetPort"] for p in router_svc["spec"]["ports"]] == ["http"]
 
 
 def test_a_slowly_starting_router_is_not_killed_by_its_liveness_probe() -> None:

@@ -556,6 +556,10 @@ def test_baton_router_command_errors():
         (["--both", "http://127.0.0.1:1", "--host", "127.0.0.1", "--port", str(busy.getsockname()[1])],
          "cannot listen on"),
         (["--prefill-service", "a"], "--prefill-service and --decode-service go together"),
+        (["--both", "http://127.0.0.1:1", "--port", "9500", "--metrics-port", "9500"], "give it a port of its own"),
+        (["--both", "http://127.0.0.1:1", "--metrics-port", "70000"], "--metrics-port 70000 is not a port number"),
+        (["--both", "http://127.0.0.1:1", "--host", "127.0.0.1", "--port", str(free_port()),
+          "--metrics-port", str(busy.getsockname()[1])], "cannot listen on"),
     ]
     try:
         for args, message in cases:
@@ -566,6 +570,35 @@ def test_baton_router_command_errors():
             assert len(lines) == 1 and lines[0].startswith("baton router: error:") and message in lines[0], out
     finally:
         busy.close()
+
+
+def test_metrics_port_serves_the_metrics_and_the_api_port_does_not():
+    """`--metrics-port` (what the operator renders): /metrics there; the API port -- what the client-facing
+    Service exposes -- answers /metrics with a 404, since the router's metrics name the workers' addresses."""
+    from baton.worker.local_fleet import free_ports
+
+    api, metrics = free_ports(2)
+    proc = _baton("router", "--both", "http://127.0.0.1:1", "--host", "127.0.0.1", "--port", str(api),
+                  "--metrics-port", str(metrics), "--log-level", "warning")
+    try:
+        from baton.e2e.processes import wait_for
+
+        def listening() -> bool:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            try:
+                return httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for("the router's metrics port", listening, timeout=60)
+        body = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+        assert "baton_router_" in body and "127.0.0.1:1" in body  # the worker's address: why it moved
+        assert httpx.get(f"http://127.0.0.1:{api}/metrics", timeout=10).status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{api}/health", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{metrics}/health", timeout=10).status_code == 404  # metrics only
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------- timeouts

@@ -499,8 +499,9 @@ class Router:
 ROUTER_KEY = web.AppKey("baton_router", Router)
 
 
-def create_app(config: RouterConfig) -> web.Application:
-    """The router's aiohttp app; run it with `handler_cancellation=True` (see `serve`)."""
+def create_app(config: RouterConfig, *, with_metrics: bool = True) -> web.Application:
+    """The router's aiohttp app; run it with `handler_cancellation=True` (see `serve`). `with_metrics=False`:
+    no /metrics on it (`metrics_app` serves them on a listener of its own)."""
     router = Router(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[ROUTER_KEY] = router
@@ -518,18 +519,37 @@ def create_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/v1/models", router.models)
     app.router.add_get("/health", router.health)
     app.router.add_get("/ready", router.ready)
+    if with_metrics:
+        app.router.add_get("/metrics", router.metrics_handler)
+    return app
+
+
+def metrics_app(router: Router) -> web.Application:
+    """/metrics of `router` alone: what a pod's metrics port serves, so that the client-facing Service (the API
+    port) does not hand out the router's metrics, which name the worker pods' addresses."""
+    app = web.Application()
     app.router.add_get("/metrics", router.metrics_handler)
     return app
 
 
-async def serve(config: RouterConfig, sockets: list, stop: asyncio.Event | None = None) -> None:
-    """Serve on already-bound `sockets` until `stop` is set (or forever)."""
-    app = create_app(config)
+async def serve(config: RouterConfig, sockets: list, stop: asyncio.Event | None = None,
+                metrics_sockets: list = ()) -> None:
+    """Serve on already-bound `sockets` until `stop` is set (or forever); with `metrics_sockets`, /metrics is
+    served there and not on `sockets`."""
+    app = create_app(config, with_metrics=not metrics_sockets)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    metrics_runner = web.AppRunner(metrics_app(app[ROUTER_KEY]), access_log=None, shutdown_timeout=1) \
+        if metrics_sockets else None
     await runner.setup()
     try:
+        if metrics_runner is not None:
+            await metrics_runner.setup()
+            for sock in metrics_sockets:
+                await web.SockSite(metrics_runner, sock).start()
         for sock in sockets:
             await web.SockSite(runner, sock).start()
         await (stop.wait() if stop is not None else asyncio.Event().wait())
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()

@@ -49,6 +49,9 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help="how to pick a worker (default least-loaded)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(Flag.METRICS_PORT, type=int, default=None, metavar="PORT",
+                   help="serve /metrics on this port instead of --port (the operator renders it: the client-facing "
+                   "Service then hands out no metrics, which name the workers' addresses)")
     g = p.add_argument_group("static workers (comma-separated URLs; the flag may repeat)")
     g.add_argument("--prefill", action="append", default=[], metavar="URL,...", help="prefill workers")
     g.add_argument("--decode", action="append", default=[], metavar="URL,...", help="decode workers")
@@ -146,6 +149,11 @@ def build_config(args: argparse.Namespace):
         raise CommandError("--prefill-service and --decode-service go together")
     if args.port < 0 or args.port > 65535:
         raise CommandError(f"--port {args.port} is not a port number")
+    if args.metrics_port is not None:
+        if not 0 < args.metrics_port <= 65535:
+            raise CommandError(f"{Flag.METRICS_PORT} {args.metrics_port} is not a port number")
+        if args.metrics_port == args.port:
+            raise CommandError(f"{Flag.METRICS_PORT} {args.metrics_port} is --port too: give it a port of its own")
     for flag in ("discovery_interval", "health_interval", "connect_timeout"):
         if getattr(args, flag) <= 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be positive")
@@ -208,13 +216,20 @@ def run_router(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = _listen(args.host, args.port)
     try:
-        asyncio.run(_main(config, sock, args))
+        metrics_sock = _listen(args.host, args.metrics_port) if args.metrics_port is not None else None
+    except CommandError:
+        sock.close()
+        raise
+    try:
+        asyncio.run(_main(config, sock, args, metrics_sock))
     finally:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
     return 0
 
 
-async def _main(config, sock, args) -> None:
+async def _main(config, sock, args, metrics_sock=None) -> None:
     from baton.worker.router.app import serve
 
     stop = asyncio.Event()
@@ -226,6 +241,7 @@ async def _main(config, sock, args) -> None:
         if getattr(config, role)
     ) or f"Services {config.services()} in namespace {config.namespace}"
     logging.getLogger("baton.router").info(
-        "routing (%s) on http://%s:%d to %s", config.policy, args.host, args.port, where
+        "routing (%s) on http://%s:%d to %s; /metrics on port %d", config.policy, args.host, args.port, where,
+        args.port if metrics_sock is None else args.metrics_port,
     )
-    await serve(config, [sock], stop)
+    await serve(config, [sock], stop, metrics_sockets=[metrics_sock] if metrics_sock is not None else [])

@@ -666,6 +666,40 @@ def _first(r: RunningRouter, role: str, url: str) -> None:
     r.router.policy[role].counter = [e.url for e in eps].index(url)
 
 
+async def _aborted(request):
+    """A worker whose engine gave up on the request: 200, an empty choice with finish_reason abort."""
+    from aiohttp import web
+
+    await request.read()
+    return web.json_response({"id": "a", "object": "text_completion",
+                              "choices": [{"index": 0, "text": "", "finish_reason": "abort"}]})
+
+
+def test_an_aborted_answer_is_never_passed_on_as_a_success():
+    """A 200 whose choice the engine aborted (text cut short or empty) is a failed hop: the request moves to
+    another worker; with none left, the client gets an error, never an empty 200."""
+    stubs = {"aborts": Stub(_aborted).start(), "good": Stub(_good).start()}
+    r = RunningRouter(both=[s.base_url for s in stubs.values()], policy="round-robin", health_interval=3600).start()
+    try:
+        _first(r, "both", stubs["aborts"].base_url)
+        resp = httpx.post(r.base_url + "/v1/completions", timeout=CLIENT_TIMEOUT,
+                          json={"model": SERVED, "prompt": "x"})
+        assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "good", resp.text
+        assert (stubs["aborts"].calls, stubs["good"].calls) == (1, 1)
+        assert hop_errors(settled(r), "both", "aborted") == 1
+    finally:
+        r.stop()
+    alone = RunningRouter(both=[stubs["aborts"].base_url], health_interval=3600).start()
+    try:
+        resp = httpx.post(alone.base_url + "/v1/completions", timeout=CLIENT_TIMEOUT,
+                          json={"model": SERVED, "prompt": "x"})
+        assert resp.status_code == 502 and "aborted" in resp.json()["error"]["message"], resp.text
+    finally:
+        alone.stop()
+        for s in stubs.values():
+            s.stop()
+
+
 def test_hung_worker_times_out_and_the_request_moves_to_another_worker():
     hung = Hung()
     stubs = {"hung": Stub(hung).start(), "good": Stub(_good).start()}

@@ -383,6 +383,9 @@ class Router:
                 except UPSTREAM_ERRORS as exc:
                     ep.fail(exc)
                     raise HopFailed(reason_of(exc), describe(exc)) from None
+                if aborted_answer(payload):  # an answer the engine gave up on is not one: another attempt
+                    raise HopFailed("aborted", "answered 200 with a choice the engine aborted "
+                                    "(finish_reason abort): an incomplete answer")
                 now = time.monotonic()
                 self._first_token(req, now - req.arrival)
                 self.metrics.e2e.observe(now - req.arrival)
@@ -530,6 +533,18 @@ def metrics_app(router: Router) -> web.Application:
     app = web.Application()
     app.router.add_get("/metrics", router.metrics_handler)
     return app
+
+
+def aborted_answer(payload: bytes) -> bool:
+    """Whether a worker's 200 (non-streamed) answer holds a choice its engine aborted (`finish_reason: abort`,
+    what Baton's engine and vLLM report for a request they gave up on): text cut short or empty, which the
+    router must never hand on as a success. Pure."""
+    try:
+        choices = json.loads(payload).get("choices")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") == "abort"
+                                             for c in choices)
 
 
 async def serve(config: RouterConfig, sockets: list, stop: asyncio.Event | None = None,

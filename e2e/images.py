@@ -150,22 +150,15 @@ def remove_interrupted_builds() -> list[str] | None:
     -- each keeps its root filesystem, GBs for the worker and vLLM images, and may hold an overlay mount -- and
     return their names; None, touching nothing, while a build holds the build lock (its container is in use).
     No storage, or no buildah: nothing to remove."""
-    import fcntl
-
     if not (images_dir() / "storage").is_dir() or shutil.which("buildah") is None:
         return []
-    with open(images_dir() / "build.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with _lock(images_dir() / "build.lock", wait=False) as held:
+        if not held:
             return None
-        try:
-            names = buildah("containers", "--noheading", "--format", "{{.ContainerName}}").split()
-            if names:
-                buildah("rm", "--all")
-            return names
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        names = buildah("containers", "--noheading", "--format", "{{.ContainerName}}").split()
+        if names:
+            buildah("rm", "--all")
+        return names
 
 
 def _image_exists(ref: str) -> bool:

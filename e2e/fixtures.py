@@ -106,6 +106,13 @@ def api_get(
     return json.loads(resp.data)
 
 
+def get_llmservice(name: str, namespace: str, *, kubeconfig: str | os.PathLike[str] | None = None) -> dict | None:
+    """LLMService `namespace`/`name` as the API server has it (`api_get`), None while it does not exist."""
+    from baton.operator.api import API_VERSION
+
+    return api_get(f"/apis/{API_VERSION}/namespaces/{namespace}/llmservices/{name}", kubeconfig=kubeconfig)
+
+
 def condition(status: dict, type_: str) -> dict:
     """The condition of `type_` in a status (an empty dict when there is none)."""
     return next((c for c in status.get("conditions", []) if c["type"] == type_), {})

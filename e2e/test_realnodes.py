@@ -18,10 +18,9 @@ import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean
 from baton.e2e.conftest import MODEL_NAME, WATCHED_NAMESPACES
-from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, api_get, kubectl
+from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, api_get, get_llmservice, kubectl
 from baton.e2e.pki import self_signed_cert
 from baton.e2e.processes import https_server, wait_for
-from baton.operator.api import API_VERSION
 from baton.worker import smollm2
 
 from baton import launch
@@ -59,7 +58,7 @@ def cluster_ip(c, service: str, ns: str) -> str:
 
 def llmservice(c, name: str, ns: str) -> dict | None:
     """LLMService `name` of `ns` as the API server has it (None while it does not exist)."""
-    return api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}", kubeconfig=c.kubeconfig)
+    return get_llmservice(name, ns, kubeconfig=c.kubeconfig)
 
 
 def _ready(pod: dict) -> bool:

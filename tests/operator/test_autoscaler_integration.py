@@ -21,10 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, His
 
 pytestmark = pytest.mark.integration
 
-from baton.e2e.fixtures import api_get, condition
+from baton.e2e.fixtures import api_get, condition, get_llmservice
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
-from baton.operator.api import API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
@@ -106,7 +105,7 @@ def test_slo_autoscaler_scales_the_violating_role_and_holds_without_prometheus(
 
         # (read in-process, `api_get`: what the waits poll)
         def status() -> dict:
-            return api_get(f"/apis/{API_VERSION}/namespaces/{namespace}/llmservices/{name}").get("status") or {}
+            return get_llmservice(name, namespace).get("status") or {}
 
         def replicas() -> dict[str, int]:
             items = api_get(f"/apis/apps/v1/namespaces/{namespace}/deployments",

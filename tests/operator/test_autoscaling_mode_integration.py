@@ -15,10 +15,9 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-from baton.e2e.fixtures import api_get, get_json
+from baton.e2e.fixtures import api_get, get_json, get_llmservice
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
-from baton.operator.api import API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
@@ -36,7 +35,7 @@ def apply(kubectl, ns: str, decode: dict) -> str:
 
 def llms(kubectl, ns: str, name: str) -> dict:
     """(Read in-process, `api_get`: what the waits poll.)"""
-    return api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}")
+    return get_llmservice(name, ns)
 
 
 def decode_deployment(kubectl, ns: str, name: str) -> dict:

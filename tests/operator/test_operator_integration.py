@@ -16,10 +16,9 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-from baton.e2e.fixtures import api_get, condition, get_json
+from baton.e2e.fixtures import api_get, condition, get_json, get_llmservice
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
-from baton.operator.api import API_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tiny-local.yaml"
@@ -28,7 +27,7 @@ BAD = sorted((REPO / "tests" / "operator" / "bad").glob("*.yaml"))
 
 def llms_status(kubectl, ns: str, name: str) -> dict:
     """(Read in-process, `api_get`: what the waits poll.)"""
-    return (api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}") or {}).get("status") or {}
+    return (get_llmservice(name, ns) or {}).get("status") or {}
 
 
 def apply_example(kubectl, ns: str, **spec_overrides) -> dict:

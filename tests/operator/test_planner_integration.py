@@ -24,10 +24,9 @@ import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-from baton.e2e.fixtures import api_get, condition, get_json
+from baton.e2e.fixtures import api_get, condition, get_json, get_llmservice
 from baton.e2e.processes import OperatorProcess as Operator
 from baton.e2e.processes import wait_for
-from baton.operator.api import API_VERSION
 from baton.worker.engine.types import EngineStats
 from baton.worker.metrics import WorkerMetrics
 from baton.worker.router.metrics import RouterMetrics
@@ -119,7 +118,7 @@ def test_planner_recommends_then_applies(local_cluster, kubeconfig, kubectl, llm
 
         # (read in-process, `api_get`: what the waits poll)
         def status() -> dict:
-            return api_get(f"/apis/{API_VERSION}/namespaces/{namespace}/llmservices/{name}").get("status") or {}
+            return get_llmservice(name, namespace).get("status") or {}
 
         def deployments() -> dict[str, dict]:
             items = api_get(f"/apis/apps/v1/namespaces/{namespace}/deployments",

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from baton.e2e.fixtures import REPORT_LINES, api_get, get_json
+from baton.e2e.fixtures import REPORT_LINES, api_get, get_json, get_llmservice
 from baton.e2e.processes import OperatorProcess, wait_for
-from baton.operator.api import API_VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,7 +113,7 @@ def settled(kubectl, ns: str, name: str) -> dict | None:
     those Deployments (its per-role replicas/readyReplicas are theirs now); else None. Without the last part a
     status written while a rollout's surge pod still ran (prefill 4/4 of 3) was compared: it follows the
     Deployments' events a moment later."""
-    obj = api_get(f"/apis/{API_VERSION}/namespaces/{ns}/llmservices/{name}")  # in-process: the waits poll this
+    obj = get_llmservice(name, ns)  # in-process: the waits poll this
     status = obj.get("status") or {}
     if status.get("observedGeneration") != obj["metadata"]["generation"] or status.get("phase") != "Ready":
         return None
@@ -244,7 +243,7 @@ class _Prefill:
         self.kubectl, self.ns, self.name = kubectl, ns, name
 
     def history(self) -> dict:
-        status = api_get(f"/apis/{API_VERSION}/namespaces/{self.ns}/llmservices/{self.name}").get("status") or {}
+        status = get_llmservice(self.name, self.ns).get("status") or {}
         return (((status.get("autoscaler") or {}).get("history")) or {}).get("prefill") or {}
 
     def recommendations(self) -> list[tuple[float, int]]:

@@ -32,16 +32,25 @@ VLLM_COMMAND = ("vllm", "serve")
 DEFAULT_WORKER_PORT = 8000
 DEFAULT_KV_PORT = 14579
 DEFAULT_ROUTER_PORT = 8080
-#: the router pod's /metrics listener: its API port, behind the client-facing Service, then serves no /metrics
-#: (which names the worker pods' IPs); Prometheus scrapes this container port, named METRICS_PORT_NAME
-DEFAULT_ROUTER_METRICS_PORT = 9400
+#: a pod's /metrics listener, the router's and a Baton worker's: Prometheus scrapes this container port, named
+#: METRICS_PORT_NAME, and the NetworkPolicies open it to the metrics peers alone. The router's API port, behind
+#: the client-facing Service, then serves no /metrics (which names the worker pods' IPs); a Baton worker's HTTP
+#: port keeps /metrics for its router, which reads the worker's queue there (as it does from vLLM), so the
+#: metrics peers need no way into a worker's API. vLLM has no such listener: its /metrics is on its API port.
+DEFAULT_METRICS_PORT = 9400
 METRICS_PORT_NAME = "metrics"
+#: where every pod of ours (and vLLM) serves Prometheus metrics
+METRICS_PATH = "/metrics"
+#: the container port name of a pod's API (workers and router; the Services and probes target it)
+HTTP_PORT_NAME = "http"
 
 
-def scrape_port_name(role: str) -> str:
-    """The container port a pod of `role` serves /metrics on (what the chart's PodMonitor scrapes): the router's
-    metrics port; a worker's (Baton or vLLM) HTTP port, where the router reads its queue too."""
-    return METRICS_PORT_NAME if role == "router" else "http"
+def scrape_port_name(role: str, engine: str | None) -> str:
+    """The container port a pod of `role` (worker `engine`) serves /metrics on for Prometheus (what the chart's
+    PodMonitor scrapes): a vLLM worker's HTTP port, else (routers, Baton workers) the metrics port."""
+    return HTTP_PORT_NAME if role != "router" and engine == ENGINE_VLLM else METRICS_PORT_NAME
+
+
 #: a pod's address: listen on every interface (kubelet probes and peers reach the pod IP)
 POD_LISTEN_HOST = "0.0.0.0"
 LOCAL_LISTEN_HOST = "127.0.0.1"
@@ -122,7 +131,7 @@ class Flag:
     PREFILL_RETRY_AFTER = "--prefill-retry-after"
     TPOT_SLO = "--tpot-slo"
     KV_ANNOUNCE = "--kv-announce"
-    #: a listener of its own for /metrics (absent: /metrics is served on --port)
+    #: a listener of its own for /metrics (router: instead of --port; Baton worker: besides it)
     METRICS_PORT = "--metrics-port"
     #: tokens per KV block (Baton workers; vLLM spells it the same): part of the KV-layout fingerprint
     BLOCK_SIZE = "--block-size"
@@ -515,6 +524,7 @@ class WorkerLaunch:
     kv_lease_seconds: float | None = None  # Baton prefill: rendered when set (`with_drain` sets it)
     drain_timeout: float | None = None  # --drain-timeout / vLLM --shutdown-timeout: rendered when set (`with_drain`)
     otlp_traces_endpoint: str | None = None  # traces (OTLP/HTTP); None: not traced
+    metrics_port: int | None = None  # Baton engine: /metrics for Prometheus on a listener of its own too
 
 
 def with_drain(w: WorkerLaunch) -> WorkerLaunch:
@@ -569,6 +579,8 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
             argv += [Flag.SHUTDOWN_TIMEOUT, str(math.ceil(w.drain_timeout))]
         if cpu_inprocess_worker(w):
             argv += [Flag.DISTRIBUTED_EXECUTOR_BACKEND, "uni"]
+        if w.metrics_port is not None:
+            raise ValueError(f"vLLM has no {Flag.METRICS_PORT}: its /metrics is on {Flag.PORT}")
         return argv + _tracing_args(w.otlp_traces_endpoint) + list(w.extra_args)
     if w.engine != ENGINE_BATON:
         raise ValueError(f"unknown engine {w.engine!r}; expected one of {', '.join(ENGINES)}")
@@ -584,6 +596,8 @@ def worker_argv(w: WorkerLaunch) -> list[str]:
         argv += [Flag.KV_PORT, str(w.kv_port)]
     if w.kv_transport is not None:
         argv += [Flag.KV_TRANSPORT, w.kv_transport]
+    if w.metrics_port is not None:
+        argv += [Flag.METRICS_PORT, str(w.metrics_port)]
     if w.kv_lease_seconds is not None:
         argv += [Flag.KV_LEASE_SECONDS, _seconds(w.kv_lease_seconds)]
     if w.drain_timeout is not None:
@@ -627,7 +641,8 @@ def managed_flags(engine: str) -> dict[str, tuple[str, ...]]:
     sample = with_drain(WorkerLaunch(
         engine=engine, role="prefill", model_path="/m", served_model_name="m", kv_transport="auto",
         tensor_parallel=2, max_model_len=1, llmservice="s", namespace="n", kv_buffer_device="cpu",
-        otlp_traces_endpoint="http://collector"))
+        otlp_traces_endpoint="http://collector",
+        metrics_port=DEFAULT_METRICS_PORT if engine == ENGINE_BATON else None))
     rendered = [a for a in worker_argv(sample) if a.startswith("-")]
     aliases = FLAG_ALIASES[engine]
     flags = dict.fromkeys([*rendered, *aliases])
@@ -674,7 +689,7 @@ class RouterLaunch:
     tpot_slo: float | None = None  # seconds: what `whenHeadroom` protects
     kv_announce: bool = False  # Baton engine only: start the decode hop on the prefill's KV announcement
     otlp_traces_endpoint: str | None = None  # traces (OTLP/HTTP); None: not traced
-    metrics_port: int | None = None  # /metrics on a listener of its own; None: on `port`
+    metrics_port: int | None = None  # /metrics on a listener of its own instead; None: on `port`
 
 
 def router_argv(r: RouterLaunch) -> list[str]:

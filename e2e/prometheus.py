@@ -62,9 +62,16 @@ class KubernetesPods:
 
     @staticmethod
     def targets(pods: list[dict]) -> list[dict]:
-        """file_sd entries for running pods of ours, on the port the PodMonitor scrapes for their role
-        (`launch.scrape_port_name`: a router's metrics port, a worker's http port). Pure."""
-        from baton.operator.labels import LABEL_LLMSERVICE, LABEL_MANAGED_BY, LABEL_ROLE, MANAGED_BY
+        """file_sd entries for running pods of ours, on the port the PodMonitor scrapes for their role and engine
+        (`launch.scrape_port_name`: a router's and a Baton worker's metrics port, a vLLM worker's http port).
+        Pure."""
+        from baton.operator.labels import (
+            LABEL_ENGINE,
+            LABEL_LLMSERVICE,
+            LABEL_MANAGED_BY,
+            LABEL_ROLE,
+            MANAGED_BY,
+        )
 
         from baton import launch
 
@@ -76,7 +83,7 @@ class KubernetesPods:
                 continue
             if status.get("phase") != "Running" or meta.get("deletionTimestamp"):
                 continue
-            name = launch.scrape_port_name(labels.get(LABEL_ROLE, ""))
+            name = launch.scrape_port_name(labels.get(LABEL_ROLE, ""), labels.get(LABEL_ENGINE))
             ports = [p["containerPort"] for c in spec.get("containers") or [] for p in c.get("ports") or []
                      if p.get("name") == name]
             for port in ports:

@@ -151,9 +151,11 @@ def test_pod_discovery_targets_like_the_pod_monitor():
                 "status": {"podIP": ip, "phase": phase}}
 
     ours = {"app.kubernetes.io/managed-by": "baton-operator", "baton.dev/llmservice": "tiny",
-            "baton.dev/role": "decode"}
+            "baton.dev/role": "decode", "baton.dev/engine": "vllm"}
     got = KubernetesPods.targets([
         pod("tiny-decode-1", ours),
+        pod("tiny-decode-2", ours | {"baton.dev/engine": "baton"}, ip="10.88.0.7",
+            ports=(("http", 8000), ("kv", 14579), ("metrics", 9400))),
         pod("stranger", {"app": "x"}),
         pod("pending", ours, ip=None, phase="Pending"),
         pod("leaving", ours, deletionTimestamp="2026-01-01T00:00:00Z"),
@@ -162,6 +164,8 @@ def test_pod_discovery_targets_like_the_pod_monitor():
     ])
     assert got == [{"targets": ["10.88.0.5:8000"], "labels": {"llmservice": "tiny", "role": "decode",
                                                               "namespace": "demo", "pod": "tiny-decode-1"}},
+                   {"targets": ["10.88.0.7:9400"], "labels": {"llmservice": "tiny", "role": "decode",
+                                                              "namespace": "demo", "pod": "tiny-decode-2"}},
                    {"targets": ["10.88.0.6:9400"], "labels": {"llmservice": "tiny", "role": "router",
                                                               "namespace": "demo", "pod": "tiny-router-1"}}]
 

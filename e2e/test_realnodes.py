@@ -432,9 +432,15 @@ def test_llmservice_serves_on_real_nodes_like_baton_up(real_cluster, release, ti
     # the router's metrics (they name the worker pods' IPs) on the pod's own metrics port, not behind the
     # client-facing Service
     (router_pod,) = [x for x in _pods(c, "baton.dev/role=router", FLEET_NS) if _ready(x)][:1]
-    status, body = _get(f"http://{router_pod['status']['podIP']}:{launch.DEFAULT_ROUTER_METRICS_PORT}/metrics")
+    status, body = _get(f"http://{router_pod['status']['podIP']}:{launch.DEFAULT_METRICS_PORT}/metrics")
     assert status == 200 and b"baton_router_requests_total" in body, status
     assert _get(f"http://{router_ip}:80/metrics")[0] == 404
+    # a Baton worker's metrics port (what Prometheus scrapes, all its NetworkPolicy opens): /metrics, no API
+    (decode_pod,) = [x for x in _pods(c, "baton.dev/role=decode", FLEET_NS) if _ready(x)][:1]
+    decode_ip = decode_pod["status"]["podIP"]
+    status, body = _get(f"http://{decode_ip}:{launch.DEFAULT_METRICS_PORT}/metrics")
+    assert status == 200 and b"vllm:generation_tokens_total{" in body, status
+    assert _get(f"http://{decode_ip}:{launch.DEFAULT_METRICS_PORT}/v1/models")[0] == 404
 
 
 class Reference:
@@ -588,7 +594,7 @@ def _kv_pulled_bytes(c) -> float:
     """baton_kv_transfer_bytes_total summed over the decode pods (their /metrics, from the host)."""
     total = 0.0
     for p in _role_pods(c, "decode"):
-        _, body = _get(f"http://{p['status']['podIP']}:8000/metrics")
+        _, body = _get(f"http://{p['status']['podIP']}:{launch.DEFAULT_METRICS_PORT}/metrics")
         for line in body.decode().splitlines():
             if line.startswith("baton_kv_transfer_bytes_total"):
                 total += float(line.rsplit(" ", 1)[1])
@@ -735,7 +741,7 @@ def _router_evidence(c, instance: str) -> str:
         lines += [f"  event: {e}" for e in events[-20:]]
         previous = _k(c, "logs", "-n", FLEET_NS, name, "--previous", "--tail=40", check=False).stdout
         lines += [f"  previous container: {x}" for x in previous.splitlines()]
-        _, body = _get(f"http://{p['status'].get('podIP')}:{launch.DEFAULT_ROUTER_METRICS_PORT}/metrics")
+        _, body = _get(f"http://{p['status'].get('podIP')}:{launch.DEFAULT_METRICS_PORT}/metrics")
         lines += [x for x in body.decode(errors="replace").splitlines()
                   if x.startswith(("baton_router_hop_errors_total", "baton_router_prefill_failures_total",
                                    "baton_router_requests_total"))]

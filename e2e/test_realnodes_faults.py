@@ -55,7 +55,7 @@ def _log(msg: str) -> None:
     print(f"[faults] {msg}", file=sys.stderr, flush=True)
 
 
-def _metrics(ip: str, port: int = 8000) -> dict[str, float]:
+def _metrics(ip: str, port: int = launch.DEFAULT_METRICS_PORT) -> dict[str, float]:
     """`name{labels}` -> value of one pod's /metrics; {} when it does not answer (gone)."""
     status, body = _get(f"http://{ip}:{port}/metrics", timeout=2)
     if status != 200:
@@ -101,7 +101,7 @@ class RouterCounters:
         self.ip = ip
 
     def read(self) -> dict[str, float]:
-        m = _metrics(self.ip, launch.DEFAULT_ROUTER_METRICS_PORT)
+        m = _metrics(self.ip, launch.DEFAULT_METRICS_PORT)
         assert m, "the router's /metrics does not answer"
         out = {f"requests/{o}": _sum(m, "baton_router_requests_total", outcome=o) for o in self.OUTCOMES}
         for o in launch.PREFILL_FAILURE_OUTCOMES:

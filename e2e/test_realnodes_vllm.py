@@ -318,7 +318,7 @@ def test_vllm_disaggregated_on_two_real_nodes_answers_like_one_colocated_vllm_po
 
 def _metrics_router(c) -> str:
     (router,) = _live(c, f"app.kubernetes.io/instance={NAME},baton.dev/role=router")
-    status, body = _get(f"http://{_pod_ip(router)}:{launch.DEFAULT_ROUTER_METRICS_PORT}/metrics", timeout=10)
+    status, body = _get(f"http://{_pod_ip(router)}:{launch.DEFAULT_METRICS_PORT}/metrics", timeout=10)
     assert status == 200
     return body.decode()
 

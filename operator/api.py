@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from baton.launch import DEFAULT_ROUTER_METRICS_PORT, RECOMPUTE_MODES, RECOMPUTE_WHEN_HEADROOM
+from baton.launch import DEFAULT_METRICS_PORT, RECOMPUTE_MODES, RECOMPUTE_WHEN_HEADROOM
 
 # ------------------------------------------------------------------------------------------ identity
 
@@ -445,6 +445,11 @@ class PrefillFailureSpec(_Model):
         return v
 
 
+#: a Baton worker pod listens for /metrics on launch.DEFAULT_METRICS_PORT (the router pod too)
+METRICS_PORT_TAKEN = (f"{DEFAULT_METRICS_PORT} is a Baton worker pod's metrics port (/metrics listens there): "
+                      "choose another")
+
+
 class RouterSpec(_Model):
     image: Annotated[str, Field(min_length=1)] | None = Field(
         default=None, description="Image of the router and of the model-fetch init container (`baton router`, "
@@ -460,7 +465,7 @@ class RouterSpec(_Model):
     @field_validator("port")
     @classmethod
     def _not_the_metrics_port(cls, v: int) -> int:
-        if v == DEFAULT_ROUTER_METRICS_PORT:
+        if v == DEFAULT_METRICS_PORT:
             raise ValueError(f"{v} is the router pod's metrics port (/metrics listens there): choose another")
         return v
 
@@ -626,6 +631,10 @@ class LLMServiceSpec(_Model):
                     f"{role_name}.port",
                     f"must differ from kvTransfer.port ({self.kv_transfer.port}): both listen in the same pod",
                 ))
+            if self.engine.kind == "baton" and role.port == DEFAULT_METRICS_PORT:
+                problems.append((f"{role_name}.port", METRICS_PORT_TAKEN))
+        if self.engine.kind == "baton" and self.kv_transfer.port == DEFAULT_METRICS_PORT:
+            problems.append(("kvTransfer.port", METRICS_PORT_TAKEN))
         baton_roles = [r for r in ("prefill", "decode") if self.autoscaling_mode(r) == AUTOSCALING_BATON]
         if baton_roles and not self.autoscaling.prometheus_url:
             problems.append(("autoscaling.prometheusURL", (

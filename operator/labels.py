@@ -24,6 +24,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_LLMSERVICE = "baton.dev/llmservice"
 LABEL_ROLE = "baton.dev/role"
+#: On worker pods: the engine they run (baton | vllm). The chart's PodMonitor reads it: a vLLM worker serves
+#: /metrics on its HTTP port, a Baton worker on its metrics port (`launch.scrape_port_name`).
+LABEL_ENGINE = "baton.dev/engine"
 
 #: Values of the fixed labels.
 APP_NAME = "baton"

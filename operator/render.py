@@ -85,6 +85,7 @@ from .images import ImageOptions
 from .labels import (
     ANNOTATION_ROTATE_KV_SECRET,
     COMPONENT_CONFIG,
+    LABEL_ENGINE,
     ROLE_DECODE,
     ROLE_PREFILL,
     ROLE_ROUTER,
@@ -425,6 +426,7 @@ def worker_launch(svc: LLMService, role: str) -> launch.WorkerLaunch:
         kv_buffer_device="cpu" if spec.effective_accelerator() == ACCELERATOR_CPU else None,
         extra_args=(*spec.engine.args, *r.extra_args),
         otlp_traces_endpoint=tracing.otlp_endpoint(svc),
+        metrics_port=launch.DEFAULT_METRICS_PORT if spec.engine.kind == launch.ENGINE_BATON else None,
     ))
 
 
@@ -492,6 +494,12 @@ def _vllm_pre_stop() -> dict:
     return {"preStop": {"exec": {"command": ["sleep", f"{launch.DRAIN_ACCEPT_SECONDS:g}"]}}}
 
 
+def _worker_labels(svc: LLMService, role: str) -> dict[str, str]:
+    """A worker Deployment's and its pods' labels: the role's, and the engine (the PodMonitor picks the port it
+    scrapes by it: `launch.scrape_port_name`)."""
+    return {**role_labels(svc.name, role), LABEL_ENGINE: svc.spec.engine.kind}
+
+
 def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
     r = _role(svc, role)
     vllm = svc.spec.engine.kind == "vllm"
@@ -514,8 +522,11 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
         "command": command,
         "args": args,
         "ports": [
-            {"name": "http", "containerPort": r.port, "protocol": "TCP"},
+            {"name": launch.HTTP_PORT_NAME, "containerPort": r.port, "protocol": "TCP"},
             {"name": "kv", "containerPort": kv_port, "protocol": "TCP"},
+            # a Baton worker's /metrics for Prometheus (vLLM serves them on its HTTP port alone)
+            *([] if vllm else [{"name": launch.METRICS_PORT_NAME, "containerPort": launch.DEFAULT_METRICS_PORT,
+                                "protocol": "TCP"}]),
         ],
         "env": _worker_env(svc, role),
         "resources": _worker_resources(svc, r),
@@ -561,7 +572,7 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
         "strategy": copy.deepcopy(ROLLING_UPDATE),
         "template": {
             "metadata": {
-                "labels": role_labels(svc.name, role),
+                "labels": _worker_labels(svc, role),
                 **({"annotations": annotations} if (annotations := _worker_pod_annotations(svc)) else {}),
             },
             "spec": pod_spec,
@@ -570,7 +581,7 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(svc, role_name(svc.name, role), role_labels(svc.name, role)),
+        "metadata": _metadata(svc, role_name(svc.name, role), _worker_labels(svc, role)),
         "spec": spec,
     }
 
@@ -593,7 +604,7 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
         prefill_retry_after=int(failure.retry_after.seconds),
         tpot_slo=svc.spec.slo.tpot.seconds,
         otlp_traces_endpoint=tracing.otlp_endpoint(svc),
-        metrics_port=launch.DEFAULT_ROUTER_METRICS_PORT,
+        metrics_port=launch.DEFAULT_METRICS_PORT,
     )))
 
 
@@ -607,7 +618,7 @@ def _router_deployment(svc: LLMService, opts: ImageOptions) -> dict:
         "args": args,
         # /metrics on a port of its own: the client-facing Service (port http) hands out no metrics
         "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"},
-                  {"name": launch.METRICS_PORT_NAME, "containerPort": launch.DEFAULT_ROUTER_METRICS_PORT,
+                  {"name": launch.METRICS_PORT_NAME, "containerPort": launch.DEFAULT_METRICS_PORT,
                    "protocol": "TCP"}],
         "env": _common_env(svc, ROLE_ROUTER),
         "resources": _router_resources(svc),

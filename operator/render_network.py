@@ -5,7 +5,8 @@ One NetworkPolicy per role (`<name>-prefill`, `<name>-decode`, `<name>-router`; 
 open), each selecting that role's pods by their stable selector labels (instance + role):
 
     prefill, decode pods   HTTP port (the role's `port`)   from this LLMService's router pods
-                           the same port                   from the metrics peers (Prometheus)
+                           metrics port (9400; vLLM: the   from the metrics peers (Prometheus)
+                           HTTP port)
                            KV ports                        from this LLMService's other worker role
     router pods            router port                     from anyone (spec.networkPolicy.routerFrom to narrow
                                                            it)
@@ -16,11 +17,11 @@ single policy would let "router port from anyone" open the same port number on a
 
 Decisions worth knowing:
 
-* The router serves `/metrics` on a port of its own (`launch.DEFAULT_ROUTER_METRICS_PORT`, container port
-  `metrics`), not on the port its client-facing Service exposes: its metrics name the worker pods' addresses.
-  The workers (Baton and vLLM) serve `/metrics` on their HTTP port -- the router reads their queues there --
-  so the metrics peers can also reach the workers' HTTP API; a worker metrics listener would close that (vLLM
-  has none); not done.
+* The router and Baton workers serve `/metrics` for Prometheus on a port of their own
+  (`launch.DEFAULT_METRICS_PORT`, container port `metrics`): the router's, not behind its client-facing
+  Service, since they name the worker pods' addresses; a Baton worker's so that the metrics peers get no way
+  into its API (its HTTP port keeps `/metrics` for the router, which reads the worker's queue there). vLLM has
+  no metrics listener of its own: for vLLM workers the metrics peers are let into the HTTP port, API included.
 * KV ports: the Baton TCP transport's `kvTransfer.port`, which is also vLLM's NIXL side channel
   (VLLM_NIXL_SIDE_CHANNEL_PORT), in both directions between prefill and decode (vLLM's NIXL push mode connects
   prefill -> decode). NIXL moves the data itself through UCX; UCX's TCP transport listens on a port per UCX
@@ -149,7 +150,9 @@ def _worker_ingress(svc: LLMService, role: str, opts: NetworkPolicyOptions) -> l
     other = ROLE_DECODE if role == ROLE_PREFILL else ROLE_PREFILL
     rules = [{"from": [_pods(svc, ROLE_ROUTER)], "ports": _tcp([port])}]
     if peers := metrics_peers(svc, opts):
-        rules.append({"from": peers, "ports": _tcp([port])})
+        # vLLM serves /metrics on its API port alone; a Baton worker on a port of its own (module docstring)
+        scraped = port if svc.spec.engine.kind == launch.ENGINE_VLLM else launch.DEFAULT_METRICS_PORT
+        rules.append({"from": peers, "ports": _tcp([scraped])})
     kv_rule: dict = {"from": [_pods(svc, other)]}
     if (ports := kv_ports(svc)) is not None:
         kv_rule["ports"] = _tcp(ports)
@@ -165,7 +168,7 @@ def _router_ingress(svc: LLMService, opts: NetworkPolicyOptions) -> list[dict]:
     else:
         rules = [{"from": [p.manifest() for p in own], "ports": _tcp([port])}] if own else []
     if peers := metrics_peers(svc, opts):
-        rules.append({"from": peers, "ports": _tcp([launch.DEFAULT_ROUTER_METRICS_PORT])})
+        rules.append({"from": peers, "ports": _tcp([launch.DEFAULT_METRICS_PORT])})
     return rules
 
 

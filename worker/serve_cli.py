@@ -57,6 +57,14 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument(
+        launch.Flag.METRICS_PORT,
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics on this port too, and nothing else there (the operator renders it: Prometheus scrapes "
+        "it, so its NetworkPolicy needs no way into the worker's API; --port keeps /metrics for the router)",
+    )
+    p.add_argument(
         "--served-model-name",
         default=None,
         help="the `model` clients send (default: the model directory's name)",
@@ -180,6 +188,23 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _metrics_port(args: argparse.Namespace) -> int | None:
+    """--metrics-port, checked: a port number of its own (not --port, not the KV port)."""
+    from baton.cli import CommandError
+
+    port = getattr(args, "metrics_port", None)
+    if port is None:
+        return None
+    flag = launch.Flag.METRICS_PORT
+    if not 0 < port <= 65535:
+        raise CommandError(f"{flag} {port} is not a port number")
+    if port == args.port:
+        raise CommandError(f"{flag} {port} is --port too: give it a port of its own")
+    if port == getattr(args, "kv_port", None) and args.role != "both":
+        raise CommandError(f"{flag} {port} is --kv-port too: give it a port of its own")
+    return port
+
+
 def build_engine(args: argparse.Namespace):
     """The Baton engine for `args` (not started). Errors the user can fix become CommandError."""
     from baton.cli import CommandError
@@ -284,8 +309,12 @@ def run_worker(args: argparse.Namespace) -> int:
         tracer = tracer_for(args.otlp_traces_endpoint, args.role, args.llmservice, args.namespace)
     except (ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
+    metrics_port = _metrics_port(args)
     sock = _listen(args.host, args.port)  # first, so a busy port fails before the model loads
+    sockets = [sock]
     try:
+        if metrics_port is not None:
+            sockets.append(_listen(args.host, metrics_port))
         engine = build_engine(args)
         served = served_model_name(args)
         app = create_app(
@@ -293,15 +322,18 @@ def run_worker(args: argparse.Namespace) -> int:
             served_model_name=served,
             labels={"llmservice": args.llmservice, "namespace": args.namespace, "role": args.role},
             tracer=tracer,
+            metrics_port=metrics_port,
         )
         config = uvicorn.Config(
             app, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, access_log=False
         )
         server = DrainingServer(config, app.state.baton, args.drain_timeout)
-        log.info("serving %s as %r (role %s) on http://%s:%d", args.model, served, args.role, args.host, args.port)
-        server.run(sockets=[sock])
+        log.info("serving %s as %r (role %s) on http://%s:%d%s", args.model, served, args.role, args.host, args.port,
+                 "" if metrics_port is None else f"; /metrics on port {metrics_port} too")
+        server.run(sockets=sockets)
     finally:
-        sock.close()
+        for s in sockets:
+            s.close()
     if server.forced:
         log.warning("stopped at once by a second signal; %d requests in flight were cut", server.cut_requests)
         return 1

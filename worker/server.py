@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -692,6 +693,7 @@ def create_app(
     engine_kind: str = "baton",
     manage_engine: bool = True,
     tracer: Tracer = NO_TRACER,
+    metrics_port: int | None = None,
 ) -> FastAPI:
     """The worker's ASGI app.
 
@@ -700,7 +702,9 @@ def create_app(
     the engine in the background at startup (/ready turns 200 when done) and stops it at shutdown; without,
     the caller owns the engine's lifecycle and the app is ready at once. `tracer` (`tracing.create_tracer`)
     continues the caller's trace in spans of each request (`request_trace.py`); the app shuts it down (a last
-    flush) at shutdown. Default: no tracing.
+    flush) at shutdown. Default: no tracing. With `metrics_port`, a request that reached the server on that port
+    gets /metrics and nothing else (404): the pod's Prometheus port, which its NetworkPolicy opens to the metrics
+    peers, must not be a way into the API.
     """
     served = served_model_name or engine.model_name
     server = _Server(engine, served, labels, engine_kind, manage_engine, tracer)
@@ -715,6 +719,8 @@ def create_app(
 
     app = FastAPI(title="Baton worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.baton = server
+    if metrics_port is not None:
+        app.add_middleware(MetricsPortOnly, port=metrics_port)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -795,11 +801,32 @@ def create_app(
             headers={"Retry-After": RETRY_AFTER_SECONDS, **fp_header},
         )
 
-    @app.get("/metrics")
+    @app.get(launch.METRICS_PATH)
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+class MetricsPortOnly:
+    """ASGI middleware: on the metrics port (the local port the connection came in on, ASGI's `server`), only
+    GET /metrics; anything else there is a 404. One server, one event loop and one drain serve both ports, so
+    Prometheus sees a draining worker's metrics until it exits."""
+
+    def __init__(self, app, port: int) -> None:
+        self.app, self.port = app, port
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (scope.get("server") or (None, None))[1] == self.port \
+                and scope.get("path") != launch.METRICS_PATH:
+            body = json.dumps(error_body(f"only {launch.METRICS_PATH} is served on this port", type="not_found_error",
+                                         code="not_found")).encode()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------- draining

@@ -261,12 +261,13 @@ def test_schema_refuses_bad_values(helm_bin, bad):
 def test_the_pod_monitor_scrapes_each_pod_once_on_its_metrics_port(render, example):
     """The PodMonitor evaluated as the Prometheus Operator does (an endpoint's port must be a named container
     port of the pod; its keep/drop relabelings filter on the pod's labels) against the pods the operator renders
-    (Baton engine and vLLM): every pod is scraped exactly once, on `launch.scrape_port_name(role)` -- a router on
-    its metrics port, never on the port its client-facing Service exposes."""
+    (Baton engine and vLLM): every pod is scraped exactly once, on `launch.scrape_port_name(role, engine)` -- a
+    router and a Baton worker on their metrics port (never a router's client-facing port, never a Baton worker's
+    API port), a vLLM worker on its HTTP port."""
     import re
 
     import yaml
-    from baton.operator.labels import LABEL_ROLE
+    from baton.operator.labels import LABEL_ENGINE, LABEL_ROLE
     from baton.operator.render import render as render_llmservice
 
     from baton import launch
@@ -292,5 +293,6 @@ def test_the_pod_monitor_scrapes_each_pod_once_on_its_metrics_port(render, examp
                     kept = kept and (hit if rule["action"] == "keep" else not hit)
             if kept:
                 scraped.append(endpoint["port"])
-        role = pod["metadata"]["labels"][LABEL_ROLE]
-        assert scraped == [launch.scrape_port_name(role)], (role, scraped)
+        role, engine = pod["metadata"]["labels"][LABEL_ROLE], pod["metadata"]["labels"].get(LABEL_ENGINE)
+        assert scraped == [launch.scrape_port_name(role, engine)], (role, engine, scraped)
+        assert (engine == launch.ENGINE_VLLM and role != "router") == (scraped == [launch.HTTP_PORT_NAME])

@@ -110,12 +110,21 @@ def test_parse_raises_with_all_problems() -> None:
 
 
 def test_the_router_port_cannot_be_its_metrics_port() -> None:
-    """The router pod listens for /metrics on a port of its own (launch.DEFAULT_ROUTER_METRICS_PORT)."""
+    """The router pod listens for /metrics on a port of its own (launch.DEFAULT_METRICS_PORT)."""
     with pytest.raises(InvalidLLMService) as info:
         parse_llmservice(body(router={"port": 9400}))
     assert info.value.problems == [
         "spec.router.port: 9400 is the router pod's metrics port (/metrics listens there): choose another"]
     assert parse_llmservice(body(router={"port": 9401})).spec.router.port == 9401
+
+
+def test_a_baton_workers_ports_cannot_be_its_metrics_port() -> None:
+    """A Baton worker pod serves /metrics for Prometheus on launch.DEFAULT_METRICS_PORT; vLLM has no such
+    listener, so its workers may use that number."""
+    problems = validation_errors(body(engine={"kind": "baton"}, decode={"port": 9400}, kvTransfer={"port": 9400}))
+    taken = "9400 is a Baton worker pod's metrics port (/metrics listens there): choose another"
+    assert f"spec.decode.port: {taken}" in problems and f"spec.kvTransfer.port: {taken}" in problems
+    assert validation_errors(body(engine={"kind": "vllm"}, decode={"port": 9400})) == []
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16, 32, 64])

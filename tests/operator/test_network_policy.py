@@ -200,7 +200,7 @@ def policies(manifests: list[dict]) -> list[dict]:
 
 ON = NetworkPolicyOptions()
 HTTP, ROUTER_PORT, KV = 8000, 8080, 14579
-ROUTER_METRICS = 9400  # the router pod's own /metrics port (launch.DEFAULT_ROUTER_METRICS_PORT)
+METRICS = 9400  # a router's and a Baton worker's own /metrics port (launch.DEFAULT_METRICS_PORT)
 
 
 @pytest.fixture
@@ -236,13 +236,16 @@ def test_baton_service_pairs(baton_world):
     assert not ok(other["decode"], prefill, KV) and not ok(other["prefill"], decode, KV)
     assert not ok(PROMETHEUS, prefill, KV)
     assert not ok(decode, prefill, 15000)  # Baton's TCP transport: the KV port, nothing else
-    # metrics (the HTTP port): Prometheus pods, by label, in any namespace (the default: labels are identity,
-    # so a pod labelled like Prometheus gets in too; naming the namespace narrows it, below)
-    assert ok(PROMETHEUS, prefill, HTTP) and ok(PROMETHEUS, decode, HTTP) and ok(PROMETHEUS, router, ROUTER_METRICS)
-    assert ok(PROMETHEUS_LOOKALIKE, prefill, HTTP)
+    # metrics (the pods' metrics port): Prometheus pods, by label, in any namespace (the default: labels are
+    # identity, so a pod labelled like Prometheus gets in too; naming the namespace narrows it, below) -- and
+    # nothing else: a Baton worker's API is not theirs
+    assert ok(PROMETHEUS, prefill, METRICS) and ok(PROMETHEUS, decode, METRICS) and ok(PROMETHEUS, router, METRICS)
+    assert not ok(PROMETHEUS, prefill, HTTP) and not ok(PROMETHEUS, decode, HTTP)
+    assert not ok(router, prefill, METRICS) and not ok(CLIENT, decode, METRICS) and not ok(decode, prefill, METRICS)
+    assert ok(PROMETHEUS_LOOKALIKE, prefill, METRICS)
     # the router: anyone, on its API port; its metrics port (the workers' addresses) only the metrics peers
     assert ok(CLIENT, router, ROUTER_PORT) and ok(OUTSIDER, router, ROUTER_PORT)
-    assert not ok(CLIENT, router, ROUTER_METRICS) and not ok(OUTSIDER, router, ROUTER_METRICS)
+    assert not ok(CLIENT, router, METRICS) and not ok(OUTSIDER, router, METRICS)
     assert not ok(CLIENT, router, 9999)
 
 
@@ -258,15 +261,18 @@ def test_a_worker_on_the_routers_port_number_is_not_opened_to_everyone():
     assert not allowed(nps, p["decode"], p["router"], KV, NAMESPACES)
 
 
-def test_metrics_are_served_on_the_port_the_policy_opens(baton_world):
-    """The PodMonitor scrapes each pod's container port named `launch.scrape_port_name(role)` (a worker's
-    `http`, the router's `metrics`): the port the metrics rule opens to the metrics peers."""
+@pytest.mark.parametrize("engine", ["baton", "vllm"])
+def test_metrics_are_served_on_the_port_the_policy_opens(engine):
+    """The PodMonitor scrapes each pod's container port named `launch.scrape_port_name(role, engine)` (a
+    router's and a Baton worker's `metrics`, a vLLM worker's `http`): the port the metrics rule opens to the
+    metrics peers, and the only one."""
     from baton import launch
 
-    nps, mine, _ = baton_world
+    mine = render(llmservice() if engine == "baton" else vllm(), network=ON)
+    nps, pod = policies(mine), pods(mine)
     for role, name in (("prefill", "svc-prefill"), ("decode", "svc-decode"), ("router", "svc-router")):
-        metrics_port = mine[role].ports[launch.scrape_port_name(role)]
-        assert metrics_port == {"router": ROUTER_METRICS}.get(role, HTTP)
+        metrics_port = pod[role].ports[launch.scrape_port_name(role, engine)]
+        assert metrics_port == (HTTP if engine == "vllm" and role != "router" else METRICS)
         np = next(p for p in nps if p["metadata"]["name"] == name)
         rule = next(r for r in np["spec"]["ingress"] if r.get("from") == list(render_network.DEFAULT_METRICS_FROM))
         assert rule["ports"] == [{"protocol": "TCP", "port": metrics_port}]
@@ -281,6 +287,8 @@ def test_vllm_workers_open_every_port_to_each_other_only():
     assert ok(p["decode"], p["prefill"], KV)  # NIXL side channel
     assert not ok(CLIENT, p["prefill"], ucx_port) and not ok(p["router"], p["decode"], ucx_port)
     assert not ok(CLIENT, p["prefill"], KV)
+    # vLLM serves /metrics on its API port alone: the metrics peers get that port (docs/vllm.md says so)
+    assert ok(PROMETHEUS, p["prefill"], HTTP) and not ok(PROMETHEUS, p["prefill"], METRICS)
 
 
 def test_vllm_pinned_ucx_range_is_opened_port_by_port():
@@ -319,14 +327,14 @@ def test_router_from_and_metrics_from_narrow_the_sources():
     ok = lambda src, dst, port: allowed(nps, src, dst, port, NAMESPACES)
     assert ok(GATEWAY, p["router"], ROUTER_PORT) and not ok(CLIENT, p["router"], ROUTER_PORT)
     assert not ok(OUTSIDER, p["router"], ROUTER_PORT)
-    assert ok(PROMETHEUS, p["router"], ROUTER_METRICS) and ok(PROMETHEUS, p["prefill"], HTTP)
+    assert ok(PROMETHEUS, p["router"], METRICS) and ok(PROMETHEUS, p["prefill"], METRICS)
     assert not ok(PROMETHEUS, p["router"], ROUTER_PORT)  # routerFrom narrows the API port for Prometheus too
-    assert not ok(PROMETHEUS_LOOKALIKE, p["prefill"], HTTP)
-    assert not ok(PROMETHEUS_LOOKALIKE, p["router"], ROUTER_METRICS)
+    assert not ok(PROMETHEUS_LOOKALIKE, p["prefill"], METRICS)
+    assert not ok(PROMETHEUS_LOOKALIKE, p["router"], METRICS)
     # an empty list is nobody, not everybody
     closed = render(llmservice(networkPolicy={"metricsFrom": [], "routerFrom": []}), network=ON)
     nps, p = policies(closed), pods(closed)
-    assert not allowed(nps, PROMETHEUS, p["prefill"], HTTP, NAMESPACES)
+    assert not allowed(nps, PROMETHEUS, p["prefill"], METRICS, NAMESPACES)
     assert not allowed(nps, CLIENT, p["router"], ROUTER_PORT, NAMESPACES)
     assert allowed(nps, p["router"], p["prefill"], HTTP, NAMESPACES)
 
@@ -343,7 +351,7 @@ def test_operator_options_and_the_spec_switch():
     peers = render_network.parse_peers(json.dumps([{"namespaceSelector": {"matchLabels": {"x": "y"}}}]))
     custom = NetworkPolicyOptions(metrics_from=peers)
     np = policies(render(llmservice(), network=custom))[0]
-    assert {"from": [{"namespaceSelector": {"matchLabels": {"x": "y"}}}], "ports": [{"protocol": "TCP", "port": HTTP}]} \
+    assert {"from": [{"namespaceSelector": {"matchLabels": {"x": "y"}}}], "ports": [{"protocol": "TCP", "port": METRICS}]} \
         in np["spec"]["ingress"]
     for bad in ("{}", "[{}]", '[{"podSelector": {"matchLabels": {"a": 1}}}]', "not json",
                 '[{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]'):

@@ -438,7 +438,9 @@ def test_baton_worker_command() -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
-    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 8000), ("kv", 15000)]
+    # /metrics for Prometheus on a port of its own, which the worker's own parser takes
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 8000), ("kv", 15000), ("metrics", 9400)]
+    assert args.metrics_port == 9400
 
 
 def test_vllm_worker_command() -> None:
@@ -446,6 +448,8 @@ def test_vllm_worker_command() -> None:
                         prefill={"tensorParallel": 4})), "prefill")["containers"][0]
     assert c["image"] == "vllm/vllm-openai:v1"
     assert c["command"] == ["vllm", "serve"]
+    assert [p["name"] for p in c["ports"]] == ["http", "kv"]  # vLLM has no metrics port: /metrics on http
+    assert "--metrics-port" not in c["args"]
     assert c["args"][0] == "/models/m"
     assert c["args"][c["args"].index("--tensor-parallel-size") + 1] == "4"
     assert c["args"][c["args"].index("--port") + 1] == "8000"

@@ -141,6 +141,7 @@ def test_rdma_resource_name_and_count_are_configurable_and_auto_requests_no_devi
     ("baton", "engine.args", ["--llmservice", "x"], "--llmservice"),
     ("vllm", "engine.args", ["--otlp-traces-endpoint=http://c:4318"], "--otlp-traces-endpoint"),
     ("baton", "decode.extraArgs", ["--otlp-traces-endpoint", "http://c"], "--otlp-traces-endpoint"),
+    ("baton", "engine.args", ["--metrics-port=9500"], "--metrics-port"),
 ])
 def test_args_that_override_the_launch_contract_are_refused(engine, field, args, flag) -> None:
     role, _, key = field.partition(".")

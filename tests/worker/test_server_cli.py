@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from baton.worker.local_fleet import free_port
+from baton.worker.local_fleet import free_port, free_ports
 
 # `python -m baton.cli` would make baton.cli `__main__` (a second CommandError class); run it as the script does.
 BATON = (sys.executable, "-c", "import sys; from baton.cli import main; sys.exit(main())")
@@ -63,6 +63,23 @@ def test_busy_port_is_one_line(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("which", ["same", "range", "kv", "busy"])
+def test_bad_metrics_port_is_one_line(tmp_path, which):
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        metrics, kv = {"same": (port, 0), "range": (70000, 0), "kv": (port + 1, port + 1),
+                       "busy": (busy.getsockname()[1], 0)}[which]
+        r = baton("worker", "--model", str(tmp_path), "--role", "prefill", "--port", str(port), "--kv-port", str(kv),
+                  "--metrics-port", str(metrics))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("baton worker: error: ") and {
+        "same": "is --port too", "range": "is not a port number", "kv": "is --kv-port too",
+        "busy": f"cannot listen on 127.0.0.1:{metrics}"}[which] in line, line
+
+
 def test_bad_role_is_refused_by_argparse(tmp_path):
     r = baton("worker", "--model", str(tmp_path), "--role", "router")
     assert r.returncode == 2
@@ -75,7 +92,7 @@ def test_worker_process_serves_and_stops_on_ctrl_c(tmp_path):
     from baton.worker.tiny import create_tiny_model
 
     model = create_tiny_model(tmp_path / "tiny", size="tiny", arch="llama", seed=0)
-    port = free_port()
+    port, metrics_port = free_ports(2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BATON_LLMSERVICE": "svc", "BATON_NAMESPACE": "ns"}
     proc = subprocess.Popen(
         [
@@ -89,6 +106,8 @@ def test_worker_process_serves_and_stops_on_ctrl_c(tmp_path):
             "tiny",
             "--max-num-seqs",
             "4",
+            "--metrics-port",
+            str(metrics_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -114,8 +133,17 @@ def test_worker_process_serves_and_stops_on_ctrl_c(tmp_path):
         )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 3
-        metrics = httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics").text  # the API port keeps /metrics: the router reads queues there
         assert 'llmservice="svc"' in metrics and 'namespace="ns"' in metrics and 'role="both"' in metrics
+        # the metrics port (what Prometheus scrapes, and all its NetworkPolicy opens): /metrics and nothing else
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert scraped.status_code == 200 and 'vllm:generation_tokens_total{' in scraped.text
+        assert 'role="both"' in scraped.text
+        for path in ("/v1/models", "/ready", "/health"):
+            assert httpx.get(f"http://127.0.0.1:{metrics_port}{path}", timeout=10).status_code == 404, path
+        refused = httpx.post(f"http://127.0.0.1:{metrics_port}/v1/completions",
+                             json={"model": "tiny", "prompt": "Hello", "max_tokens": 3}, timeout=10)
+        assert refused.status_code == 404 and "only /metrics" in refused.json()["error"]["message"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -80,7 +80,7 @@ from baton.worker.router.request import (
 from baton.worker.router.stages import Hop, ttft_stages
 from baton.worker.tracing import tracer_for
 
-from baton.launch import ErrorCode, Header, parse_server_timing
+from baton.launch import METRICS_PATH, ErrorCode, Header, parse_server_timing
 
 log = logging.getLogger("baton.router")
 
@@ -523,7 +523,7 @@ def create_app(config: RouterConfig, *, with_metrics: bool = True) -> web.Applic
     app.router.add_get("/health", router.health)
     app.router.add_get("/ready", router.ready)
     if with_metrics:
-        app.router.add_get("/metrics", router.metrics_handler)
+        app.router.add_get(METRICS_PATH, router.metrics_handler)
     return app
 
 
@@ -531,7 +531,7 @@ def metrics_app(router: Router) -> web.Application:
     """/metrics of `router` alone: what a pod's metrics port serves, so that the client-facing Service (the API
     port) does not hand out the router's metrics, which name the worker pods' addresses."""
     app = web.Application()
-    app.router.add_get("/metrics", router.metrics_handler)
+    app.router.add_get(METRICS_PATH, router.metrics_handler)
     return app
 
 

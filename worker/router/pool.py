@@ -41,7 +41,7 @@ ROLES = ("prefill", "decode", "both")
 #: (200 once the engine can serve); a vLLM fleet is rendered with `--health-path /health`. From the launch
 #: contract, like every path a probe or a peer uses.
 DEFAULT_HEALTH_PATH = launch.probes(launch.ENGINE_BATON).readiness
-METRICS_PATH = "/metrics"
+METRICS_PATH = launch.METRICS_PATH
 #: a worker's own queue (vLLM's names; Baton's workers export the same): sums over label sets (engines)
 LOAD_SERIES = (launch.Metric.NUM_REQUESTS_RUNNING, launch.Metric.NUM_REQUESTS_WAITING)
 _LOAD_LINE = re.compile(rb"^(" + b"|".join(re.escape(n.encode()) for n in LOAD_SERIES)

@@ -16,7 +16,8 @@ model and tensor-parallel degree:
                                      "kv_capacity_tokens": 66144, "max_batch_tokens": 2048}}}}
 
 An optional top-level `"kv_bytes_per_token": {"<model>": bytes}` sizes KV hand-offs for the planner's locality
-choice. An optional `"pipeline_parallel": {"degrees": [1, 2, 4], "stage_overhead_ms": 1.0}` says the engine the
+choice. An optional `"chunked_prefill": true|false` says how the engine schedules a colocated worker (default:
+true for `"engine": "baton"`, false otherwise); the planner's colocated model follows it. An optional `"pipeline_parallel": {"degrees": [1, 2, 4], "stage_overhead_ms": 1.0}` says the engine the
 profile was measured on runs pipeline parallelism (vLLM, DistServe; the Baton engine does not) and how the
 planner models it, as DistServe's simulator does: a batch's time on one stage is the whole model's time divided
 by the stages, plus a per-stage overhead (activations sent on, a launch); see `PipelinedProfile`. Built-in profiles: `a100-80g-distserve` (the DistServe engine) and `a100-80g-vllm` (vLLM as DistServe
@@ -168,6 +169,9 @@ class ModelProfiles:
     #: pipeline-parallel degrees the profile's engine runs ((1,): none) and the per-stage overhead it is modelled with
     pipeline_degrees: tuple[int, ...] = (1,)
     pipeline_stage_overhead_s: float = 0.0
+    #: the engine's colocated (`both`) worker runs chunked prefill (decodes and prompt chunks in every step, up to
+    #: `max_batch_tokens`) rather than whole-prompt prefill steps that stall the running decodes
+    chunked_prefill: bool = False
 
     @property
     def tensor_parallel_degrees(self) -> list[int]:
@@ -212,7 +216,18 @@ class ProfileSet:
         kv = self.extra.get("kv_bytes_per_token", {})
         degrees, overhead = self.pipeline_parallel()
         return ModelProfiles(model, self.models[model], self.hardware, self.engine,
-                             int(kv.get(model, 0)) if isinstance(kv, dict) else 0, degrees, overhead)
+                             int(kv.get(model, 0)) if isinstance(kv, dict) else 0, degrees, overhead,
+                             self.chunked_prefill())
+
+    def chunked_prefill(self) -> bool:
+        """Whether the profile's engine schedules a colocated worker with chunked prefill: the file's
+        `chunked_prefill` (true/false), else true for a Baton-engine profile (its `both` worker chunks by
+        default) and false otherwise (the shipped vLLM profile is vLLM as DistServe measured it, before
+        chunked prefill was its default)."""
+        value = self.extra.get("chunked_prefill", self.engine == "baton")
+        if not isinstance(value, bool):
+            raise ValueError(f"chunked_prefill: expected true or false, got {value!r}")  # noqa: TRY004 - a bad file, reported like the rest
+        return value
 
     def pipeline_parallel(self) -> tuple[tuple[int, ...], float]:
         """(pipeline-parallel degrees, per-stage overhead in seconds) the profile declares; ((1,), 0.0) when it

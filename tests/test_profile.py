@@ -45,6 +45,21 @@ def test_file_round_trip_and_errors(tmp_path):
         ProfileSet.load(p)
 
 
+def test_chunked_prefill_follows_the_engine_unless_the_file_says():
+    """How the planner schedules the colocated rival: the Baton engine's `both` worker chunks its prompts; the
+    shipped profiles are DistServe's engine and vLLM as DistServe measured it (whole-prompt steps)."""
+    assert not ProfileSet.load("a100-80g-distserve").for_model("facebook/opt-13b").chunked_prefill
+    assert not ProfileSet.load("a100-80g-vllm").for_model("facebook/opt-13b").chunked_prefill
+    doc = ProfileSet.load("a100-80g-vllm").to_dict()
+    assert ProfileSet.from_dict({**doc, "engine": "baton"}).for_model("facebook/opt-13b").chunked_prefill
+    assert ProfileSet.from_dict({**doc, "chunked_prefill": True}).for_model("facebook/opt-13b").chunked_prefill
+    assert not ProfileSet.from_dict({**doc, "engine": "baton", "chunked_prefill": False}).for_model(
+        "facebook/opt-13b").chunked_prefill
+    assert ProfileSet.from_dict({**doc, "chunked_prefill": True}).to_dict()["chunked_prefill"] is True
+    with pytest.raises(ValueError, match="chunked_prefill: expected true or false, got 'yes'"):
+        ProfileSet.from_dict({**doc, "chunked_prefill": "yes"}).for_model("facebook/opt-13b")
+
+
 def test_fits_recover_known_coefficients_from_noisy_samples():
     rng = random.Random(0)
     a, b, c = 12.0, 0.05, 3e-6

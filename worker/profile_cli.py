@@ -79,7 +79,8 @@ def run_profile(args: argparse.Namespace) -> int:
         models={name: {1: profile}}, hardware=_machine(torch.get_num_threads()), engine="baton",
         source=f"baton profile on {time.strftime('%Y-%m-%d %H:%M:%S %Z')} ({args.dtype}, {args.repeats} runs a "
                "point, median)",
-        extra={"kv_bytes_per_token": {name: _kv_bytes_per_token(engine)}})
+        # a `both` worker chunks its prompts by default (the planner's colocated model follows this)
+        extra={"kv_bytes_per_token": {name: _kv_bytes_per_token(engine)}, "chunked_prefill": True})
     try:
         ps.save(out)
     except OSError as exc:

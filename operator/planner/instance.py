@@ -13,8 +13,14 @@ model), returning what each request saw:
   the KV cache can reserve its prompt + output tokens (FIFO, head of line); each step costs the profile's
   decode time for the batch and its total context. TPOT = (finish - arrival) / (output - 1), so waiting for
   KV capacity shows up as it would to a client.
-- `colocated_latencies`: prefill and decode in one instance, vLLM's default schedule without chunked prefill:
-  waiting prompts go first (the running batch stalls for the whole prefill), else a decode step.
+- `colocated_latencies`: prefill and decode in one instance. Without chunked prefill (vLLM as DistServe
+  measured it, the shipped vLLM profile): waiting prompts go first (the running batch stalls for the whole
+  prefill), else a decode step. With chunked prefill (the Baton engine's `both` worker, Sarathi-Serve; vLLM V1's
+  default): every step decodes one token of each running request and spends the rest of the step's token budget
+  (`batch_token_limit`) on prompt chunks, the prompt in progress first, then waiting ones (FIFO, when the KV
+  cache can reserve the whole sequence). A mixed step costs the prefill fit for its chunks (each chunk's
+  attention over the prompt's earlier chunks included) plus the decode fit's per-request and context terms: the
+  step's fixed cost is paid once, and decodes advance while a prompt is computed instead of waiting for it.
 
 `max_goodput` bisects the arrival rate (the same requests, arrival times scaled) for the highest rate whose
 attainment of the phase's SLO stays at or above the target: DistServe's per-instance goodput.
@@ -100,17 +106,25 @@ class _DecodeBatch:
 
     def run_step(self) -> float:
         dt = self.profile.decode_step_s(self.size, self.ctx)
+        self.advance()
+        return dt
+
+    def advance(self) -> None:
+        """Every member got one more token (a step ran, its time counted by the caller)."""
         self.step += 1
         self.ctx += self.size
-        return dt
 
     def step_and_finish(self, t: float, requests: Sequence[Request], first: list[float],
                         tpot: list[float | None]) -> float:
         """Run one step from time `t`; record the TPOT of each request it finishes. Returns the new time."""
         t += self.run_step()
+        self.record_finished(t, requests, first, tpot)
+        return t
+
+    def record_finished(self, t: float, requests: Sequence[Request], first: list[float], tpot: list[float | None]) -> None:
+        """Record the TPOT of each request done by the step that ended at `t`, and let it go."""
         for k in self.pop_finished(requests):
             tpot[k] = (t - first[k]) / (requests[k].output_tokens - 1)
-        return t
 
     def pop_finished(self, requests: Sequence[Request]) -> list[int]:
         done = []
@@ -153,7 +167,11 @@ def decode_latencies(profile: WorkerProfile | PipelinedProfile, requests: Sequen
     return Latencies([None] * n, tpot)
 
 
-def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> Latencies:
+def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request], *, chunked: bool = False) -> Latencies:
+    """A colocated instance's latencies: whole-prompt prefill steps that stall decodes, or (`chunked`) the
+    chunked-prefill schedule (module docstring)."""
+    if chunked:
+        return _chunked_colocated_latencies(profile, requests)
     n = len(requests)
     ttft: list[float | None] = [None] * n
     tpot: list[float | None] = [None] * n
@@ -194,6 +212,77 @@ def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> 
             t = max(t, requests[i].arrival_s)
             continue
         t = batch.step_and_finish(t, requests, first, tpot)
+    return Latencies(ttft, tpot)
+
+
+def mixed_step_s(profile: WorkerProfile, chunks: Sequence[tuple[int, int]], batch: int, context_tokens: int) -> float:
+    """One chunked-prefill step: prompt chunks `(already computed, chunk tokens)` and `batch` decoding requests
+    over `context_tokens` of context. Without chunks, a decode step."""
+    if not chunks:
+        return profile.decode_step_s(batch, context_tokens)
+    a, b, c = profile.prefill
+    ms = a + b * sum(n for _, n in chunks) + c * sum((done + n) ** 2 - done ** 2 for done, n in chunks)
+    if batch:
+        _, d_ctx, d_batch = profile.decode_coeffs(batch)
+        ms += d_ctx * context_tokens + d_batch * batch
+    return ms / 1000.0
+
+
+def _chunked_colocated_latencies(profile: WorkerProfile, requests: Sequence[Request]) -> Latencies:
+    n = len(requests)
+    ttft: list[float | None] = [None] * n
+    tpot: list[float | None] = [None] * n
+    first = [0.0] * n
+    limit = profile.batch_token_limit
+    batch = _DecodeBatch(profile)
+    waiting: deque[int] = deque()
+    started: list[list[int]] = []  # [request, prompt tokens computed], admitted: their KV is reserved
+    t = 0.0
+    i = 0
+    while i < n or waiting or started or batch.size:
+        while i < n and requests[i].arrival_s <= t:
+            if requests[i].prompt_tokens + requests[i].output_tokens <= profile.kv_capacity_tokens:
+                waiting.append(i)
+            i += 1
+        budget = limit - batch.size
+        chunks: list[tuple[int, int]] = []
+        for entry in started:
+            if budget <= 0:
+                break
+            k, done = entry
+            take = min(requests[k].prompt_tokens - done, budget)
+            chunks.append((done, take))
+            budget -= take
+        while budget > 0 and waiting and batch.fits(requests[waiting[0]]):
+            k = waiting.popleft()
+            r = requests[k]
+            batch.reserved += r.prompt_tokens + r.output_tokens  # held from admission on
+            take = min(r.prompt_tokens, budget)
+            started.append([k, 0])
+            chunks.append((0, take))
+            budget -= take
+        if not chunks and not batch.size:
+            if i >= n:
+                break
+            t = max(t, requests[i].arrival_s)
+            continue
+        t += mixed_step_s(profile, chunks, batch.size, batch.ctx)
+        batch.advance()
+        batch.record_finished(t, requests, first, tpot)
+        for entry, (_, take) in zip(list(started[:len(chunks)]), chunks, strict=True):
+            entry[1] += take
+            k = entry[0]
+            r = requests[k]
+            if entry[1] < r.prompt_tokens:
+                continue
+            started.remove(entry)
+            batch.reserved -= r.prompt_tokens + r.output_tokens
+            first[k] = t
+            ttft[k] = t - r.arrival_s
+            if r.output_tokens <= 1:
+                tpot[k] = 0.0
+            else:
+                batch.join(k, r)
     return Latencies(ttft, tpot)
 
 

@@ -94,7 +94,8 @@ def format_plan(plan: Plan, top: int = 10) -> str:
         (f"cluster    {cl.nodes} node(s) x {cl.gpus_per_node} GPUs, links {cl.intra_node_gb_s:.3g} GB/s in a node, "
          f"{cl.inter_node_gb_s:.3g} GB/s across ({plan.link_source})"),
         "",
-        "one instance carries (req/s within its SLO):",
+        ("one instance carries (req/s within its SLO; colocated: "
+         f"{'chunked prefill' if plan.colocated_chunked else 'whole-prompt prefill steps'}, as the profile's engine):"),
         f"  {'':<8} {'prefill':>9} {'decode':>9} {'colocated':>10}",
     ]
     rows: list[tuple[str, list[float | None]]] = []

@@ -21,7 +21,8 @@ Pure: profile + SLO + workload + cluster in, a ranked list of layouts out. How:
 3. Layouts: for each (prefill TP, decode TP) the fewest instances that carry the target rate (or, with no
    target, the mix that carries the most per GPU within the cluster). Capacity = min(n_p x g_p, n_d x g_d);
    the smaller side is the SLO that binds. The colocated rival: n instances of one TP, prefill and decode in
-   each, against both SLOs. The best of all is chosen: colocation when it wins (the gain is then < 1x).
+   each, against both SLOs, scheduled as its profile's engine does (chunked prefill, or whole-prompt steps
+   that stall the decodes: `instance.colocated_latencies`). The best of all is chosen: colocation when it wins (the gain is then < 1x).
 4. The best layout is simulated as a whole fleet (the autoscaler simulator with a fixed fleet), so the
    prediction includes queueing between the phases.
 """
@@ -143,6 +144,8 @@ class Plan:
     link_source: str = "configured"
     #: the best layout without pipeline parallelism: what an LLMService can run (`chosen` when it has none)
     applicable: Layout | None = None
+    #: how the colocated rival was scheduled: its profile's engine runs chunked prefill, or whole-prompt steps
+    colocated_chunked: bool = False
 
     @property
     def gain_over_colocated(self) -> float | None:
@@ -293,7 +296,8 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     for tp in coloc_tps:
         say(f"goodput of one colocated TP{tp} instance")
         prof = coloc.get(tp)
-        g_c[tp] = max_goodput(lambda rs, p=prof: colocated_latencies(p, rs), reqs, both)
+        g_c[tp] = max_goodput(lambda rs, p=prof: colocated_latencies(p, rs, chunked=coloc.chunked_prefill), reqs,
+                              both)
 
     candidates: list[Layout] = []
     for u_p in units:
@@ -339,7 +343,7 @@ def plan(profiles: ModelProfiles, workload: Workload, slo: SLO, cluster: Cluster
     applicable = min([c for c in candidates if not c.pipelined][:1] + colocated[:1], key=rank, default=None)
     result = Plan(chosen, colocated[0] if colocated else None, candidates + colocated, locality, handoff_p90,
                   workload, slo, cluster, target, None, notes, flat, locality_note,
-                  piped if any(piped.values()) else {}, link_source, applicable)
+                  piped if any(piped.values()) else {}, link_source, applicable, coloc.chunked_prefill)
     if check and chosen and chosen.pipelined:
         notes.append("fleet sim not run: the fleet simulator has no pipeline stages (the per-instance "
                      "simulations above do)")
@@ -365,7 +369,7 @@ def check_fleet(layout: Layout, profiles: ModelProfiles, reqs: Sequence[Request]
         tpot: list[float | None] = [None] * len(timed)
         for j in range(n):
             idx = list(range(j, len(timed), n))
-            lat = colocated_latencies(prof, [timed[i] for i in idx])
+            lat = colocated_latencies(prof, [timed[i] for i in idx], chunked=profiles.chunked_prefill)
             for k, i in enumerate(idx):
                 ttft[i], tpot[i] = lat.ttft[k], lat.tpot[k]
         lat = Latencies(ttft, tpot)

@@ -56,6 +56,32 @@ def test_colocated_prefill_stalls_the_running_batch():
     assert lat.ttft[1] == pytest.approx(0.13 + 0.1 - 0.125)  # waits for the step in flight (ends at 0.13)
 
 
+def test_chunked_colocated_decodes_ride_along_with_prompt_chunks():
+    """The chunked schedule (the Baton engine's `both` worker): a step decodes every running request and spends
+    the rest of its token budget on prompt chunks, so a prompt never stalls the running decodes for a whole
+    prefill. Flat fits: a prefill step costs 100 ms + 1 ms a token, a decode step 10 ms."""
+    prof = WorkerProfile(prefill=(100.0, 1.0, 0.0), decode_small=(10.0, 0.0, 0.0), decode_large=(10.0, 0.0, 0.0),
+                         large_bs_threshold=1 << 30, kv_capacity_tokens=100_000, max_batch_tokens=64)
+    # alone, a prompt that fits the budget costs what a whole-prompt prefill does
+    alone = [Request(0.0, 50, 2)]
+    assert colocated_latencies(prof, alone, chunked=True).ttft == pytest.approx([0.15])
+    assert colocated_latencies(prof, alone).ttft == pytest.approx([0.15])
+    # a longer prompt is cut into budget-sized chunks, each step paying the fixed cost: 64 + 36 tokens
+    assert colocated_latencies(prof, [Request(0.0, 100, 2)], chunked=True).ttft == pytest.approx([0.164 + 0.136])
+    # #0 decodes 10 tokens; #1 (a 100-token prompt) arrives at 0.2: whole-prompt scheduling stalls #0 for
+    # the whole 200 ms prefill, chunked keeps a token of #0 in each of its steps
+    reqs = [Request(0.0, 10, 11), Request(0.2, 100, 2)]
+    whole = colocated_latencies(prof, reqs)
+    chunked = colocated_latencies(prof, reqs, chunked=True)
+    assert whole.tpot[0] == pytest.approx((9 * 0.01 + 0.2 + 0.01) / 10)
+    # chunked: #0's first token at 0.11, 9 decode steps to 0.20, then #1's first chunk (63 tokens, the budget
+    # left beside #0's decode row) in a mixed step of 163 ms that gives #0 its last token; #1's last 37 tokens
+    # take another step (137 ms): one more fixed step cost in its TTFT than the whole prompt's 200 ms
+    assert chunked.tpot[0] == pytest.approx((0.20 + 0.163 - 0.11) / 10) and chunked.tpot[0] < whole.tpot[0]
+    assert chunked.ttft[1] == pytest.approx(0.163 + 0.137) and whole.ttft[1] == pytest.approx(0.2)
+    assert all(x is not None for x in chunked.ttft + chunked.tpot)
+
+
 def test_max_goodput_brackets_a_known_capacity():
     # 100 ms per prefill, one request per batch: capacity 10 req/s; a loose TTFT target lets it run close
     reqs = Workload(1.0, LengthDist.fixed(10), LengthDist.fixed(2)).requests(2000, seed=1)

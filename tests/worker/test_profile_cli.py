@@ -23,6 +23,7 @@ def test_profile_the_tiny_model_and_plan_with_it(tiny_model_dir, tmp_path, capsy
     assert prof.kv_capacity_tokens > 0 and prof.max_batch_tokens >= 256
     assert ps.engine == "baton" and "torch thread" in ps.hardware
     assert ps.for_model("tiny").kv_bytes_per_token > 0
+    assert ps.extra["chunked_prefill"] is True and ps.for_model("tiny").chunked_prefill  # what a `both` worker runs
     # the planner reads it: a CPU "node" of 2 cores plans a fleet of the tiny model
     assert main(["plan", "--profile", str(out), "--input-len", "uniform:32:128", "--output-len", "16",
                  "--slo-ttft", "500ms", "--slo-tpot", "100ms", "--gpus-per-node", "2", "--quiet", "--json",

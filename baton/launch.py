@@ -479,6 +479,16 @@ GRACE_SLACK_SECONDS = 10.0
 #: DRAIN_ACCEPT_SECONDS first: the endpoint removal reaches the routers while it still takes requests.
 
 
+#: A router pod's drain (`worker/router/drain.py`): the accept window, then the requests in flight -- a decode
+#: stream is what a router relays -- for up to this long; its grace period is sized from the same numbers.
+ROUTER_DRAIN_SECONDS = STREAM_DRAIN_SECONDS
+
+
+def router_termination_grace_seconds() -> int:
+    """terminationGracePeriodSeconds of a router pod: its accept window, its drain timeout and the slack."""
+    return math.ceil(DRAIN_ACCEPT_SECONDS + ROUTER_DRAIN_SECONDS + GRACE_SLACK_SECONDS)
+
+
 def drain_timeout_seconds(role: str, kv_lease_seconds: float = KV_LEASE_SECONDS) -> float:
     """A Baton worker's default --drain-timeout. Prefill: every lease it can still hand out ends (pulled or
     expired) inside it -- the accept window, the queued prefills, then one lease. Decode and colocated: the
@@ -690,6 +700,7 @@ class RouterLaunch:
     kv_announce: bool = False  # Baton engine only: start the decode hop on the prefill's KV announcement
     otlp_traces_endpoint: str | None = None  # traces (OTLP/HTTP); None: not traced
     metrics_port: int | None = None  # /metrics on a listener of its own instead; None: on `port`
+    drain_timeout: float | None = None  # SIGTERM drains for up to this long (`ROUTER_DRAIN_SECONDS`); None: stop
 
 
 def router_argv(r: RouterLaunch) -> list[str]:
@@ -727,6 +738,8 @@ def router_argv(r: RouterLaunch) -> list[str]:
         argv.append(Flag.KV_ANNOUNCE)
     if r.metrics_port is not None:
         argv += [Flag.METRICS_PORT, str(r.metrics_port)]
+    if r.drain_timeout is not None:
+        argv += [Flag.DRAIN_TIMEOUT, _seconds(r.drain_timeout)]
     return argv + _tracing_args(r.otlp_traces_endpoint)
 
 

@@ -114,7 +114,6 @@ RUN_AS_USER = 1000
 #: A new worker pod counts as available (and an old one is only then removed by a rollout) after being Ready
 #: this long: more than the routers need to discover it (Endpoints poll, 2 s) and health-check it.
 WORKER_MIN_READY_SECONDS = 10
-ROUTER_GRACE_SECONDS = 30
 #: Startup probe budget for model loading: period x failureThreshold = 10 s x 180 = 30 minutes.
 STARTUP_PERIOD_SECONDS = 10
 STARTUP_FAILURE_THRESHOLD = 180
@@ -587,16 +586,25 @@ def _worker_deployment(svc: LLMService, role: str, opts: ImageOptions) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- router
+def decode_only(svc: LLMService) -> bool:
+    """The service runs no prefill pods by design: prefill replicas 0 that nobody scales (autoscaling mode
+    off) -- a colocated layout, written by the user or laid over the spec by an applied plan."""
+    return svc.spec.prefill.replicas == 0 and svc.spec.autoscaling_mode(ROLE_PREFILL) == AUTOSCALING_OFF
+
+
 def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
     """(command, args) of the router container: workers discovered from the role Services; health checks on
-    the engine's readiness path; the prefill-failure policy and the TPOT SLO its `whenHeadroom` protects."""
+    the engine's readiness path; the prefill-failure policy and the TPOT SLO its `whenHeadroom` protects. A
+    decode-only service (`decode_only`) gets no prefill Service: its router has the decode workers compute the
+    prompts by design, where an empty prefill Service would mean "prefill is down" (the prefill-failure policy:
+    recompute only while decode has TPOT headroom, else 503)."""
     failure = svc.spec.router.prefill_failure
     return launch.split_command(launch.router_argv(launch.RouterLaunch(
         engine=svc.spec.engine.kind,
         policy=svc.spec.router.policy,
         port=svc.spec.router.port,
         host=launch.POD_LISTEN_HOST,
-        prefill_service=role_name(svc.name, ROLE_PREFILL),
+        prefill_service=None if decode_only(svc) else role_name(svc.name, ROLE_PREFILL),
         decode_service=role_name(svc.name, ROLE_DECODE),
         namespace=svc.namespace,
         prefill_retries=failure.retries,
@@ -605,6 +613,7 @@ def router_command(svc: LLMService) -> tuple[list[str], list[str]]:
         tpot_slo=svc.spec.slo.tpot.seconds,
         otlp_traces_endpoint=tracing.otlp_endpoint(svc),
         metrics_port=launch.DEFAULT_METRICS_PORT,
+        drain_timeout=launch.ROUTER_DRAIN_SECONDS,
     )))
 
 
@@ -631,7 +640,7 @@ def _router_deployment(svc: LLMService, opts: ImageOptions) -> dict:
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(svc.name),
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": ROUTER_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": launch.router_termination_grace_seconds(),
         "securityContext": _pod_security(non_root=True),
         "containers": [container],
     }

@@ -543,6 +543,40 @@ def test_router_command_and_image() -> None:
     assert [p["targetPort"] for p in router_svc["spec"]["ports"]] == ["http"]
 
 
+def test_router_drains_within_its_grace_period() -> None:
+    """SIGTERM: the router keeps serving through the accept window, then waits for the streams in flight
+    (worker/router/drain.py); the pod's grace period covers both and the slack."""
+    from baton import launch
+    from baton.cli import build_parser
+
+    router = pod(render(base()), "router")
+    c = router["containers"][0]
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])
+    assert args.drain_timeout == launch.ROUTER_DRAIN_SECONDS == launch.STREAM_DRAIN_SECONDS
+    assert router["terminationGracePeriodSeconds"] >= (launch.DRAIN_ACCEPT_SECONDS + args.drain_timeout
+                                                        + launch.GRACE_SLACK_SECONDS)
+
+
+@pytest.mark.parametrize(("prefill", "expected"), [
+    ({"replicas": 0}, None),  # a colocated layout: a decode-only fleet by design
+    ({"replicas": 1}, "svc-prefill"),
+    # an autoscaled prefill role may come back from 0: its Service stays the router's
+    ({"replicas": 0, "autoscaling": {"mode": "baton", "minReplicas": 0}}, "svc-prefill"),
+])
+def test_a_decode_only_service_gives_its_router_no_prefill_service(prefill, expected) -> None:
+    from baton.worker.router.cli import build_config
+
+    from baton.cli import build_parser
+
+    spec = {"prefill": prefill}
+    if "autoscaling" in prefill:
+        spec["autoscaling"] = {"prometheusURL": "http://prometheus:9090"}
+    c = pod(render(base(**spec)), "router")["containers"][0]
+    args = build_parser().parse_args([*c["command"][1:], *c["args"]])
+    assert (args.prefill_service, args.decode_service) == (expected, "svc-decode")
+    assert build_config(args).services() == {"decode": "svc-decode", **({"prefill": expected} if expected else {})}
+
+
 def test_a_slowly_starting_router_is_not_killed_by_its_liveness_probe() -> None:
     """The liveness probe (3 x 10 s) only judges a router that has started: a startupProbe with minutes of budget
     comes first, or the kubelet kills a router still importing on a CPU-starved node, over and over."""

@@ -555,7 +555,7 @@ def test_baton_router_command_errors():
         (["--both", "ftp://x"], "bad worker URL"),
         (["--both", "http://127.0.0.1:1", "--host", "127.0.0.1", "--port", str(busy.getsockname()[1])],
          "cannot listen on"),
-        (["--prefill-service", "a"], "--prefill-service and --decode-service go together"),
+        (["--prefill-service", "a"], "--prefill-service needs --decode-service"),
         (["--both", "http://127.0.0.1:1", "--port", "9500", "--metrics-port", "9500"], "give it a port of its own"),
         (["--both", "http://127.0.0.1:1", "--metrics-port", "70000"], "--metrics-port 70000 is not a port number"),
         (["--both", "http://127.0.0.1:1", "--host", "127.0.0.1", "--port", str(free_port()),

@@ -290,6 +290,31 @@ def test_no_healthy_prefill_worker_is_a_prefill_failure_unless_there_is_no_prefi
         decode.stop()
 
 
+def test_a_decode_service_alone_is_a_decode_only_fleet():
+    """Kubernetes, `--decode-service` alone (what the operator renders for prefill replicas 0: a colocated
+    layout): the decode workers compute the prompts by design -- no prefill-failure policy, even `never`."""
+    from kubernetes import client as k8s
+
+    from .test_router_policy import FakeCoreV1
+
+    port_cls = getattr(k8s, "CoreV1EndpointPort", None) or k8s.V1EndpointPort
+    decode = Worker(answer).start()
+    host, port = decode.base_url.removeprefix("http://").split(":")
+    api = FakeCoreV1({"chat-decode": k8s.V1Endpoints(subsets=[k8s.V1EndpointSubset(
+        addresses=[k8s.V1EndpointAddress(ip=host)], ports=[port_cls(name="http", port=int(port))])])})
+    r = RunningRouter(decode_service="chat-decode", namespace="ml", kube_api=api, discovery_interval=0.2,
+                      prefill_failure=_policy(recompute="never")).start(ready=False)
+    try:
+        wait_ready(r)
+        resp = httpx.post(r.base_url + "/v1/completions", json=BODY, timeout=30)
+        m = settled(r)
+        assert resp.status_code == 200 and outcome(m, "fallback_recompute") == 1 and failures(m, "rejected") == 0
+        assert len(decode.bodies) == 1 and "kv_transfer_params" not in decode.bodies[0]
+    finally:
+        r.stop()
+        decode.stop()
+
+
 def test_a_prefill_service_with_no_ready_pods_is_a_prefill_failure():
     """Kubernetes: the prefill Service's Endpoints list no ready address (every prefill pod crashed): that is the
     prefill tier down, so the policy applies (here `never`: 503), not the decode-only fleet's recompute."""

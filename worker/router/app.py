@@ -54,6 +54,7 @@ from aiohttp import web
 from baton.worker.router import spans
 from baton.worker.router.config import DEFAULT_WORKER_WAIT, RouterConfig  # noqa: F401 - re-exported
 from baton.worker.router.discovery import KubernetesDiscovery
+from baton.worker.router.drain import DRAIN_KEY, DrainState, counting_middleware, drain
 from baton.worker.router.hops import (
     UPSTREAM_ERRORS,
     HopFailed,
@@ -111,6 +112,7 @@ class Router:
         self.discovery: KubernetesDiscovery | None = None
         self.upstream: Upstream | None = None
         self.prefill_tier: PrefillTier | None = None
+        self.drain_state = DrainState()  # requests in flight (`create_app`'s middleware) and the drain (drain.py)
 
     # --------------------------------------------------------------------------------------- lifecycle
 
@@ -170,6 +172,10 @@ class Router:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
+        if self.drain_state.draining:  # out of rotation: the pod is leaving (drain.py)
+            return error_json("draining: finishing the requests in flight before shutting down", status=503,
+                              type="service_unavailable_error", code="not_ready",
+                              headers={"Retry-After": RETRY_AFTER})
         ok, why = self.pool.ready()
         if ok:  # the counts tell a starting fleet when the router has seen every worker (`all_workers_seen`)
             return web.json_response({"status": "ready", "workers": self.pool.counts()})
@@ -506,8 +512,9 @@ def create_app(config: RouterConfig, *, with_metrics: bool = True) -> web.Applic
     """The router's aiohttp app; run it with `handler_cancellation=True` (see `serve`). `with_metrics=False`:
     no /metrics on it (`metrics_app` serves them on a listener of its own)."""
     router = Router(config)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[counting_middleware(router.drain_state)])
     app[ROUTER_KEY] = router
+    app[DRAIN_KEY] = router.drain_state
 
     async def on_startup(app: web.Application) -> None:
         await router.start()
@@ -548,9 +555,10 @@ def aborted_answer(payload: bytes) -> bool:
 
 
 async def serve(config: RouterConfig, sockets: list, stop: asyncio.Event | None = None,
-                metrics_sockets: list = ()) -> None:
+                metrics_sockets: list = (), drain_on: asyncio.Event | None = None, drain_timeout: float = 0.0) -> None:
     """Serve on already-bound `sockets` until `stop` is set (or forever); with `metrics_sockets`, /metrics is
-    served there and not on `sockets`."""
+    served there and not on `sockets`. `drain_on` set (SIGTERM) with `drain_timeout` > 0: drain first
+    (`drain.py`), then stop; with no drain timeout it stops at once, like `stop`."""
     app = create_app(config, with_metrics=not metrics_sockets)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     metrics_runner = web.AppRunner(metrics_app(app[ROUTER_KEY]), access_log=None, shutdown_timeout=1) \
@@ -563,7 +571,15 @@ async def serve(config: RouterConfig, sockets: list, stop: asyncio.Event | None 
                 await web.SockSite(metrics_runner, sock).start()
         for sock in sockets:
             await web.SockSite(runner, sock).start()
-        await (stop.wait() if stop is not None else asyncio.Event().wait())
+        stop = stop if stop is not None else asyncio.Event()
+        waits = [asyncio.ensure_future(e.wait()) for e in (stop, drain_on) if e is not None]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if drain_on is not None and drain_on.is_set() and not stop.is_set() and drain_timeout > 0:
+            await drain(app[DRAIN_KEY], runner, stop, drain_timeout)
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()

@@ -49,6 +49,10 @@ def add_router_command(subparsers: argparse._SubParsersAction) -> None:
                    help="how to pick a worker (default least-loaded)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(Flag.DRAIN_TIMEOUT, type=float, default=0.0, metavar="SECONDS",
+                   help="on SIGTERM, keep serving for a few seconds (/ready 503) while the endpoint removal spreads, "
+                   "then let the requests in flight finish for up to this long (default 0: stop at once; the "
+                   f"operator renders {launch.STREAM_DRAIN_SECONDS:g})")
     p.add_argument(Flag.METRICS_PORT, type=int, default=None, metavar="PORT",
                    help="serve /metrics on this port instead of --port (the operator renders it: the client-facing "
                    "Service then hands out no metrics, which name the workers' addresses)")
@@ -145,8 +149,9 @@ def build_config(args: argparse.Namespace):
                            "--prefill-service and --decode-service (Kubernetes)")
     if bool(prefill) != bool(decode) and not both:
         raise CommandError("--prefill and --decode go together (or add --both workers)")
-    if bool(args.prefill_service) != bool(args.decode_service) and not args.both_service:
-        raise CommandError("--prefill-service and --decode-service go together")
+    if args.prefill_service and not (args.decode_service or args.both_service):
+        raise CommandError("--prefill-service needs --decode-service (--decode-service alone: a decode-only "
+                           "fleet, whose decode workers compute the prompts)")
     if args.port < 0 or args.port > 65535:
         raise CommandError(f"--port {args.port} is not a port number")
     if args.metrics_port is not None:
@@ -154,6 +159,8 @@ def build_config(args: argparse.Namespace):
             raise CommandError(f"{Flag.METRICS_PORT} {args.metrics_port} is not a port number")
         if args.metrics_port == args.port:
             raise CommandError(f"{Flag.METRICS_PORT} {args.metrics_port} is --port too: give it a port of its own")
+    if args.drain_timeout < 0:
+        raise CommandError(f"{Flag.DRAIN_TIMEOUT} must be at least 0")
     for flag in ("discovery_interval", "health_interval", "connect_timeout"):
         if getattr(args, flag) <= 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be positive")
@@ -232,10 +239,11 @@ def run_router(args: argparse.Namespace) -> int:
 async def _main(config, sock, args, metrics_sock=None) -> None:
     from baton.worker.router.app import serve
 
-    stop = asyncio.Event()
+    stop, drain_on = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # SIGTERM drains (drain.py); a second one stops at once
+    loop.add_signal_handler(signal.SIGTERM, lambda: (stop if drain_on.is_set() else drain_on).set())
     where = ", ".join(
         f"{role} {','.join(getattr(config, role))}" for role in ("prefill", "decode", "both")
         if getattr(config, role)
@@ -244,4 +252,5 @@ async def _main(config, sock, args, metrics_sock=None) -> None:
         "routing (%s) on http://%s:%d to %s; /metrics on port %d", config.policy, args.host, args.port, where,
         args.port if metrics_sock is None else args.metrics_port,
     )
-    await serve(config, [sock], stop, metrics_sockets=[metrics_sock] if metrics_sock is not None else [])
+    await serve(config, [sock], stop, metrics_sockets=[metrics_sock] if metrics_sock is not None else [],
+                drain_on=drain_on, drain_timeout=args.drain_timeout)

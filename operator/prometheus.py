@@ -344,7 +344,10 @@ class PrometheusSource:
         w = prom_duration(window)
         s = selector(name, namespace)
         out = {"rate_router": f"sum(rate({series(ROUTER_TTFT + '_count', s)}[{w}]))"}
+        # a decode-only fleet (prefill replicas 0: an applied colocated plan) has no prefill worker; its decode
+        # workers compute the prompts and count their lengths
         for key, metric, roles in (("input", Metric.REQUEST_PROMPT_TOKENS, WORKER_TTFT_ROLES),
+                                   ("input_decode_only", Metric.REQUEST_PROMPT_TOKENS, "decode"),
                                    ("output", Metric.REQUEST_GENERATION_TOKENS, WORKER_TPOT_ROLES)):
             sel = selector(name, namespace, role="~" + roles)
             count = f"sum(rate({series(metric + '_count', sel)}[{w}]))"
@@ -366,6 +369,9 @@ class PrometheusSource:
         q = self.workload_queries(name, namespace, window)
         keys = list(q)
         values = dict(zip(keys, await asyncio.gather(*(self.client.value(q[k]) for k in keys)), strict=True))
+        if not values["input_count"]:  # no prefill (or both) worker counted a request: a decode-only fleet
+            for k in ("count", "mean", "p90"):
+                values[f"input_{k}"] = values[f"input_decode_only_{k}"]
         rate = values["rate_router"] if values["rate_router"] else values["input_count"]
         return {"rate": rate, "input_mean": values["input_mean"], "input_p90": values["input_p90"],
                 "output_mean": values["output_mean"], "output_p90": values["output_p90"],

@@ -138,3 +138,25 @@ def test_an_online_round_plans_with_the_measured_link_and_no_pipeline(monkeypatc
     asyncio.run(online.tick(kube, asyncio.Lock(), "n", "s", _State(source), lambda *e: None, lambda: None))
     assert seen["cluster"].inter_node_gb_s == 12.5
     assert kube.body["status"]["plan"]["kvLink"]["source"] == "configured"
+
+
+def test_a_decode_only_fleet_measures_its_prompt_lengths_on_its_decode_workers():
+    """After a colocated plan is applied (prefill replicas 0) no prefill worker counts requests; the decode
+    workers compute the prompts and count their lengths, so the planner keeps measuring (not `NoTraffic` forever,
+    which would never let it plan the fleet back up)."""
+
+    class Client(_Client):
+        async def value(self, query: str) -> float | None:
+            self.queries.append(query)
+            what = "p90" if "histogram_quantile" in query else "mean" if " / " in query else "count"
+            if "request_prompt_tokens" in query:
+                if 'role=~"prefill|both"' in query:
+                    return None  # no prefill worker
+                return {"p90": 30.0, "mean": 6.0, "count": 2.0}[what] if 'role=~"decode"' in query else None
+            if "request_generation_tokens" in query:
+                return {"p90": 16.0, "mean": 16.0, "count": 2.0}[what]
+            return 2.0 if "baton_router_ttft_seconds_count" in query else None
+
+    numbers = asyncio.run(PrometheusSource(Client({})).workload("chat", "ml", 300))
+    assert numbers["rate"] == 2.0 and numbers["input_mean"] == 6.0 and numbers["input_p90"] == 30.0
+    assert numbers["output_mean"] == 16.0

@@ -98,6 +98,8 @@ def test_sigterm_drains_the_stream_in_flight_and_serves_the_accept_window():
         assert ready.status_code == 503 and "draining" in ready.json()["error"]["message"], ready.text
         late = httpx.post(url + "/v1/completions", json=BODY, timeout=10)
         assert late.status_code == 200 and late.json()["choices"][0]["text"] == "quick"
+        # ... on a connection the client must not keep: its next request opens one (to another router)
+        assert late.headers.get("connection", "").lower() == "close", late.headers
         # after it: no new connection, while the stream in flight goes on
         time.sleep(max(0.0, t0 + launch.DRAIN_ACCEPT_SECONDS + 1.0 - time.monotonic()))
         assert streamer.is_alive(), "the stream ended before the test could look"

@@ -54,7 +54,13 @@ from aiohttp import web
 from baton.worker.router import spans
 from baton.worker.router.config import DEFAULT_WORKER_WAIT, RouterConfig  # noqa: F401 - re-exported
 from baton.worker.router.discovery import KubernetesDiscovery
-from baton.worker.router.drain import DRAIN_KEY, DrainState, counting_middleware, drain
+from baton.worker.router.drain import (
+    DRAIN_KEY,
+    DrainState,
+    close_while_draining,
+    counting_middleware,
+    drain,
+)
 from baton.worker.router.hops import (
     UPSTREAM_ERRORS,
     HopFailed,
@@ -515,6 +521,7 @@ def create_app(config: RouterConfig, *, with_metrics: bool = True) -> web.Applic
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[counting_middleware(router.drain_state)])
     app[ROUTER_KEY] = router
     app[DRAIN_KEY] = router.drain_state
+    app.on_response_prepare.append(close_while_draining(router.drain_state))
 
     async def on_startup(app: web.Application) -> None:
         await router.start()

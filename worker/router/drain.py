@@ -6,7 +6,9 @@ stopped listening at once refused them (the client saw a connection error), and 
 relaying. With `--drain-timeout` > 0 (the operator renders it) the router instead:
 
 1. keeps serving for `launch.DRAIN_ACCEPT_SECONDS` with `/ready` answering 503 (`draining`), the window in
-   which the endpoint removal reaches the nodes;
+   which the endpoint removal reaches the nodes; every response then says `Connection: close`, so a client's
+   kept-alive connection is not reused (its next request opens a new one, which reaches another router) --
+   else an idle connection closed at exit races the client's next request on it;
 2. stops accepting connections and lets the requests in flight -- streams included -- finish, for up to the
    drain timeout (`launch.STREAM_DRAIN_SECONDS` as rendered: a decode stream is what a router relays);
 3. exits. The pod's grace period covers all of it (`launch.router_termination_grace_seconds`).
@@ -41,6 +43,17 @@ class DrainState:
 
 
 DRAIN_KEY = web.AppKey("baton_router_drain", DrainState)
+
+
+def close_while_draining(state: DrainState):
+    """aiohttp `on_response_prepare` handler: during a drain, responses close their connection (step 1)."""
+
+    async def prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if state.draining:  # runs after aiohttp chose the Connection header: say it, and close after it
+            response.force_close()
+            response.headers["Connection"] = "close"
+
+    return prepare
 
 
 def counting_middleware(state: DrainState):

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attainment", type=float, default=0.9)
     ap.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 60; quick 30)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None, help="write everything measured here")
+    ap.add_argument("--json", default=None, help="write everything measured here (and the profile beside it)")
     args = ap.parse_args(argv)
     args.num_requests = args.num_requests or (30 if args.quick else 60)
     cores = args.cores or len(os.sched_getaffinity(0))
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    chosen: {chosen.get('layout')} P{chosen['prefill']} D{chosen['decode']}; "
               f"{chosen.get('reason', '')}", flush=True)
         results = [measure(lay, args, model, work, env) for lay in layouts]
+        if args.json:  # the profile too: the plan can be re-made from it (another model, another schedule)
+            Path(args.json).with_suffix(".profile.json").write_text(profile.read_text())
     elapsed = time.monotonic() - t0
 
     print(f"\n=== predicted vs measured goodput (req/s within TTFT {args.slo_ttft} / TPOT {args.slo_tpot} "

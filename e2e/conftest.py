@@ -138,9 +138,18 @@ def helm_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-#: the namespaces the real-node modules put LLMServices in (test_realnodes, _faults, _vllm): the operator the
+#: the namespace of the Baton-engine real-node tests' LLMServices (test_realnodes, _planner)
+FLEET_NS = "demo"
+#: the namespaces the real-node modules put LLMServices in (test_realnodes, _planner, _faults, _vllm): the operator the
 #: `release` fixture installs watches these and holds no rights anywhere else
-WATCHED_NAMESPACES = ("demo", "faults", "vllm")
+WATCHED_NAMESPACES = (FLEET_NS, "faults", "vllm")
+
+
+@pytest.fixture
+def fleet_ns(real_cluster, release) -> str:
+    """FLEET_NS exists (the operator serves it); nothing else is assumed of it."""
+    kubectl("create", "namespace", FLEET_NS, kubeconfig=real_cluster.kubeconfig)
+    return FLEET_NS
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from typing import Self
 import pytest
 from baton.e2e import build as k8sbuild
 from baton.e2e import hostclean
-from baton.e2e.conftest import MODEL_NAME, WATCHED_NAMESPACES
+from baton.e2e.conftest import FLEET_NS, MODEL_NAME, WATCHED_NAMESPACES
 from baton.e2e.fixtures import PHASE_TIMINGS, REPORT_LINES, api_get, get_llmservice, kubectl
 from baton.e2e.pki import self_signed_cert
 from baton.e2e.processes import https_server, wait_for
@@ -253,7 +253,6 @@ def test_worker_image_serves_on_real_nodes(real_cluster, tiny_model):
 
 
 REPO = Path(__file__).resolve().parent.parent
-FLEET_NS = "demo"
 PROMPTS = ["The baton passes", "Once upon a time", "Kubernetes operators"]
 
 
@@ -400,13 +399,6 @@ def tiny_fleet(real_cluster, release, tiny_model):
     """The `tiny` LLMService, deployed and settled as examples/tiny-local.yaml describes it (`deploy_tiny`)."""
     deploy_tiny(real_cluster, tiny_model)
     return real_cluster
-
-
-@pytest.fixture
-def fleet_ns(real_cluster, release) -> str:
-    """FLEET_NS exists (the operator serves it); nothing else is assumed of it."""
-    _k(real_cluster, "create", "namespace", FLEET_NS, check=False)
-    return FLEET_NS
 
 
 def test_llmservice_serves_on_real_nodes_like_baton_up(real_cluster, release, tiny_model, tmp_path):

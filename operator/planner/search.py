@@ -159,7 +159,13 @@ class Plan:
             return "no layout meets the SLO on this cluster at any rate"
         c = self.chosen
         if c.kind == COLOCATED:
-            best = max((x.goodput_per_gpu for x in self.candidates if x.kind == DISAGGREGATED), default=0.0)
+            splits = [x for x in self.candidates if x.kind == DISAGGREGATED]
+            if self.target_rps:  # ranked by the fewest GPUs that carry the target
+                fewest = min((x.gpus for x in splits), default=None)
+                than = f"the best split needs {fewest}" if fewest is not None else "no split carries it"
+                return (f"colocated carries the target {self.target_rps:.2f} req/s with {c.gpus} GPU(s), the "
+                        f"fewest of any layout ({than})")
+            best = max((x.goodput_per_gpu for x in splits), default=0.0)
             return (f"colocated carries {c.goodput_per_gpu:.2f} req/s per GPU, more than any disaggregated "
                     f"layout ({best:.2f}): at these SLOs the phases do not interfere enough to split them")
         side = {"ttft": f"TTFT {self.slo.ttft_s * 1000:g} ms binds (prefill is the bottleneck)",

@@ -82,6 +82,18 @@ def test_chunked_colocated_decodes_ride_along_with_prompt_chunks():
     assert all(x is not None for x in chunked.ttft + chunked.tpot)
 
 
+def test_a_colocated_choice_for_a_target_says_it_needs_the_fewest_gpus():
+    """With a target rate layouts are ranked by the GPUs that carry it: tiny requests that one colocated GPU
+    carries are not split over two, however much more a split would carry per GPU -- and `why` says so."""
+    opt13 = ProfileSet.load("a100-80g-distserve").for_model("facebook/opt-13b")
+    workload = Workload(4.0, LengthDist.fixed(10), LengthDist.fixed(16))
+    p = plan(opt13, workload, SLO(2.0, 0.2, 0.9), Cluster(gpus_per_node=2, nodes=2), num_requests=400, check=False)
+    assert p.chosen.kind == "colocated" and p.chosen.gpus == 1
+    split = min(x.gpus for x in p.candidates if x.kind == "disaggregated")
+    assert p.why() == (f"colocated carries the target 4.00 req/s with 1 GPU(s), the fewest of any layout (the best "
+                       f"split needs {split})")
+
+
 def test_max_goodput_brackets_a_known_capacity():
     # 100 ms per prefill, one request per batch: capacity 10 req/s; a loose TTFT target lets it run close
     reqs = Workload(1.0, LengthDist.fixed(10), LengthDist.fixed(2)).requests(2000, seed=1)

@@ -664,19 +664,28 @@ def _metric_sum(body: bytes, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def host_prometheus(c, tmp_path: Path):
+    """A real Prometheus on the host, started, that finds the cluster's pods through the apiserver and scrapes each
+    on the port the chart's PodMonitor would (`KubernetesPods`), every 2 s -- with the `tiny` LLMService deleted
+    first: its CPU is for the test's own fleet."""
+    from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
+    from baton.e2e.realnode import host_ip
+
+    _k(c, "delete", "llmservice", "tiny", "-n", FLEET_NS, "--wait=false", check=False)
+    prom = LocalPrometheus(tmp_path / "prometheus", listen=host_ip(), scrape_interval="2s",
+                           kubernetes=KubernetesPods(c.api_client, tmp_path / "prometheus" / "pods.json"))
+    prom.start()
+    return prom
+
+
 def test_autoscaler_scales_decode_from_a_real_prometheus(real_cluster, fleet_ns, tiny_model, tmp_path):
     """A real Prometheus on the host finds the real pods through the apiserver and scrapes them; the operator's
     autoscaler (in its pod) reads it, sees a TPOT SLO broken under load, and scales decode up; the new decode
     pod becomes Ready and takes traffic -- with no failed request meanwhile."""
     import yaml
-    from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
-    from baton.e2e.realnode import host_ip
 
     c = real_cluster
-    _k(c, "delete", "llmservice", "tiny", "-n", FLEET_NS, "--wait=false", check=False)  # its CPU, for this one
-    prom = LocalPrometheus(tmp_path / "prometheus", listen=host_ip(), scrape_interval="2s",
-                           kubernetes=KubernetesPods(c.api_client, tmp_path / "prometheus" / "pods.json"))
-    prom.start()
+    prom = host_prometheus(c, tmp_path)
     try:
         body = _fleet_manifest(c.worker_ref, tiny_model)
         body["metadata"]["name"] = "auto"

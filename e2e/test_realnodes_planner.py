@@ -32,6 +32,7 @@ from baton.e2e.test_realnodes import (
     _ready,
     _router_evidence,
     cluster_ip,
+    host_prometheus,
     llmservice,
     router_sees,
 )
@@ -54,14 +55,9 @@ def _live(c, role: str) -> list[dict]:
 
 def test_planner_applies_a_plan_on_real_nodes(real_cluster, fleet_ns, tiny_model, tmp_path):
     import yaml
-    from baton.e2e.prometheus import KubernetesPods, LocalPrometheus
-    from baton.e2e.realnode import host_ip
 
     c = real_cluster
-    _k(c, "delete", "llmservice", "tiny", "-n", FLEET_NS, "--wait=false", check=False)  # its CPU, for this one
-    prom = LocalPrometheus(tmp_path / "prometheus", listen=host_ip(), scrape_interval="2s",
-                           kubernetes=KubernetesPods(c.api_client, tmp_path / "prometheus" / "pods.json"))
-    prom.start()
+    prom = host_prometheus(c, tmp_path)
     try:
         body = _fleet_manifest(c.worker_ref, tiny_model)
         body["metadata"]["name"] = NAME

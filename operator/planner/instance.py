@@ -104,6 +104,18 @@ class _DecodeBatch:
         self.size += 1
         heapq.heappush(self.finish, (self.step + r.output_tokens - 1, k))
 
+    def prompt_done(self, k: int, r: Request, t: float, first: list[float], ttft: list[float | None],
+                    tpot: list[float | None]) -> None:
+        """Request `k`'s prompt was computed by the step that ended at `t` (its KV reserved since admission): its
+        first token is out; it joins the running batch for the rest of its output."""
+        self.reserved -= r.prompt_tokens + r.output_tokens
+        first[k] = t
+        ttft[k] = t - r.arrival_s
+        if r.output_tokens <= 1:
+            tpot[k] = 0.0
+        else:
+            self.join(k, r)
+
     def run_step(self) -> float:
         dt = self.profile.decode_step_s(self.size, self.ctx)
         self.advance()
@@ -167,6 +179,16 @@ def decode_latencies(profile: WorkerProfile | PipelinedProfile, requests: Sequen
     return Latencies([None] * n, tpot)
 
 
+def _arrive(profile: WorkerProfile, requests: Sequence[Request], i: int, t: float, waiting: deque[int]) -> int:
+    """Queue the requests from index `i` on that have arrived by `t` (a request larger than the whole KV cache
+    never runs: left out, a miss); returns the index of the first one still to come."""
+    while i < len(requests) and requests[i].arrival_s <= t:
+        if requests[i].prompt_tokens + requests[i].output_tokens <= profile.kv_capacity_tokens:
+            waiting.append(i)
+        i += 1
+    return i
+
+
 def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request], *, chunked: bool = False) -> Latencies:
     """A colocated instance's latencies: whole-prompt prefill steps that stall decodes, or (`chunked`) the
     chunked-prefill schedule (module docstring)."""
@@ -182,10 +204,7 @@ def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request], *, 
     t = 0.0
     i = 0
     while i < n or waiting or batch.size:
-        while i < n and requests[i].arrival_s <= t:
-            if requests[i].prompt_tokens + requests[i].output_tokens <= profile.kv_capacity_tokens:
-                waiting.append(i)
-            i += 1
+        i = _arrive(profile, requests, i, t, waiting)
         if waiting and batch.fits(requests[waiting[0]]):
             chosen: list[int] = []
             tokens = 0
@@ -197,14 +216,7 @@ def colocated_latencies(profile: WorkerProfile, requests: Sequence[Request], *, 
                 chosen.append(k)
             t += profile.prefill_s([requests[k].prompt_tokens for k in chosen])
             for k in chosen:
-                r = requests[k]
-                batch.reserved -= r.prompt_tokens + r.output_tokens
-                first[k] = t
-                ttft[k] = t - r.arrival_s
-                if r.output_tokens <= 1:
-                    tpot[k] = 0.0
-                else:
-                    batch.join(k, r)
+                batch.prompt_done(k, requests[k], t, first, ttft, tpot)
             continue
         if not batch.size:
             if i >= n:
@@ -240,10 +252,7 @@ def _chunked_colocated_latencies(profile: WorkerProfile, requests: Sequence[Requ
     t = 0.0
     i = 0
     while i < n or waiting or started or batch.size:
-        while i < n and requests[i].arrival_s <= t:
-            if requests[i].prompt_tokens + requests[i].output_tokens <= profile.kv_capacity_tokens:
-                waiting.append(i)
-            i += 1
+        i = _arrive(profile, requests, i, t, waiting)
         budget = limit - batch.size
         chunks: list[tuple[int, int]] = []
         for entry in started:
@@ -276,13 +285,7 @@ def _chunked_colocated_latencies(profile: WorkerProfile, requests: Sequence[Requ
             if entry[1] < r.prompt_tokens:
                 continue
             started.remove(entry)
-            batch.reserved -= r.prompt_tokens + r.output_tokens
-            first[k] = t
-            ttft[k] = t - r.arrival_s
-            if r.output_tokens <= 1:
-                tpot[k] = 0.0
-            else:
-                batch.join(k, r)
+            batch.prompt_done(k, r, t, first, ttft, tpot)
     return Latencies(ttft, tpot)
 
 

@@ -40,6 +40,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
     ("v1", "Service"): KindInfo("/api/v1", "services"),
     ("v1", "Secret"): KindInfo("/api/v1", "secrets"),
     ("v1", "Pod"): KindInfo("/api/v1", "pods"),
+    ("v1", "Node"): KindInfo("/api/v1", "nodes", namespaced=False),
     ("apps/v1", "Deployment"): KindInfo("/apis/apps", "deployments"),
     ("rbac.authorization.k8s.io/v1", "Role"): KindInfo("/apis/rbac.authorization.k8s.io", "roles"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): KindInfo("/apis/rbac.authorization.k8s.io", "rolebindings"),

@@ -16,7 +16,8 @@ loops, `service_loops`, started in handlers.py). Every `spec.planner.interval`:
 3. Compare with the running layout (spec, or the applied plan): the gain is the GPUs the running layout uses
    for the load over the GPUs the plan needs (or "the running layout cannot carry the load"). A plan whose
    layout, laid over the service, fails the webhook's review (`admissible.layout_problems`, the checks a
-   user's spec goes through) is reported as `PlanInvalid` and never applied.
+   user's spec goes through) is reported as `PlanInvalid` and never applied; one whose GPU pods the nodes their
+   roles select cannot hold (`placement.py`: allocatable GPUs, the nodes listed) as `PlanUnplaceable`.
 4. Under the Reconciler's per-LLMService lock, merge-patch `status.plan` and the `LayoutPlanned` condition;
    post `PlanRecommended` when a new plan differs from what runs, `PlanApplied` when apply mode runs it
    (gain at least `minGain`), then kick a reconcile, which renders the plan over the spec
@@ -44,6 +45,7 @@ from baton.operator.planner.overlay import (
     running_layout,
     same_layout,
 )
+from baton.operator.planner.placement import planned_pods, unplaceable
 from baton.operator.planner.report import to_status
 from baton.operator.planner.search import SLO, Cluster, Plan, plan
 from baton.operator.prometheus import PrometheusError, PrometheusUnavailable
@@ -181,9 +183,10 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
             basis = WorkloadBasis(numbers["rate"], numbers["input_mean"], numbers["input_p90"],
                                   numbers["output_mean"], numbers["output_p90"],
                                   link.measured_gb_s if link.source == "measured" else None)
-            # a PlanInvalid plan is re-made every round: the spec edit that fixes it is not among `inputs`
+            # a PlanInvalid or PlanUnplaceable plan is re-made every round: the spec edit or the nodes that
+            # fix it are not among `inputs`
             if (not moved(basis, previous.get("basis"), pspec.hysteresis) and previous.get("inputs") == inputs
-                    and previous.get("decision") != "PlanInvalid"):
+                    and previous.get("decision") not in ("PlanInvalid", "PlanUnplaceable")):
                 new_plan = previous
                 matches = same_layout(previous, layout)
                 cond = (("True", "LayoutMatchesPlan", "the running layout is the plan") if matches else
@@ -206,6 +209,14 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                 else:
                     problems = layout_problems(llms, layout_of(to_status(result)))
                     apply_now, reason, message, gain = decide(result, layout, mode, pspec.min_gain, problems)
+                    if apply_now:  # the nodes its pods select must hold them (placement.py)
+                        unfit, note = await asyncio.to_thread(placement_check, kube, llms,
+                                                              layout_of(to_status(result)))
+                        if unfit:
+                            apply_now, reason = False, "PlanUnplaceable"
+                            message += "; not applied: the nodes cannot hold its pods: " + "; ".join(unfit)
+                        elif note:
+                            message += f"; {note}"
                     matches = reason == "LayoutMatchesPlan"
                     stamp = now_rfc3339()
                     new_plan = {**to_status(result), "basis": basis.to_status(), "inputs": inputs,
@@ -218,7 +229,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                     if apply_now:
                         emit("Normal", "PlanApplied", message)
                     elif not matches and _changed(previous, new_plan):
-                        emit("Warning" if reason == "PlanInvalid" else "Normal", reason, message)
+                        emit("Warning" if reason in ("PlanInvalid", "PlanUnplaceable") else "Normal", reason, message)
     except ValueError as exc:
         cond = ("Unknown", "ProfileInvalid", str(exc))
     except PrometheusError as exc:
@@ -245,6 +256,22 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
     if apply_now and kick is not None:
         kick()
     return patch
+
+
+def placement_check(kube: Kube, llms: dict, layout: dict) -> tuple[list[str], str]:
+    """(why the nodes cannot hold the pods of `llms` running `layout`, a note): nothing to check for pods that
+    request no GPUs; without the right to list nodes (chart value rbac.readNodes false) the plan is applied
+    unchecked and the note says so."""
+    from baton.operator.render import render
+
+    pods = planned_pods(llms, layout, render)
+    if not pods:
+        return [], ""
+    try:
+        nodes = kube.list("v1", "Node", None)
+    except KubeError as exc:
+        return [], f"placement not checked: cannot list nodes ({exc})"
+    return unplaceable(pods, nodes), ""
 
 
 def _changed(previous: dict, new: dict) -> bool:

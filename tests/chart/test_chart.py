@@ -152,6 +152,7 @@ def _rules(role: dict) -> set[tuple]:
 EXPECTED_CLUSTER = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list", ()),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ()),
+    ("", "nodes", "get", ()), ("", "nodes", "list", ()),  # the planner's placement check (rbac.readNodes)
 }
 CHILD_VERBS = ("get", "list", "watch", "create", "patch", "delete")
 EXPECTED_WORKLOADS = (
@@ -188,9 +189,15 @@ def test_rbac_is_exactly_what_the_operator_uses(render):
     assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
 
 
+def test_nodes_are_read_only_and_only_when_asked(render):
+    nodes = {("", "nodes", "get", ()), ("", "nodes", "list", ())}
+    assert _rules(one(render("--set", "rbac.readNodes=false"), "ClusterRole", "baton-cluster")) == \
+        EXPECTED_CLUSTER - nodes
+
+
 def test_the_default_operator_is_namespaced_to_its_release(render):
     """Default values: the workload rights are bound in the release's namespace only (a RoleBinding), the
-    operator watches only it; the one cluster-wide binding left is kopf's read-only view of CRDs."""
+    operator watches only it; the one cluster-wide binding left is read-only: kopf's view of CRDs, the planner's of nodes."""
     docs = render(namespace="team-x")
     assert [b["metadata"]["name"] for b in by_kind(docs, "ClusterRoleBinding")] == ["baton-cluster"]
     assert _rules(one(docs, "ClusterRole", "baton-cluster")) == EXPECTED_CLUSTER

@@ -320,10 +320,20 @@ def test_planner_spec_validation():
 
 
 class _Kube:
-    """The calls the planner makes, on one in-memory LLMService (status patches merge like a merge patch)."""
+    """The calls the planner makes, on one in-memory LLMService (status patches merge like a merge patch), and
+    the cluster's `nodes` (None: listing them is forbidden, as with the chart's rbac.readNodes=false)."""
 
-    def __init__(self, body: dict) -> None:
+    def __init__(self, body: dict, nodes: list[dict] | None = None) -> None:
         self.body = body
+        self.nodes = nodes
+
+    def list(self, api_version, kind, namespace, label_selector=""):
+        from baton.operator.kube import KubeError
+
+        assert (api_version, kind, namespace) == ("v1", "Node", None)
+        if self.nodes is None:
+            raise KubeError(403, 'nodes is forbidden: cannot list resource "nodes"')
+        return self.nodes
 
     def get(self, api_version, kind, namespace, name):
         import copy

@@ -215,6 +215,7 @@ CAN = [
     ("list", "pods", "-n", "{other}"),  # a uri source's download failure, from the init container
     ("create", "networkpolicies.networking.k8s.io", "-n", "{other}"),  # each role's ingress policy
     ("delete", "networkpolicies.networking.k8s.io", "-n", "{other}"),  # pruned when switched off
+    ("list", "nodes"),  # the planner's placement check (rbac.readNodes): read-only
 ]
 CANNOT = [
     ("get", "secrets", "--all-namespaces"),
@@ -232,7 +233,9 @@ CANNOT = [
     ("escalate", "clusterroles.rbac.authorization.k8s.io"),
     ("impersonate", "serviceaccounts"),
     ("delete", "namespaces"),
-    ("get", "nodes"),
+    ("patch", "nodes"),
+    ("delete", "nodes"),
+    ("create", "pods/eviction", "-n", "{other}"),
     ("create", "validatingwebhookconfigurations.admissionregistration.k8s.io"),
     ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/baton-baton.dev"),
     ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),

@@ -58,6 +58,9 @@ log = logging.getLogger("baton.operator.planner")
 
 LAYOUT_PLANNED = api.ConditionType.LAYOUT_PLANNED
 EventSink = Callable[[str, str, str], None]
+#: decisions that keep a plan from running (a Warning Event; re-made every round, as what fixes them -- a spec
+#: edit, the nodes -- is not among the plan's inputs)
+BLOCKED = ("PlanInvalid", "PlanUnplaceable")
 #: requests per simulation online: enough for a stable p90, small enough to plan in a second or two
 ONLINE_REQUESTS = 500
 
@@ -186,7 +189,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
             # a PlanInvalid or PlanUnplaceable plan is re-made every round: the spec edit or the nodes that
             # fix it are not among `inputs`
             if (not moved(basis, previous.get("basis"), pspec.hysteresis) and previous.get("inputs") == inputs
-                    and previous.get("decision") not in ("PlanInvalid", "PlanUnplaceable")):
+                    and previous.get("decision") not in BLOCKED):
                 new_plan = previous
                 matches = same_layout(previous, layout)
                 cond = (("True", "LayoutMatchesPlan", "the running layout is the plan") if matches else
@@ -207,11 +210,11 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                                 "time": now_rfc3339(), "applied": previous.get("applied"),
                                 "decision": "NoFeasiblePlan", "message": msg}
                 else:
-                    problems = layout_problems(llms, layout_of(to_status(result)))
+                    planned = layout_of(to_status(result))
+                    problems = layout_problems(llms, planned)
                     apply_now, reason, message, gain = decide(result, layout, mode, pspec.min_gain, problems)
                     if apply_now:  # the nodes its pods select must hold them (placement.py)
-                        unfit, note = await asyncio.to_thread(placement_check, kube, llms,
-                                                              layout_of(to_status(result)))
+                        unfit, note = await asyncio.to_thread(placement_check, kube, llms, planned)
                         if unfit:
                             apply_now, reason = False, "PlanUnplaceable"
                             message += "; not applied: the nodes cannot hold its pods: " + "; ".join(unfit)
@@ -229,7 +232,7 @@ async def tick(kube: Kube, lock: asyncio.Lock, namespace: str, name: str, state:
                     if apply_now:
                         emit("Normal", "PlanApplied", message)
                     elif not matches and _changed(previous, new_plan):
-                        emit("Warning" if reason in ("PlanInvalid", "PlanUnplaceable") else "Normal", reason, message)
+                        emit("Warning" if reason in BLOCKED else "Normal", reason, message)
     except ValueError as exc:
         cond = ("Unknown", "ProfileInvalid", str(exc))
     except PrometheusError as exc:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from baton.operator.api import GPU_RESOURCE
+from baton.operator.labels import LABEL_ROLE, WORKER_ROLES
 from baton.operator.units import parse_quantity
 
 
@@ -38,8 +39,8 @@ def worker_pods(manifests: Iterable[dict], replicas: Mapping[str, int] | None = 
     for m in manifests:
         if m.get("kind") != "Deployment":
             continue
-        role = (m["metadata"].get("labels") or {}).get("baton.dev/role")
-        if role not in ("prefill", "decode"):
+        role = (m["metadata"].get("labels") or {}).get(LABEL_ROLE)
+        if role not in WORKER_ROLES:
             continue
         pod = m["spec"]["template"]["spec"]
         want = 0
@@ -100,4 +101,4 @@ def planned_pods(llmservice: dict, layout: Mapping, render) -> list[WorkerPods]:
     laid = copy.deepcopy(llmservice)
     laid.setdefault("spec", {}).setdefault("planner", {})["mode"] = "apply"
     laid.setdefault("status", {}).setdefault("plan", {})["applied"] = dict(layout)
-    return worker_pods(render(laid), {r: int(layout[r]["replicas"]) for r in ("prefill", "decode")})
+    return worker_pods(render(laid), {r: int(layout[r]["replicas"]) for r in WORKER_ROLES})

@@ -190,19 +190,13 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _metrics_port(args: argparse.Namespace) -> int | None:
     """--metrics-port, checked: a port number of its own (not --port, not the KV port)."""
-    from baton.cli import CommandError
+    from baton.errors import check_own_port
 
     port = getattr(args, "metrics_port", None)
     if port is None:
         return None
-    flag = launch.Flag.METRICS_PORT
-    if not 0 < port <= 65535:
-        raise CommandError(f"{flag} {port} is not a port number")
-    if port == args.port:
-        raise CommandError(f"{flag} {port} is --port too: give it a port of its own")
-    if port == getattr(args, "kv_port", None) and args.role != "both":
-        raise CommandError(f"{flag} {port} is --kv-port too: give it a port of its own")
-    return port
+    kv = getattr(args, "kv_port", None) if args.role != "both" else None
+    return check_own_port(launch.Flag.METRICS_PORT, port, {"--port": args.port, "--kv-port": kv})
 
 
 def build_engine(args: argparse.Namespace):

@@ -32,6 +32,7 @@ from baton.worker.router.prefill_failure import (
 from baton.worker.tracing import add_tracing_flag
 
 from baton import launch
+from baton.errors import check_own_port
 from baton.launch import RECOMPUTE_MODES, Flag
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -155,10 +156,7 @@ def build_config(args: argparse.Namespace):
     if args.port < 0 or args.port > 65535:
         raise CommandError(f"--port {args.port} is not a port number")
     if args.metrics_port is not None:
-        if not 0 < args.metrics_port <= 65535:
-            raise CommandError(f"{Flag.METRICS_PORT} {args.metrics_port} is not a port number")
-        if args.metrics_port == args.port:
-            raise CommandError(f"{Flag.METRICS_PORT} {args.metrics_port} is --port too: give it a port of its own")
+        check_own_port(Flag.METRICS_PORT, args.metrics_port, {"--port": args.port})
     if args.drain_timeout < 0:
         raise CommandError(f"{Flag.DRAIN_TIMEOUT} must be at least 0")
     for flag in ("discovery_interval", "health_interval", "connect_timeout"):
